@@ -1,0 +1,236 @@
+defmodule ElixirScope.Capture.Ingestor do
+  @moduledoc """
+  The hot path from instrumented code into a `RingBuffer`.
+
+  Each `ingest_*` function hands its fields straight to the native side,
+  which builds the event in the ring slot without building or walking an
+  Elixir struct; reading the ring gives back the `ElixirScope.Events`
+  struct the original ElixirScope produced (`FunctionExecution`,
+  `ProcessEvent`, `MessageEvent`, `StateChange`, `PerformanceMetric`,
+  `ErrorEvent`). Every event gets a unique `id` and the VM's monotonic and
+  wall-clock timestamps (ns).
+
+  Large arguments, messages and states are truncated to the ring's
+  `:max_event_bytes`, visibly: the field becomes
+  `{:truncated, at_least_bytes, kind}`.
+
+  Each function returns the ring's write result: `:ok`,
+  `{:error, :buffer_full}` or `{:error, :destroyed}`. Arguments of the
+  wrong type raise `ArgumentError`.
+
+      iex> {:ok, buf} = ElixirScope.Capture.RingBuffer.new(size: 16)
+      iex> ElixirScope.Capture.Ingestor.ingest_function_call(buf, String, :upcase, ["a"], self(), 7)
+      :ok
+      iex> {[event], 1} = ElixirScope.Capture.RingBuffer.read_batch(buf, 0, 10)
+      iex> {event.module, event.function, event.arity, event.args, event.event_type}
+      {String, :upcase, 1, ["a"], :call}
+  """
+
+  alias ElixirScope.Capture.RingBuffer
+  alias ElixirScope.Events
+  alias ElixirScope.Native
+
+  @type ingest_result :: :ok | {:error, :buffer_full | :destroyed}
+
+  @max_i64 0x7FFF_FFFF_FFFF_FFFF
+  @buffer_key {__MODULE__, :buffer}
+
+  @doc "Records a function call (`%FunctionExecution{event_type: :call}`)."
+  @spec ingest_function_call(RingBuffer.t(), module(), atom(), list(), pid() | nil, term()) ::
+          ingest_result()
+  def ingest_function_call(
+        %RingBuffer{ref: ref},
+        module,
+        function,
+        args,
+        caller_pid,
+        correlation_id
+      )
+      when is_atom(module) and is_atom(function) and is_list(args) and
+             (is_pid(caller_pid) or is_nil(caller_pid)) do
+    Native.ing_function_call(ref, module, function, args, caller_pid, correlation_id)
+  end
+
+  def ingest_function_call(buffer, module, function, args, caller_pid, _correlation_id) do
+    check_buffer!(buffer)
+    check!(is_atom(module), "module must be an atom", module)
+    check!(is_atom(function), "function must be an atom", function)
+    check!(is_list(args), "args must be a list", args)
+    check!(false, "caller_pid must be a pid or nil", caller_pid)
+  end
+
+  @doc """
+  Records a function return (`%FunctionExecution{event_type: :return}`);
+  `duration_ns` is a non-negative integer.
+  """
+  @spec ingest_function_return(RingBuffer.t(), term(), non_neg_integer(), term()) ::
+          ingest_result()
+  def ingest_function_return(%RingBuffer{ref: ref}, return_value, duration_ns, correlation_id)
+      when is_integer(duration_ns) and duration_ns >= 0 and duration_ns <= @max_i64 do
+    Native.ing_function_return(ref, return_value, duration_ns, correlation_id)
+  end
+
+  def ingest_function_return(buffer, _return_value, duration_ns, _correlation_id) do
+    check_buffer!(buffer)
+    check!(false, "duration_ns must be a non-negative 64-bit integer", duration_ns)
+  end
+
+  @doc "Records a spawn (`%ProcessEvent{event_type: :spawn, pid: child, parent_pid: parent}`)."
+  @spec ingest_process_spawn(RingBuffer.t(), pid(), pid()) :: ingest_result()
+  def ingest_process_spawn(%RingBuffer{ref: ref}, parent_pid, child_pid)
+      when is_pid(parent_pid) and is_pid(child_pid) do
+    Native.ing_process_spawn(ref, parent_pid, child_pid)
+  end
+
+  def ingest_process_spawn(buffer, parent_pid, child_pid) do
+    check_buffer!(buffer)
+    check!(is_pid(parent_pid), "parent_pid must be a pid", parent_pid)
+    check!(false, "child_pid must be a pid", child_pid)
+  end
+
+  @doc """
+  Records a message send (`%MessageEvent{event_type: :send}`). `to` may be a
+  pid, a port, a registered name or `{name, node}`.
+  """
+  @spec ingest_message_send(RingBuffer.t(), pid(), pid() | atom() | tuple(), term()) ::
+          ingest_result()
+  def ingest_message_send(%RingBuffer{ref: ref}, from_pid, to, message)
+      when is_pid(from_pid) and (is_pid(to) or is_atom(to) or is_port(to) or is_tuple(to)) do
+    Native.ing_message_send(ref, from_pid, to, message)
+  end
+
+  def ingest_message_send(buffer, from_pid, to, _message) do
+    check_buffer!(buffer)
+    check!(is_pid(from_pid), "from_pid must be a pid", from_pid)
+    check!(false, "to_pid must be a pid, port, registered name or {name, node}", to)
+  end
+
+  @doc "Records a state change (`%StateChange{}`; `state_diff` is `:no_change` or `:changed`)."
+  @spec ingest_state_change(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
+  def ingest_state_change(%RingBuffer{ref: ref}, server_pid, old_state, new_state)
+      when is_pid(server_pid) do
+    Native.ing_state_change(ref, server_pid, old_state, new_state)
+  end
+
+  def ingest_state_change(buffer, server_pid, _old_state, _new_state) do
+    check_buffer!(buffer)
+    check!(false, "server_pid must be a pid", server_pid)
+  end
+
+  @doc "Records a performance metric (`%PerformanceMetric{}`)."
+  @spec ingest_performance_metric(RingBuffer.t(), atom() | String.t(), number(), map()) ::
+          ingest_result()
+  def ingest_performance_metric(buffer, metric_name, value, metadata \\ %{})
+
+  def ingest_performance_metric(%RingBuffer{ref: ref}, metric_name, value, metadata)
+      when (is_atom(metric_name) or is_binary(metric_name)) and is_number(value) and
+             is_map(metadata) do
+    Native.ing_performance_metric(ref, metric_name, value, metadata)
+  end
+
+  def ingest_performance_metric(buffer, metric_name, value, metadata) do
+    check_buffer!(buffer)
+    check!(is_atom(metric_name) or is_binary(metric_name), "metric name must be an atom or a string", metric_name)
+    check!(is_number(value), "metric value must be a number", value)
+    check!(false, "metadata must be a map", metadata)
+  end
+
+  @doc "Records an error (`%ErrorEvent{}`); `stacktrace` is a list."
+  @spec ingest_error(RingBuffer.t(), term(), term(), list()) :: ingest_result()
+  def ingest_error(%RingBuffer{ref: ref}, error_type, message, stacktrace)
+      when is_list(stacktrace) do
+    Native.ing_error(ref, error_type, message, stacktrace)
+  end
+
+  def ingest_error(buffer, _error_type, _message, stacktrace) do
+    check_buffer!(buffer)
+    check!(false, "stacktrace must be a list", stacktrace)
+  end
+
+  @doc """
+  Records an event from a runtime component as an `%ElixirScope.Events{}`
+  whose `event_type` is `event_type` and whose `data` is `event_data`, with
+  the given pid, correlation id and timestamps.
+  """
+  @spec ingest_generic_event(
+          RingBuffer.t(),
+          atom(),
+          map(),
+          pid() | nil,
+          term(),
+          integer(),
+          integer()
+        ) :: ingest_result()
+  def ingest_generic_event(
+        %RingBuffer{ref: ref},
+        event_type,
+        event_data,
+        pid,
+        correlation_id,
+        timestamp,
+        wall_time
+      )
+      when is_atom(event_type) and is_map(event_data) and (is_pid(pid) or is_nil(pid)) and
+             is_integer(timestamp) and is_integer(wall_time) do
+    event = %Events{
+      event_id: Native.next_event_id(),
+      timestamp: timestamp,
+      wall_time: wall_time,
+      node: node(),
+      pid: pid,
+      correlation_id: correlation_id,
+      event_type: event_type,
+      data: event_data
+    }
+
+    Native.rb_write(ref, event)
+  end
+
+  def ingest_generic_event(buffer, event_type, event_data, pid, _correlation_id, timestamp, wall_time) do
+    check_buffer!(buffer)
+    check!(is_atom(event_type), "event_type must be an atom", event_type)
+    check!(is_map(event_data), "event_data must be a map", event_data)
+    check!(is_pid(pid) or is_nil(pid), "pid must be a pid or nil", pid)
+    check!(is_integer(timestamp), "timestamp must be an integer", timestamp)
+    check!(false, "wall_time must be an integer", wall_time)
+  end
+
+  @doc """
+  Writes a list of events (any terms, typically `ElixirScope.Events`
+  structs). Returns `{:ok, n}`, or
+  `{:error, {:partial_success, n, [buffer_full: rejected]}}` when the ring
+  rejected some (`:drop_newest`/`:block`), or `{:error, :destroyed}`.
+  """
+  @spec ingest_batch(RingBuffer.t(), [term()]) ::
+          {:ok, non_neg_integer()}
+          | {:error, {:partial_success, non_neg_integer(), list()}}
+          | {:error, :destroyed}
+  def ingest_batch(buffer, events), do: RingBuffer.write_batch(buffer, events)
+
+  @doc "Returns a one-argument function that writes an event to `buffer`."
+  @spec create_fast_ingestor(RingBuffer.t()) :: (term() -> ingest_result())
+  def create_fast_ingestor(%RingBuffer{ref: ref}), do: fn event -> Native.rb_write(ref, event) end
+  def create_fast_ingestor(other), do: RingBuffer.bad_buffer!(other)
+
+  @doc "The buffer registered with `set_buffer/1`."
+  @spec get_buffer() :: {:ok, RingBuffer.t()} | {:error, :not_initialized}
+  def get_buffer do
+    case :persistent_term.get(@buffer_key, nil) do
+      nil -> {:error, :not_initialized}
+      buffer -> {:ok, buffer}
+    end
+  end
+
+  @doc "Registers the node-wide buffer used by runtime components."
+  @spec set_buffer(RingBuffer.t()) :: :ok
+  def set_buffer(%RingBuffer{} = buffer), do: :persistent_term.put(@buffer_key, buffer)
+  def set_buffer(other), do: RingBuffer.bad_buffer!(other)
+
+  defp check_buffer!(%RingBuffer{}), do: :ok
+  defp check_buffer!(other), do: RingBuffer.bad_buffer!(other)
+
+  defp check!(true, _message, _value), do: :ok
+
+  defp check!(false, message, value),
+    do: raise(ArgumentError, "#{message}, got: #{inspect(value, limit: 5, printable_limit: 40)}")
+end

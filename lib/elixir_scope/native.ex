@@ -1,0 +1,53 @@
+defmodule ElixirScope.Native do
+  @moduledoc false
+  # Every NIF of the `elixir_scope_nif` crate, with a stub that raises until
+  # the library is loaded. Names are prefixed by component: `rb_*` ring
+  # buffer, `ing_*` ingestor. No logic lives here.
+
+  @on_load :load_nif
+  @compile {:autoload, true}
+
+  @doc false
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:elixir_scope), ~c"native/libelixir_scope_nif")
+
+    case :erlang.load_nif(path, 0) do
+      :ok ->
+        :ok
+
+      {:error, {:reload, _}} ->
+        :ok
+
+      {:error, reason} ->
+        require Logger
+        Logger.error("ElixirScope: could not load the NIF at #{path}: #{inspect(reason)}")
+        :abort
+    end
+  end
+
+  defp nif_error, do: :erlang.nif_error(:nif_not_loaded)
+
+  # Ids
+  def next_event_id, do: nif_error()
+
+  # Ring buffer
+  def rb_new(_size, _strategy, _max_event_bytes), do: nif_error()
+  def rb_write(_ref, _event), do: nif_error()
+  def rb_write_batch(_ref, _events), do: nif_error()
+  def rb_read(_ref, _position), do: nif_error()
+  def rb_read_batch(_ref, _position, _count), do: nif_error()
+  def rb_stats(_ref), do: nif_error()
+  def rb_clear(_ref), do: nif_error()
+  def rb_destroy(_ref), do: nif_error()
+
+  # Ingestor
+  def ing_function_call(_ref, _module, _function, _args, _caller_pid, _correlation_id),
+    do: nif_error()
+
+  def ing_function_return(_ref, _return_value, _duration_ns, _correlation_id), do: nif_error()
+  def ing_process_spawn(_ref, _parent_pid, _child_pid), do: nif_error()
+  def ing_message_send(_ref, _from_pid, _to_pid, _message), do: nif_error()
+  def ing_state_change(_ref, _server_pid, _old_state, _new_state), do: nif_error()
+  def ing_performance_metric(_ref, _name, _value, _metadata), do: nif_error()
+  def ing_error(_ref, _error_type, _message, _stacktrace), do: nif_error()
+end

@@ -1,0 +1,107 @@
+//! The native event record stored in the ring.
+//!
+//! The engine never interprets BEAM terms: `pid`, `peer`, `module` and
+//! `function` are opaque 64-bit words chosen by the binding (for the NIF they
+//! are raw immediate term words of local pids and atoms, which are stable for
+//! the life of the VM), and `payload` is an opaque byte tape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What an [`Event`] records. The binding decides how each kind maps back to
+/// an Elixir term.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum EventKind {
+    /// A slot that was never written.
+    #[default]
+    Empty = 0,
+    /// An arbitrary term, stored whole in the payload.
+    Term = 1,
+    /// A function call (`FunctionExecution`, `event_type: :call`).
+    FunctionCall = 2,
+    /// A function return (`FunctionExecution`, `event_type: :return`).
+    FunctionReturn = 3,
+    /// A process spawn (`ProcessEvent`, `event_type: :spawn`).
+    ProcessSpawn = 4,
+    /// A message send (`MessageEvent`, `event_type: :send`).
+    MessageSend = 5,
+    /// A GenServer state change (`StateChange`).
+    StateChange = 6,
+    /// A performance metric (`PerformanceMetric`).
+    PerformanceMetric = 7,
+    /// An error (`ErrorEvent`).
+    Error = 8,
+}
+
+impl EventKind {
+    /// Decode a stored kind byte.
+    pub fn from_u8(b: u8) -> EventKind {
+        match b {
+            1 => EventKind::Term,
+            2 => EventKind::FunctionCall,
+            3 => EventKind::FunctionReturn,
+            4 => EventKind::ProcessSpawn,
+            5 => EventKind::MessageSend,
+            6 => EventKind::StateChange,
+            7 => EventKind::PerformanceMetric,
+            8 => EventKind::Error,
+            _ => EventKind::Empty,
+        }
+    }
+}
+
+/// Flag: some part of the payload was replaced by a truncation marker.
+pub const FLAG_TRUNCATED: u8 = 1;
+
+/// One captured event: a fixed header plus an opaque payload tape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// Unique event id (see [`next_event_id`]).
+    pub id: u64,
+    /// Monotonic timestamp, nanoseconds.
+    pub timestamp: i64,
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    pub wall_time: i64,
+    /// Acting process (opaque word, 0 if none).
+    pub pid: u64,
+    /// Other process involved (parent, receiver...), opaque word or 0.
+    pub peer: u64,
+    /// Module (opaque word, 0 if none).
+    pub module: u64,
+    /// Function (opaque word, 0 if none).
+    pub function: u64,
+    /// Integer attribute of the kind (arity, duration...).
+    pub aux: i64,
+    /// [`EventKind`] as a byte.
+    pub kind: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Encoded payload; its capacity is reused across writes.
+    pub payload: Vec<u8>,
+}
+
+impl Event {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        EventKind::from_u8(self.kind)
+    }
+
+    /// Was part of the payload truncated?
+    pub fn truncated(&self) -> bool {
+        self.flags & FLAG_TRUNCATED != 0
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A process-wide unique, increasing event id (never 0).
+#[inline]
+pub fn next_event_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Reserve `n` consecutive ids; returns the first.
+#[inline]
+pub fn reserve_event_ids(n: u64) -> u64 {
+    NEXT_ID.fetch_add(n, Ordering::Relaxed)
+}

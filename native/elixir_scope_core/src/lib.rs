@@ -1,0 +1,14 @@
+//! ElixirScope Native engine: the capture-side data structures of the
+//! ElixirScope time-travel debugger, in pure Rust (no BEAM dependency).
+//!
+//! * [`ring`] — a bounded, lock-free, multi-producer broadcast ring with
+//!   exact drop accounting;
+//! * [`event`] — the native event record stored in it.
+#![deny(missing_docs)]
+
+pub mod event;
+pub mod ring;
+mod sync;
+
+pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
+pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};

@@ -1,0 +1,304 @@
+//! Native event -> Elixir term. Generic events decode their stored term;
+//! events built by the Ingestor become the `ElixirScope.Events` structs.
+
+use elixir_scope_core::{Event, EventKind};
+use rustler::sys::{enif_make_map_from_arrays, ErlNifTerm as ERL_NIF_TERM};
+use rustler::{Atom, Encoder, Env, Term};
+
+use crate::atoms;
+use crate::codec::{Scratch, TapeDecoder};
+
+/// Build a struct map from `(key, value)` pairs sorted by key.
+fn make_struct<'a>(env: Env<'a>, keys: &[Atom], values: &[ERL_NIF_TERM]) -> Term<'a> {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut k: [ERL_NIF_TERM; 16] = [ERL_NIF_TERM::default(); 16];
+    for (i, a) in keys.iter().enumerate() {
+        k[i] = a.encode(env).as_c_arg();
+    }
+    let mut out: ERL_NIF_TERM = ERL_NIF_TERM::default();
+    // SAFETY: both arrays hold `len` valid terms of `env`; keys are distinct.
+    let ok = unsafe {
+        enif_make_map_from_arrays(
+            env.as_c_arg(),
+            k.as_ptr(),
+            values.as_ptr(),
+            keys.len(),
+            &mut out,
+        )
+    };
+    if ok == 0 {
+        return atoms::undefined().encode(env);
+    }
+    // SAFETY: built in `env`.
+    unsafe { Term::new(env, out) }
+}
+
+#[inline]
+fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
+    if w == 0 {
+        atoms::nil().encode(env).as_c_arg()
+    } else {
+        crate::codec::from_word(w)
+    }
+}
+
+/// The Elixir term for a stored event.
+pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Term<'a> {
+    let mut d = TapeDecoder::new(&ev.payload);
+    let mut next = |scratch: &mut Scratch| d.next(env, scratch).as_c_arg();
+    let e = |t: Term<'a>| t.as_c_arg();
+    let nil = atoms::nil().encode(env).as_c_arg();
+    let id = e(ev.id.encode(env));
+    let ts = e(ev.timestamp.encode(env));
+    let wall = e(ev.wall_time.encode(env));
+    match ev.kind() {
+        EventKind::Term => d_next_term(env, ev, scratch),
+        EventKind::FunctionCall => {
+            let args = next(scratch);
+            let caller = next(scratch);
+            let corr = next(scratch);
+            // Sorted: __struct__ args arity caller_pid correlation_id
+            // duration_ns event_type function id module return_value
+            // timestamp wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::args(),
+                    atoms::arity(),
+                    atoms::caller_pid(),
+                    atoms::correlation_id(),
+                    atoms::duration_ns(),
+                    atoms::event_type(),
+                    atoms::function(),
+                    atoms::id(),
+                    atoms::module(),
+                    atoms::return_value(),
+                    atoms::timestamp(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::function_execution().encode(env)),
+                    args,
+                    e(ev.aux.encode(env)),
+                    caller,
+                    corr,
+                    nil,
+                    e(atoms::call().encode(env)),
+                    word_or_nil(env, ev.function),
+                    id,
+                    word_or_nil(env, ev.module),
+                    nil,
+                    ts,
+                    wall,
+                ],
+            )
+        }
+        EventKind::FunctionReturn => {
+            let ret = next(scratch);
+            let corr = next(scratch);
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::args(),
+                    atoms::arity(),
+                    atoms::caller_pid(),
+                    atoms::correlation_id(),
+                    atoms::duration_ns(),
+                    atoms::event_type(),
+                    atoms::function(),
+                    atoms::id(),
+                    atoms::module(),
+                    atoms::return_value(),
+                    atoms::timestamp(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::function_execution().encode(env)),
+                    nil,
+                    nil,
+                    nil,
+                    corr,
+                    e(ev.aux.encode(env)),
+                    e(atoms::return_().encode(env)),
+                    nil,
+                    id,
+                    nil,
+                    ret,
+                    ts,
+                    wall,
+                ],
+            )
+        }
+        EventKind::ProcessSpawn => {
+            let child = next(scratch);
+            let parent = next(scratch);
+            // __struct__ event_type id parent_pid pid timestamp wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::event_type(),
+                    atoms::id(),
+                    atoms::parent_pid(),
+                    atoms::pid(),
+                    atoms::timestamp(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::process_event().encode(env)),
+                    e(atoms::spawn().encode(env)),
+                    id,
+                    parent,
+                    child,
+                    ts,
+                    wall,
+                ],
+            )
+        }
+        EventKind::MessageSend => {
+            let from = next(scratch);
+            let to = next(scratch);
+            let msg = next(scratch);
+            // __struct__ event_type from_pid id message timestamp to_pid wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::event_type(),
+                    atoms::from_pid(),
+                    atoms::id(),
+                    atoms::message(),
+                    atoms::timestamp(),
+                    atoms::to_pid(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::message_event().encode(env)),
+                    e(atoms::send().encode(env)),
+                    from,
+                    id,
+                    msg,
+                    ts,
+                    to,
+                    wall,
+                ],
+            )
+        }
+        EventKind::StateChange => {
+            let server = next(scratch);
+            let old = next(scratch);
+            let new = next(scratch);
+            let diff = if ev.aux == 0 {
+                atoms::no_change()
+            } else {
+                atoms::changed()
+            };
+            // __struct__ callback id new_state old_state server_pid state_diff
+            // timestamp trigger_call_id trigger_message wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::callback(),
+                    atoms::id(),
+                    atoms::new_state(),
+                    atoms::old_state(),
+                    atoms::server_pid(),
+                    atoms::state_diff(),
+                    atoms::timestamp(),
+                    atoms::trigger_call_id(),
+                    atoms::trigger_message(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::state_change().encode(env)),
+                    e(atoms::unknown().encode(env)),
+                    id,
+                    new,
+                    old,
+                    server,
+                    e(diff.encode(env)),
+                    ts,
+                    nil,
+                    nil,
+                    wall,
+                ],
+            )
+        }
+        EventKind::PerformanceMetric => {
+            let name = next(scratch);
+            let value = next(scratch);
+            let meta = next(scratch);
+            // __struct__ id metadata metric_name metric_type source_context
+            // timestamp unit value wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::id(),
+                    atoms::metadata(),
+                    atoms::metric_name(),
+                    atoms::metric_type(),
+                    atoms::source_context(),
+                    atoms::timestamp(),
+                    atoms::unit(),
+                    atoms::value(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::performance_metric().encode(env)),
+                    id,
+                    meta,
+                    name,
+                    nil,
+                    nil,
+                    ts,
+                    nil,
+                    value,
+                    wall,
+                ],
+            )
+        }
+        EventKind::Error => {
+            let etype = next(scratch);
+            let msg = next(scratch);
+            let stack = next(scratch);
+            // __struct__ context error_class error_message error_type id
+            // recovery_action stacktrace timestamp wall_time
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::context(),
+                    atoms::error_class(),
+                    atoms::error_message(),
+                    atoms::error_type(),
+                    atoms::id(),
+                    atoms::recovery_action(),
+                    atoms::stacktrace(),
+                    atoms::timestamp(),
+                    atoms::wall_time(),
+                ],
+                &[
+                    e(atoms::error_event().encode(env)),
+                    nil,
+                    e(atoms::unknown().encode(env)),
+                    msg,
+                    etype,
+                    id,
+                    nil,
+                    stack,
+                    ts,
+                    wall,
+                ],
+            )
+        }
+        EventKind::Empty => atoms::undefined().encode(env),
+    }
+}
+
+fn d_next_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Term<'a> {
+    TapeDecoder::new(&ev.payload).next(env, scratch)
+}

@@ -1,0 +1,138 @@
+//! `ing_*` NIFs: `ElixirScope.Capture.Ingestor` builds native events
+//! straight from the fields it is given (no struct is built or walked).
+//! Argument types are checked by the Elixir wrappers; the NIFs only rely on
+//! atoms being atoms.
+
+use elixir_scope_core::EventKind;
+use rustler::sys::enif_compare;
+use rustler::{Env, Term};
+
+use crate::codec::{is_immediate, word};
+use crate::ring_nif::RingRes;
+
+#[inline]
+fn atom_word(t: Term) -> u64 {
+    let w = t.as_c_arg();
+    if is_immediate(w) {
+        word(w)
+    } else {
+        0
+    }
+}
+
+#[rustler::nif]
+fn ing_function_call<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    module: Term<'a>,
+    function: Term<'a>,
+    call_args: Term<'a>,
+    caller_pid: Term<'a>,
+    correlation_id: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::FunctionCall, |ev, enc| {
+        ev.module = atom_word(module);
+        ev.function = atom_word(function);
+        ev.pid = atom_word(caller_pid);
+        ev.aux = call_args.list_length().unwrap_or(0) as i64;
+        enc.field(call_args);
+        enc.field(caller_pid);
+        enc.field(correlation_id);
+    })
+}
+
+#[rustler::nif]
+fn ing_function_return<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    return_value: Term<'a>,
+    duration_ns: i64,
+    correlation_id: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::FunctionReturn, |ev, enc| {
+        ev.aux = duration_ns;
+        enc.field(return_value);
+        enc.field(correlation_id);
+    })
+}
+
+#[rustler::nif]
+fn ing_process_spawn<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    parent_pid: Term<'a>,
+    child_pid: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::ProcessSpawn, |ev, enc| {
+        ev.pid = atom_word(child_pid);
+        ev.peer = atom_word(parent_pid);
+        enc.field(child_pid);
+        enc.field(parent_pid);
+    })
+}
+
+#[rustler::nif]
+fn ing_message_send<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    from_pid: Term<'a>,
+    to_pid: Term<'a>,
+    message: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::MessageSend, |ev, enc| {
+        ev.pid = atom_word(from_pid);
+        ev.peer = atom_word(to_pid);
+        enc.field(from_pid);
+        enc.field(to_pid);
+        enc.field(message);
+    })
+}
+
+#[rustler::nif]
+fn ing_state_change<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    server_pid: Term<'a>,
+    old_state: Term<'a>,
+    new_state: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::StateChange, |ev, enc| {
+        ev.pid = atom_word(server_pid);
+        // SAFETY: both terms belong to the calling env.
+        let same = unsafe { enif_compare(old_state.as_c_arg(), new_state.as_c_arg()) } == 0;
+        ev.aux = if same { 0 } else { 1 };
+        enc.field(server_pid);
+        enc.field(old_state);
+        enc.field(new_state);
+    })
+}
+
+#[rustler::nif]
+fn ing_performance_metric<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    name: Term<'a>,
+    value: Term<'a>,
+    metadata: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::PerformanceMetric, |_, enc| {
+        enc.field(name);
+        enc.field(value);
+        enc.field(metadata);
+    })
+}
+
+#[rustler::nif]
+fn ing_error<'a>(
+    env: Env<'a>,
+    rb: &RingRes,
+    error_type: Term<'a>,
+    message: Term<'a>,
+    stacktrace: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::Error, |_, enc| {
+        enc.field(error_type);
+        enc.field(message);
+        enc.field(stacktrace);
+    })
+}

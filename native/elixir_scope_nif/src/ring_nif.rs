@@ -1,0 +1,270 @@
+//! `rb_*` NIFs: the `ElixirScope.Capture.RingBuffer` resource.
+
+use elixir_scope_core::{next_event_id, Event, EventKind, Overflow, Ring, RingError, FLAG_TRUNCATED};
+use rustler::sys::{enif_make_list_from_array, enif_monotonic_time, enif_time_offset, ErlNifTimeUnit, ErlNifTerm as ERL_NIF_TERM};
+use rustler::types::map::map_new;
+use rustler::{Atom, Encoder, Env, NifResult, ResourceArc, Term};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::atoms;
+use crate::codec::TapeEncoder;
+use crate::error::badarg;
+use crate::event_term::event_to_term;
+
+/// Most events one `rb_read_batch` / `rb_write_batch` call handles, so a
+/// call stays well under 1 ms on a normal scheduler; Elixir loops.
+pub const CHUNK: usize = 1000;
+
+/// The ring resource behind `%RingBuffer{}`.
+pub struct RingRes {
+    pub ring: Ring<Event>,
+    pub max_event_bytes: usize,
+    pub strategy: Atom,
+    pub destroyed: AtomicBool,
+    pub truncated: AtomicU64,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for RingRes {}
+
+/// Monotonic and wall-clock time, ns, on the VM's clocks (the same values
+/// `System.monotonic_time/1` and `System.system_time/1` give).
+#[inline]
+pub fn now_ns() -> (i64, i64) {
+    // SAFETY: plain reads of the VM clocks, callable from any thread.
+    unsafe {
+        let mono = enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC);
+        let offset = enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC);
+        (mono, mono + offset)
+    }
+}
+
+/// Reset `ev`'s header for a new event of `kind` written now.
+#[inline]
+pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64), limit: usize) {
+    ev.id = next_event_id();
+    ev.timestamp = mono;
+    ev.wall_time = wall;
+    ev.kind = kind as u8;
+    ev.flags = 0;
+    ev.pid = 0;
+    ev.peer = 0;
+    ev.module = 0;
+    ev.function = 0;
+    ev.aux = 0;
+    ev.payload.clear();
+    // A big event once grew this buffer; don't keep that forever.
+    if ev.payload.capacity() > 2 * limit + 256 {
+        ev.payload.shrink_to(limit / 4);
+    }
+}
+
+impl RingRes {
+    /// Write one event; `fill` sets the header fields beyond `begin` and
+    /// encodes the payload, returning whether anything was truncated.
+    #[inline]
+    pub fn push<'a, F>(&self, env: Env<'a>, kind: EventKind, fill: F) -> Term<'a>
+    where
+        F: FnOnce(&mut Event, &mut TapeEncoder) -> (),
+    {
+        if self.destroyed.load(Ordering::Relaxed) {
+            return (atoms::error(), atoms::destroyed()).encode(env);
+        }
+        let now = now_ns();
+        let limit = self.max_event_bytes;
+        let res = self.ring.push_with(|ev| {
+            begin(ev, kind, now, limit);
+            let mut payload = std::mem::take(&mut ev.payload);
+            let mut enc = TapeEncoder::new(env, &mut payload, limit);
+            fill(ev, &mut enc);
+            if enc.truncated {
+                ev.flags |= FLAG_TRUNCATED;
+                self.truncated.fetch_add(1, Ordering::Relaxed);
+            }
+            ev.payload = payload;
+        });
+        match res {
+            Ok(_) => atoms::ok().encode(env),
+            Err(_) => (atoms::error(), atoms::buffer_full()).encode(env),
+        }
+    }
+
+    fn check_live(&self, env: Env) -> NifResult<()> {
+        if self.destroyed.load(Ordering::Relaxed) {
+            badarg(env, "the ring buffer has been destroyed")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResult<Term> {
+    let overflow = if strategy == atoms::drop_oldest() {
+        Overflow::DropOldest
+    } else if strategy == atoms::drop_newest() || strategy == atoms::block() {
+        Overflow::DropNewest
+    } else {
+        return Ok((atoms::error(), atoms::invalid_overflow_strategy()).encode(env));
+    };
+    if size <= 0 {
+        return Ok((atoms::error(), atoms::invalid_size()).encode(env));
+    }
+    if !(64..=(1 << 30)).contains(&max_event_bytes) {
+        return badarg(env, "max_event_bytes must be an integer in 64..1073741824");
+    }
+    match Ring::new(size as usize, overflow) {
+        Ok(ring) => {
+            let res = ResourceArc::new(RingRes {
+                ring,
+                max_event_bytes: max_event_bytes as usize,
+                strategy,
+                destroyed: AtomicBool::new(false),
+                truncated: AtomicU64::new(0),
+            });
+            Ok((atoms::ok(), res).encode(env))
+        }
+        Err(RingError::NotPowerOfTwo) => {
+            Ok((atoms::error(), atoms::size_must_be_power_of_2()).encode(env))
+        }
+        Err(RingError::InvalidCapacity) => Ok((atoms::error(), atoms::invalid_size()).encode(env)),
+    }
+}
+
+#[rustler::nif]
+fn rb_write<'a>(env: Env<'a>, rb: &RingRes, event: Term<'a>) -> Term<'a> {
+    rb.push(env, EventKind::Term, |_, enc| enc.field(event))
+}
+
+/// Write up to [`CHUNK`] events of `list` with one claim; returns
+/// `{accepted, rejected, rest}` (`rest` is the unprocessed tail) or
+/// `{:error, :destroyed}`.
+#[rustler::nif]
+fn rb_write_batch<'a>(env: Env<'a>, rb: &RingRes, list: Term<'a>) -> NifResult<Term<'a>> {
+    if rb.destroyed.load(Ordering::Relaxed) {
+        return Ok((atoms::error(), atoms::destroyed()).encode(env));
+    }
+    let mut items: Vec<Term<'a>> = Vec::with_capacity(64);
+    let mut rest = list;
+    while items.len() < CHUNK {
+        match rest.list_get_cell() {
+            Ok((head, tail)) => {
+                items.push(head);
+                rest = tail;
+            }
+            Err(_) => break,
+        }
+    }
+    if !rest.is_list() {
+        return badarg(env, "events must be a proper list");
+    }
+    let now = now_ns();
+    let limit = rb.max_event_bytes;
+    let mut truncated = 0u64;
+    let accepted = rb.ring.push_batch_with(items.len(), |i, ev| {
+        begin(ev, EventKind::Term, now, limit);
+        let mut payload = std::mem::take(&mut ev.payload);
+        let mut enc = TapeEncoder::new(env, &mut payload, limit);
+        enc.field(items[i]);
+        if enc.truncated {
+            ev.flags |= FLAG_TRUNCATED;
+            truncated += 1;
+        }
+        ev.payload = payload;
+    });
+    if truncated > 0 {
+        rb.truncated.fetch_add(truncated, Ordering::Relaxed);
+    }
+    Ok((accepted, items.len() - accepted, rest).encode(env))
+}
+
+/// Read up to `min(count, CHUNK)` events from `pos`:
+/// `{events, next_position, missed}`.
+#[rustler::nif]
+fn rb_read_batch<'a>(env: Env<'a>, rb: &RingRes, pos: u64, count: u64) -> NifResult<Term<'a>> {
+    rb.check_live(env)?;
+    let max = (count as usize).min(CHUNK);
+    let avail = rb.ring.write_position().saturating_sub(pos) as usize;
+    let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(avail));
+    let mut scratch = Vec::with_capacity(32);
+    let outcome = rb.ring.read_batch(pos, max, |_, ev| {
+        out.push(event_to_term(env, ev, &mut scratch).as_c_arg());
+    });
+    // SAFETY: `out` holds `len` terms built in `env`.
+    let list = unsafe {
+        Term::new(
+            env,
+            enif_make_list_from_array(env.as_c_arg(), out.as_ptr(), out.len() as u32),
+        )
+    };
+    Ok((list, outcome.next, outcome.missed).encode(env))
+}
+
+/// Read one event: `{:ok, event, next}`, `{:lapped, missed, event, next}`
+/// or `:empty`.
+#[rustler::nif]
+fn rb_read<'a>(env: Env<'a>, rb: &RingRes, pos: u64) -> NifResult<Term<'a>> {
+    rb.check_live(env)?;
+    let mut scratch = Vec::new();
+    let mut got: Option<Term<'a>> = None;
+    let outcome = rb
+        .ring
+        .read_batch(pos, 1, |_, ev| got = Some(event_to_term(env, ev, &mut scratch)));
+    Ok(match got {
+        None => atoms::empty().encode(env),
+        Some(ev) if outcome.missed > 0 => {
+            (atoms::lapped(), outcome.missed, ev, outcome.next).encode(env)
+        }
+        Some(ev) => (atoms::ok(), ev, outcome.next).encode(env),
+    })
+}
+
+#[rustler::nif]
+fn rb_stats<'a>(env: Env<'a>, rb: &RingRes) -> NifResult<Term<'a>> {
+    rb.check_live(env)?;
+    let s = rb.ring.stats();
+    let available = s.available();
+    let dropped = map_new(env)
+        .map_put(atoms::buffer_full(), s.dropped_full)?
+        .map_put(atoms::overflow(), s.dropped_oldest)?
+        .map_put(atoms::lapped_reader(), s.dropped_lapped)?
+        .map_put(atoms::failed(), s.dropped_failed)?
+        .map_put(atoms::cleared(), s.cleared)?;
+    let m = map_new(env)
+        .map_put(atoms::size(), s.capacity)?
+        .map_put(atoms::write_position(), s.write_position)?
+        .map_put(atoms::read_position(), s.read_position)?
+        .map_put(atoms::available_events(), available)?
+        .map_put(atoms::total_writes(), s.write_position)?
+        .map_put(atoms::total_reads(), s.reads)?
+        .map_put(atoms::dropped_events(), s.dropped_total())?
+        .map_put(atoms::dropped(), dropped)?
+        .map_put(atoms::utilization(), available as f64 / s.capacity as f64)?
+        .map_put(atoms::truncated_events(), rb.truncated.load(Ordering::Relaxed))?
+        .map_put(atoms::max_event_bytes(), rb.max_event_bytes as u64)?
+        .map_put(atoms::overflow_strategy(), rb.strategy)?;
+    Ok(m)
+}
+
+#[rustler::nif]
+fn rb_clear(env: Env, rb: &RingRes) -> NifResult<Atom> {
+    rb.check_live(env)?;
+    rb.ring.clear();
+    Ok(atoms::ok())
+}
+
+/// Mark destroyed, discard unread events and free payload buffers. The slot
+/// array itself is freed when the last handle is garbage-collected.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn rb_destroy(rb: &RingRes) -> Atom {
+    if !rb.destroyed.swap(true, Ordering::AcqRel) {
+        rb.ring.clear();
+        rb.ring.release_memory();
+    }
+    atoms::ok()
+}
+
+#[rustler::nif(name = "next_event_id")]
+fn next_event_id_nif() -> u64 {
+    next_event_id()
+}
