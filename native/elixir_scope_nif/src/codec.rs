@@ -18,9 +18,9 @@ use rustler::sys::{
     enif_inspect_binary, enif_make_double, enif_make_list_cell, enif_make_list_from_array,
     enif_make_map_from_arrays, enif_make_new_binary, enif_make_tuple_from_array,
     enif_map_iterator_create, enif_map_iterator_destroy, enif_map_iterator_get_pair,
-    enif_map_iterator_next, enif_release_binary, enif_term_to_binary, enif_term_type,
-    ErlNifBinary, ErlNifEnv, ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifTermType,
-    ErlNifTerm as ERL_NIF_TERM,
+    enif_map_iterator_next, enif_release_binary, enif_term_to_binary, enif_term_type, ErlNifBinary,
+    ErlNifEnv, ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifTerm as ERL_NIF_TERM,
+    ErlNifTermType,
 };
 use rustler::{Encoder, Env, Term};
 use std::mem::MaybeUninit;
@@ -142,6 +142,32 @@ impl<'b> TapeEncoder<'b> {
         }
     }
 
+    /// Append an immediate (9 bytes) if it fits.
+    #[inline(always)]
+    fn put_imm(&mut self, t: ERL_NIF_TERM) -> Result<(), Overflow> {
+        let len = self.buf.len();
+        self.room(9)?;
+        self.buf.reserve(9);
+        // SAFETY: `reserve` guarantees 9 writable bytes past `len`.
+        unsafe {
+            let p = self.buf.as_mut_ptr().add(len);
+            p.write(T_IMM);
+            (p.add(1) as *mut [u8; 8]).write_unaligned(word(t).to_le_bytes());
+            self.buf.set_len(len + 9);
+        }
+        Ok(())
+    }
+
+    /// Encode a nested term, immediates inline.
+    #[inline(always)]
+    fn child(&mut self, t: ERL_NIF_TERM, depth: u32) -> Result<(), Overflow> {
+        if is_immediate(t) {
+            self.put_imm(t)
+        } else {
+            self.enc(t, depth, false)
+        }
+    }
+
     #[inline]
     fn put_u32(&mut self, v: u32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
@@ -169,10 +195,7 @@ impl<'b> TapeEncoder<'b> {
 
     fn enc(&mut self, t: ERL_NIF_TERM, depth: u32, fields: bool) -> Result<(), Overflow> {
         if is_immediate(t) {
-            self.room(9)?;
-            self.buf.push(T_IMM);
-            self.buf.extend_from_slice(&word(t).to_le_bytes());
-            return Ok(());
+            return self.put_imm(t);
         }
         if depth >= MAX_DEPTH {
             return Err(Overflow {
@@ -193,7 +216,7 @@ impl<'b> TapeEncoder<'b> {
                 self.put_u32(arity as u32);
                 for i in 0..arity as usize {
                     let e = unsafe { *elems.add(i) };
-                    self.enc(e, depth + 1, false)?;
+                    self.child(e, depth + 1)?;
                 }
                 Ok(())
             }
@@ -207,12 +230,12 @@ impl<'b> TapeEncoder<'b> {
                 let mut head: ERL_NIF_TERM = ERL_NIF_TERM::default();
                 let mut tail: ERL_NIF_TERM = ERL_NIF_TERM::default();
                 while unsafe { enif_get_list_cell(env, cur, &mut head, &mut tail) } != 0 {
-                    self.enc(head, depth + 1, false)?;
+                    self.child(head, depth + 1)?;
                     n += 1;
                     cur = tail;
                 }
                 // `cur` is `[]` for a proper list, else the improper tail.
-                self.enc(cur, depth + 1, false)?;
+                self.child(cur, depth + 1)?;
                 self.buf[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
                 Ok(())
             }
@@ -251,12 +274,17 @@ impl<'b> TapeEncoder<'b> {
                 while unsafe { enif_map_iterator_get_pair(env, it.as_mut_ptr(), &mut k, &mut v) }
                     != 0
                 {
-                    self.enc(k, depth + 1, false)?;
+                    self.child(k, depth + 1)?;
                     if per_field {
                         // Values of struct-like maps are truncated one by
                         // one, one level down as well (`%Events{data: ...}`).
                         let mark = self.buf.len();
-                        if let Err(o) = self.enc(v, depth + 1, depth == 0) {
+                        let r = if is_immediate(v) {
+                            self.put_imm(v)
+                        } else {
+                            self.enc(v, depth + 1, depth == 0)
+                        };
+                        if let Err(o) = r {
                             self.buf.truncate(mark);
                             if mark + MARKER_BYTES > self.limit {
                                 return Err(o);
@@ -266,7 +294,7 @@ impl<'b> TapeEncoder<'b> {
                             self.truncated = true;
                         }
                     } else {
-                        self.enc(v, depth + 1, false)?;
+                        self.child(v, depth + 1)?;
                     }
                     unsafe { enif_map_iterator_next(env, it.as_mut_ptr()) };
                 }

@@ -8,6 +8,7 @@ use rustler::sys::enif_compare;
 use rustler::{Env, Term};
 
 use crate::codec::{is_immediate, word};
+use crate::handle::Ref;
 use crate::ring_nif::RingRes;
 
 #[inline]
@@ -23,7 +24,7 @@ fn atom_word(t: Term) -> u64 {
 #[rustler::nif]
 fn ing_function_call<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     module: Term<'a>,
     function: Term<'a>,
     call_args: Term<'a>,
@@ -44,7 +45,7 @@ fn ing_function_call<'a>(
 #[rustler::nif]
 fn ing_function_return<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     return_value: Term<'a>,
     duration_ns: i64,
     correlation_id: Term<'a>,
@@ -59,7 +60,7 @@ fn ing_function_return<'a>(
 #[rustler::nif]
 fn ing_process_spawn<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     parent_pid: Term<'a>,
     child_pid: Term<'a>,
 ) -> Term<'a> {
@@ -74,7 +75,7 @@ fn ing_process_spawn<'a>(
 #[rustler::nif]
 fn ing_message_send<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     from_pid: Term<'a>,
     to_pid: Term<'a>,
     message: Term<'a>,
@@ -91,7 +92,7 @@ fn ing_message_send<'a>(
 #[rustler::nif]
 fn ing_state_change<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     server_pid: Term<'a>,
     old_state: Term<'a>,
     new_state: Term<'a>,
@@ -110,7 +111,7 @@ fn ing_state_change<'a>(
 #[rustler::nif]
 fn ing_performance_metric<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     name: Term<'a>,
     value: Term<'a>,
     metadata: Term<'a>,
@@ -125,7 +126,7 @@ fn ing_performance_metric<'a>(
 #[rustler::nif]
 fn ing_error<'a>(
     env: Env<'a>,
-    rb: &RingRes,
+    rb: Ref<RingRes>,
     error_type: Term<'a>,
     message: Term<'a>,
     stacktrace: Term<'a>,

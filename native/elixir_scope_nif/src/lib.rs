@@ -8,6 +8,7 @@ mod atoms;
 mod codec;
 mod error;
 mod event_term;
+mod handle;
 mod ingest;
 mod ring_nif;
 
@@ -36,10 +37,15 @@ fn load(env: Env, _info: Term) -> bool {
     let small = 42i64.encode(env).as_c_arg();
     let tuple = (1, 2).encode(env).as_c_arg();
     let pid = env.pid().encode(env).as_c_arg();
-    let ok = [nil, atom, small, pid].iter().all(|&t| codec::is_immediate(t))
+    let ok = [nil, atom, small, pid]
+        .iter()
+        .all(|&t| codec::is_immediate(t))
         && !codec::is_immediate(tuple);
     if !ok {
         eprintln!("[elixir_scope_nif] unsupported term representation; refusing to load");
+        return false;
+    }
+    if !handle::open::<ring_nif::RingRes>(env) {
         return false;
     }
     NIL_WORD.store(codec::word(nil) as usize, Ordering::Relaxed);

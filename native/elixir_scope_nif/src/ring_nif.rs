@@ -1,15 +1,23 @@
 //! `rb_*` NIFs: the `ElixirScope.Capture.RingBuffer` resource.
 
-use elixir_scope_core::{next_event_id, Event, EventKind, Overflow, Ring, RingError, FLAG_TRUNCATED};
-use rustler::sys::{enif_make_list_from_array, enif_monotonic_time, enif_time_offset, ErlNifTimeUnit, ErlNifTerm as ERL_NIF_TERM};
+use elixir_scope_core::{
+    next_event_id, Event, EventKind, Overflow, Ring, RingError, FLAG_TRUNCATED,
+};
+use rustler::sys::ErlNifResourceType;
+use rustler::sys::{
+    enif_make_list_from_array, enif_monotonic_time, enif_time_offset, ErlNifTerm as ERL_NIF_TERM,
+    ErlNifTimeUnit,
+};
 use rustler::types::map::map_new;
-use rustler::{Atom, Encoder, Env, NifResult, ResourceArc, Term};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use rustler::{Atom, Encoder, Env, NifResult, Term};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
 use crate::atoms;
 use crate::codec::TapeEncoder;
 use crate::error::badarg;
 use crate::event_term::event_to_term;
+use crate::handle::{self, Handle, Ref};
 
 /// Most events one `rb_read_batch` / `rb_write_batch` call handles, so a
 /// call stays well under 1 ms on a normal scheduler; Elixir loops.
@@ -24,19 +32,63 @@ pub struct RingRes {
     pub truncated: AtomicU64,
 }
 
-#[rustler::resource_impl]
-impl rustler::Resource for RingRes {}
+static RING_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Monotonic and wall-clock time, ns, on the VM's clocks (the same values
-/// `System.monotonic_time/1` and `System.system_time/1` give).
+impl Handle for RingRes {
+    const NAME: &'static CStr = c"elixir_scope_ring";
+    fn type_slot() -> &'static AtomicPtr<ErlNifResourceType> {
+        &RING_TYPE
+    }
+    fn drop_off_scheduler(&self) -> bool {
+        self.ring.capacity() > 4096
+    }
+}
+
+/// Offsets from the OS monotonic clock to the VM's monotonic time and to
+/// wall-clock time (ns), and when they were last read (OS monotonic ns).
+static MONO_DELTA: AtomicI64 = AtomicI64::new(0);
+static WALL_DELTA: AtomicI64 = AtomicI64::new(0);
+static DELTAS_AT: AtomicI64 = AtomicI64::new(i64::MIN);
+/// Re-read the VM clocks at most this often: both VM calls take a lock.
+const DELTAS_TTL_NS: i64 = 50_000_000;
+
+#[inline]
+fn os_monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC is always available.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// Monotonic and wall-clock time, ns, on the VM's clocks (what
+/// `System.monotonic_time(:nanosecond)` and `System.system_time(:nanosecond)`
+/// return). Read from the OS clock through offsets to the VM clocks that
+/// are refreshed every 50 ms: the VM's own calls take a read lock, which
+/// costs more than the rest of an event write.
 #[inline]
 pub fn now_ns() -> (i64, i64) {
-    // SAFETY: plain reads of the VM clocks, callable from any thread.
-    unsafe {
-        let mono = enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC);
-        let offset = enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC);
-        (mono, mono + offset)
+    let os = os_monotonic_ns();
+    let at = DELTAS_AT.load(Ordering::Relaxed);
+    if at == i64::MIN || os.wrapping_sub(at) > DELTAS_TTL_NS {
+        // SAFETY: plain reads of the VM clocks, callable from any thread.
+        let (mono, offset) = unsafe {
+            (
+                enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC),
+                enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC),
+            )
+        };
+        MONO_DELTA.store(mono - os, Ordering::Relaxed);
+        WALL_DELTA.store(mono + offset - os, Ordering::Relaxed);
+        DELTAS_AT.store(os, Ordering::Relaxed);
+        return (mono, mono + offset);
     }
+    (
+        os + MONO_DELTA.load(Ordering::Relaxed),
+        os + WALL_DELTA.load(Ordering::Relaxed),
+    )
 }
 
 /// Reset `ev`'s header for a new event of `kind` written now.
@@ -65,7 +117,7 @@ impl RingRes {
     #[inline]
     pub fn push<'a, F>(&self, env: Env<'a>, kind: EventKind, fill: F) -> Term<'a>
     where
-        F: FnOnce(&mut Event, &mut TapeEncoder) -> (),
+        F: FnOnce(&mut Event, &mut TapeEncoder),
     {
         if self.destroyed.load(Ordering::Relaxed) {
             return (atoms::error(), atoms::destroyed()).encode(env);
@@ -115,13 +167,16 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
     match Ring::new(size as usize, overflow) {
         Ok(ring) => {
-            let res = ResourceArc::new(RingRes {
-                ring,
-                max_event_bytes: max_event_bytes as usize,
-                strategy,
-                destroyed: AtomicBool::new(false),
-                truncated: AtomicU64::new(0),
-            });
+            let res = handle::make(
+                env,
+                RingRes {
+                    ring,
+                    max_event_bytes: max_event_bytes as usize,
+                    strategy,
+                    destroyed: AtomicBool::new(false),
+                    truncated: AtomicU64::new(0),
+                },
+            );
             Ok((atoms::ok(), res).encode(env))
         }
         Err(RingError::NotPowerOfTwo) => {
@@ -132,7 +187,7 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
 }
 
 #[rustler::nif]
-fn rb_write<'a>(env: Env<'a>, rb: &RingRes, event: Term<'a>) -> Term<'a> {
+fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
     rb.push(env, EventKind::Term, |_, enc| enc.field(event))
 }
 
@@ -140,7 +195,7 @@ fn rb_write<'a>(env: Env<'a>, rb: &RingRes, event: Term<'a>) -> Term<'a> {
 /// `{accepted, rejected, rest}` (`rest` is the unprocessed tail) or
 /// `{:error, :destroyed}`.
 #[rustler::nif]
-fn rb_write_batch<'a>(env: Env<'a>, rb: &RingRes, list: Term<'a>) -> NifResult<Term<'a>> {
+fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResult<Term<'a>> {
     if rb.destroyed.load(Ordering::Relaxed) {
         return Ok((atoms::error(), atoms::destroyed()).encode(env));
     }
@@ -181,7 +236,7 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: &RingRes, list: Term<'a>) -> NifResult<T
 /// Read up to `min(count, CHUNK)` events from `pos`:
 /// `{events, next_position, missed}`.
 #[rustler::nif]
-fn rb_read_batch<'a>(env: Env<'a>, rb: &RingRes, pos: u64, count: u64) -> NifResult<Term<'a>> {
+fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     let max = (count as usize).min(CHUNK);
     let avail = rb.ring.write_position().saturating_sub(pos) as usize;
@@ -203,13 +258,13 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: &RingRes, pos: u64, count: u64) -> NifRes
 /// Read one event: `{:ok, event, next}`, `{:lapped, missed, event, next}`
 /// or `:empty`.
 #[rustler::nif]
-fn rb_read<'a>(env: Env<'a>, rb: &RingRes, pos: u64) -> NifResult<Term<'a>> {
+fn rb_read<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     let mut scratch = Vec::new();
     let mut got: Option<Term<'a>> = None;
-    let outcome = rb
-        .ring
-        .read_batch(pos, 1, |_, ev| got = Some(event_to_term(env, ev, &mut scratch)));
+    let outcome = rb.ring.read_batch(pos, 1, |_, ev| {
+        got = Some(event_to_term(env, ev, &mut scratch))
+    });
     Ok(match got {
         None => atoms::empty().encode(env),
         Some(ev) if outcome.missed > 0 => {
@@ -220,7 +275,7 @@ fn rb_read<'a>(env: Env<'a>, rb: &RingRes, pos: u64) -> NifResult<Term<'a>> {
 }
 
 #[rustler::nif]
-fn rb_stats<'a>(env: Env<'a>, rb: &RingRes) -> NifResult<Term<'a>> {
+fn rb_stats<'a>(env: Env<'a>, rb: Ref<RingRes>) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     let s = rb.ring.stats();
     let available = s.available();
@@ -240,14 +295,17 @@ fn rb_stats<'a>(env: Env<'a>, rb: &RingRes) -> NifResult<Term<'a>> {
         .map_put(atoms::dropped_events(), s.dropped_total())?
         .map_put(atoms::dropped(), dropped)?
         .map_put(atoms::utilization(), available as f64 / s.capacity as f64)?
-        .map_put(atoms::truncated_events(), rb.truncated.load(Ordering::Relaxed))?
+        .map_put(
+            atoms::truncated_events(),
+            rb.truncated.load(Ordering::Relaxed),
+        )?
         .map_put(atoms::max_event_bytes(), rb.max_event_bytes as u64)?
         .map_put(atoms::overflow_strategy(), rb.strategy)?;
     Ok(m)
 }
 
 #[rustler::nif]
-fn rb_clear(env: Env, rb: &RingRes) -> NifResult<Atom> {
+fn rb_clear(env: Env, rb: Ref<RingRes>) -> NifResult<Atom> {
     rb.check_live(env)?;
     rb.ring.clear();
     Ok(atoms::ok())
@@ -256,7 +314,7 @@ fn rb_clear(env: Env, rb: &RingRes) -> NifResult<Atom> {
 /// Mark destroyed, discard unread events and free payload buffers. The slot
 /// array itself is freed when the last handle is garbage-collected.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn rb_destroy(rb: &RingRes) -> Atom {
+fn rb_destroy(rb: Ref<RingRes>) -> Atom {
     if !rb.destroyed.swap(true, Ordering::AcqRel) {
         rb.ring.clear();
         rb.ring.release_memory();
