@@ -46,7 +46,8 @@ defmodule Mix.Tasks.Compile.ElixirScopeNative do
     if status != 0, do: Mix.raise("cargo build failed (exit #{status})")
   end
 
-  defp target_dir(root), do: System.get_env("ELIXIR_SCOPE_CARGO_TARGET_DIR") || Path.join(root, "target")
+  defp target_dir(root),
+    do: System.get_env("ELIXIR_SCOPE_CARGO_TARGET_DIR") || Path.join(root, "target")
 
   defp ext do
     case :os.type() do
@@ -61,8 +62,10 @@ defmodule Mix.Tasks.Compile.ElixirScopeNative do
         true
 
       {:ok, %{mtime: built}} ->
-        sources = Path.wildcard(Path.join(root, "native/**/*.rs")) ++
-          Path.wildcard(Path.join(root, "native/*/Cargo.toml")) ++ [Path.join(root, "Cargo.toml")]
+        sources =
+          Path.wildcard(Path.join(root, "native/**/*.rs")) ++
+            Path.wildcard(Path.join(root, "native/*/Cargo.toml")) ++
+            [Path.join(root, "Cargo.toml")]
 
         Enum.any?(sources, fn src -> File.stat!(src).mtime > built end)
     end

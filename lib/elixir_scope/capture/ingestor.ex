@@ -130,7 +130,13 @@ defmodule ElixirScope.Capture.Ingestor do
 
   def ingest_performance_metric(buffer, metric_name, value, metadata) do
     check_buffer!(buffer)
-    check!(is_atom(metric_name) or is_binary(metric_name), "metric name must be an atom or a string", metric_name)
+
+    check!(
+      is_atom(metric_name) or is_binary(metric_name),
+      "metric name must be an atom or a string",
+      metric_name
+    )
+
     check!(is_number(value), "metric value must be a number", value)
     check!(false, "metadata must be a map", metadata)
   end
@@ -186,7 +192,15 @@ defmodule ElixirScope.Capture.Ingestor do
     Native.rb_write(ref, event)
   end
 
-  def ingest_generic_event(buffer, event_type, event_data, pid, _correlation_id, timestamp, wall_time) do
+  def ingest_generic_event(
+        buffer,
+        event_type,
+        event_data,
+        pid,
+        _correlation_id,
+        timestamp,
+        wall_time
+      ) do
     check_buffer!(buffer)
     check!(is_atom(event_type), "event_type must be an atom", event_type)
     check!(is_map(event_data), "event_data must be a map", event_data)
