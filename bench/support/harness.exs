@@ -1,0 +1,122 @@
+defmodule ElixirScope.Bench.Harness do
+  @moduledoc """
+  A small benchmark harness for the Elixir benches.
+
+  Each job is a function that performs `n` operations; the harness runs it
+  for a number of samples (after warm-up) and reports per-operation time:
+  min, median and p99 over the samples. Setup for a sample (refilling a
+  ring, clearing a table) runs outside the timed region.
+
+  When Benchee is loadable (it is a hex package, so only when the host
+  project provides it), `run/2` hands the same jobs to Benchee as well; set
+  `ELIXIR_SCOPE_BENCHEE=0` to skip it. Without it, this harness is the one
+  that reports.
+  """
+
+  @type job :: %{
+          required(:name) => String.t(),
+          required(:n) => pos_integer(),
+          required(:run) => (term() -> term()),
+          optional(:setup) => (() -> term())
+        }
+
+  @doc "Runs `jobs`, prints a table, returns `%{name => %{min, median, p99}}` in ns/op."
+  @spec run([job()], keyword()) :: map()
+  def run(jobs, opts \\ []) do
+    samples = Keyword.get(opts, :samples, env_int("BENCH_SAMPLES", 15))
+    warmup = Keyword.get(opts, :warmup, 2)
+
+    results =
+      for job <- jobs, into: %{} do
+        setup = Map.get(job, :setup, fn -> nil end)
+
+        for _ <- 1..warmup, do: job.run.(setup.())
+
+        times =
+          for _ <- 1..samples do
+            arg = setup.()
+            :erlang.garbage_collect()
+            t0 = System.monotonic_time(:nanosecond)
+            job.run.(arg)
+            (System.monotonic_time(:nanosecond) - t0) / job.n
+          end
+
+        {job.name, stats(times)}
+      end
+
+    maybe_benchee(jobs, opts)
+    results
+  end
+
+  @doc "min / median / p99 of a list of numbers."
+  def stats(times) do
+    sorted = Enum.sort(times)
+    n = length(sorted)
+
+    %{
+      min: hd(sorted),
+      median: Enum.at(sorted, div(n - 1, 2)),
+      p99: Enum.at(sorted, min(n - 1, round(Float.ceil(n * 0.99)) - 1))
+    }
+  end
+
+  @doc "Prints one row per result, in the order of `names`."
+  def print_table(title, results, names, extra \\ fn _ -> "" end) do
+    IO.puts("\n## #{title}\n")
+    IO.puts("| job | min ns/op | median ns/op | p99 ns/op | |")
+    IO.puts("|---|---:|---:|---:|---|")
+
+    for name <- names do
+      %{min: mn, median: md, p99: p} = Map.fetch!(results, name)
+      IO.puts("| #{name} | #{fmt(mn)} | #{fmt(md)} | #{fmt(p)} | #{extra.(name)} |")
+    end
+  end
+
+  def fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 1)
+  def fmt(x), do: to_string(x)
+
+  defp env_int(name, default) do
+    case System.get_env(name) do
+      nil -> default
+      v -> String.to_integer(v)
+    end
+  end
+
+  defp maybe_benchee(jobs, opts) do
+    if Code.ensure_loaded?(Benchee) and System.get_env("ELIXIR_SCOPE_BENCHEE") != "0" do
+      benchee = Module.concat([Benchee])
+
+      scenarios =
+        for job <- jobs, into: %{} do
+          setup = Map.get(job, :setup, fn -> nil end)
+          {job.name, {fn arg -> job.run.(arg) end, before_each: fn _ -> setup.() end}}
+        end
+
+      benchee.run(scenarios, Keyword.get(opts, :benchee, time: 3, warmup: 1))
+    end
+  end
+
+  @doc "A machine description line for bench output."
+  def machine do
+    cores = System.schedulers_online()
+    otp = System.otp_release()
+
+    cpu =
+      case File.read("/proc/cpuinfo") do
+        {:ok, s} ->
+          s
+          |> String.split("\n")
+          |> Enum.find_value("unknown cpu", fn line ->
+            case String.split(line, ":", parts: 2) do
+              ["model name" <> _, v] -> String.trim(v)
+              _ -> nil
+            end
+          end)
+
+        _ ->
+          "unknown cpu"
+      end
+
+    "#{cpu}, #{cores} schedulers, OTP #{otp}, Elixir #{System.version()}"
+  end
+end
