@@ -18,13 +18,16 @@ defmodule ElixirScope.Capture.RingBuffer do
   Positions are monotonically increasing integers. Readers own their
   position: `read/2` and `read_batch/3` take one and return the next. Many
   readers may read the same events. The ring also keeps one *consumption
-  cursor* (`read_position` in `stats/1`): a read that starts exactly at the
-  cursor consumes what it returns (frees the space and counts it in
-  `total_reads`); a read from any other position is a non-consuming peek.
+  cursor* (`read_position` in `stats/1`): every event before it has been
+  consumed or dropped, for every reader. A read at the cursor consumes what
+  it returns (frees the space, counts it in `total_reads`), so several
+  readers draining one ring share its events, each processed once. A read
+  from behind the cursor skips to it and reports what it missed; a read
+  from ahead of it is a non-consuming peek.
 
-  A reader that was lapped (its events were overwritten) is never handed
-  stale or duplicated events: it skips to the oldest live event and is told
-  how many it missed — `read/2` returns `{:lapped, missed, event, next}`,
+  A reader that was lapped (its events were consumed by another reader,
+  overwritten, or cleared) is never handed stale or duplicated events: it
+  skips to the oldest live event and is told how many it missed — `read/2` returns `{:lapped, missed, event, next}`,
   and for `read_batch/3` the gap is `next - start - length(events)` (or ask
   for it explicitly with `read_batch/4` and `with_missed: true`).
 
@@ -89,7 +92,7 @@ defmodule ElixirScope.Capture.RingBuffer do
   | `:size` | `1024` | slots, a power of 2, at most #{@max_size} |
   | `:overflow_strategy` | `:drop_oldest` | `:drop_oldest`, `:drop_newest` or `:block` |
   | `:name` | `nil` | any term, kept in the struct for identification |
-  | `:max_event_bytes` | `8192` | stored bytes per event before fields are truncated (64..2^30) |
+  | `:max_event_bytes` | `8192` | stored bytes per event before fields are truncated (64..2^20) |
 
   Returns `{:error, :invalid_size | :size_must_be_power_of_2 |
   :invalid_overflow_strategy}` for bad values; unknown options raise
@@ -116,9 +119,9 @@ defmodule ElixirScope.Capture.RingBuffer do
       strategy not in @strategies ->
         {:error, :invalid_overflow_strategy}
 
-      not is_integer(max_bytes) or max_bytes < 64 or max_bytes > 1 <<< 30 ->
+      not is_integer(max_bytes) or max_bytes < 64 or max_bytes > 1 <<< 20 ->
         raise ArgumentError,
-              "ring buffer option :max_event_bytes must be an integer in 64..#{1 <<< 30}, " <>
+              "ring buffer option :max_event_bytes must be an integer in 64..#{1 <<< 20}, " <>
                 "got: #{inspect(max_bytes)}"
 
       true ->
@@ -181,22 +184,32 @@ defmodule ElixirScope.Capture.RingBuffer do
           {:ok, non_neg_integer()}
           | {:error, {:partial_success, non_neg_integer(), [{:buffer_full, pos_integer()}]}}
           | {:error, :destroyed}
-  def write_batch(%__MODULE__{ref: ref}, events) when is_list(events),
-    do: write_chunks(ref, events, 0, 0)
+  def write_batch(%__MODULE__{ref: ref}, events) when is_list(events) do
+    # An improper list must fail before anything is written.
+    unless proper_list?(events), do: raise(ArgumentError, "events must be a proper list")
+    write_chunks(ref, events, 0, 0, true)
+  end
 
   def write_batch(%__MODULE__{}, events),
     do: raise(ArgumentError, "events must be a list, got: #{inspect(events)}")
 
   def write_batch(other, _events), do: bad_buffer!(other)
 
-  defp write_chunks(_ref, [], accepted, 0), do: {:ok, accepted}
+  defp proper_list?(list) do
+    _ = length(list)
+    true
+  rescue
+    ArgumentError -> false
+  end
 
-  defp write_chunks(_ref, [], accepted, rejected),
+  defp write_chunks(_ref, [], accepted, 0, false), do: {:ok, accepted}
+
+  defp write_chunks(_ref, [], accepted, rejected, false),
     do: {:error, {:partial_success, accepted, [buffer_full: rejected]}}
 
-  defp write_chunks(ref, events, accepted, rejected) do
+  defp write_chunks(ref, events, accepted, rejected, _first) do
     case Native.rb_write_batch(ref, events) do
-      {a, r, rest} -> write_chunks(ref, rest, accepted + a, rejected + r)
+      {a, r, rest} -> write_chunks(ref, rest, accepted + a, rejected + r, false)
       {:error, :destroyed} = error -> error
     end
   end
@@ -235,13 +248,18 @@ defmodule ElixirScope.Capture.RingBuffer do
   def read_batch(%__MODULE__{ref: ref}, start, count, opts)
       when is_integer(start) and start >= 0 and is_integer(count) and count >= 0 and
              is_list(opts) do
-    {events, next, missed} = read_chunks(ref, start, count, [], 0)
+    # Validate before reading: a read at the cursor consumes.
+    with_missed =
+      case Keyword.validate(opts, with_missed: false) do
+        {:ok, opts} ->
+          opts[:with_missed] == true
 
-    case Keyword.validate(opts, with_missed: false) do
-      {:ok, with_missed: true} -> {events, next, missed}
-      {:ok, _} -> {events, next}
-      {:error, unknown} -> raise ArgumentError, "unknown read_batch option(s) #{inspect(unknown)}"
-    end
+        {:error, unknown} ->
+          raise ArgumentError, "unknown read_batch option(s) #{inspect(unknown)}"
+      end
+
+    {events, next, missed} = read_chunks(ref, start, count, [], 0)
+    if with_missed, do: {events, next, missed}, else: {events, next}
   end
 
   def read_batch(%__MODULE__{}, start, count, opts) do
@@ -253,6 +271,11 @@ defmodule ElixirScope.Capture.RingBuffer do
   end
 
   def read_batch(other, _start, _count, _opts), do: bad_buffer!(other)
+
+  defp read_chunks(ref, pos, 0, [], 0) do
+    # Nothing asked for: still check the handle (a destroyed ring raises).
+    Native.rb_read_batch(ref, pos, 0)
+  end
 
   defp read_chunks(_ref, pos, 0, acc, missed), do: {join(acc), pos, missed}
 

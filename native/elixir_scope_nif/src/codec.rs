@@ -84,24 +84,78 @@ struct Overflow {
     deep: bool,
 }
 
-/// Encodes terms into a tape under a byte budget.
-pub struct TapeEncoder<'b> {
+/// Most top-level fields an event encodes (each may end in a marker
+/// written past the limit).
+const MAX_FIELDS: usize = 4;
+/// Bytes past the limit the scratch buffer keeps for those markers.
+const SLACK: usize = MAX_FIELDS * MARKER_BYTES + 16;
+
+std::thread_local! {
+    /// Per-thread encoding scratch, at least `limit + SLACK` bytes.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encode into `payload` (replacing its contents) with `f`, under `limit`
+/// bytes; returns whether anything was truncated. Encoding runs in a
+/// per-thread scratch buffer sized for the limit, so the hot loop writes
+/// without capacity checks; the result is then copied into `payload`.
+pub fn encode_into(
+    env: Env,
+    payload: &mut Vec<u8>,
+    limit: usize,
+    f: impl FnOnce(&mut TapeEncoder),
+) -> bool {
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let need = limit + SLACK;
+        if scratch.capacity() < need {
+            scratch.reserve_exact(need);
+        }
+        let mut enc = TapeEncoder {
+            env: env.as_c_arg(),
+            ptr: scratch.as_mut_ptr(),
+            len: 0,
+            limit,
+            truncated: false,
+        };
+        f(&mut enc);
+        payload.clear();
+        // SAFETY: the encoder wrote `len` initialised bytes at `ptr`, within
+        // the scratch capacity (`len <= limit + MARKER_BYTES`).
+        payload.extend_from_slice(unsafe { std::slice::from_raw_parts(enc.ptr, enc.len) });
+        enc.truncated
+    })
+}
+
+/// Encodes terms into a tape under a byte budget (see [`encode_into`]).
+pub struct TapeEncoder {
     env: *mut ErlNifEnv,
-    buf: &'b mut Vec<u8>,
+    /// Start of a buffer of at least `limit + SLACK` bytes.
+    ptr: *mut u8,
+    len: usize,
     limit: usize,
     /// Set when any field was replaced by a truncation marker.
     pub truncated: bool,
 }
 
-impl<'b> TapeEncoder<'b> {
-    /// Appends to `buf` (cleared by the caller); stops at `limit` bytes.
-    pub fn new(env: Env, buf: &'b mut Vec<u8>, limit: usize) -> Self {
-        TapeEncoder {
-            env: env.as_c_arg(),
-            buf,
-            limit,
-            truncated: false,
-        }
+impl TapeEncoder {
+    /// Append raw bytes. Callers have checked `room` (or are writing the
+    /// one marker allowed past the limit).
+    #[inline(always)]
+    fn put_bytes(&mut self, b: &[u8]) {
+        debug_assert!(self.len + b.len() <= self.limit + SLACK);
+        // SAFETY: the buffer holds `limit + SLACK` bytes and every caller
+        // stays within it (see above).
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.add(self.len), b.len()) };
+        self.len += b.len();
+    }
+
+    #[inline(always)]
+    fn put_byte(&mut self, b: u8) {
+        debug_assert!(self.len < self.limit + SLACK);
+        // SAFETY: as in `put_bytes`.
+        unsafe { self.ptr.add(self.len).write(b) };
+        self.len += 1;
     }
 
     /// Encode one top-level field. Never fails: a field that does not fit is
@@ -112,11 +166,11 @@ impl<'b> TapeEncoder<'b> {
     }
 
     fn field_raw(&mut self, t: ERL_NIF_TERM, top: bool) -> bool {
-        let mark = self.buf.len();
+        let mark = self.len;
         match self.enc(t, 0, top) {
             Ok(()) => true,
             Err(o) => {
-                self.buf.truncate(mark);
+                self.len = mark;
                 let at_least = o.reached.saturating_sub(mark) as u64;
                 if !top && mark + MARKER_BYTES > self.limit {
                     return false;
@@ -131,7 +185,7 @@ impl<'b> TapeEncoder<'b> {
 
     #[inline]
     fn room(&self, n: usize) -> Result<(), Overflow> {
-        let reached = self.buf.len() + n;
+        let reached = self.len + n;
         if reached > self.limit {
             Err(Overflow {
                 reached,
@@ -145,16 +199,14 @@ impl<'b> TapeEncoder<'b> {
     /// Append an immediate (9 bytes) if it fits.
     #[inline(always)]
     fn put_imm(&mut self, t: ERL_NIF_TERM) -> Result<(), Overflow> {
-        let len = self.buf.len();
         self.room(9)?;
-        self.buf.reserve(9);
-        // SAFETY: `reserve` guarantees 9 writable bytes past `len`.
+        // SAFETY: `room` checked `len + 9 <= limit` within the buffer.
         unsafe {
-            let p = self.buf.as_mut_ptr().add(len);
+            let p = self.ptr.add(self.len);
             p.write(T_IMM);
             (p.add(1) as *mut [u8; 8]).write_unaligned(word(t).to_le_bytes());
-            self.buf.set_len(len + 9);
         }
+        self.len += 9;
         Ok(())
     }
 
@@ -170,13 +222,19 @@ impl<'b> TapeEncoder<'b> {
 
     #[inline]
     fn put_u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.put_bytes(&v.to_le_bytes());
     }
 
     fn marker(&mut self, hint: Hint, at_least: u64) {
-        self.buf.push(T_TRUNC);
-        self.buf.push(hint as u8);
-        self.buf.extend_from_slice(&at_least.to_le_bytes());
+        if self.len + MARKER_BYTES > self.limit + SLACK {
+            // Only reachable with more than MAX_FIELDS fields: never write
+            // past the buffer.
+            debug_assert!(false, "more than MAX_FIELDS top-level fields");
+            return;
+        }
+        self.put_byte(T_TRUNC);
+        self.put_byte(hint as u8);
+        self.put_bytes(&at_least.to_le_bytes());
     }
 
     fn hint(&self, t: ERL_NIF_TERM) -> Hint {
@@ -193,13 +251,46 @@ impl<'b> TapeEncoder<'b> {
         }
     }
 
+    /// One key/value pair of a map at `depth`. Values of struct-like maps
+    /// (`per_field`) are truncated one by one, one level down as well
+    /// (`%Events{data: %FunctionEntry{...}}`).
+    #[inline(always)]
+    fn map_entry(
+        &mut self,
+        k: ERL_NIF_TERM,
+        v: ERL_NIF_TERM,
+        depth: u32,
+        per_field: bool,
+    ) -> Result<(), Overflow> {
+        self.child(k, depth + 1)?;
+        if !per_field {
+            return self.child(v, depth + 1);
+        }
+        let mark = self.len;
+        let r = if is_immediate(v) {
+            self.put_imm(v)
+        } else {
+            self.enc(v, depth + 1, depth == 0)
+        };
+        if let Err(o) = r {
+            self.len = mark;
+            if mark + MARKER_BYTES > self.limit {
+                return Err(o);
+            }
+            let hint = if o.deep { Hint::Depth } else { self.hint(v) };
+            self.marker(hint, o.reached.saturating_sub(mark) as u64);
+            self.truncated = true;
+        }
+        Ok(())
+    }
+
     fn enc(&mut self, t: ERL_NIF_TERM, depth: u32, fields: bool) -> Result<(), Overflow> {
         if is_immediate(t) {
             return self.put_imm(t);
         }
         if depth >= MAX_DEPTH {
             return Err(Overflow {
-                reached: self.buf.len(),
+                reached: self.len,
                 deep: true,
             });
         }
@@ -212,7 +303,7 @@ impl<'b> TapeEncoder<'b> {
                 let mut elems: *const ERL_NIF_TERM = std::ptr::null();
                 unsafe { enif_get_tuple(env, t, &mut arity, &mut elems) };
                 self.room(5)?;
-                self.buf.push(T_TUPLE);
+                self.put_byte(T_TUPLE);
                 self.put_u32(arity as u32);
                 for i in 0..arity as usize {
                     let e = unsafe { *elems.add(i) };
@@ -222,30 +313,64 @@ impl<'b> TapeEncoder<'b> {
             }
             ErlNifTermType::ERL_NIF_TERM_TYPE_LIST => {
                 self.room(5)?;
-                self.buf.push(T_LIST);
-                let count_at = self.buf.len();
+                self.put_byte(T_LIST);
+                let count_at = self.len;
                 self.put_u32(0);
                 let mut n: u32 = 0;
                 let mut cur = t;
-                let mut head: ERL_NIF_TERM = ERL_NIF_TERM::default();
-                let mut tail: ERL_NIF_TERM = ERL_NIF_TERM::default();
-                while unsafe { enif_get_list_cell(env, cur, &mut head, &mut tail) } != 0 {
-                    self.child(head, depth + 1)?;
-                    n += 1;
-                    cur = tail;
+                if layout().cons {
+                    // SAFETY: `cur` is list-tagged, so it points at a cons
+                    // cell [head, tail] on the caller's heap (layout probed
+                    // at load); terms are stable for the whole NIF call.
+                    while word(cur) & 0x3 == 0x1 {
+                        let cell = (word(cur) & !0x3) as *const u64;
+                        let (head, tail) = unsafe { (*cell, *cell.add(1)) };
+                        self.child(from_word(head), depth + 1)?;
+                        n += 1;
+                        cur = from_word(tail);
+                    }
+                } else {
+                    let mut head: ERL_NIF_TERM = ERL_NIF_TERM::default();
+                    let mut tail: ERL_NIF_TERM = ERL_NIF_TERM::default();
+                    while unsafe { enif_get_list_cell(env, cur, &mut head, &mut tail) } != 0 {
+                        self.child(head, depth + 1)?;
+                        n += 1;
+                        cur = tail;
+                    }
                 }
                 // `cur` is `[]` for a proper list, else the improper tail.
                 self.child(cur, depth + 1)?;
-                self.buf[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
+                // SAFETY: the 4 count bytes were written at `count_at`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        n.to_le_bytes().as_ptr(),
+                        self.ptr.add(count_at),
+                        4,
+                    )
+                };
                 Ok(())
             }
             ErlNifTermType::ERL_NIF_TERM_TYPE_MAP => {
+                let per_field_ok = fields;
+                if let Some((size, keys, values)) = flatmap_parts(t) {
+                    self.room(5)?;
+                    self.put_byte(T_MAP);
+                    self.put_u32(size as u32);
+                    let per_field = per_field_ok && size <= FIELD_MAP_MAX;
+                    for i in 0..size {
+                        // SAFETY: `flatmap_parts` checked the layout; both
+                        // arrays hold `size` terms.
+                        let (k, v) = unsafe { (*keys.add(i), *values.add(i)) };
+                        self.map_entry(from_word(k), from_word(v), depth, per_field)?;
+                    }
+                    return Ok(());
+                }
                 let mut size: usize = 0;
                 unsafe { enif_get_map_size(env, t, &mut size) };
                 self.room(5)?;
-                self.buf.push(T_MAP);
+                self.put_byte(T_MAP);
                 self.put_u32(size as u32);
-                let per_field = fields && size <= FIELD_MAP_MAX;
+                let per_field = per_field_ok && size <= FIELD_MAP_MAX;
                 let mut it = MaybeUninit::<ErlNifMapIterator>::uninit();
                 if unsafe {
                     enif_map_iterator_create(
@@ -274,28 +399,7 @@ impl<'b> TapeEncoder<'b> {
                 while unsafe { enif_map_iterator_get_pair(env, it.as_mut_ptr(), &mut k, &mut v) }
                     != 0
                 {
-                    self.child(k, depth + 1)?;
-                    if per_field {
-                        // Values of struct-like maps are truncated one by
-                        // one, one level down as well (`%Events{data: ...}`).
-                        let mark = self.buf.len();
-                        let r = if is_immediate(v) {
-                            self.put_imm(v)
-                        } else {
-                            self.enc(v, depth + 1, depth == 0)
-                        };
-                        if let Err(o) = r {
-                            self.buf.truncate(mark);
-                            if mark + MARKER_BYTES > self.limit {
-                                return Err(o);
-                            }
-                            let hint = if o.deep { Hint::Depth } else { self.hint(v) };
-                            self.marker(hint, o.reached.saturating_sub(mark) as u64);
-                            self.truncated = true;
-                        }
-                    } else {
-                        self.child(v, depth + 1)?;
-                    }
+                    self.map_entry(k, v, depth, per_field)?;
                     unsafe { enif_map_iterator_next(env, it.as_mut_ptr()) };
                 }
                 Ok(())
@@ -308,19 +412,19 @@ impl<'b> TapeEncoder<'b> {
                 }
                 let bin = unsafe { bin.assume_init() };
                 self.room(5 + bin.size)?;
-                self.buf.push(T_BIN);
+                self.put_byte(T_BIN);
                 self.put_u32(bin.size as u32);
                 // SAFETY: `inspect_binary` gives `size` readable bytes.
                 let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
-                self.buf.extend_from_slice(bytes);
+                self.put_bytes(bytes);
                 Ok(())
             }
             ErlNifTermType::ERL_NIF_TERM_TYPE_FLOAT => {
                 let mut d: f64 = 0.0;
                 unsafe { enif_get_double(env, t, &mut d) };
                 self.room(9)?;
-                self.buf.push(T_FLOAT);
-                self.buf.extend_from_slice(&d.to_le_bytes());
+                self.put_byte(T_FLOAT);
+                self.put_bytes(&d.to_le_bytes());
                 Ok(())
             }
             _ => self.etf(t),
@@ -339,16 +443,133 @@ impl<'b> TapeEncoder<'b> {
         }
         let mut bin = unsafe { bin.assume_init() };
         let res = self.room(5 + bin.size).map(|()| {
-            self.buf.push(T_ETF);
+            self.put_byte(T_ETF);
             self.put_u32(bin.size as u32);
             // SAFETY: `term_to_binary` gave `size` initialised bytes.
             let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
-            self.buf.extend_from_slice(bytes);
+            self.put_bytes(bytes);
         });
         // SAFETY: we own `bin` and release it exactly once.
         unsafe { enif_release_binary(&mut bin) };
         res
     }
+}
+
+/// Heap layout facts the encoder may rely on, probed once at load by
+/// comparing raw reads against the NIF API (see [`probe_layout`]).
+#[derive(Copy, Clone, Default)]
+pub struct Layout {
+    /// Header word of a flatmap (`thing, size, keys-tuple, values...`), or 0.
+    pub flatmap_header: u64,
+    /// A list-tagged word points at a `[head, tail]` cons cell.
+    pub cons: bool,
+}
+
+static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+
+#[inline(always)]
+fn layout() -> Layout {
+    LAYOUT.get().copied().unwrap_or_default()
+}
+
+/// `(size, keys, values)` of a flatmap term, read straight from the heap,
+/// when the probed layout allows it.
+#[inline(always)]
+fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
+    let hdr = layout().flatmap_header;
+    let w = word(t);
+    if hdr == 0 || w & 0x3 != 0x2 {
+        return None;
+    }
+    let p = (w & !0x3) as *const u64;
+    // SAFETY: a boxed term points at its header word on a live heap; the
+    // header equals the probed flatmap header, so the next words are the
+    // size, the keys tuple (boxed: header, then the keys) and the values.
+    unsafe {
+        if *p != hdr {
+            return None;
+        }
+        let size = *p.add(1) as usize;
+        let keys = (*p.add(2) & !0x3) as *const u64;
+        Some((size, keys.add(1), p.add(3)))
+    }
+}
+
+/// Check the raw-heap fast paths against the NIF API on sample terms and
+/// enable the ones that agree. Called from `load`.
+pub fn probe_layout(env: Env) {
+    let mut l = Layout::default();
+    // Lists.
+    let list = vec![1i64.encode(env), atoms::ok().encode(env), 3i64.encode(env)].encode(env);
+    let mut cur = list;
+    let mut cons_ok = word(cur.as_c_arg()) & 0x3 == 0x1;
+    while cons_ok {
+        let Ok((h, tl)) = cur.list_get_cell() else {
+            break;
+        };
+        let cell = (word(cur.as_c_arg()) & !0x3) as *const u64;
+        // SAFETY: a list-tagged word of a live term in `env`.
+        let (rh, rt) = unsafe { (*cell, *cell.add(1)) };
+        cons_ok = rh == word(h.as_c_arg()) && rt == word(tl.as_c_arg());
+        cur = tl;
+        if word(cur.as_c_arg()) & 0x3 != 0x1 {
+            break;
+        }
+    }
+    l.cons = cons_ok;
+    // Flatmaps of a few sizes, compared against the iterator.
+    let mut hdr = 0u64;
+    let mut ok = true;
+    for size in [1usize, 3, 13, 32] {
+        let keys: Vec<Term> = (0..size)
+            .map(|i| rustler::Atom::from_str(env, &format!("elixir_scope_probe_{i:02}")))
+            .map(|a| {
+                a.map(|a| a.encode(env))
+                    .unwrap_or_else(|_| atoms::ok().encode(env))
+            })
+            .collect();
+        let vals: Vec<Term> = (0..size).map(|i| (i as i64 * 7).encode(env)).collect();
+        let Ok(map) = Term::map_from_term_arrays(env, &keys, &vals) else {
+            ok = false;
+            break;
+        };
+        let w = word(map.as_c_arg());
+        if w & 0x3 != 0x2 {
+            ok = false;
+            break;
+        }
+        let p = (w & !0x3) as *const u64;
+        // SAFETY: boxed term of `env`; only the words the NIF API reports
+        // below are compared, after checking the size word.
+        let this_hdr = unsafe { *p };
+        if hdr != 0 && this_hdr != hdr {
+            ok = false;
+            break;
+        }
+        hdr = this_hdr;
+        if unsafe { *p.add(1) } as usize != size {
+            ok = false;
+            break;
+        }
+        let kp = unsafe { (*p.add(2) & !0x3) as *const u64 };
+        let Some(iter) = rustler::types::map::MapIterator::new(map) else {
+            ok = false;
+            break;
+        };
+        for (i, (k, v)) in iter.enumerate() {
+            let (rk, rv) = unsafe { (*kp.add(1 + i), *p.add(3 + i)) };
+            if rk != word(k.as_c_arg()) || rv != word(v.as_c_arg()) {
+                ok = false;
+            }
+        }
+        if !ok {
+            break;
+        }
+    }
+    if ok {
+        l.flatmap_header = hdr;
+    }
+    let _ = LAYOUT.set(l);
 }
 
 /// Decodes terms from a tape written by [`TapeEncoder`].
@@ -395,11 +616,22 @@ impl<'t> TapeDecoder<'t> {
 
     /// Decode the next term; `:undefined` if the tape is exhausted.
     pub fn next<'a>(&mut self, env: Env<'a>, scratch: &mut Scratch) -> Term<'a> {
-        match self.dec(env, scratch) {
+        match self.child(env, scratch) {
             // SAFETY: built in `env` (or an immediate valid in any env).
             Some(t) => unsafe { Term::new(env, t) },
             None => atoms::undefined().encode(env),
         }
+    }
+
+    /// Decode a nested term; immediates without a recursive call.
+    #[inline(always)]
+    fn child(&mut self, e: Env, scratch: &mut Scratch) -> Option<ERL_NIF_TERM> {
+        if self.tape.get(self.pos) == Some(&T_IMM) {
+            let b = self.tape.get(self.pos + 1..self.pos + 9)?;
+            self.pos += 9;
+            return Some(from_word(u64::from_le_bytes(b.try_into().ok()?)));
+        }
+        self.dec(e, scratch)
     }
 
     fn dec(&mut self, e: Env, scratch: &mut Scratch) -> Option<ERL_NIF_TERM> {
@@ -422,7 +654,7 @@ impl<'t> TapeDecoder<'t> {
                 let n = self.u32()? as usize;
                 let base = scratch.len();
                 for _ in 0..n {
-                    let x = self.dec(e, scratch)?;
+                    let x = self.child(e, scratch)?;
                     scratch.push(x);
                 }
                 let t = unsafe {
@@ -435,10 +667,10 @@ impl<'t> TapeDecoder<'t> {
                 let n = self.u32()? as usize;
                 let base = scratch.len();
                 for _ in 0..n {
-                    let x = self.dec(e, scratch)?;
+                    let x = self.child(e, scratch)?;
                     scratch.push(x);
                 }
-                let tail = self.dec(e, scratch)?;
+                let tail = self.child(e, scratch)?;
                 let t = if tail == crate::nil_word() {
                     unsafe { enif_make_list_from_array(env, scratch.as_ptr().add(base), n as u32) }
                 } else {
@@ -457,9 +689,9 @@ impl<'t> TapeDecoder<'t> {
                 // Keys first, then values, each contiguous.
                 scratch.resize(base + 2 * n, ERL_NIF_TERM::default());
                 for i in 0..n {
-                    let k = self.dec(e, scratch)?;
+                    let k = self.child(e, scratch)?;
                     scratch[base + i] = k;
-                    let v = self.dec(e, scratch)?;
+                    let v = self.child(e, scratch)?;
                     scratch[base + n + i] = v;
                 }
                 let mut out: ERL_NIF_TERM = ERL_NIF_TERM::default();

@@ -21,6 +21,23 @@ fn atom_word(t: Term) -> u64 {
     }
 }
 
+/// Longest argument list whose length is counted exactly; longer lists
+/// (no real call has more than 255 arguments) record this value.
+const MAX_COUNTED_ARITY: i64 = 65_535;
+
+/// Number of cells of a (possibly improper) list, up to the cap.
+fn list_cells(mut t: Term) -> i64 {
+    let mut n = 0;
+    while n < MAX_COUNTED_ARITY {
+        let Ok((_, tail)) = t.list_get_cell() else {
+            break;
+        };
+        n += 1;
+        t = tail;
+    }
+    n
+}
+
 #[rustler::nif]
 fn ing_function_call<'a>(
     env: Env<'a>,
@@ -35,7 +52,7 @@ fn ing_function_call<'a>(
         ev.module = atom_word(module);
         ev.function = atom_word(function);
         ev.pid = atom_word(caller_pid);
-        ev.aux = call_args.list_length().unwrap_or(0) as i64;
+        ev.aux = list_cells(call_args);
         enc.field(call_args);
         enc.field(caller_pid);
         enc.field(correlation_id);

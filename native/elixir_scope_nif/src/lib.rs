@@ -48,6 +48,7 @@ fn load(env: Env, _info: Term) -> bool {
     if !handle::open::<ring_nif::RingRes>(env) {
         return false;
     }
+    codec::probe_layout(env);
     NIL_WORD.store(codec::word(nil) as usize, Ordering::Relaxed);
     true
 }

@@ -14,7 +14,7 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
 use crate::atoms;
-use crate::codec::TapeEncoder;
+use crate::codec::{encode_into, TapeEncoder};
 use crate::error::badarg;
 use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
@@ -50,7 +50,7 @@ static MONO_DELTA: AtomicI64 = AtomicI64::new(0);
 static WALL_DELTA: AtomicI64 = AtomicI64::new(0);
 static DELTAS_AT: AtomicI64 = AtomicI64::new(i64::MIN);
 /// Re-read the VM clocks at most this often: both VM calls take a lock.
-const DELTAS_TTL_NS: i64 = 50_000_000;
+const DELTAS_TTL_NS: i64 = 1_000_000;
 
 #[inline]
 fn os_monotonic_ns() -> i64 {
@@ -65,9 +65,10 @@ fn os_monotonic_ns() -> i64 {
 
 /// Monotonic and wall-clock time, ns, on the VM's clocks (what
 /// `System.monotonic_time(:nanosecond)` and `System.system_time(:nanosecond)`
-/// return). Read from the OS clock through offsets to the VM clocks that
-/// are refreshed every 50 ms: the VM's own calls take a read lock, which
-/// costs more than the rest of an event write.
+/// return, give or take the VM's time correction over 1 ms). Read from the
+/// OS clock the VM uses (CLOCK_MONOTONIC) through offsets to the VM clocks
+/// that are refreshed every millisecond: the VM's own calls take a read
+/// lock, which costs more than the rest of an event write.
 #[inline]
 pub fn now_ns() -> (i64, i64) {
     let os = os_monotonic_ns();
@@ -80,6 +81,8 @@ pub fn now_ns() -> (i64, i64) {
                 enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC),
             )
         };
+        // Pair the VM reading with the midpoint of two OS readings.
+        let os = os + (os_monotonic_ns() - os) / 2;
         MONO_DELTA.store(mono - os, Ordering::Relaxed);
         WALL_DELTA.store(mono + offset - os, Ordering::Relaxed);
         DELTAS_AT.store(os, Ordering::Relaxed);
@@ -127,9 +130,7 @@ impl RingRes {
         let res = self.ring.push_with(|ev| {
             begin(ev, kind, now, limit);
             let mut payload = std::mem::take(&mut ev.payload);
-            let mut enc = TapeEncoder::new(env, &mut payload, limit);
-            fill(ev, &mut enc);
-            if enc.truncated {
+            if encode_into(env, &mut payload, limit, |enc| fill(ev, enc)) {
                 ev.flags |= FLAG_TRUNCATED;
                 self.truncated.fetch_add(1, Ordering::Relaxed);
             }
@@ -162,8 +163,8 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     if size <= 0 {
         return Ok((atoms::error(), atoms::invalid_size()).encode(env));
     }
-    if !(64..=(1 << 30)).contains(&max_event_bytes) {
-        return badarg(env, "max_event_bytes must be an integer in 64..1073741824");
+    if !(64..=(1 << 20)).contains(&max_event_bytes) {
+        return badarg(env, "max_event_bytes must be an integer in 64..1048576");
     }
     match Ring::new(size as usize, overflow) {
         Ok(ring) => {
@@ -219,9 +220,7 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let accepted = rb.ring.push_batch_with(items.len(), |i, ev| {
         begin(ev, EventKind::Term, now, limit);
         let mut payload = std::mem::take(&mut ev.payload);
-        let mut enc = TapeEncoder::new(env, &mut payload, limit);
-        enc.field(items[i]);
-        if enc.truncated {
+        if encode_into(env, &mut payload, limit, |enc| enc.field(items[i])) {
             ev.flags |= FLAG_TRUNCATED;
             truncated += 1;
         }

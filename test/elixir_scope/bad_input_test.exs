@@ -1,0 +1,536 @@
+defmodule ElixirScope.BadInputTest do
+  @moduledoc """
+  Feeds wrong-type inputs to every public function of `RingBuffer`,
+  `Ingestor` and `Events` (and to the raw NIFs): each call must return a
+  documented result or raise `ArgumentError`, and the VM must survive.
+  """
+  # set_buffer/1 writes a node-wide :persistent_term.
+  use ExUnit.Case, async: false
+
+  import Bitwise
+  import ElixirScope.RingTestHelpers
+
+  alias ElixirScope.Capture.{Ingestor, RingBuffer}
+  alias ElixirScope.{Events, Native}
+
+  @moduletag timeout: 300_000
+
+  @buffer_key {Ingestor, :buffer}
+
+  setup do
+    previous = :persistent_term.get(@buffer_key, :__unset__)
+
+    on_exit(fn ->
+      case previous do
+        :__unset__ -> :persistent_term.erase(@buffer_key)
+        buffer -> :persistent_term.put(@buffer_key, buffer)
+      end
+    end)
+
+    :ok
+  end
+
+  # ---------------------------------------------------------------------------
+  # Inputs
+  # ---------------------------------------------------------------------------
+
+  defp destroyed_ring do
+    buf = new_ring!(size: 8)
+    :ok = RingBuffer.write(buf, :x)
+    :ok = RingBuffer.destroy(buf)
+    buf
+  end
+
+  defp fake_ring, do: %RingBuffer{ref: make_ref(), size: 8, overflow_strategy: :drop_oldest}
+
+  defp bad_values do
+    [
+      :atom,
+      "string",
+      "",
+      -1,
+      0,
+      1 <<< 70,
+      -(1 <<< 70),
+      (1 <<< 64) - 1,
+      1 <<< 64,
+      1 <<< 63,
+      1.5,
+      -0.0,
+      nil,
+      true,
+      [],
+      [1, 2, 3],
+      [1 | 2],
+      [{:size, :bad}],
+      [{"key", 1}],
+      {},
+      {:a, :b},
+      %{},
+      %{a: 1},
+      <<1::3>>,
+      make_ref(),
+      self(),
+      hd(Port.list()),
+      fn -> :ok end,
+      &Enum.map/2,
+      %URI{},
+      %{ref: make_ref(), size: 8},
+      fake_ring(),
+      %RingBuffer{ref: :not_a_ref, size: 8, overflow_strategy: :drop_oldest},
+      %RingBuffer{ref: make_ref(), size: -1, overflow_strategy: :nope},
+      destroyed_ring()
+    ]
+  end
+
+  # ---------------------------------------------------------------------------
+  # Result contracts
+  # ---------------------------------------------------------------------------
+
+  defp write_result?(:ok), do: true
+  defp write_result?({:error, r}), do: r in [:buffer_full, :destroyed]
+  defp write_result?(_), do: false
+
+  defp batch_result?({:ok, n}), do: is_integer(n) and n >= 0
+  defp batch_result?({:error, :destroyed}), do: true
+
+  defp batch_result?({:error, {:partial_success, n, [buffer_full: r]}}),
+    do: is_integer(n) and n >= 0 and is_integer(r) and r > 0
+
+  defp batch_result?(_), do: false
+
+  defp read_result?({:ok, _event, next}), do: is_integer(next) and next > 0
+  defp read_result?({:lapped, m, _event, next}), do: m > 0 and next > 0
+  defp read_result?(:empty), do: true
+  defp read_result?(_), do: false
+
+  defp read_batch_result?({events, next}), do: is_list(events) and is_integer(next) and next >= 0
+
+  defp read_batch_result?({events, next, missed}),
+    do: is_list(events) and is_integer(next) and is_integer(missed) and missed >= 0
+
+  defp read_batch_result?(_), do: false
+
+  defp stats_result?(stats),
+    do:
+      is_map(stats) and
+        Enum.all?(
+          [:size, :write_position, :read_position, :available_events, :dropped],
+          &Map.has_key?(stats, &1)
+        )
+
+  defp new_result?({:ok, %RingBuffer{ref: ref}}), do: is_reference(ref)
+
+  defp new_result?({:error, r}),
+    do: r in [:invalid_size, :size_must_be_power_of_2, :invalid_overflow_strategy]
+
+  defp new_result?(_), do: false
+
+  defp event?(%Events{}), do: true
+  defp event?(_), do: false
+
+  # A fun handed out by create_fast_ingestor/1 must itself honour the
+  # contract when called.
+  defp fast_ingestor_result?(fun) when is_function(fun, 1) do
+    case classify(fn -> fun.({:probe, 1}) end) do
+      {:returned, r} -> write_result?(r)
+      {:argument_error, _} -> true
+      _ -> false
+    end
+  end
+
+  defp fast_ingestor_result?(_), do: false
+
+  defp any?(_), do: true
+  defp never?(_), do: false
+
+  # ---------------------------------------------------------------------------
+  # The sweep table: {module, function, valid args (given a fresh ring), contract}
+  # ---------------------------------------------------------------------------
+
+  defp specs do
+    me = self()
+    ok_write = &write_result?/1
+
+    [
+      # RingBuffer
+      {RingBuffer, :new, fn _ -> [] end, &new_result?/1},
+      {RingBuffer, :new, fn _ -> [[size: 8]] end, &new_result?/1},
+      {RingBuffer, :write, fn b -> [b, :event] end, ok_write},
+      {RingBuffer, :write_batch, fn b -> [b, [1, 2]] end, &batch_result?/1},
+      {RingBuffer, :read, fn b -> [b] end, &read_result?/1},
+      {RingBuffer, :read, fn b -> [b, 0] end, &read_result?/1},
+      {RingBuffer, :read_batch, fn b -> [b, 0, 10] end, &read_batch_result?/1},
+      {RingBuffer, :read_batch, fn b -> [b, 0, 10, [with_missed: true]] end,
+       &read_batch_result?/1},
+      {RingBuffer, :stats, fn b -> [b] end, &stats_result?/1},
+      # size/1 only reads the struct field (even of a forged struct).
+      {RingBuffer, :size, fn b -> [b] end, &any?/1},
+      {RingBuffer, :clear, fn b -> [b] end, &(&1 == :ok)},
+      {RingBuffer, :destroy, fn b -> [b] end, &(&1 == :ok)},
+      # bad_buffer!/1 (public, @doc false) always raises.
+      {RingBuffer, :bad_buffer!, fn b -> [b] end, &never?/1},
+      # Ingestor
+      {Ingestor, :ingest_function_call, fn b -> [b, M, :f, [1], me, :corr] end, ok_write},
+      {Ingestor, :ingest_function_return, fn b -> [b, :ret, 10, :corr] end, ok_write},
+      {Ingestor, :ingest_process_spawn, fn b -> [b, me, me] end, ok_write},
+      {Ingestor, :ingest_message_send, fn b -> [b, me, me, :msg] end, ok_write},
+      {Ingestor, :ingest_state_change, fn b -> [b, me, 1, 2] end, ok_write},
+      {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1] end, ok_write},
+      {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1, %{}] end, ok_write},
+      {Ingestor, :ingest_error, fn b -> [b, :error, "msg", []] end, ok_write},
+      {Ingestor, :ingest_generic_event, fn b -> [b, :t, %{}, me, nil, 0, 0] end, ok_write},
+      {Ingestor, :ingest_batch, fn b -> [b, [1, 2]] end, &batch_result?/1},
+      {Ingestor, :create_fast_ingestor, fn b -> [b] end, &fast_ingestor_result?/1},
+      {Ingestor, :get_buffer, fn _ -> [] end,
+       &(match?({:ok, %RingBuffer{}}, &1) or &1 == {:error, :not_initialized})},
+      {Ingestor, :set_buffer, fn b -> [b] end, &(&1 == :ok)},
+      # Events
+      {Events, :generate_id, fn _ -> [] end, &(is_integer(&1) and &1 > 0)},
+      {Events, :max_inflated_bytes, fn _ -> [] end, &(is_integer(&1) and &1 > 0)},
+      {Events, :new_event, fn _ -> [:t, %{}] end, &event?/1},
+      {Events, :new_event, fn _ -> [:t, %{}, [event_id: 1]] end, &event?/1},
+      {Events, :function_entry, fn _ -> [M, :f, 1, [1]] end, &event?/1},
+      {Events, :function_entry, fn _ -> [M, :f, 1, [1], [caller_line: 3]] end, &event?/1},
+      {Events, :function_exit, fn _ -> [M, :f, 1, 7, :ok, 10, :normal] end, &event?/1},
+      {Events, :function_exit, fn _ -> [M, :f, 1, 7, :ok, 10, :normal, [pid: me]] end, &event?/1},
+      {Events, :message_send, fn _ -> [me, me, :m, :send] end, &event?/1},
+      {Events, :message_send, fn _ -> [me, me, :m, :send, [call_ref: make_ref()]] end, &event?/1},
+      {Events, :state_change, fn _ -> [me, :cb, 1, 2] end, &event?/1},
+      {Events, :state_change, fn _ -> [me, :cb, 1, 2, [trigger_message: :m]] end, &event?/1},
+      {Events, :process_spawn, fn _ -> [me, me, M, :f, []] end, &event?/1},
+      {Events, :process_spawn, fn _ -> [me, me, M, :f, [], [registered_name: :n]] end, &event?/1},
+      {Events, :serialize, fn _ -> [Events.new_event(:t, %{})] end, &is_binary/1},
+      {Events, :serialized_size, fn _ -> [%{a: 1}] end, &(is_integer(&1) and &1 > 0)},
+      {Events, :deserialize, fn _ -> [Events.serialize(%{a: 1})] end, &any?/1}
+    ]
+  end
+
+  # Generated or not meant to be called with arbitrary input.
+  @exempt [
+    {RingBuffer, :__struct__, 0},
+    {RingBuffer, :__struct__, 1},
+    {Events, :__struct__, 0},
+    {Events, :__struct__, 1}
+  ]
+
+  # ---------------------------------------------------------------------------
+  # Engine
+  # ---------------------------------------------------------------------------
+
+  defp classify(fun) do
+    {:returned, fun.()}
+  rescue
+    e in ArgumentError -> {:argument_error, e}
+    e -> {:other_exception, e, __STACKTRACE__}
+  catch
+    kind, reason -> {:caught, kind, reason}
+  end
+
+  # Every call of `spec` with one argument replaced by one bad value.
+  defp sweep({mod, fun, args_fun, ok?}) do
+    arity = length(args_fun.(nil))
+
+    if arity == 0 do
+      check_call({mod, fun, []}, ok?)
+    else
+      for pos <- 0..(arity - 1), bad <- bad_values(), reduce: [] do
+        acc ->
+          args = List.replace_at(args_fun.(new_ring!(size: 16)), pos, bad)
+          check_call({mod, fun, args}, ok?) ++ acc
+      end
+    end
+  end
+
+  defp check_call({mod, fun, args} = call, ok?) do
+    case classify(fn -> apply(mod, fun, args) end) do
+      {:argument_error, _} ->
+        []
+
+      {:returned, result} ->
+        if ok?.(result), do: [], else: [{call, {:unexpected_result, result}}]
+
+      other ->
+        [{call, other}]
+    end
+  end
+
+  defp format_violations(violations) do
+    violations
+    |> Enum.take(25)
+    |> Enum.map_join("\n", fn {{m, f, args}, what} ->
+      "  #{inspect(m)}.#{f}(#{Enum.map_join(args, ", ", &inspect(&1, limit: 4, printable_limit: 30))})" <>
+        " -> #{inspect(what, limit: 8, printable_limit: 80)}"
+    end)
+  end
+
+  defp assert_fresh_ring_works do
+    buf = new_ring!(size: 8)
+    assert RingBuffer.write(buf, {:alive, self()}) == :ok
+    assert RingBuffer.read(buf, 0) == {:ok, {:alive, self()}, 1}
+    assert Ingestor.ingest_function_call(buf, M, :f, [1], self(), nil) == :ok
+    assert {:ok, %Events.FunctionExecution{arity: 1}, 2} = RingBuffer.read(buf, 1)
+    :ok = RingBuffer.destroy(buf)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Tests
+  # ---------------------------------------------------------------------------
+
+  describe "coverage" do
+    test "the sweep covers every public function of RingBuffer, Ingestor and Events" do
+      covered =
+        for {mod, fun, args_fun, _} <- specs(), into: MapSet.new() do
+          {mod, fun, length(args_fun.(nil))}
+        end
+
+      exported =
+        for mod <- [RingBuffer, Ingestor, Events],
+            {fun, arity} <- mod.__info__(:functions),
+            into: MapSet.new(),
+            do: {mod, fun, arity}
+
+      missing = exported |> MapSet.difference(covered) |> MapSet.difference(MapSet.new(@exempt))
+
+      assert MapSet.size(missing) == 0,
+             "public functions not covered by the bad-input sweep (add them to specs/0): " <>
+               inspect(MapSet.to_list(missing))
+
+      stale = MapSet.difference(covered, exported)
+
+      assert MapSet.size(stale) == 0,
+             "specs/0 lists functions that no longer exist: #{inspect(stale)}"
+    end
+  end
+
+  describe "wrong-type sweep" do
+    for mod <- [RingBuffer, Ingestor, Events] do
+      test "#{inspect(mod)}: every argument x every bad value -> documented result or ArgumentError" do
+        exported = unquote(mod).__info__(:functions)
+
+        violations =
+          specs()
+          |> Enum.filter(fn {m, f, args_fun, _} ->
+            m == unquote(mod) and {f, length(args_fun.(nil))} in exported
+          end)
+          |> Enum.flat_map(&sweep/1)
+
+        assert violations == [],
+               "#{length(violations)} call(s) broke the contract:\n" <>
+                 format_violations(violations)
+
+        assert_fresh_ring_works()
+      end
+    end
+
+    test "RingBuffer.new/1: every option x every bad value" do
+      violations =
+        for key <- [:size, :overflow_strategy, :name, :max_event_bytes],
+            bad <- bad_values(),
+            reduce: [] do
+          acc -> check_call({RingBuffer, :new, [[{key, bad}]]}, &new_result?/1) ++ acc
+        end
+
+      assert violations == [], format_violations(violations)
+      assert_fresh_ring_works()
+    end
+
+    test "raw NIFs with garbage arguments never crash the VM" do
+      ring_ref = new_ring!(size: 16).ref
+      me = self()
+
+      calls = [
+        {:next_event_id, []},
+        {:rb_new, [8, :drop_oldest, 8192]},
+        {:rb_write, [ring_ref, :e]},
+        {:rb_write_batch, [ring_ref, [1, 2]]},
+        {:rb_read, [ring_ref, 0]},
+        {:rb_read_batch, [ring_ref, 0, 10]},
+        {:rb_stats, [ring_ref]},
+        {:rb_clear, [ring_ref]},
+        {:ing_function_call, [ring_ref, M, :f, [1], me, nil]},
+        {:ing_function_return, [ring_ref, :r, 1, nil]},
+        {:ing_process_spawn, [ring_ref, me, me]},
+        {:ing_message_send, [ring_ref, me, me, :m]},
+        {:ing_state_change, [ring_ref, me, 1, 2]},
+        {:ing_performance_metric, [ring_ref, :m, 1, %{}]},
+        {:ing_error, [ring_ref, :e, :m, []]},
+        {:rb_destroy, [ring_ref]}
+      ]
+
+      exported = Native.__info__(:functions) -- [load_nif: 0]
+      assert Enum.sort(for {f, a} <- calls, do: {f, length(a)}) == Enum.sort(exported)
+
+      violations =
+        for {fun, args} <- calls,
+            pos <- Enum.to_list(0..(length(args) - 1)//1),
+            bad <- bad_values(),
+            # rb_new with a valid-looking huge size would really allocate.
+            not (fun == :rb_new and pos == 0),
+            reduce: [] do
+          acc ->
+            args = List.replace_at(args, pos, bad)
+
+            case classify(fn -> apply(Native, fun, args) end) do
+              {:returned, _} -> acc
+              {:argument_error, _} -> acc
+              other -> [{{Native, fun, args}, other} | acc]
+            end
+        end
+
+      # The NIFs do not validate beyond their types; reading back whatever
+      # was stored (e.g. a non-atom module) must work.
+      {events, _} =
+        RingBuffer.read_batch(
+          %RingBuffer{ref: ring_ref, size: 16, overflow_strategy: :drop_oldest},
+          0,
+          100
+        )
+
+      assert is_list(events)
+
+      assert violations == [], format_violations(violations)
+      assert_fresh_ring_works()
+    end
+  end
+
+  describe "specific wrong inputs" do
+    test "a fake %RingBuffer{} whose ref is not a ring raises ArgumentError everywhere" do
+      fake = fake_ring()
+
+      for f <- [
+            fn -> RingBuffer.write(fake, 1) end,
+            fn -> RingBuffer.write_batch(fake, [1]) end,
+            fn -> RingBuffer.read(fake, 0) end,
+            fn -> RingBuffer.read_batch(fake, 0, 1) end,
+            fn -> RingBuffer.stats(fake) end,
+            fn -> RingBuffer.clear(fake) end,
+            fn -> RingBuffer.destroy(fake) end,
+            fn -> Ingestor.ingest_function_call(fake, M, :f, [], nil, nil) end,
+            fn -> Ingestor.ingest_generic_event(fake, :t, %{}, nil, nil, 0, 0) end,
+            fn -> Ingestor.create_fast_ingestor(fake).(:x) end
+          ] do
+        assert_raise ArgumentError, f
+      end
+
+      # Only the struct is looked at.
+      assert RingBuffer.size(fake) == 8
+    end
+
+    test "a struct of another type or a plain map is not a buffer" do
+      for other <- [%URI{}, %{ref: make_ref(), size: 8}, %Events{}] do
+        assert_raise ArgumentError, ~r/RingBuffer/, fn -> RingBuffer.write(other, 1) end
+        assert_raise ArgumentError, ~r/RingBuffer/, fn -> RingBuffer.stats(other) end
+        assert_raise ArgumentError, ~r/RingBuffer/, fn -> RingBuffer.size(other) end
+
+        assert_raise ArgumentError, ~r/RingBuffer/, fn ->
+          Ingestor.ingest_error(other, :e, :m, [])
+        end
+      end
+    end
+
+    test "positions and counts that are negative, floats or beyond 64 bits" do
+      buf = new_ring!(size: 8)
+      :ok = RingBuffer.write(buf, 1)
+
+      for bad <- [-1, 1.0, :zero, nil, "0"] do
+        assert_raise ArgumentError, fn -> RingBuffer.read(buf, bad) end
+        assert_raise ArgumentError, fn -> RingBuffer.read_batch(buf, bad, 1) end
+        assert_raise ArgumentError, fn -> RingBuffer.read_batch(buf, 0, bad) end
+      end
+
+      assert_raise ArgumentError, fn -> RingBuffer.read(buf, 1 <<< 64) end
+      assert_raise ArgumentError, fn -> RingBuffer.read_batch(buf, 1 <<< 70, 1) end
+      assert RingBuffer.read(buf, (1 <<< 64) - 1) == :empty
+      # A huge count is just "everything".
+      assert RingBuffer.read_batch(buf, 0, 1 <<< 70) == {[1], 1}
+      assert RingBuffer.read_batch(buf, 0, (1 <<< 64) - 1) == {[1], 1}
+    end
+  end
+
+  describe "huge terms" do
+    test "a 50 MB binary is written quickly and truncated" do
+      buf = new_ring!(size: 8)
+      big = :binary.copy(<<7>>, 50_000_000)
+
+      {us, :ok} = :timer.tc(fn -> RingBuffer.write(buf, big) end)
+      assert us < 1_000_000, "writing a 50 MB binary took #{us} us"
+
+      {us, :ok} = :timer.tc(fn -> RingBuffer.write(buf, %{blob: big, id: 1}) end)
+      assert us < 1_000_000
+
+      {us, {:ok, 2}} = :timer.tc(fn -> RingBuffer.write_batch(buf, [big, {big}]) end)
+      assert us < 1_000_000
+
+      assert {[a, b, c, d], 4} = RingBuffer.read_batch(buf, 0, 10)
+      assert {:truncated, n, :binary} = a
+      assert n >= 50_000_000
+      assert %{blob: {:truncated, _, :binary}, id: 1} = b
+      assert {:truncated, _, :binary} = c
+      assert {:truncated, _, :tuple} = d
+      assert RingBuffer.stats(buf).truncated_events == 4
+    end
+
+    test "a 1M-element list argument to ingest_function_call is truncated" do
+      buf = new_ring!(size: 8)
+      args = Enum.to_list(1..1_000_000)
+
+      {us, :ok} = :timer.tc(fn -> Ingestor.ingest_function_call(buf, M, :f, args, self(), :c) end)
+
+      assert us < 1_000_000, "ingesting a 1M-element list took #{us} us"
+
+      assert {:ok, %Events.FunctionExecution{} = ev, 1} = RingBuffer.read(buf, 0)
+      # arity is counted up to 65,535 cells (bounded work per call)
+      assert ev.arity == 65_535
+      assert {:truncated, n, :list} = ev.args
+      assert n > 0
+      assert ev.correlation_id == :c
+      assert :erlang.external_size(ev) < 4 * 8192
+    end
+
+    test "10_000 distinct large maps stay within the ring's bounds" do
+      size = 1024
+      max = 8192
+      buf = new_ring!(size: size, max_event_bytes: max)
+
+      for i <- 1..10_000 do
+        map =
+          if rem(i, 2) == 0 do
+            # struct-like (<= 32 keys): truncated field by field
+            %{id: i, blob: :binary.copy(<<i::32>>, 5_000), tags: Enum.to_list(1..50)}
+          else
+            # > 32 keys: truncated as a whole
+            Map.new(1..40, fn k -> {k, :binary.copy(<<i::32, k::32>>, 100)} end)
+          end
+
+        assert RingBuffer.write(buf, map) == :ok
+      end
+
+      stats = RingBuffer.stats(buf)
+      assert stats.total_writes == 10_000
+      assert stats.available_events == size
+      assert stats.utilization == 1.0
+      assert stats.dropped.overflow == 10_000 - size
+      assert stats.truncated_events == 10_000
+      assert_accounting(stats, 10_000)
+
+      {events, 10_000, missed} = drain(buf, 0)
+      assert length(events) == size
+      assert missed == 10_000 - size
+
+      for ev <- events do
+        assert :erlang.external_size(ev) < 2 * max
+
+        case ev do
+          %{id: id, blob: {:truncated, n, :binary}, tags: tags} ->
+            assert rem(id, 2) == 0 and n >= 20_000 and tags == Enum.to_list(1..50)
+
+          {:truncated, n, :map} ->
+            assert n > max
+        end
+      end
+
+      assert_accounting(RingBuffer.stats(buf), 10_000)
+    end
+  end
+end
