@@ -442,9 +442,11 @@ defmodule ElixirScope.BadInputTest do
       assert_raise ArgumentError, fn -> RingBuffer.read(buf, 1 <<< 64) end
       assert_raise ArgumentError, fn -> RingBuffer.read_batch(buf, 1 <<< 70, 1) end
       assert RingBuffer.read(buf, (1 <<< 64) - 1) == :empty
-      # A huge count is just "everything".
-      assert RingBuffer.read_batch(buf, 0, 1 <<< 70) == {[1], 1}
+      # A huge count is just "everything"; position 0 is consumed after the first.
       assert RingBuffer.read_batch(buf, 0, (1 <<< 64) - 1) == {[1], 1}
+      assert RingBuffer.read_batch(buf, 0, 1 <<< 70) == {[], 1}
+      assert RingBuffer.write(buf, 2) == :ok
+      assert RingBuffer.read_batch(buf, 1, 1 <<< 70) == {[2], 2}
     end
   end
 

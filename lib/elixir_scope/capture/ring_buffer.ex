@@ -298,9 +298,8 @@ defmodule ElixirScope.Capture.RingBuffer do
   `size`, `write_position`, `read_position` (the consumption cursor),
   `available_events`, `total_writes` (accepted), `total_reads` (consumed),
   `dropped_events` (all reasons), `dropped` (by reason: `:buffer_full`
-  rejected writes, `:overflow` overwritten by `:drop_oldest`,
-  `:lapped_reader` claimed but overwritten before read, `:failed` writes that
-  raised, `:cleared`), `utilization` (available / size), `truncated_events`,
+  rejected writes, `:overflow` overwritten by `:drop_oldest`, `:failed`
+  writes that raised, `:cleared`), `utilization` (available / size), `truncated_events`,
   `max_event_bytes`, `overflow_strategy`.
   """
   @spec stats(t()) :: map()

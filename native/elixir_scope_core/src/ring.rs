@@ -29,7 +29,7 @@
 //! ```text
 //! attempts = head + dropped_full
 //! head     = cursor + available
-//! cursor   = reads + dropped_oldest + dropped_lapped + dropped_failed + cleared
+//! cursor   = reads + dropped_oldest + dropped_failed + cleared
 //! ```
 
 use crate::sync::{AtomicU64, Backoff, Cell, Ordering};
@@ -107,8 +107,6 @@ pub struct RingStats {
     pub dropped_full: u64,
     /// Unconsumed events overwritten by writers (`DropOldest`).
     pub dropped_oldest: u64,
-    /// Events claimed by a reader but overwritten before it could read them.
-    pub dropped_lapped: u64,
     /// Writes whose fill closure panicked (published as tombstones).
     pub dropped_failed: u64,
     /// Unconsumed events discarded by [`Ring::clear`].
@@ -123,11 +121,7 @@ impl RingStats {
 
     /// All drops, whatever the reason.
     pub fn dropped_total(&self) -> u64 {
-        self.dropped_full
-            + self.dropped_oldest
-            + self.dropped_lapped
-            + self.dropped_failed
-            + self.cleared
+        self.dropped_full + self.dropped_oldest + self.dropped_failed + self.cleared
     }
 }
 
@@ -141,6 +135,23 @@ enum SlotRead {
     Tombstone,
     Overwritten,
     NotReady,
+}
+
+/// How a read treats the consumption cursor.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Mode {
+    /// Consume from wherever the read stands at the cursor (`read_batch`).
+    Auto,
+    /// Start at the cursor and follow it (`consume_batch`).
+    Consume,
+    /// Never consume (`peek_batch`).
+    Peek,
+}
+
+enum Enter {
+    Held,
+    Tomb,
+    No,
 }
 
 enum SlotClaim {
@@ -165,7 +176,6 @@ struct Counters {
     reads: AtomicU64,
     dropped_full: AtomicU64,
     dropped_oldest: AtomicU64,
-    dropped_lapped: AtomicU64,
     dropped_failed: AtomicU64,
     cleared: AtomicU64,
 }
@@ -203,7 +213,6 @@ impl<T: Default> Ring<T> {
                 reads: AtomicU64::new(0),
                 dropped_full: AtomicU64::new(0),
                 dropped_oldest: AtomicU64::new(0),
-                dropped_lapped: AtomicU64::new(0),
                 dropped_failed: AtomicU64::new(0),
                 cleared: AtomicU64::new(0),
             }),
@@ -423,14 +432,6 @@ impl<T> Ring<T> {
         }
     }
 
-    /// Is the event at `pos` published?
-    fn is_ready(&self, pos: u64) -> bool {
-        let s = self.slots[(pos & self.mask) as usize]
-            .stamp
-            .load(Ordering::Acquire);
-        seq1_of(s) == pos + 1 && count_of(s) != WRITING
-    }
-
     fn read_slot<F: FnMut(u64, &T)>(&self, pos: u64, f: &mut F) -> SlotRead {
         let slot = &self.slots[(pos & self.mask) as usize];
         let backoff = Backoff::new();
@@ -474,8 +475,149 @@ impl<T> Ring<T> {
     /// Read up to `max` events from `start`, calling `f(position, &event)`
     /// for each, in position order. Events before the oldest live position
     /// are skipped and reported in `missed`. A read that starts at the
-    /// consumption cursor consumes what it returns.
-    pub fn read_batch<F: FnMut(u64, &T)>(&self, start: u64, max: usize, mut f: F) -> ReadOutcome {
+    /// consumption cursor consumes what it returns (so does a read that
+    /// catches up with the cursor, from there on).
+    pub fn read_batch<F: FnMut(u64, &T)>(&self, start: u64, max: usize, f: F) -> ReadOutcome {
+        self.read_from(start, max, Mode::Auto, f)
+    }
+
+    /// Like [`read_batch`](Self::read_batch) but never consumes, even at the
+    /// cursor: for broadcast readers that must not take events from the
+    /// consuming reader.
+    pub fn peek_batch<F: FnMut(u64, &T)>(&self, start: u64, max: usize, f: F) -> ReadOutcome {
+        self.read_from(start, max, Mode::Peek, f)
+    }
+
+    /// Consume up to `max` events at the consumption cursor, wherever it is
+    /// when the call runs. Same as `read_batch(read_position(), ..)` minus a
+    /// race: if the cursor moves (a `DropOldest` writer making room, a
+    /// [`clear`](Self::clear)) between the caller loading it and the read,
+    /// `read_batch` starts behind the cursor as a peek and may deliver events
+    /// already counted as dropped; this call follows the cursor instead
+    /// (the positions it passed over count in `missed`). Use it for the
+    /// consuming reader when exact accounting matters.
+    pub fn consume_batch<F: FnMut(u64, &T)>(&self, max: usize, f: F) -> ReadOutcome {
+        self.read_from(self.cursor.load(Ordering::Acquire), max, Mode::Consume, f)
+    }
+
+    /// Enter the slot of `pos` as a reader if it holds that event.
+    fn enter(&self, pos: u64) -> Enter {
+        let slot = &self.slots[(pos & self.mask) as usize];
+        loop {
+            let s = slot.stamp.load(Ordering::Acquire);
+            if seq1_of(s) != pos + 1 || count_of(s) == WRITING {
+                return Enter::No;
+            }
+            if s & TOMB != 0 {
+                return Enter::Tomb;
+            }
+            if count_of(s) - READY >= MAX_READERS {
+                return Enter::No;
+            }
+            if slot
+                .stamp
+                .compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Enter::Held;
+            }
+        }
+    }
+
+    /// Do we hold (as a reader) the slot of `pos`? Only meaningful for
+    /// positions this call entered or found as tombstones: a held slot
+    /// cannot change, a tombstone is never held.
+    fn held(&self, pos: u64) -> bool {
+        let s = self.slots[(pos & self.mask) as usize]
+            .stamp
+            .load(Ordering::Acquire);
+        seq1_of(s) == pos + 1 && s & TOMB == 0
+    }
+
+    fn leave(&self, pos: u64) {
+        self.slots[(pos & self.mask) as usize]
+            .stamp
+            .fetch_sub(1, Ordering::Release);
+    }
+
+    /// Consume events at the cursor `c` (== `p`): enter the ready prefix of
+    /// at most `want` slots, claim it with one CAS on the cursor, then hand
+    /// the events to `f`. Entering first means no writer can take a claimed
+    /// slot before its event is copied out, so an accepted event is never
+    /// lost between the claim and the read. Returns `None` if the cursor
+    /// moved (retry), else `(claimed_end, delivered, tombstones)`.
+    fn consume_at<F: FnMut(u64, &T)>(
+        &self,
+        c: u64,
+        limit: u64,
+        f: &mut F,
+    ) -> Option<(u64, u64, u64)> {
+        let mut q = c;
+        while q < limit {
+            match self.enter(q) {
+                Enter::Held | Enter::Tomb => q += 1,
+                Enter::No => break,
+            }
+        }
+        // Leaves every still-held slot of [from, to) on exit, panics included.
+        struct Held<'a, T> {
+            ring: &'a Ring<T>,
+            from: u64,
+            to: u64,
+        }
+        impl<T> Drop for Held<'_, T> {
+            fn drop(&mut self) {
+                for pos in self.from..self.to {
+                    if self.ring.held(pos) {
+                        self.ring.leave(pos);
+                    }
+                }
+            }
+        }
+        let mut held = Held {
+            ring: self,
+            from: c,
+            to: q,
+        };
+        if q == c {
+            return Some((c, 0, 0));
+        }
+        if self
+            .cursor
+            .compare_exchange(c, q, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        let (mut got, mut failed) = (0u64, 0u64);
+        for pos in c..q {
+            if self.held(pos) {
+                let slot = &self.slots[(pos & self.mask) as usize];
+                // SAFETY: we hold a reader count on this slot (entered above,
+                // not yet left), so no writer can take it; readers only share.
+                unsafe { slot.value.with(|v| f(pos, &*v)) };
+                self.leave(pos);
+                got += 1;
+            } else {
+                failed += 1;
+            }
+            held.from = pos + 1;
+        }
+        let cs = &self.counters;
+        cs.reads.fetch_add(got, Ordering::Relaxed);
+        if failed > 0 {
+            cs.dropped_failed.fetch_add(failed, Ordering::Relaxed);
+        }
+        Some((q, got, failed))
+    }
+
+    fn read_from<F: FnMut(u64, &T)>(
+        &self,
+        start: u64,
+        max: usize,
+        mode: Mode,
+        mut f: F,
+    ) -> ReadOutcome {
         let mut p = start;
         let mut delivered = 0usize;
         let mut missed = 0u64;
@@ -486,73 +628,54 @@ impl<T> Ring<T> {
         }
         while delivered < max {
             let head = self.head.load(Ordering::Acquire);
+            let c = self.cursor.load(Ordering::Acquire);
+            if mode != Mode::Peek && p < c {
+                // Everything before the cursor was consumed or dropped (and
+                // counted as such): it is gone for every consuming reader.
+                missed += c - p;
+                p = c;
+                continue;
+            }
             if p >= head {
                 break;
             }
+            if mode != Mode::Peek && p == c {
+                // Saturating: `max` may be `usize::MAX` ("read everything").
+                let limit = head.min(p.saturating_add((max - delivered) as u64));
+                match self.consume_at(c, limit, &mut f) {
+                    None => continue,
+                    Some((q, _, _)) if q == p => break,
+                    Some((q, got, failed)) => {
+                        delivered += got as usize;
+                        missed += failed;
+                        p = q;
+                    }
+                }
+                continue;
+            }
+            // A peek: ahead of the cursor, or anywhere for `peek_batch`.
             let oldest = head.saturating_sub(self.cap);
             if p < oldest {
                 missed += oldest - p;
                 p = oldest;
                 continue;
             }
-            let c = self.cursor.load(Ordering::Acquire);
-            if p == c {
-                // Saturating: `max` may be `usize::MAX` ("read everything"),
-                // and a wrapped sum would make `limit < p` (nothing read).
-                let limit = head.min(p.saturating_add((max - delivered) as u64));
-                let mut q = p;
-                while q < limit && self.is_ready(q) {
-                    q += 1;
+            match self.read_slot(p, &mut f) {
+                SlotRead::Delivered => {
+                    delivered += 1;
+                    p += 1;
                 }
-                if q == p {
-                    break;
+                SlotRead::Tombstone => {
+                    missed += 1;
+                    p += 1;
                 }
-                if self
-                    .cursor
-                    .compare_exchange(c, q, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
-                    continue;
+                SlotRead::Overwritten => {
+                    let head = self.head.load(Ordering::Acquire);
+                    let oldest = head.saturating_sub(self.cap).max(p + 1);
+                    missed += oldest - p;
+                    p = oldest;
                 }
-                let (mut got, mut failed, mut lapped) = (0u64, 0u64, 0u64);
-                for pos in p..q {
-                    match self.read_slot(pos, &mut f) {
-                        SlotRead::Delivered => got += 1,
-                        SlotRead::Tombstone => failed += 1,
-                        // Claimed while ready, so only a later lap can have
-                        // replaced it.
-                        SlotRead::Overwritten | SlotRead::NotReady => lapped += 1,
-                    }
-                }
-                delivered += got as usize;
-                missed += failed + lapped;
-                let cs = &self.counters;
-                cs.reads.fetch_add(got, Ordering::Relaxed);
-                if failed > 0 {
-                    cs.dropped_failed.fetch_add(failed, Ordering::Relaxed);
-                }
-                if lapped > 0 {
-                    cs.dropped_lapped.fetch_add(lapped, Ordering::Relaxed);
-                }
-                p = q;
-            } else {
-                match self.read_slot(p, &mut f) {
-                    SlotRead::Delivered => {
-                        delivered += 1;
-                        p += 1;
-                    }
-                    SlotRead::Tombstone => {
-                        missed += 1;
-                        p += 1;
-                    }
-                    SlotRead::Overwritten => {
-                        let head = self.head.load(Ordering::Acquire);
-                        let oldest = head.saturating_sub(self.cap).max(p + 1);
-                        missed += oldest - p;
-                        p = oldest;
-                    }
-                    SlotRead::NotReady => break,
-                }
+                SlotRead::NotReady => break,
             }
         }
         ReadOutcome {
@@ -566,8 +689,13 @@ impl<T> Ring<T> {
     /// older positions skip to the current write position.
     pub fn clear(&self) -> u64 {
         let h = self.head.load(Ordering::Acquire);
-        self.floor.fetch_max(h, Ordering::AcqRel);
+        // Move the cursor before raising the floor: a reader that sees the
+        // new floor then also sees the cursor at or past it. (The other way
+        // round, a consuming reader could skip to the floor while the cursor
+        // is still behind it, peek the events there, and get them again from
+        // its next read at the cursor.)
         let mut c = self.cursor.load(Ordering::Acquire);
+        let mut n = 0;
         while c < h {
             match self
                 .cursor
@@ -575,12 +703,14 @@ impl<T> Ring<T> {
             {
                 Ok(_) => {
                     self.counters.cleared.fetch_add(h - c, Ordering::Relaxed);
-                    return h - c;
+                    n = h - c;
+                    break;
                 }
                 Err(actual) => c = actual,
             }
         }
-        0
+        self.floor.fetch_max(h, Ordering::AcqRel);
+        n
     }
 
     /// Reset every idle slot's value to `T::default()`, releasing its heap
@@ -597,7 +727,12 @@ impl<T> Ring<T> {
             let seq1 = seq1_of(s);
             if slot
                 .stamp
-                .compare_exchange(s, stamp(seq1, WRITING), Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(
+                    s,
+                    stamp(seq1, WRITING),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
             {
                 // SAFETY: we hold the slot in WRITING state (see fill_slot).
@@ -620,7 +755,6 @@ impl<T> Ring<T> {
             reads: cs.reads.load(Ordering::Relaxed),
             dropped_full: cs.dropped_full.load(Ordering::Relaxed),
             dropped_oldest: cs.dropped_oldest.load(Ordering::Relaxed),
-            dropped_lapped: cs.dropped_lapped.load(Ordering::Relaxed),
             dropped_failed: cs.dropped_failed.load(Ordering::Relaxed),
             cleared: cs.cleared.load(Ordering::Relaxed),
         }

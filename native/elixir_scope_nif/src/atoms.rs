@@ -87,7 +87,6 @@ rustler::atoms! {
     utilization,
     dropped,
     overflow,
-    lapped_reader,
     failed,
     cleared,
     truncated_events,

@@ -281,7 +281,6 @@ fn rb_stats<'a>(env: Env<'a>, rb: Ref<RingRes>) -> NifResult<Term<'a>> {
     let dropped = map_new(env)
         .map_put(atoms::buffer_full(), s.dropped_full)?
         .map_put(atoms::overflow(), s.dropped_oldest)?
-        .map_put(atoms::lapped_reader(), s.dropped_lapped)?
         .map_put(atoms::failed(), s.dropped_failed)?
         .map_put(atoms::cleared(), s.cleared)?;
     let m = map_new(env)
