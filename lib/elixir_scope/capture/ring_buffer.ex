@@ -77,7 +77,7 @@ defmodule ElixirScope.Capture.RingBuffer do
   @type overflow_strategy :: :drop_oldest | :drop_newest | :block
   @type position :: non_neg_integer()
 
-  @max_size 1 <<< 26
+  @max_size 1 <<< 24
   @chunk 1000
   @strategies [:drop_oldest, :drop_newest, :block]
   @defaults [size: 1024, overflow_strategy: :drop_oldest, name: nil, max_event_bytes: 8192]

@@ -42,8 +42,8 @@ const WRITING: u64 = 0;
 const READY: u64 = 1;
 const MAX_READERS: u64 = COUNT_MASK - 1;
 
-/// Largest capacity accepted by [`Ring::new`] (2^26 slots).
-pub const MAX_CAPACITY: usize = 1 << 26;
+/// Largest capacity accepted by [`Ring::new`] (2^24 slots).
+pub const MAX_CAPACITY: usize = 1 << 24;
 
 #[inline]
 fn stamp(seq1: u64, state: u64) -> u64 {

@@ -93,7 +93,7 @@ defmodule ElixirScope.Capture.RingBufferTest do
   end
 
   describe "new/1 errors" do
-    test ":invalid_size for 0, negative, non-integer and > 2^26" do
+    test ":invalid_size for 0, negative, non-integer and > 2^24" do
       for size <- [
             0,
             -1,
@@ -105,7 +105,7 @@ defmodule ElixirScope.Capture.RingBufferTest do
             nil,
             [8],
             1 <<< 27,
-            (1 <<< 26) + 1,
+            (1 <<< 24) + 1,
             1 <<< 70
           ] do
         assert RingBuffer.new(size: size) == {:error, :invalid_size}, "size: #{inspect(size)}"
@@ -113,7 +113,7 @@ defmodule ElixirScope.Capture.RingBufferTest do
     end
 
     test ":size_must_be_power_of_2" do
-      for size <- [3, 5, 6, 7, 100, 1000, 1023, 1025, (1 <<< 26) - 1] do
+      for size <- [3, 5, 6, 7, 100, 1000, 1023, 1025, (1 <<< 24) - 1] do
         assert RingBuffer.new(size: size) == {:error, :size_must_be_power_of_2}
       end
     end
