@@ -1,12 +1,14 @@
-//! A bounded, lock-free, multi-producer broadcast ring.
+//! A bounded, lock-free, multi-producer ring with a consumption cursor.
 //!
 //! Positions are monotonically increasing `u64`s; position `p` lives in slot
 //! `p & mask`. Writers claim positions with one atomic RMW on `head`, fill the
-//! slot in place and publish it. Readers own their positions: any number of
-//! readers may read the same events. The ring also keeps one *consumption
-//! cursor* (`read_position`): a read that starts exactly at the cursor claims
-//! the events it returns (they count as read and free their space); a read at
-//! any other position is a non-consuming peek.
+//! slot in place and publish it. Readers own their positions. The ring keeps
+//! one *consumption cursor* (`read_position`): everything before it has been
+//! consumed or dropped. A read at the cursor consumes what it returns (the
+//! events count as read and free their space), so readers draining one ring
+//! share its events, each handed out once; a read from behind the cursor
+//! skips to it, reporting the gap as missed; a read ahead of it, or any
+//! [`Ring::peek_batch`], is a non-consuming peek.
 //!
 //! Every slot carries a *stamp* `(seq + 1) << 12 | state` that protects its
 //! contents without a lock:
@@ -17,10 +19,13 @@
 //!
 //! A reader enters a slot by incrementing `n` with a CAS that also checks the
 //! sequence, so it can never observe a stale or half-written value: a slot
-//! already holding a later sequence means the reader was lapped and it skips
-//! to the oldest live position, reporting how many events it missed. A writer
-//! takes a slot only when it holds an older sequence and no reader is inside.
-//! Writers never wait on the ring being full: the overflow policy decides.
+//! already holding a later sequence means a peeking reader was lapped and it
+//! skips to the oldest live position, reporting how many events it missed. A
+//! consuming reader enters the slots it is about to claim *before* moving the
+//! cursor over them, and leaves each once its event is copied out, so no
+//! writer can reuse a claimed slot early. A writer takes a slot only when it
+//! holds an older sequence and no reader is inside. Writers never wait on the
+//! ring being full: the overflow policy decides.
 //!
 //! Accounting is exact. Every accepted write claims a position (`head`), and
 //! every position the cursor passes is attributed to exactly one counter by
@@ -473,29 +478,24 @@ impl<T> Ring<T> {
     }
 
     /// Read up to `max` events from `start`, calling `f(position, &event)`
-    /// for each, in position order. Events before the oldest live position
-    /// are skipped and reported in `missed`. A read that starts at the
-    /// consumption cursor consumes what it returns (so does a read that
-    /// catches up with the cursor, from there on).
+    /// for each, in position order. A read from behind the cursor skips to
+    /// it (the events between were consumed or dropped) and reports the gap
+    /// in `missed`; at the cursor it consumes what it returns; ahead of the
+    /// cursor it peeks until it reaches nothing more to read.
     pub fn read_batch<F: FnMut(u64, &T)>(&self, start: u64, max: usize, f: F) -> ReadOutcome {
         self.read_from(start, max, Mode::Auto, f)
     }
 
     /// Like [`read_batch`](Self::read_batch) but never consumes, even at the
-    /// cursor: for broadcast readers that must not take events from the
-    /// consuming reader.
+    /// cursor, and may read behind it (events not yet overwritten): for
+    /// observers that must not take events from the consuming readers.
     pub fn peek_batch<F: FnMut(u64, &T)>(&self, start: u64, max: usize, f: F) -> ReadOutcome {
         self.read_from(start, max, Mode::Peek, f)
     }
 
     /// Consume up to `max` events at the consumption cursor, wherever it is
-    /// when the call runs. Same as `read_batch(read_position(), ..)` minus a
-    /// race: if the cursor moves (a `DropOldest` writer making room, a
-    /// [`clear`](Self::clear)) between the caller loading it and the read,
-    /// `read_batch` starts behind the cursor as a peek and may deliver events
-    /// already counted as dropped; this call follows the cursor instead
-    /// (the positions it passed over count in `missed`). Use it for the
-    /// consuming reader when exact accounting matters.
+    /// when the call runs: `read_batch(read_position(), ..)` without loading
+    /// the position first.
     pub fn consume_batch<F: FnMut(u64, &T)>(&self, max: usize, f: F) -> ReadOutcome {
         self.read_from(self.cursor.load(Ordering::Acquire), max, Mode::Consume, f)
     }
@@ -713,18 +713,22 @@ impl<T> Ring<T> {
         n
     }
 
-    /// Reset every idle slot's value to `T::default()`, releasing its heap
-    /// buffers. Slots in use by a writer or reader are left alone.
+    /// Reset the value of every idle slot behind the cursor (consumed or
+    /// dropped) to `T::default()`, releasing its heap buffers. Live events,
+    /// and slots in use by a writer or reader, are left alone.
     pub fn release_memory(&self)
     where
         T: Default,
     {
+        let cursor = self.cursor.load(Ordering::Acquire);
         for slot in self.slots.iter() {
             let s = slot.stamp.load(Ordering::Acquire);
-            if count_of(s) != READY {
+            let seq1 = seq1_of(s);
+            // Only idle slots whose event is behind the cursor (`seq <
+            // cursor`, i.e. `seq1 <= cursor`): live events stay readable.
+            if count_of(s) != READY || seq1 == 0 || seq1 > cursor {
                 continue;
             }
-            let seq1 = seq1_of(s);
             if slot
                 .stamp
                 .compare_exchange(
@@ -737,8 +741,10 @@ impl<T> Ring<T> {
             {
                 // SAFETY: we hold the slot in WRITING state (see fill_slot).
                 unsafe { slot.value.with_mut(|v| *v = T::default()) };
+                // A tombstone: a peek behind the cursor skips it rather than
+                // being handed the default value as an event.
                 slot.stamp
-                    .store(stamp(seq1, READY | (s & TOMB)), Ordering::Release);
+                    .store(stamp(seq1, READY | TOMB), Ordering::Release);
             }
         }
     }

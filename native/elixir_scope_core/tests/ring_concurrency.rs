@@ -109,8 +109,8 @@ fn pace(w: usize, seq: usize) {
 enum Consumer {
     /// `consume_batch(max)`.
     ConsumeBatch,
-    /// `read_batch(read_position(), max)`: racy under `DropOldest` (the
-    /// cursor may move between the two), see `stress_read_at_cursor`.
+    /// `read_batch(read_position(), max)`: the cursor may move between the
+    /// two (see `stress_read_at_cursor`).
     ReadAtCursor,
 }
 
@@ -119,7 +119,8 @@ enum Consumer {
 enum Peeker {
     /// `peek_batch`: never consumes.
     PeekBatch,
-    /// `read_batch`: consumes whenever it stands at the cursor.
+    /// `read_batch`: consumes at the cursor (and skips to it from behind),
+    /// so these readers compete with the consumer.
     ReadBatch,
 }
 
@@ -395,11 +396,11 @@ fn run_and_check(sc: Scenario) -> Outcome {
     }
 
     let got = o.consumer.seen.len() as u64;
-    let exact = sc.consumer == Consumer::ConsumeBatch
-        && (sc.peekers == 0 || sc.peeker == Peeker::PeekBatch);
+    let exact = sc.peekers == 0 || sc.peeker == Peeker::PeekBatch;
     if exact {
-        // The consumer is the only reader that consumes, and it never peeks:
-        // what it received is exactly what the ring counts as read, so
+        // The consumer is the only reader that consumes, and it never peeks
+        // (a consuming read behind the cursor skips to it): what it received
+        // is exactly what the ring counts as read, so
         // written = received + dropped.
         assert_eq!(got, s.reads, "{s:?}");
         assert_eq!(attempts, got + s.dropped_total(), "{s:?}");
@@ -449,23 +450,16 @@ fn stress_batches_small_drop_newest() {
     });
 }
 
-/// The consumer uses `read_batch(read_position(), ..)`. No duplicates, no
-/// stale or torn events, exact counters; but when the cursor moves between
-/// the two calls (a `DropOldest` writer making room), the read starts
-/// behind the cursor as a peek and can deliver a few events that the ring
-/// counts as `dropped_oldest` (`consume_batch` closes that race).
+/// The consumer uses `read_batch(read_position(), ..)`. When the cursor
+/// moves between the two calls (a `DropOldest` writer making room), the
+/// read starts behind the cursor and must skip to it, never handing out
+/// events already counted as dropped: the view stays exact (checked in
+/// `run_and_check`).
 fn stress_read_at_cursor(cap: usize, policy: Overflow) {
-    let o = run_and_check(Scenario {
+    run_and_check(Scenario {
         consumer: Consumer::ReadAtCursor,
         ..Scenario::new(cap, policy)
     });
-    let (s, got) = (&o.stats, o.consumer.seen.len() as u64);
-    match policy {
-        Overflow::DropNewest => assert_eq!(got, s.reads, "{s:?}"),
-        Overflow::DropOldest => {
-            assert!(s.reads <= got && got <= s.reads + s.dropped_oldest, "{s:?}")
-        }
-    }
 }
 
 #[test]

@@ -408,10 +408,13 @@ fn run(cap: u64, policy: Overflow, ops: &[Op]) {
     check_identities(&s, m.attempts);
 }
 
+/// Deterministic by default (fixed seed, 256 cases). For a longer sweep:
+/// `PROPTEST_CASES=20000 RING_MODEL_SEED=7 cargo test --release --test ring_model`.
 fn config() -> Config {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     Config {
-        cases: 256,
-        rng_seed: RngSeed::Fixed(0x005e_ed0f_e11c_5c0e),
+        cases: env("PROPTEST_CASES").map_or(256, |n| n as u32),
+        rng_seed: RngSeed::Fixed(env("RING_MODEL_SEED").unwrap_or(0x005e_ed0f_e11c_5c0e)),
         failure_persistence: None,
         ..Config::default()
     }
@@ -710,4 +713,30 @@ fn read_with_huge_max() {
         let out = ring.consume_batch(usize::MAX, |_, _| n += 1);
         assert_eq!((n, out.next), (19, 11), "consume {policy:?}");
     }
+}
+
+/// `release_memory` frees only events behind the cursor: live events read
+/// back intact, and a peek behind the cursor skips the released slots
+/// instead of being handed default values.
+#[test]
+fn release_memory_keeps_live_events() {
+    let ring: Ring<Vec<u8>> = Ring::new(8, Overflow::DropNewest).unwrap();
+    for i in 1..=3u8 {
+        ring.push_with(|v| {
+            v.clear();
+            v.push(i);
+        })
+        .unwrap();
+    }
+    let mut got = vec![];
+    ring.consume_batch(1, |_, v| got.push(v.clone()));
+    assert_eq!(got, vec![vec![1]]);
+    ring.release_memory();
+    let mut peeked = vec![];
+    let out = ring.peek_batch(0, 10, |p, v| peeked.push((p, v.clone())));
+    assert_eq!(peeked, vec![(1, vec![2]), (2, vec![3])]);
+    assert_eq!(out.missed, 1);
+    let mut rest = vec![];
+    ring.consume_batch(10, |_, v| rest.push(v.clone()));
+    assert_eq!(rest, vec![vec![2], vec![3]]);
 }
