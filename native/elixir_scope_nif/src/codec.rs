@@ -35,6 +35,8 @@ const T_MAP: u8 = 4;
 const T_FLOAT: u8 = 5;
 const T_ETF: u8 = 6;
 const T_TRUNC: u8 = 7;
+const T_I64: u8 = 8;
+const T_U64: u8 = 9;
 
 /// Deepest nesting that is encoded; deeper subterms are truncated.
 pub const MAX_DEPTH: u32 = 100;
@@ -427,6 +429,25 @@ impl TapeEncoder {
                 self.put_bytes(&d.to_le_bytes());
                 Ok(())
             }
+            ErlNifTermType::ERL_NIF_TERM_TYPE_INTEGER => {
+                // Not immediate, so a bignum: most are 64-bit values such as
+                // nanosecond timestamps, stored as 8 bytes rather than ETF.
+                let mut i: i64 = 0;
+                let mut u: u64 = 0;
+                if unsafe { rustler::sys::enif_get_int64(env, t, &mut i) } != 0 {
+                    self.room(9)?;
+                    self.put_byte(T_I64);
+                    self.put_bytes(&i.to_le_bytes());
+                    Ok(())
+                } else if unsafe { rustler::sys::enif_get_uint64(env, t, &mut u) } != 0 {
+                    self.room(9)?;
+                    self.put_byte(T_U64);
+                    self.put_bytes(&u.to_le_bytes());
+                    Ok(())
+                } else {
+                    self.etf(t)
+                }
+            }
             _ => self.etf(t),
         }
     }
@@ -713,6 +734,14 @@ impl<'t> TapeDecoder<'t> {
             T_FLOAT => {
                 let d = f64::from_le_bytes(self.u64()?.to_le_bytes());
                 Some(unsafe { enif_make_double(env, d) })
+            }
+            T_I64 => {
+                let i = self.u64()? as i64;
+                Some(unsafe { rustler::sys::enif_make_int64(env, i) })
+            }
+            T_U64 => {
+                let u = self.u64()?;
+                Some(unsafe { rustler::sys::enif_make_uint64(env, u) })
             }
             T_ETF => {
                 let n = self.u32()? as usize;
