@@ -3,8 +3,10 @@ defmodule ElixirScope.Bench.Harness do
   A small benchmark harness for the Elixir benches.
 
   Each job is a function that performs `n` operations; the harness runs it
-  for a number of samples (after warm-up) and reports per-operation time:
-  min, median and p99 over the samples. Setup for a sample (refilling a
+  for a number of samples (after warm-up), interleaving the jobs sample by
+  sample, and reports per-operation time: min, median and p99 over the
+  samples. Set `BENCH_INTERLEAVE=0` to run each job's samples back to
+  back. Setup for a sample (refilling a
   ring, clearing a table) runs outside the timed region.
 
   When Benchee is loadable (it is a hex package, so only when the host
@@ -26,27 +28,36 @@ defmodule ElixirScope.Bench.Harness do
     samples = Keyword.get(opts, :samples, env_int("BENCH_SAMPLES", 15))
     warmup = Keyword.get(opts, :warmup, 2)
 
-    results =
-      for job <- jobs, into: %{} do
-        setup = Map.get(job, :setup, fn -> nil end)
+    for job <- jobs, _ <- 1..warmup//1, do: job.run.(setup(job).())
 
-        for _ <- 1..warmup, do: job.run.(setup.())
+    # By default samples are interleaved across jobs (round-robin), so every
+    # job sees the same machine conditions and the ratios between them stay
+    # meaningful on a noisy machine; each sample then starts with caches
+    # the other jobs have used. BENCH_INTERLEAVE=0 runs each job's samples
+    # back to back instead (caches warm with the job's own data).
+    order =
+      if System.get_env("BENCH_INTERLEAVE", "1") == "0",
+        do: for(job <- jobs, _ <- 1..samples, do: job),
+        else: for(_ <- 1..samples, job <- jobs, do: job)
 
-        times =
-          for _ <- 1..samples do
-            arg = setup.()
-            :erlang.garbage_collect()
-            t0 = System.monotonic_time(:nanosecond)
-            job.run.(arg)
-            (System.monotonic_time(:nanosecond) - t0) / job.n
-          end
-
-        {job.name, stats(times)}
+    times =
+      for job <- order, reduce: %{} do
+        acc ->
+          arg = setup(job).()
+          :erlang.garbage_collect()
+          t0 = System.monotonic_time(:nanosecond)
+          job.run.(arg)
+          ns = (System.monotonic_time(:nanosecond) - t0) / job.n
+          Map.update(acc, job.name, [ns], &[ns | &1])
       end
+
+    results = Map.new(times, fn {name, ts} -> {name, stats(ts)} end)
 
     maybe_benchee(jobs, opts)
     results
   end
+
+  defp setup(job), do: Map.get(job, :setup, fn -> nil end)
 
   @doc "min / median / p99 of a list of numbers."
   def stats(times) do
