@@ -516,6 +516,30 @@ fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
     }
 }
 
+/// Number of cells of a (possibly improper) list, counting at most `cap`.
+pub fn list_cells(t: Term, cap: i64) -> i64 {
+    let mut n = 0;
+    let mut cur = t;
+    if layout().cons {
+        let mut w = word(cur.as_c_arg());
+        while n < cap && w & 0x3 == 0x1 {
+            // SAFETY: a list-tagged word of a live term points at a cons
+            // cell (layout probed at load); we read its tail word.
+            w = unsafe { *((w & !0x3) as *const u64).add(1) };
+            n += 1;
+        }
+        return n;
+    }
+    while n < cap {
+        let Ok((_, tail)) = cur.list_get_cell() else {
+            break;
+        };
+        n += 1;
+        cur = tail;
+    }
+    n
+}
+
 /// Check the raw-heap fast paths against the NIF API on sample terms and
 /// enable the ones that agree. Called from `load`.
 pub fn probe_layout(env: Env) {

@@ -7,7 +7,7 @@ use elixir_scope_core::EventKind;
 use rustler::sys::enif_compare;
 use rustler::{Env, Term};
 
-use crate::codec::{is_immediate, word};
+use crate::codec::{is_immediate, list_cells, word};
 use crate::handle::Ref;
 use crate::ring_nif::RingRes;
 
@@ -25,19 +25,6 @@ fn atom_word(t: Term) -> u64 {
 /// (no real call has more than 255 arguments) record this value.
 const MAX_COUNTED_ARITY: i64 = 65_535;
 
-/// Number of cells of a (possibly improper) list, up to the cap.
-fn list_cells(mut t: Term) -> i64 {
-    let mut n = 0;
-    while n < MAX_COUNTED_ARITY {
-        let Ok((_, tail)) = t.list_get_cell() else {
-            break;
-        };
-        n += 1;
-        t = tail;
-    }
-    n
-}
-
 #[rustler::nif]
 fn ing_function_call<'a>(
     env: Env<'a>,
@@ -52,7 +39,7 @@ fn ing_function_call<'a>(
         ev.module = atom_word(module);
         ev.function = atom_word(function);
         ev.pid = atom_word(caller_pid);
-        ev.aux = list_cells(call_args);
+        ev.aux = list_cells(call_args, MAX_COUNTED_ARITY);
         enc.field(call_args);
         enc.field(caller_pid);
         enc.field(correlation_id);
