@@ -164,24 +164,13 @@ impl TapeEncoder {
     /// replaced by a truncation marker (always written, so the tape may end
     /// up at most one marker over the limit).
     pub fn field(&mut self, t: Term) {
-        self.field_raw(t.as_c_arg(), true);
-    }
-
-    fn field_raw(&mut self, t: ERL_NIF_TERM, top: bool) -> bool {
+        let t = t.as_c_arg();
         let mark = self.len;
-        match self.enc(t, 0, top) {
-            Ok(()) => true,
-            Err(o) => {
-                self.len = mark;
-                let at_least = o.reached.saturating_sub(mark) as u64;
-                if !top && mark + MARKER_BYTES > self.limit {
-                    return false;
-                }
-                let hint = if o.deep { Hint::Depth } else { self.hint(t) };
-                self.marker(hint, at_least);
-                self.truncated = true;
-                true
-            }
+        if let Err(o) = self.enc(t, 0, true) {
+            self.len = mark;
+            let hint = if o.deep { Hint::Depth } else { self.hint(t) };
+            self.marker(hint, o.reached.saturating_sub(mark) as u64);
+            self.truncated = true;
         }
     }
 

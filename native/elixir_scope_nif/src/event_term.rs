@@ -33,6 +33,25 @@ fn make_struct<'a>(env: Env<'a>, keys: &[Atom], values: &[ERL_NIF_TERM]) -> Term
     unsafe { Term::new(env, out) }
 }
 
+/// `%FunctionExecution{}` keys in term order.
+fn function_execution_keys() -> [Atom; 13] {
+    [
+        atoms::struct_(),
+        atoms::args(),
+        atoms::arity(),
+        atoms::caller_pid(),
+        atoms::correlation_id(),
+        atoms::duration_ns(),
+        atoms::event_type(),
+        atoms::function(),
+        atoms::id(),
+        atoms::module(),
+        atoms::return_value(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+}
+
 #[inline]
 fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
     if w == 0 {
@@ -57,26 +76,9 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
             let args = next(scratch);
             let caller = next(scratch);
             let corr = next(scratch);
-            // Sorted: __struct__ args arity caller_pid correlation_id
-            // duration_ns event_type function id module return_value
-            // timestamp wall_time
             make_struct(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::args(),
-                    atoms::arity(),
-                    atoms::caller_pid(),
-                    atoms::correlation_id(),
-                    atoms::duration_ns(),
-                    atoms::event_type(),
-                    atoms::function(),
-                    atoms::id(),
-                    atoms::module(),
-                    atoms::return_value(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                &function_execution_keys(),
                 &[
                     e(atoms::function_execution().encode(env)),
                     args,
@@ -99,21 +101,7 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
             let corr = next(scratch);
             make_struct(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::args(),
-                    atoms::arity(),
-                    atoms::caller_pid(),
-                    atoms::correlation_id(),
-                    atoms::duration_ns(),
-                    atoms::event_type(),
-                    atoms::function(),
-                    atoms::id(),
-                    atoms::module(),
-                    atoms::return_value(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                &function_execution_keys(),
                 &[
                     e(atoms::function_execution().encode(env)),
                     nil,
