@@ -6,9 +6,14 @@
 //! * [`event`] — the native event record stored in it.
 #![deny(missing_docs)]
 
+pub mod correlator;
 pub mod event;
 pub mod ring;
 mod sync;
 
+pub use correlator::{
+    CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorMetrics,
+    LateLink, Link, LinkKind,
+};
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};

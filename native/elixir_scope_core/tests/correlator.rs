@@ -1,0 +1,517 @@
+//! Behaviour of the event correlator.
+
+use elixir_scope_core::correlator::*;
+use proptest::prelude::*;
+
+const P: u64 = 100;
+const Q: u64 = 200;
+const R: u64 = 300;
+
+fn cfg(ttl_ns: i64, max: usize) -> CorrelatorConfig {
+    CorrelatorConfig {
+        ttl_ns,
+        max_correlations: max,
+    }
+}
+
+fn big() -> Correlator {
+    Correlator::new(cfg(1_000_000, 10_000))
+}
+
+fn call(id: u64, pid: u64, ts: i64) -> CorrInput {
+    CorrInput::new(id, CorrKind::Call, pid, ts)
+}
+
+fn ret(id: u64, pid: u64, ts: i64) -> CorrInput {
+    CorrInput::new(id, CorrKind::Return, pid, ts)
+}
+
+fn ret_of(id: u64, pid: u64, ts: i64, call_id: u64) -> CorrInput {
+    CorrInput {
+        call_id: Some(call_id),
+        ..ret(id, pid, ts)
+    }
+}
+
+fn exc(id: u64, pid: u64, ts: i64) -> CorrInput {
+    CorrInput::new(id, CorrKind::Exception, pid, ts)
+}
+
+fn send(id: u64, from: u64, to: u64, hash: u64, ts: i64) -> CorrInput {
+    CorrInput {
+        peer: to,
+        msg_hash: hash,
+        ..CorrInput::new(id, CorrKind::Send, from, ts)
+    }
+}
+
+fn recv(id: u64, pid: u64, hash: u64, ts: i64) -> CorrInput {
+    CorrInput {
+        msg_hash: hash,
+        ..CorrInput::new(id, CorrKind::Receive, pid, ts)
+    }
+}
+
+fn spawn(id: u64, parent: u64, child: u64) -> CorrInput {
+    CorrInput {
+        peer: child,
+        ..CorrInput::new(id, CorrKind::Spawn, parent, 0)
+    }
+}
+
+fn consistent(c: &Correlator) {
+    assert_eq!(c.active(), c.live_entries());
+    assert_eq!(c.metrics().active as usize, c.active());
+}
+
+#[test]
+fn nesting_and_recursion() {
+    let mut c = big();
+    // f(1) -> g(2) -> g(3) -> g(4)
+    let f = c.correlate(&call(1, P, 11));
+    assert_eq!(f.ctype, CorrType::FunctionCall);
+    assert_eq!(
+        (f.correlation_id, f.parent_id, f.root_id),
+        (1, None, Some(1))
+    );
+    assert!(f.links.is_empty());
+    for (id, parent) in [(2, 1), (3, 2), (4, 3)] {
+        let g = c.correlate(&call(id, P, 10 + id as i64));
+        assert_eq!(g.parent_id, Some(parent));
+        assert_eq!(g.root_id, Some(1));
+        assert_eq!(g.links, vec![Link::new(LinkKind::CalledFrom, parent)]);
+    }
+    assert_eq!(c.stack(P), vec![1, 2, 3, 4]);
+    assert_eq!(c.chain(4), vec![1, 2, 3, 4]);
+    consistent(&c);
+    for (rid, cid, parent) in [
+        (5, 4, Some(3)),
+        (6, 3, Some(2)),
+        (7, 2, Some(1)),
+        (8, 1, None),
+    ] {
+        let r = c.correlate(&ret(rid, P, 100));
+        assert_eq!(r.ctype, CorrType::FunctionReturn);
+        assert_eq!(r.correlation_id, cid);
+        assert_eq!(r.parent_id, parent);
+        assert_eq!(r.root_id, Some(1));
+        assert_eq!(r.links, vec![Link::new(LinkKind::Completes, cid)]);
+        assert_eq!(r.duration(), Some(100 - (10 + cid as i64)));
+    }
+    let m = c.metrics();
+    assert_eq!((m.calls, m.returns, m.unmatched_returns), (4, 4, 0));
+    assert_eq!(c.active(), 0);
+    // Completed calls stay known for chain().
+    assert_eq!(c.chain(3), vec![1, 2, 3]);
+    assert!(c.chain(999).is_empty());
+    consistent(&c);
+}
+
+#[test]
+fn exception_unwinds_to_explicit_call() {
+    let mut c = big();
+    for id in 1..=4 {
+        c.correlate(&call(id, P, id as i64));
+    }
+    // An exception raised in 4, caught in 2: completes 2, skips 3 and 4.
+    let e = c.correlate(&CorrInput {
+        call_id: Some(2),
+        ..exc(10, P, 50)
+    });
+    assert_eq!(e.correlation_id, 2);
+    assert_eq!(e.links, vec![Link::new(LinkKind::Completes, 2)]);
+    assert_eq!(e.parent_id, Some(1));
+    assert_eq!(e.duration_ns, Some(48));
+    assert_eq!(c.metrics().unwound_frames, 2);
+    assert_eq!(c.stack(P), vec![1]);
+    // Stack is intact: the next return completes 1.
+    let r = c.correlate(&ret(11, P, 60));
+    assert_eq!(r.correlation_id, 1);
+    assert_eq!(c.metrics().unmatched_returns, 0);
+    consistent(&c);
+}
+
+#[test]
+fn exception_without_call_id_pops_top() {
+    let mut c = big();
+    c.correlate(&call(1, P, 0));
+    c.correlate(&call(2, P, 0));
+    let e = c.correlate(&exc(3, P, 5));
+    assert_eq!(e.correlation_id, 2);
+    assert_eq!(e.ctype, CorrType::FunctionReturn);
+    assert_eq!(c.stack(P), vec![1]);
+}
+
+#[test]
+fn tail_call_like_return_not_on_top() {
+    let mut c = big();
+    // a(1) tail-calls b(2) which calls c(3); only a's return is seen by id.
+    c.correlate(&call(1, P, 0));
+    c.correlate(&call(2, P, 1));
+    c.correlate(&call(3, P, 2));
+    let r = c.correlate(&ret_of(4, P, 9, 1));
+    assert_eq!(r.correlation_id, 1);
+    assert_eq!(r.parent_id, None);
+    assert_eq!(r.root_id, Some(1));
+    assert_eq!(r.duration_ns, Some(9));
+    assert_eq!(c.metrics().unwound_frames, 2);
+    assert!(c.stack(P).is_empty());
+    assert_eq!(c.active(), 0);
+    // No call left: unmatched, own id.
+    let u = c.correlate(&ret(5, P, 10));
+    assert_eq!(u.correlation_id, 5);
+    assert_eq!(u.ctype, CorrType::FunctionReturn);
+    assert!(u.links.is_empty());
+    assert_eq!(u.duration_ns, None);
+    assert_eq!(c.metrics().unmatched_returns, 1);
+    consistent(&c);
+}
+
+#[test]
+fn returns_by_explicit_call_id() {
+    let mut c = big();
+    c.correlate(&call(1, P, 0));
+    c.correlate(&call(2, P, 0));
+    c.correlate(&call(3, Q, 0)); // other process, own stack
+    let r = c.correlate(&ret_of(4, P, 1, 2));
+    assert_eq!(r.correlation_id, 2);
+    assert_eq!(r.parent_id, Some(1));
+    assert_eq!(c.metrics().unwound_frames, 0);
+    // An explicit id that is not on the stack pops nothing.
+    let u = c.correlate(&ret_of(5, P, 1, 3));
+    assert_eq!(u.correlation_id, 5);
+    assert_eq!(c.metrics().unmatched_returns, 1);
+    assert_eq!(c.stack(P), vec![1]);
+    assert_eq!(c.stack(Q), vec![3]);
+    let q = c.correlate(&ret_of(6, Q, 1, 3));
+    assert_eq!(
+        (q.correlation_id, q.parent_id, q.root_id),
+        (3, None, Some(3))
+    );
+    consistent(&c);
+}
+
+#[test]
+fn identical_messages_from_one_sender_are_fifo() {
+    let mut c = big();
+    for id in 1..=3 {
+        let s = c.correlate(&send(id, P, Q, 42, id as i64));
+        assert_eq!(s.ctype, CorrType::MessageSend);
+        assert_eq!(s.correlation_id, id);
+    }
+    assert_eq!(c.pending_messages(), 3);
+    for (rid, sid) in [(11, 1), (12, 2), (13, 3)] {
+        let r = c.correlate(&recv(rid, Q, 42, 20));
+        assert_eq!(r.ctype, CorrType::MessageReceive);
+        assert_eq!(r.correlation_id, sid);
+        assert_eq!(r.links, vec![Link::new(LinkKind::Receives, sid)]);
+        assert_eq!(r.confidence, 1.0);
+    }
+    let m = c.metrics();
+    assert_eq!((m.sends, m.receives, m.matched_receives), (3, 3, 3));
+    assert_eq!(c.active(), 0);
+    // Different hash or different receiver do not match.
+    c.correlate(&send(20, P, Q, 1, 0));
+    let r = c.correlate(&recv(21, R, 1, 0));
+    assert!(r.links.is_empty());
+    let r = c.correlate(&recv(22, Q, 2, 0));
+    assert!(r.links.is_empty());
+    consistent(&c);
+}
+
+#[test]
+fn identical_messages_from_two_senders_halve_confidence() {
+    let mut c = big();
+    c.correlate(&send(1, P, Q, 7, 0));
+    c.correlate(&send(2, R, Q, 7, 1));
+    let r1 = c.correlate(&recv(3, Q, 7, 2));
+    assert_eq!(r1.links, vec![Link::new(LinkKind::Receives, 1)]);
+    assert_eq!(r1.confidence, 0.5);
+    // Only R's send remains queued: certain again.
+    let r2 = c.correlate(&recv(4, Q, 7, 3));
+    assert_eq!(r2.links, vec![Link::new(LinkKind::Receives, 2)]);
+    assert_eq!(r2.confidence, 1.0);
+    consistent(&c);
+}
+
+#[test]
+fn receive_before_send_is_linked_late() {
+    let mut c = big();
+    let r1 = c.correlate(&recv(1, Q, 9, 0));
+    let r2 = c.correlate(&recv(2, Q, 9, 1));
+    assert!(r1.links.is_empty());
+    assert_eq!(r1.correlation_id, 1);
+    assert_eq!(c.metrics().matched_receives, 0);
+    assert_eq!(c.active(), 2);
+    assert!(c.take_late_links().is_empty());
+    c.correlate(&send(3, P, Q, 9, 2));
+    c.correlate(&send(4, P, Q, 9, 3));
+    let late = c.take_late_links();
+    assert_eq!(
+        late,
+        vec![
+            LateLink {
+                event: 1,
+                link: Link::new(LinkKind::Receives, 3),
+                confidence: 1.0
+            },
+            LateLink {
+                event: 2,
+                link: Link::new(LinkKind::Receives, 4),
+                confidence: 1.0
+            },
+        ]
+    );
+    assert!(c.take_late_links().is_empty());
+    assert_eq!(c.metrics().matched_receives, 2);
+    assert_eq!(r2.ctype, CorrType::MessageReceive);
+    assert_eq!(c.active(), 0);
+    consistent(&c);
+}
+
+#[test]
+fn spawn_tree_and_exit_orphaning() {
+    let mut c = big();
+    c.correlate(&call(1, P, 0));
+    let s = c.correlate(&spawn(2, P, Q));
+    assert_eq!(s.ctype, CorrType::ProcessSpawn);
+    assert_eq!(s.links, vec![Link::new(LinkKind::SpawnedBy, P)]);
+    assert_eq!(s.parent_id, Some(1)); // spawned from call 1
+    c.correlate(&spawn(3, Q, R));
+    assert_eq!(c.parent_of(Q), Some(P));
+    assert_eq!(c.parent_of(R), Some(Q));
+    assert_eq!(c.parent_of(P), None);
+    c.correlate(&call(4, R, 0));
+    c.correlate(&call(5, R, 0));
+    c.correlate(&call(6, R, 0));
+    assert_eq!(c.active(), 1 + 2 + 3);
+    let e = c.correlate(&CorrInput::new(7, CorrKind::Exit, R, 1));
+    assert_eq!(e.ctype, CorrType::ProcessExit);
+    assert_eq!(c.metrics().orphaned_calls, 3);
+    assert_eq!(c.parent_of(R), None);
+    assert!(c.stack(R).is_empty());
+    assert_eq!(c.active(), 2);
+    // A return after the exit is unmatched.
+    c.correlate(&ret(8, R, 2));
+    assert_eq!(c.metrics().unmatched_returns, 1);
+    consistent(&c);
+}
+
+#[test]
+fn state_change_links_call_in_progress() {
+    let mut c = big();
+    let none = c.correlate(&CorrInput::new(1, CorrKind::StateChange, P, 0));
+    assert_eq!(none.ctype, CorrType::StateChange);
+    assert!(none.links.is_empty());
+    c.correlate(&call(2, P, 0));
+    c.correlate(&call(3, P, 0));
+    let s = c.correlate(&CorrInput::new(4, CorrKind::StateChange, P, 0));
+    assert_eq!(s.links, vec![Link::new(LinkKind::StateIn, 3)]);
+    assert_eq!((s.parent_id, s.root_id), (Some(3), Some(2)));
+    let o = c.correlate(&CorrInput::new(5, CorrKind::Other, P, 0));
+    assert_eq!(o.ctype, CorrType::Unknown);
+    assert_eq!(c.correlate_batch(&[]), vec![]);
+}
+
+#[test]
+fn ttl_sweep_counts() {
+    let mut c = Correlator::new(cfg(100, 1000));
+    c.correlate(&send(1, P, Q, 1, 0));
+    c.correlate(&send(2, P, Q, 1, 60));
+    c.correlate(&recv(3, R, 5, 10));
+    c.correlate(&recv(4, R, 5, 150));
+    c.correlate(&call(5, P, 0)); // frames are never swept
+    assert_eq!(c.active(), 5);
+    assert_eq!(c.sweep(100), 0); // nothing older than the TTL yet
+    assert_eq!(c.sweep(155), 2); // ts 0 and 10
+    assert_eq!(c.metrics().expired, 2);
+    assert_eq!(c.active(), 3);
+    consistent(&c);
+    // The surviving send is still matched FIFO.
+    let r = c.correlate(&recv(6, Q, 1, 160));
+    assert_eq!(r.links, vec![Link::new(LinkKind::Receives, 2)]);
+    assert_eq!(c.sweep(1_000), 1);
+    assert_eq!(c.metrics().expired, 3);
+    assert_eq!(c.active(), 1);
+    assert_eq!(c.pending_messages(), 0);
+    consistent(&c);
+}
+
+#[test]
+fn max_correlations_bound_under_flood() {
+    const MAX: usize = 64;
+    let mut c = Correlator::new(cfg(i64::MAX, MAX));
+    let mut id = 0;
+    let mut next = || {
+        id += 1;
+        id
+    };
+    for i in 0..10_000u64 {
+        let e = match i % 5 {
+            0 => send(next(), P, Q, i, i as i64),
+            1 => recv(next(), R, i, i as i64),
+            2 => spawn(next(), P, 10_000 + i),
+            3 => call(next(), 1 + i % 7, i as i64),
+            _ => send(next(), Q, P, i % 3, i as i64),
+        };
+        c.correlate(&e);
+        assert!(c.active() <= MAX, "active {} > {MAX}", c.active());
+        if i % 97 == 0 {
+            consistent(&c);
+        }
+    }
+    consistent(&c);
+    let m = c.metrics();
+    assert!(m.evicted > 0);
+    assert!(m.refused > 0); // eventually all 64 entries are call frames
+    assert_eq!(c.active(), MAX);
+    // Once frames fill the table, messages and spawns are refused: only
+    // frames remain.
+    let non_frames = c.active() as u64 - (0..7).map(|p| c.stack(1 + p).len() as u64).sum::<u64>();
+    assert_eq!(non_frames, 0);
+    // Every stack frame is accounted for; returns on refused calls still
+    // leave the stack consistent.
+    for p in 1..=7u64 {
+        let depth = c.stack(p).len();
+        for _ in 0..2_000 {
+            c.correlate(&ret(next(), p, 0));
+        }
+        assert!(c.stack(p).is_empty(), "pid {p} depth was {depth}");
+    }
+    assert_eq!(c.active(), 0);
+    consistent(&c);
+}
+
+#[test]
+fn tree_entries_evicted_before_refusing() {
+    let mut c = Correlator::new(cfg(i64::MAX, 3));
+    c.correlate(&spawn(1, P, 1000));
+    c.correlate(&send(2, P, Q, 0, 0));
+    c.correlate(&call(3, P, 0));
+    c.correlate(&call(4, P, 0)); // evicts the send (oldest message first)
+    assert_eq!(c.metrics().evicted, 1);
+    assert_eq!(c.pending_messages(), 0);
+    assert_eq!(c.parent_of(1000), Some(P));
+    c.correlate(&call(5, P, 0)); // evicts the tree entry
+    assert_eq!(c.metrics().evicted, 2);
+    assert_eq!(c.parent_of(1000), None);
+    let refused = c.correlate(&call(6, P, 0)); // refused
+    assert_eq!(c.metrics().refused, 1);
+    assert_eq!(refused.parent_id, Some(5));
+    let inner = c.correlate(&call(7, P, 0)); // parent unknown (refused)
+    assert_eq!(inner.parent_id, None);
+    assert_eq!(inner.confidence, 0.0);
+    assert_eq!(c.stack(P), vec![3, 4, 5]);
+    // Returns complete the refused calls first, then the tracked ones.
+    c.correlate(&ret(8, P, 0));
+    let r = c.correlate(&ret_of(9, P, 0, 6));
+    assert_eq!(r.correlation_id, 6);
+    assert_eq!(r.parent_id, Some(5));
+    assert_eq!(c.correlate(&ret(10, P, 0)).correlation_id, 5);
+    assert_eq!(c.metrics().unmatched_returns, 0);
+    consistent(&c);
+}
+
+#[test]
+fn chain_is_bounded() {
+    let mut c = Correlator::new(cfg(1, 4));
+    for id in 1..=3 {
+        c.correlate(&call(id, P, 0));
+    }
+    assert_eq!(c.chain(3), vec![1, 2, 3]);
+    for id in 4..=6 {
+        c.correlate(&ret(id, P, 0));
+    }
+    for id in 10..=12 {
+        c.correlate(&call(id, Q, 0));
+    }
+    // Only the last 4 distinct calls are known: 3, 10, 11, 12.
+    assert_eq!(c.chain(3), vec![3]);
+    assert!(c.chain(1).is_empty());
+    assert_eq!(c.chain(12), vec![10, 11, 12]);
+    assert_eq!(c.call_pid(12), Some(Q));
+}
+
+#[derive(Copy, Clone, Debug)]
+enum Op {
+    Call(u8),
+    Ret(u8),
+    RetOf(u8, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..4).prop_map(Op::Call),
+        2 => (0u8..4).prop_map(Op::Ret),
+        1 => (0u8..4, 0u8..8).prop_map(|(p, d)| Op::RetOf(p, d)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn calls_and_returns_match_reference_model(ops in prop::collection::vec(op(), 0..200)) {
+        let mut c = big();
+        let mut model: Vec<Vec<(u64, i64)>> = vec![Vec::new(); 4];
+        let mut unwound = 0u64;
+        let mut unmatched = 0u64;
+        for (i, op) in ops.iter().enumerate() {
+            let id = i as u64 + 1;
+            let ts = i as i64 * 10;
+            match *op {
+                Op::Call(p) => {
+                    let st = &mut model[p as usize];
+                    let out = c.correlate(&call(id, p as u64, ts));
+                    prop_assert_eq!(out.correlation_id, id);
+                    prop_assert_eq!(out.parent_id, st.last().map(|f| f.0));
+                    prop_assert_eq!(out.root_id, Some(st.first().map_or(id, |f| f.0)));
+                    st.push((id, ts));
+                }
+                Op::Ret(p) | Op::RetOf(p, _) => {
+                    let st = &mut model[p as usize];
+                    // Which frame the model completes.
+                    let target = match *op {
+                        Op::RetOf(_, d) if !st.is_empty() => {
+                            Some(st.len() - 1 - (d as usize % st.len()))
+                        }
+                        _ => st.len().checked_sub(1),
+                    };
+                    let input = match (*op, target) {
+                        (Op::RetOf(..), Some(t)) => ret_of(id, p as u64, ts, st[t].0),
+                        (Op::RetOf(..), None) => ret_of(id, p as u64, ts, 0),
+                        _ => ret(id, p as u64, ts),
+                    };
+                    let out = c.correlate(&input);
+                    match target {
+                        Some(t) => {
+                            let (cid, cts) = st[t];
+                            prop_assert_eq!(out.correlation_id, cid);
+                            prop_assert_eq!(out.links.clone(), vec![Link::new(LinkKind::Completes, cid)]);
+                            prop_assert_eq!(out.parent_id, t.checked_sub(1).map(|j| st[j].0));
+                            prop_assert_eq!(out.root_id, Some(st[0].0));
+                            prop_assert_eq!(out.duration_ns, Some(ts - cts));
+                            unwound += (st.len() - 1 - t) as u64;
+                            st.truncate(t);
+                        }
+                        None => {
+                            prop_assert_eq!(out.correlation_id, id);
+                            prop_assert!(out.links.is_empty());
+                            unmatched += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for p in 0..4u64 {
+            let want: Vec<u64> = model[p as usize].iter().map(|f| f.0).collect();
+            prop_assert_eq!(c.stack(p), want.clone());
+            if let Some(&top) = want.last() {
+                prop_assert_eq!(c.chain(top), want);
+            }
+        }
+        let m = c.metrics();
+        prop_assert_eq!(m.unwound_frames, unwound);
+        prop_assert_eq!(m.unmatched_returns, unmatched);
+        prop_assert_eq!(c.active(), c.live_entries());
+    }
+}
