@@ -1,9 +1,11 @@
 //! ElixirScope Native engine: the capture-side data structures of the
 //! ElixirScope time-travel debugger, in pure Rust (no BEAM dependency).
 //!
-//! * [`ring`] — a bounded, lock-free, multi-producer broadcast ring with
-//!   exact drop accounting;
-//! * [`event`] — the native event record stored in it.
+//! * [`ring`] — a bounded, lock-free, multi-producer ring with a
+//!   consumption cursor and exact drop accounting;
+//! * [`event`] — the native event record stored in it;
+//! * [`correlator`] — call stacks, message matching, process tree (used by
+//!   the pipeline's workers).
 #![deny(missing_docs)]
 
 pub mod correlator;
