@@ -5,12 +5,14 @@
 //!   consumption cursor and exact drop accounting;
 //! * [`event`] — the native event record stored in it;
 //! * [`correlator`] — call stacks, message matching, process tree (used by
-//!   the pipeline's workers).
+//!   the pipeline's workers);
+//! * [`store`] — the bounded, indexed in-memory store of correlated events.
 #![deny(missing_docs)]
 
 pub mod correlator;
 pub mod event;
 pub mod ring;
+pub mod store;
 mod sync;
 
 pub use correlator::{
@@ -19,3 +21,6 @@ pub use correlator::{
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
+pub use store::{
+    CorrelationFields, EventStore, InsertOutcome, Order, StoreConfig, StoreStats, StoredEvent,
+};

@@ -1,0 +1,1112 @@
+//! The event store behind `ElixirScope.Storage.DataAccess`: an indexed,
+//! bounded, in-memory store of correlated events.
+//!
+//! # Layout
+//!
+//! Every stored record gets a global, strictly increasing sequence number
+//! (`seq`). Records live in append-only *segments* of up to
+//! [`MAX_SEGMENT_RECORDS`] compact fixed-size headers (104 bytes each) plus
+//! one byte arena per segment holding the payloads back to back; a segment
+//! also keeps a dead-record bitset and its min/max timestamps. A segment is
+//! *sealed* when full: its records are then given a timestamp-sorted
+//! permutation (stored inside the headers' padding).
+//!
+//! # Indexes
+//!
+//! Every key index is an *intrusive chain*: a head (the newest `seq` with
+//! that key, or hashing to that bucket) plus, in each record, a 32-bit delta
+//! back to the previous record of the same chain. Walking a chain goes from
+//! the newest record to the oldest and stops at the first record that is no
+//! longer in memory, so index entries of evicted records cannot leak: they
+//! disappear with their segment.
+//!
+//! * `module`/`function`: pairs are interned to a `u32` (the table is never
+//!   shrunk: it is bounded by the number of distinct functions); one exact
+//!   chain per pair.
+//! * `pid`: exact chain per pid, heads in a hash map whose stale keys (head
+//!   already evicted) are swept after every `len()` popped records.
+//! * `id`, `correlation_id`, `parent_id` (link target, `0` = none is not
+//!   indexed): bucketed chains (a fixed power-of-two table of ≥ `max_events /
+//!   2` heads, 4 bytes each); a walk skips the records of other keys sharing
+//!   the bucket, on average fewer than two per lookup.
+//! * time: per-segment min/max timestamp prunes segments, a binary search in
+//!   each sealed segment's sorted permutation (a linear scan of the single
+//!   open segment) finds the window, and a k-way merge yields it in order. This
+//!   is correct for any arrival order; it is cheapest when arrival is roughly
+//!   in time order (few segments overlap a window).
+//!
+//! Chain queries cost the number of matching records (for `Desc` with a
+//! limit: the number returned); `Asc` collects all live matches of the key
+//! first. Results of key queries are in store (`seq`) order; results of
+//! [`EventStore::by_time_range`] are in `(timestamp, seq)` order.
+//!
+//! # Bounds and counters
+//!
+//! * Count: inserting into a store holding `max_events` live events evicts
+//!   the oldest stored record (per record, exact, counted in `evicted`).
+//!   Memory is reclaimed a whole segment at a time, once every record of the
+//!   oldest segment is dead. To bound memory when expiry punches holes, the
+//!   oldest live record is also evicted while the retained span (newest seq −
+//!   oldest live seq) reaches `2 × max_events`.
+//! * Age: [`EventStore::evict_older_than`] kills every live record with
+//!   `timestamp < cutoff` (counted in `expired`). With `max_age_ns`, the
+//!   store applies `cutoff = newest timestamp seen − max_age_ns` on its own
+//!   every `segment_capacity / 8` inserts, and on [`EventStore::expire`].
+//! * Duplicates: inserting an id that is currently stored is ignored (the
+//!   first copy is kept) and counted in `duplicates`.
+//! * Always: `inserted = live + evicted + expired + duplicates + rejected`
+//!   (`rejected`: a payload that does not fit a `u32` arena offset).
+
+use crate::event::Event;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::mem::size_of;
+
+/// Records per segment for large stores (smaller stores use smaller
+/// segments, down to 64 records).
+pub const MAX_SEGMENT_RECORDS: usize = 4096;
+
+/// Largest accepted `max_events` (larger values are clamped): keeps every
+/// retained sequence span below 2³¹ so 32-bit chain deltas stay valid.
+pub const MAX_EVENTS_LIMIT: usize = 1 << 29;
+
+/// Maximum number of events returned by [`EventStore::causal_chain`].
+pub const MAX_CHAIN_DEPTH: usize = 4096;
+
+/// Bounds of an [`EventStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Maximum number of live events (at least 1, at most
+    /// [`MAX_EVENTS_LIMIT`]).
+    pub max_events: usize,
+    /// Events whose timestamp is older than the newest seen timestamp minus
+    /// this are expired (lazily, see the module documentation).
+    pub max_age_ns: Option<i64>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_events: 1_000_000,
+            max_age_ns: None,
+        }
+    }
+}
+
+/// Correlation fields stored alongside an [`Event`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorrelationFields {
+    /// Correlation id (shared by a call and its return, for instance).
+    pub correlation_id: u64,
+    /// Id of the causing event, `0` if none.
+    pub parent_id: u64,
+    /// Id of the root of the causal tree.
+    pub root_id: u64,
+}
+
+/// Result order of a query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first.
+    #[default]
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
+/// Outcome of [`EventStore::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored under this sequence number.
+    Stored {
+        /// The record's sequence number.
+        seq: u64,
+    },
+    /// An event with the same id is already stored; nothing changed.
+    Duplicate,
+    /// The payload is larger than `u32::MAX` bytes; nothing stored.
+    Rejected,
+}
+
+/// Counters and bounds of an [`EventStore`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live events.
+    pub total: usize,
+    /// Configured bound.
+    pub max_events: usize,
+    /// Smallest timestamp among live events.
+    pub oldest_timestamp: Option<i64>,
+    /// Largest timestamp among live events.
+    pub newest_timestamp: Option<i64>,
+    /// Calls to [`EventStore::insert`].
+    pub inserted: u64,
+    /// Events evicted by the count bound.
+    pub evicted: u64,
+    /// Events expired by age.
+    pub expired: u64,
+    /// Inserts ignored because the id was already stored.
+    pub duplicates: u64,
+    /// Inserts rejected (payload too large).
+    pub rejected: u64,
+    /// Segments in memory.
+    pub segments: usize,
+    /// Heap and inline bytes used, payload arenas included
+    /// (see [`EventStore::memory_bytes`]).
+    pub memory_bytes: usize,
+    /// Bytes of payload arena capacity (part of `memory_bytes`).
+    pub payload_bytes: usize,
+}
+
+/// A stored event, as returned by queries: the header fields, the
+/// correlation fields and a borrowed payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredEvent<'a> {
+    /// Store sequence number (increasing in insertion order).
+    pub seq: u64,
+    /// Event id.
+    pub id: u64,
+    /// Monotonic timestamp, nanoseconds.
+    pub timestamp: i64,
+    /// Wall-clock time, nanoseconds.
+    pub wall_time: i64,
+    /// Acting process.
+    pub pid: u64,
+    /// Other process involved.
+    pub peer: u64,
+    /// Module.
+    pub module: u64,
+    /// Function.
+    pub function: u64,
+    /// Integer attribute of the kind.
+    pub aux: i64,
+    /// Event kind byte.
+    pub kind: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Correlation id.
+    pub correlation_id: u64,
+    /// Parent event id, `0` if none.
+    pub parent_id: u64,
+    /// Root event id.
+    pub root_id: u64,
+    /// Payload bytes.
+    pub payload: &'a [u8],
+}
+
+impl StoredEvent<'_> {
+    /// An owned [`Event`] copy (payload copied).
+    pub fn to_event(&self) -> Event {
+        Event {
+            id: self.id,
+            timestamp: self.timestamp,
+            wall_time: self.wall_time,
+            pid: self.pid,
+            peer: self.peer,
+            module: self.module,
+            function: self.function,
+            aux: self.aux,
+            kind: self.kind,
+            flags: self.flags,
+            payload: self.payload.to_vec(),
+        }
+    }
+
+    /// The correlation fields.
+    pub fn correlation(&self) -> CorrelationFields {
+        CorrelationFields {
+            correlation_id: self.correlation_id,
+            parent_id: self.parent_id,
+            root_id: self.root_id,
+        }
+    }
+}
+
+/// The compact stored header (104 bytes).
+#[derive(Clone, Copy)]
+struct Rec {
+    id: u64,
+    timestamp: i64,
+    wall_time: i64,
+    pid: u64,
+    peer: u64,
+    aux: i64,
+    correlation_id: u64,
+    parent_id: u64,
+    root_id: u64,
+    /// Interned (module, function).
+    mf: u32,
+    /// End of the payload in the segment arena (start: previous record's end).
+    payload_end: u32,
+    link_id: u32,
+    link_pid: u32,
+    link_mf: u32,
+    link_corr: u32,
+    link_parent: u32,
+    /// Sealed segments: index of the record of time rank `position`.
+    perm: u16,
+    kind: u8,
+    flags: u8,
+}
+
+const _: () = assert!(size_of::<Rec>() == 104);
+
+struct Segment {
+    base: u64,
+    recs: Vec<Rec>,
+    arena: Vec<u8>,
+    dead: Vec<u64>,
+    live: u32,
+    sealed: bool,
+    min_ts: i64,
+    max_ts: i64,
+    /// Lower bound of live timestamps (exact after an expiry scan).
+    live_min_ts: i64,
+}
+
+impl Segment {
+    fn new(base: u64, cap: usize) -> Segment {
+        Segment {
+            base,
+            recs: Vec::with_capacity(cap),
+            arena: Vec::new(),
+            dead: Vec::with_capacity(cap.div_ceil(64)),
+            live: 0,
+            sealed: false,
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+            live_min_ts: i64::MAX,
+        }
+    }
+
+    #[inline]
+    fn is_dead(&self, i: usize) -> bool {
+        self.dead[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Marks live record `i` dead. Returns false if it already was.
+    #[inline]
+    fn kill(&mut self, i: usize) -> bool {
+        let w = &mut self.dead[i / 64];
+        let bit = 1u64 << (i % 64);
+        if *w & bit != 0 {
+            return false;
+        }
+        *w |= bit;
+        self.live -= 1;
+        true
+    }
+
+    #[inline]
+    fn payload(&self, i: usize) -> &[u8] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.recs[i - 1].payload_end as usize
+        };
+        &self.arena[start..self.recs[i].payload_end as usize]
+    }
+
+    fn seal(&mut self) {
+        let mut order: Vec<u16> = (0..self.recs.len() as u16).collect();
+        order.sort_unstable_by_key(|&i| (self.recs[i as usize].timestamp, i));
+        for (pos, i) in order.into_iter().enumerate() {
+            self.recs[pos].perm = i;
+        }
+        self.sealed = true;
+        self.recs.shrink_to_fit();
+        self.arena.shrink_to_fit();
+    }
+
+    fn bytes(&self) -> usize {
+        self.recs.capacity() * size_of::<Rec>() + self.arena.capacity() + self.dead.capacity() * 8
+    }
+}
+
+/// murmur3 finalizer.
+#[inline]
+fn mix(k: u64) -> u64 {
+    let mut x = k ^ (k >> 33);
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(29) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
+
+/// Bucket heads, stored as 32-bit offsets from `base` (`0` = empty).
+struct HeadTable {
+    base: u64,
+    shift: u32,
+    slots: Vec<u32>,
+}
+
+impl HeadTable {
+    fn new(bits: u32) -> HeadTable {
+        HeadTable {
+            base: 0,
+            shift: 64 - bits,
+            slots: vec![0; 1 << bits],
+        }
+    }
+
+    #[inline]
+    fn bucket(&self, key: u64) -> usize {
+        (mix(key) >> self.shift) as usize
+    }
+
+    #[inline]
+    fn get(&self, b: usize) -> Option<u64> {
+        match self.slots[b] {
+            0 => None,
+            v => Some(self.base + v as u64 - 1),
+        }
+    }
+
+    /// Sets bucket `b` to `seq`, first rebasing (dropping heads older than
+    /// `min_valid`) when the offset would not fit comfortably.
+    #[inline]
+    fn set(&mut self, b: usize, seq: u64, min_valid: u64) {
+        if seq - self.base >= 1 << 31 {
+            let old = self.base;
+            for v in self.slots.iter_mut() {
+                if *v != 0 {
+                    let abs = old + *v as u64 - 1;
+                    *v = if abs < min_valid {
+                        0
+                    } else {
+                        (abs - min_valid + 1) as u32
+                    };
+                }
+            }
+            self.base = min_valid;
+        }
+        self.slots[b] = (seq - self.base + 1) as u32;
+    }
+}
+
+#[inline]
+fn delta(seq: u64, prev: Option<u64>) -> u32 {
+    match prev {
+        Some(p) if seq - p <= u32::MAX as u64 => (seq - p) as u32,
+        _ => 0,
+    }
+}
+
+fn map_bytes<K, V, S>(m: &HashMap<K, V, S>) -> usize {
+    if m.capacity() == 0 {
+        return 0;
+    }
+    let buckets = (m.capacity() * 8).div_ceil(7).next_power_of_two().max(4);
+    buckets * (size_of::<(K, V)>() + 1) + 16
+}
+
+/// An indexed, bounded, in-memory store of correlated events (see the
+/// module documentation). Single writer: mutation takes `&mut self`.
+pub struct EventStore {
+    max_events: usize,
+    max_age_ns: Option<i64>,
+    seg_cap: usize,
+    segments: VecDeque<Segment>,
+    next_seq: u64,
+    /// Every record with a smaller seq is dead.
+    oldest: u64,
+    live: usize,
+    ids: HeadTable,
+    corrs: HeadTable,
+    parents: HeadTable,
+    pids: FastMap<u64, u64>,
+    mf_ids: FastMap<(u64, u64), u32>,
+    /// (module, function, head seq or `u64::MAX`).
+    mfs: Vec<(u64, u64, u64)>,
+    newest_seen: Option<i64>,
+    popped_since_sweep: usize,
+    since_age_check: usize,
+    inserted: u64,
+    evicted: u64,
+    expired: u64,
+    duplicates: u64,
+    rejected: u64,
+}
+
+impl EventStore {
+    /// An empty store. `max_events` is clamped to `1..=MAX_EVENTS_LIMIT`.
+    pub fn new(config: StoreConfig) -> EventStore {
+        let max_events = config.max_events.clamp(1, MAX_EVENTS_LIMIT);
+        let seg_cap = max_events
+            .div_ceil(4)
+            .next_power_of_two()
+            .clamp(64, MAX_SEGMENT_RECORDS);
+        let bits = (max_events / 2)
+            .max(64)
+            .next_power_of_two()
+            .trailing_zeros()
+            .min(26);
+        EventStore {
+            max_events,
+            max_age_ns: config.max_age_ns,
+            seg_cap,
+            segments: VecDeque::new(),
+            next_seq: 0,
+            oldest: 0,
+            live: 0,
+            ids: HeadTable::new(bits),
+            corrs: HeadTable::new(bits),
+            parents: HeadTable::new(bits),
+            pids: FastMap::default(),
+            mf_ids: FastMap::default(),
+            mfs: Vec::new(),
+            newest_seen: None,
+            popped_since_sweep: 0,
+            since_age_check: 0,
+            inserted: 0,
+            evicted: 0,
+            expired: 0,
+            duplicates: 0,
+            rejected: 0,
+        }
+    }
+
+    /// The effective configuration (after clamping).
+    pub fn config(&self) -> StoreConfig {
+        StoreConfig {
+            max_events: self.max_events,
+            max_age_ns: self.max_age_ns,
+        }
+    }
+
+    /// Records per segment of this store.
+    pub fn segment_capacity(&self) -> usize {
+        self.seg_cap
+    }
+
+    /// Number of live events.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// No live events?
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// First sequence number still in memory.
+    #[inline]
+    fn base_seq(&self) -> u64 {
+        self.segments.front().map_or(self.next_seq, |s| s.base)
+    }
+
+    #[inline]
+    fn locate(&self, seq: u64) -> Option<(usize, usize)> {
+        let front = self.segments.front()?;
+        if seq < front.base || seq >= self.next_seq {
+            return None;
+        }
+        let guess = ((seq - front.base) / self.seg_cap as u64) as usize;
+        if let Some(s) = self.segments.get(guess) {
+            if s.base <= seq && seq < s.base + s.recs.len() as u64 {
+                return Some((guess, (seq - s.base) as usize));
+            }
+        }
+        let si = self.segments.partition_point(|s| s.base <= seq) - 1;
+        let s = &self.segments[si];
+        let i = (seq - s.base) as usize;
+        (i < s.recs.len()).then_some((si, i))
+    }
+
+    /// Walks a chain from `head` (newest first) while `f` returns true.
+    #[inline]
+    fn walk<'a>(
+        &'a self,
+        head: Option<u64>,
+        link: impl Fn(&Rec) -> u32,
+        mut f: impl FnMut(u64, &'a Segment, usize) -> bool,
+    ) {
+        let base = self.base_seq();
+        let mut cur = head;
+        while let Some(seq) = cur {
+            if seq < base {
+                break;
+            }
+            let Some((si, i)) = self.locate(seq) else {
+                break;
+            };
+            let seg = &self.segments[si];
+            if !f(seq, seg, i) {
+                break;
+            }
+            let d = link(&seg.recs[i]) as u64;
+            cur = (d != 0 && d <= seq).then(|| seq - d);
+        }
+    }
+
+    fn view<'a>(&'a self, seg: &'a Segment, i: usize) -> StoredEvent<'a> {
+        let r = &seg.recs[i];
+        let (module, function, _) = self.mfs[r.mf as usize];
+        StoredEvent {
+            seq: seg.base + i as u64,
+            id: r.id,
+            timestamp: r.timestamp,
+            wall_time: r.wall_time,
+            pid: r.pid,
+            peer: r.peer,
+            module,
+            function,
+            aux: r.aux,
+            kind: r.kind,
+            flags: r.flags,
+            correlation_id: r.correlation_id,
+            parent_id: r.parent_id,
+            root_id: r.root_id,
+            payload: seg.payload(i),
+        }
+    }
+
+    fn chain_query(
+        &self,
+        head: Option<u64>,
+        link: impl Fn(&Rec) -> u32,
+        pred: impl Fn(&Rec) -> bool,
+        limit: usize,
+        order: Order,
+    ) -> Vec<StoredEvent<'_>> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return out;
+        }
+        match order {
+            Order::Desc => self.walk(head, link, |_, seg, i| {
+                if !seg.is_dead(i) && pred(&seg.recs[i]) {
+                    out.push(self.view(seg, i));
+                }
+                out.len() < limit
+            }),
+            Order::Asc => {
+                let mut hits: Vec<(&Segment, usize)> = Vec::new();
+                self.walk(head, link, |_, seg, i| {
+                    if !seg.is_dead(i) && pred(&seg.recs[i]) {
+                        hits.push((seg, i));
+                    }
+                    true
+                });
+                out.extend(hits.iter().rev().take(limit).map(|&(s, i)| self.view(s, i)));
+            }
+        }
+        out
+    }
+
+    fn find(&self, id: u64) -> Option<(usize, usize)> {
+        let mut found = None;
+        self.walk(
+            self.ids.get(self.ids.bucket(id)),
+            |r| r.link_id,
+            |seq, seg, i| {
+                if seg.recs[i].id == id && !seg.is_dead(i) {
+                    found = Some(seq);
+                    false
+                } else {
+                    true
+                }
+            },
+        );
+        found.and_then(|s| self.locate(s))
+    }
+
+    /// Stores `event` with its correlation fields.
+    pub fn insert(&mut self, event: &Event, corr: CorrelationFields) -> InsertOutcome {
+        self.inserted += 1;
+        if self.find(event.id).is_some() {
+            self.duplicates += 1;
+            return InsertOutcome::Duplicate;
+        }
+        let plen = event.payload.len();
+        if plen > u32::MAX as usize {
+            self.rejected += 1;
+            return InsertOutcome::Rejected;
+        }
+        // Room for one more.
+        loop {
+            self.advance_oldest();
+            let span_full =
+                self.live > 0 && self.next_seq - self.oldest >= 2 * self.max_events as u64;
+            if !(self.live >= self.max_events || span_full) {
+                break;
+            }
+            if !self.kill_oldest() {
+                break;
+            }
+        }
+        self.pop_dead_segments();
+
+        let need_new = match self.segments.back_mut() {
+            None => true,
+            Some(s) if s.sealed => true,
+            Some(s) if s.arena.len() + plen > u32::MAX as usize => {
+                s.seal();
+                true
+            }
+            _ => false,
+        };
+        if need_new {
+            self.segments
+                .push_back(Segment::new(self.next_seq, self.seg_cap));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let min_valid = self.base_seq();
+
+        let mf = match self.mf_ids.get(&(event.module, event.function)) {
+            Some(&m) => m,
+            None => {
+                let m = self.mfs.len() as u32;
+                self.mfs.push((event.module, event.function, u64::MAX));
+                self.mf_ids.insert((event.module, event.function), m);
+                m
+            }
+        };
+        let mf_head = &mut self.mfs[mf as usize].2;
+        let link_mf = delta(seq, (*mf_head != u64::MAX).then_some(*mf_head));
+        *mf_head = seq;
+        let link_pid = delta(seq, self.pids.insert(event.pid, seq));
+        let b = self.ids.bucket(event.id);
+        let link_id = delta(seq, self.ids.get(b));
+        self.ids.set(b, seq, min_valid);
+        let b = self.corrs.bucket(corr.correlation_id);
+        let link_corr = delta(seq, self.corrs.get(b));
+        self.corrs.set(b, seq, min_valid);
+        let link_parent = if corr.parent_id != 0 {
+            let b = self.parents.bucket(corr.parent_id);
+            let d = delta(seq, self.parents.get(b));
+            self.parents.set(b, seq, min_valid);
+            d
+        } else {
+            0
+        };
+
+        let seg = self.segments.back_mut().expect("active segment");
+        let i = seg.recs.len();
+        seg.arena.extend_from_slice(&event.payload);
+        seg.recs.push(Rec {
+            id: event.id,
+            timestamp: event.timestamp,
+            wall_time: event.wall_time,
+            pid: event.pid,
+            peer: event.peer,
+            aux: event.aux,
+            correlation_id: corr.correlation_id,
+            parent_id: corr.parent_id,
+            root_id: corr.root_id,
+            mf,
+            payload_end: seg.arena.len() as u32,
+            link_id,
+            link_pid,
+            link_mf,
+            link_corr,
+            link_parent,
+            perm: 0,
+            kind: event.kind,
+            flags: event.flags,
+        });
+        if i % 64 == 0 {
+            seg.dead.push(0);
+        }
+        seg.live += 1;
+        seg.min_ts = seg.min_ts.min(event.timestamp);
+        seg.max_ts = seg.max_ts.max(event.timestamp);
+        seg.live_min_ts = seg.live_min_ts.min(event.timestamp);
+        if seg.recs.len() == self.seg_cap {
+            seg.seal();
+        }
+        self.live += 1;
+        self.newest_seen = Some(
+            self.newest_seen
+                .map_or(event.timestamp, |t| t.max(event.timestamp)),
+        );
+
+        if self.max_age_ns.is_some() {
+            self.since_age_check += 1;
+            if self.since_age_check >= (self.seg_cap / 8).max(1) {
+                self.expire();
+            }
+        }
+        InsertOutcome::Stored { seq }
+    }
+
+    /// Moves `oldest` past dead records.
+    fn advance_oldest(&mut self) {
+        self.oldest = self.oldest.max(self.base_seq());
+        while self.oldest < self.next_seq {
+            let Some((si, i)) = self.locate(self.oldest) else {
+                self.oldest = self.next_seq;
+                break;
+            };
+            let seg = &self.segments[si];
+            if seg.live == 0 {
+                self.oldest = seg.base + seg.recs.len() as u64;
+                continue;
+            }
+            if !seg.is_dead(i) {
+                break;
+            }
+            self.oldest += 1;
+        }
+    }
+
+    /// Evicts the oldest live record (call after `advance_oldest`).
+    fn kill_oldest(&mut self) -> bool {
+        let Some((si, i)) = self.locate(self.oldest) else {
+            return false;
+        };
+        let killed = self.segments[si].kill(i);
+        if killed {
+            self.live -= 1;
+            self.evicted += 1;
+        }
+        self.oldest += 1;
+        killed
+    }
+
+    /// Frees whole dead segments at the front and sweeps stale pid heads.
+    fn pop_dead_segments(&mut self) {
+        while let Some(front) = self.segments.front() {
+            if !(front.sealed && front.live == 0) {
+                break;
+            }
+            self.popped_since_sweep += front.recs.len();
+            self.segments.pop_front();
+        }
+        if self.popped_since_sweep >= self.pids.len().max(self.seg_cap) {
+            self.popped_since_sweep = 0;
+            let base = self.base_seq();
+            self.pids.retain(|_, head| *head >= base);
+            if self.pids.capacity() > 4 * (self.pids.len() + 16) {
+                self.pids.shrink_to_fit();
+            }
+        }
+        if self.segments.capacity() > 4 * (self.segments.len() + 8) {
+            self.segments.shrink_to_fit();
+        }
+    }
+
+    /// Expires every live event with `timestamp < cutoff_ns`; returns how
+    /// many. Cost: one check per segment plus a scan of the segments that
+    /// hold a live event older than the cutoff.
+    pub fn evict_older_than(&mut self, cutoff_ns: i64) -> usize {
+        let mut n = 0;
+        for seg in self.segments.iter_mut() {
+            if seg.live == 0 || seg.live_min_ts >= cutoff_ns {
+                continue;
+            }
+            let mut min = i64::MAX;
+            for i in 0..seg.recs.len() {
+                if seg.is_dead(i) {
+                    continue;
+                }
+                let ts = seg.recs[i].timestamp;
+                if ts < cutoff_ns {
+                    seg.kill(i);
+                    n += 1;
+                } else {
+                    min = min.min(ts);
+                }
+            }
+            seg.live_min_ts = min;
+        }
+        self.live -= n;
+        self.expired += n as u64;
+        self.advance_oldest();
+        self.pop_dead_segments();
+        n
+    }
+
+    /// Applies `max_age_ns` now (relative to the newest timestamp ever
+    /// inserted); returns the number of expired events.
+    pub fn expire(&mut self) -> usize {
+        self.since_age_check = 0;
+        match (self.max_age_ns, self.newest_seen) {
+            (Some(age), Some(newest)) => self.evict_older_than(newest.saturating_sub(age)),
+            _ => 0,
+        }
+    }
+
+    /// The live event with this id.
+    pub fn get(&self, id: u64) -> Option<StoredEvent<'_>> {
+        self.find(id)
+            .map(|(si, i)| self.view(&self.segments[si], i))
+    }
+
+    /// Live events of process `pid`, in store order.
+    pub fn by_pid(&self, pid: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {
+        let head = self.pids.get(&pid).copied();
+        self.chain_query(head, |r| r.link_pid, |_| true, limit, order)
+    }
+
+    /// Live events of `module.function`, in store order.
+    pub fn by_function(
+        &self,
+        module: u64,
+        function: u64,
+        limit: usize,
+        order: Order,
+    ) -> Vec<StoredEvent<'_>> {
+        let head = self
+            .mf_ids
+            .get(&(module, function))
+            .map(|&m| self.mfs[m as usize].2)
+            .filter(|&h| h != u64::MAX);
+        self.chain_query(head, |r| r.link_mf, |_| true, limit, order)
+    }
+
+    /// Live events with this correlation id, in store order.
+    pub fn by_correlation(
+        &self,
+        correlation_id: u64,
+        limit: usize,
+        order: Order,
+    ) -> Vec<StoredEvent<'_>> {
+        let head = self.corrs.get(self.corrs.bucket(correlation_id));
+        self.chain_query(
+            head,
+            |r| r.link_corr,
+            |r| r.correlation_id == correlation_id,
+            limit,
+            order,
+        )
+    }
+
+    /// Live events whose `parent_id` is `parent_id` (non-zero), oldest first.
+    pub fn children(&self, parent_id: u64, limit: usize) -> Vec<StoredEvent<'_>> {
+        if parent_id == 0 {
+            return Vec::new();
+        }
+        let head = self.parents.get(self.parents.bucket(parent_id));
+        self.chain_query(
+            head,
+            |r| r.link_parent,
+            |r| r.parent_id == parent_id,
+            limit,
+            Order::Asc,
+        )
+    }
+
+    /// The event `id` and its ancestors (following `parent_id` while the
+    /// parent is stored), root first, at most [`MAX_CHAIN_DEPTH`] events.
+    /// Empty if `id` is not stored.
+    pub fn causal_chain(&self, id: u64) -> Vec<StoredEvent<'_>> {
+        let mut out = Vec::new();
+        let mut cur = self.get(id);
+        while let Some(e) = cur {
+            out.push(e);
+            if e.parent_id == 0 || out.len() >= MAX_CHAIN_DEPTH {
+                break;
+            }
+            cur = self.get(e.parent_id);
+        }
+        out.reverse();
+        out
+    }
+
+    /// Live events with `t0 <= timestamp <= t1`, in `(timestamp, seq)`
+    /// order.
+    pub fn by_time_range(
+        &self,
+        t0: i64,
+        t1: i64,
+        limit: usize,
+        order: Order,
+    ) -> Vec<StoredEvent<'_>> {
+        let mut out = Vec::new();
+        if limit == 0 || t0 > t1 {
+            return out;
+        }
+        // One sorted source per overlapping segment: positions [lo, hi) of
+        // its time permutation, or of `list` for the open segment.
+        struct Src {
+            si: usize,
+            lo: usize,
+            hi: usize,
+            list: Option<Vec<u16>>,
+        }
+        let mut srcs = Vec::new();
+        for (si, seg) in self.segments.iter().enumerate() {
+            if seg.live == 0 || seg.max_ts < t0 || seg.min_ts > t1 {
+                continue;
+            }
+            if seg.sealed {
+                let ts_at = |p: usize| seg.recs[seg.recs[p].perm as usize].timestamp;
+                let n = seg.recs.len();
+                let lo = partition(n, |p| ts_at(p) < t0);
+                let hi = partition(n, |p| ts_at(p) <= t1);
+                if lo < hi {
+                    srcs.push(Src {
+                        si,
+                        lo,
+                        hi,
+                        list: None,
+                    });
+                }
+            } else {
+                let mut list: Vec<u16> = (0..seg.recs.len() as u16)
+                    .filter(|&i| {
+                        let ts = seg.recs[i as usize].timestamp;
+                        t0 <= ts && ts <= t1
+                    })
+                    .collect();
+                list.sort_unstable_by_key(|&i| (seg.recs[i as usize].timestamp, i));
+                if !list.is_empty() {
+                    srcs.push(Src {
+                        si,
+                        lo: 0,
+                        hi: list.len(),
+                        list: Some(list),
+                    });
+                }
+            }
+        }
+        let idx = |s: &Src, p: usize| -> usize {
+            match &s.list {
+                Some(l) => l[p] as usize,
+                None => self.segments[s.si].recs[p].perm as usize,
+            }
+        };
+        let key = |s: &Src, p: usize| -> (i64, u64) {
+            let seg = &self.segments[s.si];
+            let i = idx(s, p);
+            let k = (seg.recs[i].timestamp, seg.base + i as u64);
+            match order {
+                Order::Desc => k,
+                Order::Asc => (!k.0, !k.1),
+            }
+        };
+        // Max-heap of (key, source); `Asc` keys are bitwise-negated.
+        let mut heap = BinaryHeap::with_capacity(srcs.len());
+        for (k, s) in srcs.iter_mut().enumerate() {
+            let p = match order {
+                Order::Asc => s.lo,
+                Order::Desc => {
+                    s.hi -= 1;
+                    s.hi
+                }
+            };
+            heap.push((key(s, p), k));
+        }
+        while let Some((_, k)) = heap.pop() {
+            let s = &mut srcs[k];
+            let p = match order {
+                Order::Asc => {
+                    s.lo += 1;
+                    s.lo - 1
+                }
+                Order::Desc => s.hi,
+            };
+            let seg = &self.segments[s.si];
+            let i = idx(s, p);
+            if !seg.is_dead(i) {
+                out.push(self.view(seg, i));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            let next = match order {
+                Order::Asc => (s.lo < s.hi).then_some(s.lo),
+                Order::Desc => (s.hi > s.lo).then(|| {
+                    s.hi -= 1;
+                    s.hi
+                }),
+            };
+            if let Some(np) = next {
+                let s = &srcs[k];
+                heap.push((key(s, np), k));
+            }
+        }
+        out
+    }
+
+    /// Bytes used by the store: the struct itself, every segment (header
+    /// vector, payload arena and dead bitset capacities), the index tables
+    /// and hash maps (estimated from their capacity as hashbrown lays them
+    /// out: one control byte per bucket, 7/8 load).
+    pub fn memory_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.segments.capacity() * size_of::<Segment>()
+            + self.segments.iter().map(Segment::bytes).sum::<usize>()
+            + (self.ids.slots.capacity()
+                + self.corrs.slots.capacity()
+                + self.parents.slots.capacity())
+                * 4
+            + map_bytes(&self.pids)
+            + map_bytes(&self.mf_ids)
+            + self.mfs.capacity() * size_of::<(u64, u64, u64)>()
+    }
+
+    /// Counters, bounds, live timestamp range and memory. Cost: one check
+    /// per segment plus a scan of the segments that hold dead records.
+    pub fn stats(&self) -> StoreStats {
+        let mut oldest: Option<i64> = None;
+        let mut newest: Option<i64> = None;
+        let mut acc = |ts_min: i64, ts_max: i64| {
+            oldest = Some(oldest.map_or(ts_min, |o| o.min(ts_min)));
+            newest = Some(newest.map_or(ts_max, |n| n.max(ts_max)));
+        };
+        for seg in &self.segments {
+            if seg.live == 0 {
+                continue;
+            }
+            if seg.live as usize == seg.recs.len() {
+                acc(seg.min_ts, seg.max_ts);
+            } else {
+                for (i, r) in seg.recs.iter().enumerate() {
+                    if !seg.is_dead(i) {
+                        acc(r.timestamp, r.timestamp);
+                    }
+                }
+            }
+        }
+        StoreStats {
+            total: self.live,
+            max_events: self.max_events,
+            oldest_timestamp: oldest,
+            newest_timestamp: newest,
+            inserted: self.inserted,
+            evicted: self.evicted,
+            expired: self.expired,
+            duplicates: self.duplicates,
+            rejected: self.rejected,
+            segments: self.segments.len(),
+            memory_bytes: self.memory_bytes(),
+            payload_bytes: self.segments.iter().map(|s| s.arena.capacity()).sum(),
+        }
+    }
+}
+
+/// First `p` in `0..n` for which `pred(p)` is false (`pred` monotone).
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}

@@ -1,0 +1,550 @@
+//! EventStore: every query against a brute-force reference model on random
+//! data (out-of-order timestamps, duplicates, eviction by count and age),
+//! plus deterministic tests of counters, index cleanup and memory.
+use elixir_scope_core::store::MAX_CHAIN_DEPTH;
+use elixir_scope_core::{
+    CorrelationFields, Event, EventStore, InsertOutcome, Order, StoreConfig, StoredEvent,
+};
+use proptest::prelude::*;
+
+fn ev(id: u64, ts: i64, pid: u64, m: u64, f: u64) -> Event {
+    Event {
+        id,
+        timestamp: ts,
+        wall_time: ts + 1_000_000,
+        pid,
+        peer: pid ^ 1,
+        module: m,
+        function: f,
+        aux: id as i64 * 3,
+        kind: (id % 9) as u8,
+        flags: (id % 2) as u8,
+        payload: vec![id as u8; (id % 7) as usize],
+    }
+}
+
+fn corr(c: u64, parent: u64, root: u64) -> CorrelationFields {
+    CorrelationFields {
+        correlation_id: c,
+        parent_id: parent,
+        root_id: root,
+    }
+}
+
+/// Brute-force reference: live records in seq order.
+struct Model {
+    max: usize,
+    next_seq: u64,
+    live: Vec<(u64, Event, CorrelationFields)>,
+    inserted: u64,
+    evicted: u64,
+    expired: u64,
+    duplicates: u64,
+}
+
+impl Model {
+    fn new(max: usize) -> Model {
+        Model {
+            max,
+            next_seq: 0,
+            live: vec![],
+            inserted: 0,
+            evicted: 0,
+            expired: 0,
+            duplicates: 0,
+        }
+    }
+
+    fn insert(&mut self, e: &Event, c: CorrelationFields) -> InsertOutcome {
+        self.inserted += 1;
+        if self.live.iter().any(|(_, x, _)| x.id == e.id) {
+            self.duplicates += 1;
+            return InsertOutcome::Duplicate;
+        }
+        while self.live.len() >= self.max
+            || (!self.live.is_empty() && self.next_seq - self.live[0].0 >= 2 * self.max as u64)
+        {
+            self.live.remove(0);
+            self.evicted += 1;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.live.push((seq, e.clone(), c));
+        InsertOutcome::Stored { seq }
+    }
+
+    fn expire(&mut self, cutoff: i64) -> usize {
+        let before = self.live.len();
+        self.live.retain(|(_, e, _)| e.timestamp >= cutoff);
+        let n = before - self.live.len();
+        self.expired += n as u64;
+        n
+    }
+
+    fn get(&self, id: u64) -> Option<&(u64, Event, CorrelationFields)> {
+        self.live.iter().find(|(_, e, _)| e.id == id)
+    }
+
+    fn select(
+        &self,
+        pred: impl Fn(&(u64, Event, CorrelationFields)) -> bool,
+        limit: usize,
+        order: Order,
+    ) -> Vec<u64> {
+        let mut v: Vec<u64> = self.live.iter().filter(|r| pred(r)).map(|r| r.0).collect();
+        if order == Order::Desc {
+            v.reverse();
+        }
+        v.truncate(limit);
+        v
+    }
+}
+
+fn seqs(v: &[StoredEvent<'_>]) -> Vec<u64> {
+    v.iter().map(|e| e.seq).collect()
+}
+
+fn check_record(s: &StoredEvent<'_>, m: &(u64, Event, CorrelationFields)) {
+    assert_eq!(s.seq, m.0);
+    assert_eq!(s.to_event(), m.1);
+    assert_eq!(s.correlation(), m.2);
+}
+
+const LIMITS: [usize; 4] = [0, 1, 3, usize::MAX];
+const ORDERS: [Order; 2] = [Order::Asc, Order::Desc];
+
+fn check_all(store: &EventStore, model: &Model, ids_used: &[u64], windows: &[(i64, i64)]) {
+    let st = store.stats();
+    assert_eq!(st.total, model.live.len());
+    assert_eq!(store.len(), model.live.len());
+    assert_eq!(st.inserted, model.inserted);
+    assert_eq!(st.evicted, model.evicted);
+    assert_eq!(st.expired, model.expired);
+    assert_eq!(st.duplicates, model.duplicates);
+    assert_eq!(
+        st.inserted,
+        st.total as u64 + st.evicted + st.expired + st.duplicates + st.rejected
+    );
+    assert_eq!(
+        st.oldest_timestamp,
+        model.live.iter().map(|r| r.1.timestamp).min()
+    );
+    assert_eq!(
+        st.newest_timestamp,
+        model.live.iter().map(|r| r.1.timestamp).max()
+    );
+
+    for &id in ids_used {
+        match (store.get(id), model.get(id)) {
+            (Some(s), Some(m)) => check_record(&s, m),
+            (None, None) => {}
+            (s, m) => panic!("get({id}): store {s:?} model {m:?}"),
+        }
+        // children
+        for limit in LIMITS {
+            let want = model.select(|r| r.2.parent_id == id, limit, Order::Asc);
+            assert_eq!(seqs(&store.children(id, limit)), want, "children({id})");
+        }
+        // causal chain
+        let mut want = vec![];
+        let mut cur = model.get(id);
+        while let Some(r) = cur {
+            want.push(r.0);
+            if r.2.parent_id == 0 || want.len() >= MAX_CHAIN_DEPTH {
+                break;
+            }
+            cur = model.get(r.2.parent_id);
+        }
+        want.reverse();
+        assert_eq!(seqs(&store.causal_chain(id)), want, "causal_chain({id})");
+    }
+    for order in ORDERS {
+        for limit in LIMITS {
+            for pid in 0..6 {
+                let want = model.select(|r| r.1.pid == pid, limit, order);
+                let got = store.by_pid(pid, limit, order);
+                assert_eq!(seqs(&got), want, "by_pid({pid}, {limit}, {order:?})");
+                for g in &got {
+                    check_record(g, model.live.iter().find(|r| r.0 == g.seq).unwrap());
+                }
+            }
+            for m in 0..3 {
+                for f in 0..3 {
+                    let want = model.select(|r| r.1.module == m && r.1.function == f, limit, order);
+                    assert_eq!(seqs(&store.by_function(m, f, limit, order)), want);
+                }
+            }
+            for c in 0..25 {
+                let want = model.select(|r| r.2.correlation_id == c, limit, order);
+                assert_eq!(
+                    seqs(&store.by_correlation(c, limit, order)),
+                    want,
+                    "corr {c}"
+                );
+            }
+            for &(t0, t1) in windows {
+                let mut all: Vec<(i64, u64)> = model
+                    .live
+                    .iter()
+                    .filter(|r| t0 <= r.1.timestamp && r.1.timestamp <= t1)
+                    .map(|r| (r.1.timestamp, r.0))
+                    .collect();
+                all.sort();
+                if order == Order::Desc {
+                    all.reverse();
+                }
+                all.truncate(limit);
+                let want: Vec<u64> = all.into_iter().map(|x| x.1).collect();
+                let got = store.by_time_range(t0, t1, limit, order);
+                assert_eq!(seqs(&got), want, "time [{t0}, {t1}] {limit} {order:?}");
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// (reuse an old id?, old id pick, pid, module, function, correlation,
+    /// parent pick (0 = none), timestamp jitter)
+    Insert(bool, usize, u64, u64, u64, u64, usize, i64),
+    /// Expire everything older than `newest - back`.
+    Expire(i64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        40 => (
+            prop::bool::weighted(0.1),
+            any::<usize>(),
+            0u64..6,
+            0u64..3,
+            0u64..3,
+            0u64..25,
+            any::<usize>(),
+            -300i64..300
+        )
+            .prop_map(|(r, o, p, m, f, c, pa, j)| Op::Insert(r, o, p, m, f, c, pa, j)),
+        1 => (0i64..3000).prop_map(Op::Expire),
+    ]
+}
+
+fn run(max: usize, ops: &[Op]) {
+    let mut store = EventStore::new(StoreConfig {
+        max_events: max,
+        max_age_ns: None,
+    });
+    let mut model = Model::new(max);
+    let mut ids_used: Vec<u64> = vec![];
+    let mut next_id = 1u64;
+    let mut newest = i64::MIN;
+    for (k, o) in ops.iter().enumerate() {
+        match *o {
+            Op::Insert(reuse, old, pid, m, f, c, pa, jitter) => {
+                let id = if reuse && !ids_used.is_empty() {
+                    ids_used[old % ids_used.len()]
+                } else {
+                    next_id += 1;
+                    ids_used.push(next_id);
+                    next_id
+                };
+                let parent = if ids_used.is_empty() || pa % 4 == 0 {
+                    0
+                } else {
+                    ids_used[pa % ids_used.len()]
+                };
+                let ts = k as i64 * 10 + jitter;
+                newest = newest.max(ts);
+                let e = ev(id, ts, pid, m, f);
+                let cf = corr(c, parent, parent / 2);
+                assert_eq!(store.insert(&e, cf), model.insert(&e, cf));
+            }
+            Op::Expire(back) => {
+                let cutoff = newest.saturating_sub(back);
+                assert_eq!(store.evict_older_than(cutoff), model.expire(cutoff));
+            }
+        }
+        if k % 97 == 96 {
+            check_all(&store, &model, &ids_used, &[(newest - 500, newest)]);
+        }
+    }
+    let windows = [
+        (i64::MIN, i64::MAX),
+        (newest - 2000, newest - 1000),
+        (newest - 37, newest - 37),
+        (0, 50),
+        (10, 5),
+    ];
+    check_all(&store, &model, &ids_used, &windows);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn queries_match_reference(max in 1usize..300, ops in prop::collection::vec(op(), 1..1200)) {
+        run(max, &ops);
+    }
+}
+
+#[test]
+fn reference_large_store_several_segments() {
+    // max 1000 → segments of 256: exercises sealed-segment binary search.
+    let ops: Vec<Op> = (0..3000usize)
+        .map(|k| {
+            let x = (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20;
+            if k % 400 == 399 {
+                Op::Expire(2500)
+            } else {
+                Op::Insert(
+                    x % 13 == 0,
+                    x as usize,
+                    x % 6,
+                    x % 3,
+                    (x >> 3) % 3,
+                    (x >> 5) % 25,
+                    (x >> 7) as usize,
+                    (x % 600) as i64 - 300,
+                )
+            }
+        })
+        .collect();
+    run(1000, &ops);
+}
+
+#[test]
+fn out_of_order_timestamps_time_range() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 10_000,
+        max_age_ns: None,
+    });
+    // Reverse time order: every segment overlaps every other in arrival.
+    for i in 0..5000u64 {
+        let ts = 1_000_000 - (i as i64) * 7 % 9973;
+        s.insert(&ev(i + 1, ts, 1, 0, 0), CorrelationFields::default());
+    }
+    for (t0, t1) in [(0, i64::MAX), (995_000, 996_000), (999_000, 999_000)] {
+        let got = s.by_time_range(t0, t1, usize::MAX, Order::Asc);
+        let mut want: Vec<(i64, u64)> = (0..5000u64)
+            .map(|i| (1_000_000 - (i as i64) * 7 % 9973, i))
+            .filter(|&(t, _)| t0 <= t && t <= t1)
+            .collect();
+        want.sort();
+        assert_eq!(
+            got.iter().map(|e| (e.timestamp, e.seq)).collect::<Vec<_>>(),
+            want
+        );
+        let desc = s.by_time_range(t0, t1, 10, Order::Desc);
+        let mut w = want.clone();
+        w.reverse();
+        w.truncate(10);
+        assert_eq!(
+            desc.iter()
+                .map(|e| (e.timestamp, e.seq))
+                .collect::<Vec<_>>(),
+            w
+        );
+    }
+}
+
+#[test]
+fn eviction_by_count_exact_counters() {
+    let max = 1000;
+    let mut s = EventStore::new(StoreConfig {
+        max_events: max,
+        max_age_ns: None,
+    });
+    for i in 0..10_000u64 {
+        s.insert(
+            &ev(i + 1, i as i64, i % 3, 0, 0),
+            CorrelationFields::default(),
+        );
+    }
+    let st = s.stats();
+    assert_eq!(st.total, max);
+    assert_eq!(st.evicted, 9000);
+    assert_eq!(st.inserted, 10_000);
+    assert_eq!(st.oldest_timestamp, Some(9000));
+    assert_eq!(st.newest_timestamp, Some(9999));
+    assert!(s.get(9000).is_none());
+    assert_eq!(s.get(9001).unwrap().timestamp, 9000);
+    // Memory is bounded: at most max + one segment of headers.
+    assert!(st.segments <= max / s.segment_capacity() + 2);
+}
+
+#[test]
+fn eviction_by_age_exact_counters() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 100_000,
+        max_age_ns: Some(1000),
+    });
+    for i in 0..20_000u64 {
+        // Mildly out of order.
+        let ts = i as i64 * 2 + (i % 5) as i64 * 3;
+        s.insert(&ev(i + 1, ts, 1, 0, 0), CorrelationFields::default());
+    }
+    s.expire();
+    let st = s.stats();
+    let newest = (0..20_000i64).map(|i| i * 2 + (i % 5) * 3).max().unwrap();
+    let want_live = (0..20_000i64)
+        .filter(|i| i * 2 + (i % 5) * 3 >= newest - 1000)
+        .count();
+    assert_eq!(st.total, want_live);
+    assert_eq!(st.expired, 20_000 - want_live as u64);
+    assert_eq!(st.evicted, 0);
+    assert!(st.oldest_timestamp.unwrap() >= newest - 1000);
+    assert_eq!(st.newest_timestamp, Some(newest));
+    // Lazy expiry kept memory bounded while inserting.
+    assert!(st.segments <= 3, "{st:?}");
+    // Explicit cutoff.
+    let n = s.evict_older_than(newest - 500);
+    let st2 = s.stats();
+    assert_eq!(st2.expired, st.expired + n as u64);
+    assert_eq!(
+        st2.inserted,
+        st2.total as u64 + st2.evicted + st2.expired + st2.duplicates + st2.rejected
+    );
+    assert!(st2.oldest_timestamp.unwrap() >= newest - 500);
+    assert_eq!(s.evict_older_than(newest - 500), 0);
+}
+
+#[test]
+fn duplicates_are_ignored_and_counted() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 100,
+        max_age_ns: None,
+    });
+    let mut a = ev(7, 10, 1, 0, 0);
+    a.payload = b"first".to_vec();
+    let mut b = a.clone();
+    b.payload = b"second".to_vec();
+    assert!(matches!(
+        s.insert(&a, corr(1, 0, 0)),
+        InsertOutcome::Stored { .. }
+    ));
+    assert_eq!(s.insert(&b, corr(1, 0, 0)), InsertOutcome::Duplicate);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s.get(7).unwrap().payload, b"first");
+    assert_eq!(s.by_pid(1, 10, Order::Asc).len(), 1);
+    assert_eq!(s.by_correlation(1, 10, Order::Asc).len(), 1);
+    let st = s.stats();
+    assert_eq!((st.inserted, st.duplicates, st.total), (2, 1, 1));
+    // Once expired, the id can be stored again.
+    assert_eq!(s.evict_older_than(11), 1);
+    assert!(matches!(
+        s.insert(&b, corr(1, 0, 0)),
+        InsertOutcome::Stored { .. }
+    ));
+    assert_eq!(s.get(7).unwrap().payload, b"second");
+}
+
+#[test]
+fn limit_and_order() {
+    let mut s = EventStore::new(StoreConfig::default());
+    for i in 0..100u64 {
+        s.insert(&ev(i + 1, i as i64, i % 2, 5, 6), corr(42, 0, 0));
+    }
+    let asc: Vec<u64> = s.by_pid(0, 3, Order::Asc).iter().map(|e| e.id).collect();
+    assert_eq!(asc, vec![1, 3, 5]);
+    let desc: Vec<u64> = s.by_pid(0, 3, Order::Desc).iter().map(|e| e.id).collect();
+    assert_eq!(desc, vec![99, 97, 95]);
+    assert_eq!(s.by_function(5, 6, usize::MAX, Order::Asc).len(), 100);
+    assert!(s.by_function(5, 7, 10, Order::Asc).is_empty());
+    assert_eq!(s.by_correlation(42, 0, Order::Asc).len(), 0);
+    let t: Vec<u64> = s
+        .by_time_range(10, 20, 4, Order::Desc)
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(t, vec![21, 20, 19, 18]);
+}
+
+#[test]
+fn causal_chain_root_first_and_bounded() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 20_000,
+        max_age_ns: None,
+    });
+    for i in 1..=10u64 {
+        s.insert(&ev(i, i as i64, 1, 0, 0), corr(0, i - 1, 1));
+    }
+    let ids: Vec<u64> = s.causal_chain(10).iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    assert!(s.causal_chain(99).is_empty());
+    let kids: Vec<u64> = s.children(4, 10).iter().map(|e| e.id).collect();
+    assert_eq!(kids, vec![5]);
+    // A cycle (1001 ↔ 1002) and a very deep chain stay bounded.
+    s.insert(&ev(1001, 0, 1, 0, 0), corr(0, 1002, 0));
+    s.insert(&ev(1002, 0, 1, 0, 0), corr(0, 1001, 0));
+    assert_eq!(s.causal_chain(1001).len(), MAX_CHAIN_DEPTH);
+    for i in 0..6000u64 {
+        s.insert(&ev(10_000 + i, 0, 1, 0, 0), corr(0, 10_000 + i - 1, 0));
+    }
+    assert_eq!(s.causal_chain(15_999).len(), MAX_CHAIN_DEPTH);
+    assert_eq!(s.causal_chain(15_999).last().unwrap().id, 15_999);
+}
+
+#[test]
+fn index_cleanup_memory_does_not_grow_across_laps() {
+    let max = 20_000usize;
+    let mut s = EventStore::new(StoreConfig {
+        max_events: max,
+        max_age_ns: None,
+    });
+    let mut id = 0u64;
+    let mut mem = vec![];
+    for _lap in 0..10 {
+        for _ in 0..max {
+            id += 1;
+            // Churning pids and correlation ids: new keys all the time.
+            let e = ev(id, id as i64, id / 10, id % 50, 0);
+            s.insert(&e, corr(id / 2, id - 1, 1));
+        }
+        mem.push(s.memory_bytes());
+    }
+    let st = s.stats();
+    assert_eq!(st.total, max);
+    assert_eq!(st.evicted, 9 * max as u64);
+    // Old keys are gone from the indexes.
+    assert!(s.by_pid(5, 10, Order::Asc).is_empty());
+    assert!(s.by_correlation(3, 10, Order::Asc).is_empty());
+    assert!(s.children(7, 10).is_empty());
+    assert_eq!(s.by_pid(id / 10 - 1, 100, Order::Asc).len(), 10);
+    eprintln!("memory per lap: {mem:?}");
+    let steady = mem[1];
+    for &m in &mem[2..] {
+        assert!(m <= steady + steady / 10, "memory grew: {mem:?}");
+    }
+}
+
+fn fill(n: usize) -> EventStore {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: n,
+        max_age_ns: None,
+    });
+    for i in 1..=n as u64 {
+        let mut e = ev(
+            i,
+            i as i64 * 100 + (i % 7) as i64 * 50,
+            i % 1000,
+            i % 20,
+            i % 200,
+        );
+        e.payload.clear();
+        s.insert(&e, corr(i / 2, i - 1, i & !1023));
+    }
+    s
+}
+
+#[test]
+fn bytes_per_event() {
+    for n in [100_000usize, 1_000_000] {
+        let s = fill(n);
+        let st = s.stats();
+        assert_eq!(st.total, n);
+        let per = st.memory_bytes as f64 / n as f64;
+        eprintln!(
+            "store of {n}: {} bytes total, {per:.1} bytes/event (empty payloads)",
+            st.memory_bytes
+        );
+        assert!(per <= 120.0, "{per} bytes/event");
+    }
+}
