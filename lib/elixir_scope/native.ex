@@ -39,6 +39,7 @@ defmodule ElixirScope.Native do
   def rb_stats(_ref), do: nif_error()
   def rb_clear(_ref), do: nif_error()
   def rb_destroy(_ref), do: nif_error()
+  def rb_live_count, do: nif_error()
 
   # Ingestor
   def ing_function_call(_ref, _module, _function, _args, _caller_pid, _correlation_id),

@@ -23,6 +23,9 @@ use crate::handle::{self, Handle, Ref};
 /// call stays well under 1 ms on a normal scheduler; Elixir loops.
 pub const CHUNK: usize = 1000;
 
+/// Ring resources alive (created and not yet dropped), for leak tests.
+static LIVE_RINGS: AtomicU64 = AtomicU64::new(0);
+
 /// The ring resource behind `%RingBuffer{}`.
 pub struct RingRes {
     pub ring: Ring<Event>,
@@ -30,6 +33,12 @@ pub struct RingRes {
     pub strategy: Atom,
     pub destroyed: AtomicBool,
     pub truncated: AtomicU64,
+}
+
+impl Drop for RingRes {
+    fn drop(&mut self) {
+        LIVE_RINGS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 static RING_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
@@ -168,6 +177,7 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
     match Ring::new(size as usize, overflow) {
         Ok(ring) => {
+            LIVE_RINGS.fetch_add(1, Ordering::Relaxed);
             let res = handle::make(
                 env,
                 RingRes {
@@ -318,6 +328,13 @@ fn rb_destroy(rb: Ref<RingRes>) -> Atom {
         rb.ring.release_memory();
     }
     atoms::ok()
+}
+
+/// Number of ring resources not yet freed (they are freed when the last
+/// handle is garbage-collected).
+#[rustler::nif]
+fn rb_live_count() -> u64 {
+    LIVE_RINGS.load(Ordering::Relaxed)
 }
 
 #[rustler::nif(name = "next_event_id")]
