@@ -341,6 +341,7 @@ defmodule ElixirScope.BadInputTest do
 
       calls = [
         {:next_event_id, []},
+        {:rb_live_count, []},
         {:rb_new, [8, :drop_oldest, 8192]},
         {:rb_write, [ring_ref, :e]},
         {:rb_write_batch, [ring_ref, [1, 2]]},
