@@ -86,6 +86,9 @@ struct Overflow {
     deep: bool,
 }
 
+/// Payload buffers up to this size are never shrunk.
+const SHRINK_FLOOR: usize = 512;
+
 /// Most top-level fields an event encodes (each may end in a marker
 /// written past the limit).
 const MAX_FIELDS: usize = 4;
@@ -123,8 +126,13 @@ pub fn encode_into(
         f(&mut enc);
         payload.clear();
         // SAFETY: the encoder wrote `len` initialised bytes at `ptr`, within
-        // the scratch capacity (`len <= limit + MARKER_BYTES`).
+        // the scratch capacity (`len <= limit + SLACK`).
         payload.extend_from_slice(unsafe { std::slice::from_raw_parts(enc.ptr, enc.len) });
+        // A slot's buffer is reused across laps; one big event must not pin
+        // a big buffer forever.
+        if payload.capacity() > 4 * enc.len.max(SHRINK_FLOOR) {
+            payload.shrink_to(2 * enc.len.max(SHRINK_FLOOR));
+        }
         enc.truncated
     })
 }

@@ -105,7 +105,7 @@ pub fn now_ns() -> (i64, i64) {
 
 /// Reset `ev`'s header for a new event of `kind` written now.
 #[inline]
-pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64), limit: usize) {
+pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64)) {
     ev.id = next_event_id();
     ev.timestamp = mono;
     ev.wall_time = wall;
@@ -116,16 +116,11 @@ pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64), limit: u
     ev.module = 0;
     ev.function = 0;
     ev.aux = 0;
-    ev.payload.clear();
-    // A big event once grew this buffer; don't keep that forever.
-    if ev.payload.capacity() > 2 * limit + 256 {
-        ev.payload.shrink_to(limit / 4);
-    }
 }
 
 impl RingRes {
-    /// Write one event; `fill` sets the header fields beyond `begin` and
-    /// encodes the payload, returning whether anything was truncated.
+    /// Write one event: `fill` sets the header fields beyond `begin` and
+    /// encodes the payload fields.
     #[inline]
     pub fn push<'a, F>(&self, env: Env<'a>, kind: EventKind, fill: F) -> Term<'a>
     where
@@ -137,7 +132,7 @@ impl RingRes {
         let now = now_ns();
         let limit = self.max_event_bytes;
         let res = self.ring.push_with(|ev| {
-            begin(ev, kind, now, limit);
+            begin(ev, kind, now);
             let mut payload = std::mem::take(&mut ev.payload);
             if encode_into(env, &mut payload, limit, |enc| fill(ev, enc)) {
                 ev.flags |= FLAG_TRUNCATED;
@@ -228,7 +223,7 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let limit = rb.max_event_bytes;
     let mut truncated = 0u64;
     let accepted = rb.ring.push_batch_with(items.len(), |i, ev| {
-        begin(ev, EventKind::Term, now, limit);
+        begin(ev, EventKind::Term, now);
         let mut payload = std::mem::take(&mut ev.payload);
         if encode_into(env, &mut payload, limit, |enc| enc.field(items[i])) {
             ev.flags |= FLAG_TRUNCATED;
