@@ -16,8 +16,8 @@ defmodule ElixirScope.Capture.RingBuffer do
   ## Readers and positions
 
   Positions are monotonically increasing integers. Readers own their
-  position: `read/2` and `read_batch/3` take one and return the next. Many
-  readers may read the same events. The ring also keeps one *consumption
+  position: `read/2` and `read_batch/3` take one and return the next. The
+  ring also keeps one *consumption
   cursor* (`read_position` in `stats/1`): every event before it has been
   consumed or dropped, for every reader. A read at the cursor consumes what
   it returns (frees the space, counts it in `total_reads`), so several
@@ -27,15 +27,17 @@ defmodule ElixirScope.Capture.RingBuffer do
 
   A reader that was lapped (its events were consumed by another reader,
   overwritten, or cleared) is never handed stale or duplicated events: it
-  skips to the oldest live event and is told how many it missed — `read/2` returns `{:lapped, missed, event, next}`,
-  and for `read_batch/3` the gap is `next - start - length(events)` (or ask
-  for it explicitly with `read_batch/4` and `with_missed: true`).
+  skips to the oldest live event and is told how many it missed: `read/2`
+  returns `{:lapped, missed, event, next}`, and for `read_batch/3` the gap
+  is `next - start - length(events)` (or ask for it explicitly with
+  `read_batch/4` and `with_missed: true`).
 
   ## Stored form
 
   Events are copied into native memory as a compact term tape (immediates
   such as atoms, small integers and local pids are stored as raw words, so
-  reading them back costs no atom-table lookup). A field larger than
+  reading them back costs no atom-table lookup; 64-bit integers such as
+  nanosecond timestamps take 9 bytes). A field larger than
   `:max_event_bytes` is replaced by `{:truncated, at_least_bytes, kind}`
   (kind is `:binary | :list | :map | :tuple | :term | :depth`) and counted in
   `truncated_events`. Fields of a struct/map (up to 32 keys) are truncated
