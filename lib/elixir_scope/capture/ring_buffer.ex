@@ -81,6 +81,7 @@ defmodule ElixirScope.Capture.RingBuffer do
 
   @max_size 1 <<< 24
   @chunk 1000
+  @chunk_bytes 4 <<< 20
   @strategies [:drop_oldest, :drop_newest, :block]
   @defaults [size: 1024, overflow_strategy: :drop_oldest, name: nil, max_event_bytes: 8192]
 
@@ -240,14 +241,15 @@ defmodule ElixirScope.Capture.RingBuffer do
   Returns `{events, new_position}`. Events a lapped reader missed are not
   returned: `new_position - start_position - length(events)` of them were
   skipped. With `with_missed: true` returns `{events, new_position, missed}`.
-  Large counts are read in chunks of #{@chunk}, so no NIF call holds a
+  Large counts are read in chunks of up to #{@chunk} events (fewer when
+  `:max_event_bytes` is large: at most #{@chunk_bytes} bytes), so no NIF call holds a
   scheduler for long.
   """
   @spec read_batch(t(), position(), non_neg_integer(), keyword()) ::
           {[term()], position()} | {[term()], position(), non_neg_integer()}
   def read_batch(buffer, start_position, count, opts \\ [])
 
-  def read_batch(%__MODULE__{ref: ref}, start, count, opts)
+  def read_batch(%__MODULE__{ref: ref} = buffer, start, count, opts)
       when is_integer(start) and start >= 0 and is_integer(count) and count >= 0 and
              is_list(opts) do
     # Validate before reading: a read at the cursor consumes.
@@ -260,7 +262,7 @@ defmodule ElixirScope.Capture.RingBuffer do
           raise ArgumentError, "unknown read_batch option(s) #{inspect(unknown)}"
       end
 
-    {events, next, missed} = read_chunks(ref, start, count, [], 0)
+    {events, next, missed} = read_chunks(ref, chunk_size(buffer), start, count, [], 0)
     if with_missed, do: {events, next, missed}, else: {events, next}
   end
 
@@ -274,22 +276,29 @@ defmodule ElixirScope.Capture.RingBuffer do
 
   def read_batch(other, _start, _count, _opts), do: bad_buffer!(other)
 
-  defp read_chunks(ref, pos, 0, [], 0) do
+  defp read_chunks(ref, _chunk, pos, 0, [], 0) do
     # Nothing asked for: still check the handle (a destroyed ring raises).
     Native.rb_read_batch(ref, pos, 0)
   end
 
-  defp read_chunks(_ref, pos, 0, acc, missed), do: {join(acc), pos, missed}
+  defp read_chunks(_ref, _chunk, pos, 0, acc, missed), do: {join(acc), pos, missed}
 
-  defp read_chunks(ref, pos, remaining, acc, missed) do
-    want = min(remaining, @chunk)
+  defp read_chunks(ref, chunk, pos, remaining, acc, missed) do
+    want = min(remaining, chunk)
     {events, next, m} = Native.rb_read_batch(ref, pos, want)
 
     case length(events) do
-      ^want -> read_chunks(ref, next, remaining - want, [events | acc], missed + m)
+      ^want -> read_chunks(ref, chunk, next, remaining - want, [events | acc], missed + m)
       _ -> {join([events | acc]), next, missed + m}
     end
   end
+
+  # Events per NIF call (the NIF applies the same rule). A hand-built struct
+  # gets the default; the NIF then rejects its ref.
+  defp chunk_size(%__MODULE__{max_event_bytes: bytes}) when is_integer(bytes) and bytes > 0,
+    do: @chunk |> min(div(@chunk_bytes, bytes)) |> max(1)
+
+  defp chunk_size(_), do: @chunk
 
   defp join([events]), do: events
   defp join(chunks), do: chunks |> Enum.reverse() |> Enum.concat()

@@ -20,8 +20,17 @@ use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
 
 /// Most events one `rb_read_batch` / `rb_write_batch` call handles, so a
-/// call stays well under 1 ms on a normal scheduler; Elixir loops.
+/// call stays around 1 ms or less on a normal scheduler; Elixir loops.
 pub const CHUNK: usize = 1000;
+/// Most payload bytes one batch call may copy (events of up to
+/// `max_event_bytes` each): big events mean smaller chunks.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// Events per batch call for a ring; `RingBuffer.chunk_size/1` in Elixir
+/// computes the same value.
+fn chunk_for(max_event_bytes: usize) -> usize {
+    CHUNK.min(CHUNK_BYTES / max_event_bytes).max(1)
+}
 
 /// Ring resources alive (created and not yet dropped), for leak tests.
 static LIVE_RINGS: AtomicU64 = AtomicU64::new(0);
@@ -197,7 +206,7 @@ fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
     rb.push(env, EventKind::Term, |_, enc| enc.field(event))
 }
 
-/// Write up to [`CHUNK`] events of `list` with one claim; returns
+/// Write up to one chunk ([`chunk_for`]) of `list` with one claim; returns
 /// `{accepted, rejected, rest}` (`rest` is the unprocessed tail) or
 /// `{:error, :destroyed}`.
 #[rustler::nif]
@@ -207,7 +216,8 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     }
     let mut items: Vec<Term<'a>> = Vec::with_capacity(64);
     let mut rest = list;
-    while items.len() < CHUNK {
+    let chunk = chunk_for(rb.max_event_bytes);
+    while items.len() < chunk {
         match rest.list_get_cell() {
             Ok((head, tail)) => {
                 items.push(head);
@@ -237,12 +247,12 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     Ok((accepted, items.len() - accepted, rest).encode(env))
 }
 
-/// Read up to `min(count, CHUNK)` events from `pos`:
+/// Read up to `min(count, chunk)` events ([`chunk_for`]) from `pos`:
 /// `{events, next_position, missed}`.
 #[rustler::nif]
 fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
-    let max = (count as usize).min(CHUNK);
+    let max = (count as usize).min(chunk_for(rb.max_event_bytes));
     let avail = rb.ring.write_position().saturating_sub(pos) as usize;
     let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(avail));
     let mut scratch = Vec::with_capacity(32);

@@ -337,6 +337,16 @@ defmodule ElixirScope.Capture.RingBufferTest do
   end
 
   describe "read_batch/3 and /4" do
+    test "rings with big max_event_bytes read and write in smaller chunks, losing nothing" do
+      # 1 MiB events: at most 4 per NIF call (4 MiB per call).
+      buf = new_ring!(size: 64, max_event_bytes: 1 <<< 20, overflow_strategy: :drop_newest)
+      events = Enum.map(1..50, &{&1, :binary.copy("z", 100)})
+      assert RingBuffer.write_batch(buf, events) == {:ok, 50}
+      assert {read, 50} = RingBuffer.read_batch(buf, 0, 1_000)
+      assert read == events
+      assert_accounting(RingBuffer.stats(buf), 50)
+    end
+
     test "count 0 returns nothing and does not move" do
       buf = new_ring!(size: 8)
       fill(buf, 1..5)
