@@ -6,11 +6,13 @@
 //! * [`event`] — the native event record stored in it;
 //! * [`correlator`] — call stacks, message matching, process tree (used by
 //!   the pipeline's workers);
-//! * [`store`] — the bounded, indexed in-memory store of correlated events.
+//! * [`store`] — the bounded, indexed in-memory store of correlated events;
+//! * [`pool`] — native worker threads draining ring shards in batches.
 #![deny(missing_docs)]
 
 pub mod correlator;
 pub mod event;
+pub mod pool;
 pub mod ring;
 pub mod store;
 mod sync;
@@ -20,6 +22,9 @@ pub use correlator::{
     LateLink, Link, LinkKind,
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
+pub use pool::{
+    DeadLetter, PoolConfig, PoolMetrics, Stage, StageCtx, WorkerPool, SHUTDOWN_DRAIN_TIMEOUT,
+};
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
 pub use store::{
     CorrelationFields, EventStore, InsertOutcome, Order, StoreConfig, StoreStats, StoredEvent,

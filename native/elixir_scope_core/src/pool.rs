@@ -1,0 +1,581 @@
+//! A pool of native worker threads draining ring shards in batches.
+//!
+//! A [`WorkerPool`] owns `workers` threads that drain `S` [`Ring`] shards
+//! (given at construction) at their consumption cursors, copy each batch out
+//! of the ring (`T: Clone`) and hand it to a user [`Stage`].
+//!
+//! * **Assignment.** With `n` workers, shard `i` belongs to worker `i % n`.
+//!   A shard is additionally protected by an *owner claim* (an `AtomicBool`)
+//!   held for the whole batch — consume, stage, retry, dead letter — so a
+//!   shard is never drained by two workers at once, even while
+//!   [`WorkerPool::scale`] moves it from one worker to another (which
+//!   therefore happens only at batch boundaries). Batches of one shard are
+//!   processed one after the other, in position order.
+//! * **Idling.** A worker that found nothing to do parks with a timeout of
+//!   `flush_interval`: it never busy-spins, and it wakes at least every
+//!   `flush_interval` to look at its shards. Producers may call
+//!   [`WorkerPool::notify`] after pushing to wake the workers at once.
+//! * **Failures.** A stage panic is caught (counted in `panics` and, as the
+//!   worker carries on, in `restarts`); a panic or an `Err` makes the batch
+//!   be retried once (`retries`); if the retry fails too, the batch goes to a
+//!   bounded dead-letter queue (`dead_lettered_events`; batches evicted from
+//!   the full queue are counted in `dead_letter_overflow`).
+//! * **Accounting.** Every event a worker consumed is either processed
+//!   (`events_processed`) or dead-lettered (`dead_lettered_events`), so once
+//!   [`WorkerPool::flush`] has returned `true` and producers are quiet, the
+//!   sum of the shards' `reads` equals `events_processed +
+//!   dead_lettered_events`.
+//!
+//! `T::clone` must not panic: an event whose copy panics is lost (the worker
+//! survives, counting a panic and a restart).
+
+use crate::ring::Ring;
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+/// How long [`WorkerPool::shutdown`] and `Drop` wait for the shards to drain.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Park timeout of a worker that is waiting for another worker to release a
+/// shard it has just been assigned (during [`WorkerPool::scale`]).
+const CONTENDED_PARK: Duration = Duration::from_millis(1);
+
+/// Longest single wait of [`WorkerPool::flush`] between two checks.
+const FLUSH_POLL: Duration = Duration::from_millis(10);
+
+/// The user stage: called with one batch of events of one shard, in order.
+/// `Err(reason)` or a panic makes the batch be retried once, then
+/// dead-lettered.
+pub type Stage<T> = Arc<dyn Fn(&StageCtx, &[T]) -> Result<(), String> + Send + Sync>;
+
+/// Context of one stage call.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StageCtx {
+    /// Index of the worker running the stage.
+    pub worker: usize,
+    /// Index of the shard the batch was consumed from.
+    pub shard: usize,
+    /// Ring position of the first event of the batch.
+    pub first_position: u64,
+    /// `0` for the first attempt, `1` for the retry.
+    pub attempt: u32,
+}
+
+/// Configuration of a [`WorkerPool`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Number of worker threads (at least 1; `0` is treated as 1).
+    pub workers: usize,
+    /// Most events handed to one stage call (at least 1).
+    pub batch_size: usize,
+    /// Longest time an idle worker parks before looking at its shards again.
+    pub flush_interval: Duration,
+    /// Capacity of the dead-letter queue, in batches.
+    pub max_dead_letters: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            batch_size: 256,
+            flush_interval: Duration::from_millis(10),
+            max_dead_letters: 64,
+        }
+    }
+}
+
+/// A batch whose stage failed twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter<T> {
+    /// Shard the batch came from.
+    pub shard: usize,
+    /// Ring position of its first event.
+    pub first_position: u64,
+    /// The events of the batch.
+    pub events: Vec<T>,
+    /// Why the last attempt failed (`"panic: .."` or `"error: .."`).
+    pub reason: String,
+}
+
+/// A snapshot of the pool's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolMetrics {
+    /// Current number of worker threads.
+    pub workers: usize,
+    /// Batches handed to the stage successfully (retries that succeeded
+    /// included).
+    pub batches: u64,
+    /// Events of those batches.
+    pub events_processed: u64,
+    /// Stage panics caught.
+    pub panics: u64,
+    /// Times a worker carried on after a caught panic.
+    pub restarts: u64,
+    /// Batches retried after a first failed attempt.
+    pub retries: u64,
+    /// Events of batches that failed twice.
+    pub dead_lettered_events: u64,
+    /// Dead-letter batches evicted because the queue was full.
+    pub dead_letter_overflow: u64,
+    /// Worker loop iterations (a measure of idle wake-ups).
+    pub loop_iterations: u64,
+    /// `(events, batches)` processed by each current worker, by index.
+    /// Workers removed by [`WorkerPool::scale`] are not listed.
+    pub per_worker: Vec<(usize, usize)>,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    events_processed: AtomicU64,
+    panics: AtomicU64,
+    restarts: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered_events: AtomicU64,
+    dead_letter_overflow: AtomicU64,
+    loop_iterations: AtomicU64,
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    events: AtomicUsize,
+    batches: AtomicUsize,
+}
+
+/// Per-shard state.
+struct ShardState {
+    /// Owner claim, held for the duration of a batch.
+    busy: AtomicBool,
+    /// Ring position up to which every event has been processed or
+    /// dead-lettered (or was dropped by the ring).
+    done: AtomicU64,
+}
+
+struct Shared<T> {
+    shards: Vec<Arc<Ring<T>>>,
+    state: Vec<ShardState>,
+    stage: Stage<T>,
+    batch_size: usize,
+    flush_interval: Duration,
+    max_dead_letters: usize,
+    /// Current worker count; worker `w` exits once `w >= active`.
+    active: AtomicUsize,
+    stop: AtomicBool,
+    counters: Counters,
+    dead: Mutex<VecDeque<DeadLetter<T>>>,
+    /// Flush waiters: a count (so workers skip the lock when nobody waits)
+    /// and a condvar signalled after every batch while someone does.
+    waiters: AtomicUsize,
+    progress: Mutex<()>,
+    progressed: Condvar,
+    /// Unpark handles and stats of the current workers, by index.
+    threads: RwLock<Vec<(Thread, Arc<WorkerStats>)>>,
+}
+
+/// Locks a mutex, ignoring poisoning (no pool code panics while holding
+/// one; a poisoned lock only means a panic elsewhere).
+fn lock<M>(m: &Mutex<M>) -> MutexGuard<'_, M> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Releases a shard's owner claim when dropped (also on unwind).
+struct Claim<'a>(&'a AtomicBool);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// What a worker found on one shard.
+enum Visit {
+    Idle,
+    Worked,
+    Contended,
+}
+
+impl<T: Clone + Send + Sync + 'static> Shared<T> {
+    fn worker_loop(&self, index: usize, stats: &WorkerStats) {
+        let mut buf: Vec<T> = Vec::with_capacity(self.batch_size.min(4096));
+        loop {
+            self.counters
+                .loop_iterations
+                .fetch_add(1, Ordering::Relaxed);
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let n = self.active.load(Ordering::Acquire);
+            if index >= n {
+                return;
+            }
+            let mut worked = false;
+            let mut contended = false;
+            for shard in (index..self.shards.len()).step_by(n) {
+                let visit = catch_unwind(AssertUnwindSafe(|| {
+                    self.visit(index, shard, stats, &mut buf)
+                }));
+                match visit {
+                    Ok(Visit::Idle) => {}
+                    Ok(Visit::Worked) => worked = true,
+                    Ok(Visit::Contended) => contended = true,
+                    Err(_) => {
+                        // `T::clone` panicked (stage panics are caught in
+                        // `run_stage`): the worker carries on.
+                        buf.clear();
+                        self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                        worked = true;
+                    }
+                }
+            }
+            if worked {
+                continue;
+            }
+            thread::park_timeout(if contended {
+                CONTENDED_PARK
+            } else {
+                self.flush_interval
+            });
+        }
+    }
+
+    /// Claims `shard`, drains one batch from it and runs the stage on it.
+    fn visit(&self, worker: usize, shard: usize, stats: &WorkerStats, buf: &mut Vec<T>) -> Visit {
+        let st = &self.state[shard];
+        if st
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Visit::Contended;
+        }
+        let _claim = Claim(&st.busy);
+        buf.clear();
+        let mut first = None;
+        let out = self.shards[shard].consume_batch(self.batch_size, |pos, ev| {
+            first.get_or_insert(pos);
+            buf.push(ev.clone());
+        });
+        let visit = match first {
+            None => Visit::Idle,
+            Some(first_position) => {
+                let ctx = StageCtx {
+                    worker,
+                    shard,
+                    first_position,
+                    attempt: 0,
+                };
+                self.process(ctx, stats, buf);
+                Visit::Worked
+            }
+        };
+        st.done.fetch_max(out.next, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&self.progress);
+            self.progressed.notify_all();
+        }
+        visit
+    }
+
+    fn run_stage(&self, ctx: &StageCtx, events: &[T]) -> Result<(), String> {
+        match catch_unwind(AssertUnwindSafe(|| (self.stage)(ctx, events))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("error: {e}")),
+            Err(payload) => {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                Err(format!("panic: {}", panic_message(&*payload)))
+            }
+        }
+    }
+
+    fn process(&self, mut ctx: StageCtx, stats: &WorkerStats, buf: &mut Vec<T>) {
+        let mut result = self.run_stage(&ctx, buf);
+        if result.is_err() {
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            ctx.attempt = 1;
+            result = self.run_stage(&ctx, buf);
+        }
+        let n = buf.len();
+        match result {
+            Ok(()) => {
+                let c = &self.counters;
+                c.batches.fetch_add(1, Ordering::Relaxed);
+                c.events_processed.fetch_add(n as u64, Ordering::Relaxed);
+                stats.events.fetch_add(n, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(reason) => {
+                let letter = DeadLetter {
+                    shard: ctx.shard,
+                    first_position: ctx.first_position,
+                    events: std::mem::take(buf),
+                    reason,
+                };
+                let c = &self.counters;
+                c.dead_lettered_events
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let mut q = lock(&self.dead);
+                if self.max_dead_letters == 0 {
+                    c.dead_letter_overflow.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                while q.len() >= self.max_dead_letters {
+                    q.pop_front();
+                    c.dead_letter_overflow.fetch_add(1, Ordering::Relaxed);
+                }
+                q.push_back(letter);
+            }
+        }
+    }
+
+    fn caught_up(&self, targets: &[u64]) -> bool {
+        self.state
+            .iter()
+            .zip(targets)
+            .all(|(s, &t)| s.done.load(Ordering::SeqCst) >= t)
+    }
+
+    fn notify(&self) {
+        let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
+        for (t, _) in threads.iter() {
+            t.unpark();
+        }
+    }
+}
+
+/// Worker threads draining ring shards in batches (see the
+/// [module docs](self)).
+pub struct WorkerPool<T: Clone + Send + Sync + 'static> {
+    shared: Arc<Shared<T>>,
+    /// Join handles of the current workers, by index; also serialises
+    /// [`scale`](Self::scale) and shutdown.
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
+    /// Starts `config.workers` threads draining `shards` into `stage`.
+    ///
+    /// The pool must be the only consumer of the shards (producers push with
+    /// [`Ring::push_with`] and may call [`notify`](Self::notify)).
+    ///
+    /// # Panics
+    ///
+    /// If the OS refuses to spawn a thread.
+    pub fn new(shards: Vec<Arc<Ring<T>>>, config: PoolConfig, stage: Stage<T>) -> Self {
+        let state = shards
+            .iter()
+            .map(|r| ShardState {
+                busy: AtomicBool::new(false),
+                done: AtomicU64::new(r.read_position()),
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            shards,
+            state,
+            stage,
+            batch_size: config.batch_size.max(1),
+            flush_interval: config.flush_interval,
+            max_dead_letters: config.max_dead_letters,
+            active: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            dead: Mutex::new(VecDeque::new()),
+            waiters: AtomicUsize::new(0),
+            progress: Mutex::new(()),
+            progressed: Condvar::new(),
+            threads: RwLock::new(Vec::new()),
+        });
+        let pool = Self {
+            shared,
+            handles: Mutex::new(Vec::new()),
+        };
+        pool.scale(config.workers);
+        pool
+    }
+
+    /// Wakes every worker (cheap; for producers after a push). Workers also
+    /// wake by themselves every `flush_interval`.
+    pub fn notify(&self) {
+        self.shared.notify();
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shared.shards.len()
+    }
+
+    /// Current number of workers.
+    pub fn workers(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Waits until every event written to any shard before the call has
+    /// been processed (its stage call returned) or dead-lettered, or dropped
+    /// by the ring. Returns `false` if `timeout` passed first.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let sh = &*self.shared;
+        let targets: Vec<u64> = sh.shards.iter().map(|r| r.write_position()).collect();
+        let deadline = Instant::now() + timeout;
+        sh.waiters.fetch_add(1, Ordering::SeqCst);
+        sh.notify();
+        let mut guard = lock(&sh.progress);
+        let ok = loop {
+            if sh.caught_up(&targets) {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            let wait = (deadline - now).min(FLUSH_POLL);
+            guard = sh
+                .progressed
+                .wait_timeout(guard, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        drop(guard);
+        sh.waiters.fetch_sub(1, Ordering::SeqCst);
+        ok
+    }
+
+    /// Changes the number of workers to `n` (at least 1). Shards move to
+    /// their new workers at batch boundaries: a worker still in a batch of a
+    /// shard keeps its claim until the batch is done, so no event is lost,
+    /// duplicated or reordered. Removed workers are joined before returning.
+    ///
+    /// # Panics
+    ///
+    /// If the OS refuses to spawn a thread.
+    pub fn scale(&self, n: usize) {
+        let n = n.max(1);
+        let sh = &self.shared;
+        let mut handles = lock(&self.handles);
+        if sh.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let cur = handles.len();
+        // Publish the new count first: new workers exit at once if they see
+        // an older, smaller one; old workers beyond `n` exit on seeing it.
+        sh.active.store(n, Ordering::Release);
+        if n > cur {
+            for index in cur..n {
+                let stats = Arc::new(WorkerStats::default());
+                let (shared, st) = (Arc::clone(sh), Arc::clone(&stats));
+                let handle = thread::Builder::new()
+                    .name(format!("es-pool-{index}"))
+                    .spawn(move || shared.worker_loop(index, &st))
+                    .expect("spawn pool worker");
+                sh.threads
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((handle.thread().clone(), stats));
+                handles.push(handle);
+            }
+            // Existing workers pick up their new (smaller) shard sets.
+            sh.notify();
+        } else if n < cur {
+            let retired = handles.split_off(n);
+            sh.notify();
+            for h in retired {
+                let _ = h.join();
+            }
+            sh.threads
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .truncate(n);
+        }
+    }
+
+    /// Copies of the dead-letter queue, oldest first (at most
+    /// `max_dead_letters` batches).
+    pub fn dead_letters(&self) -> Vec<DeadLetter<T>> {
+        lock(&self.shared.dead).iter().cloned().collect()
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> PoolMetrics {
+        let c = &self.shared.counters;
+        let per_worker = self
+            .shared
+            .threads
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, s)| {
+                (
+                    s.events.load(Ordering::Relaxed),
+                    s.batches.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        PoolMetrics {
+            workers: self.workers(),
+            batches: c.batches.load(Ordering::Relaxed),
+            events_processed: c.events_processed.load(Ordering::Relaxed),
+            panics: c.panics.load(Ordering::Relaxed),
+            restarts: c.restarts.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            dead_lettered_events: c.dead_lettered_events.load(Ordering::Relaxed),
+            dead_letter_overflow: c.dead_letter_overflow.load(Ordering::Relaxed),
+            loop_iterations: c.loop_iterations.load(Ordering::Relaxed),
+            per_worker,
+        }
+    }
+
+    /// Drains the shards (waiting at most [`SHUTDOWN_DRAIN_TIMEOUT`]), stops
+    /// the workers and joins them. Returns whether the drain completed.
+    pub fn shutdown(self) -> bool {
+        self.shutdown_timeout(SHUTDOWN_DRAIN_TIMEOUT)
+    }
+
+    /// [`shutdown`](Self::shutdown) with an explicit drain timeout.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> bool {
+        self.stop_workers(timeout)
+    }
+
+    fn stop_workers(&mut self, timeout: Duration) -> bool {
+        if self.shared.stop.load(Ordering::Acquire) {
+            return true;
+        }
+        let drained = self.flush(timeout);
+        let sh = &self.shared;
+        let mut handles = lock(&self.handles);
+        sh.stop.store(true, Ordering::Release);
+        sh.notify();
+        for h in handles.drain(..) {
+            let _ = h.join();
+        }
+        sh.active.store(0, Ordering::Release);
+        sh.threads
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        drained
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Drop for WorkerPool<T> {
+    /// Like [`WorkerPool::shutdown`]: drains (bounded by
+    /// [`SHUTDOWN_DRAIN_TIMEOUT`]) and joins; a stage that never returns is
+    /// the only way to make it hang.
+    fn drop(&mut self) {
+        self.stop_workers(SHUTDOWN_DRAIN_TIMEOUT);
+    }
+}
