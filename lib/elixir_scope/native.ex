@@ -2,7 +2,8 @@ defmodule ElixirScope.Native do
   @moduledoc false
   # Every NIF of the `elixir_scope_nif` crate, with a stub that raises until
   # the library is loaded. Names are prefixed by component: `rb_*` ring
-  # buffer, `ing_*` ingestor. No logic lives here.
+  # buffer, `ing_*` ingestor,
+  # `store_*` event store (DataAccess). No logic lives here.
 
   @on_load :load_nif
   @compile {:autoload, true}
@@ -51,4 +52,20 @@ defmodule ElixirScope.Native do
   def ing_state_change(_ref, _server_pid, _old_state, _new_state), do: nif_error()
   def ing_performance_metric(_ref, _name, _value, _metadata), do: nif_error()
   def ing_error(_ref, _error_type, _message, _stacktrace), do: nif_error()
+
+  # Event store (DataAccess)
+  def store_new(_max_events), do: nif_error()
+
+  def store_put(_ref, _id, _timestamp, _pid, _module, _function, _correlation, _event),
+    do: nif_error()
+
+  def store_put_batch(_ref, _entries), do: nif_error()
+  def store_get(_ref, _id), do: nif_error()
+  def store_by_pid(_ref, _pid, _limit, _desc), do: nif_error()
+  def store_by_function(_ref, _module, _function, _limit, _desc), do: nif_error()
+  def store_by_correlation(_ref, _correlation, _limit, _desc), do: nif_error()
+  def store_by_time_range(_ref, _t0, _t1, _limit, _desc), do: nif_error()
+  def store_evict(_ref, _cutoff, _now_ms), do: nif_error()
+  def store_stats(_ref), do: nif_error()
+  def store_destroy(_ref), do: nif_error()
 end

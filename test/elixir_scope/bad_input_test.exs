@@ -1,7 +1,7 @@
 defmodule ElixirScope.BadInputTest do
   @moduledoc """
   Feeds wrong-type inputs to every public function of `RingBuffer`,
-  `Ingestor` and `Events` (and to the raw NIFs): each call must return a
+  `Ingestor`, `Events` and `DataAccess` (and to the raw NIFs): each call must return a
   documented result or raise `ArgumentError`, and the VM must survive.
   """
   # set_buffer/1 writes a node-wide :persistent_term.
@@ -12,6 +12,7 @@ defmodule ElixirScope.BadInputTest do
 
   alias ElixirScope.Capture.{Ingestor, RingBuffer}
   alias ElixirScope.{Events, Native}
+  alias ElixirScope.Storage.DataAccess
 
   @moduletag timeout: 300_000
 
@@ -39,6 +40,18 @@ defmodule ElixirScope.BadInputTest do
     :ok = RingBuffer.write(buf, :x)
     :ok = RingBuffer.destroy(buf)
     buf
+  end
+
+  defp new_store! do
+    {:ok, store} = DataAccess.new(max_events: 16)
+    :ok = DataAccess.store_event(store, %{id: 1, timestamp: 1})
+    store
+  end
+
+  defp destroyed_store do
+    store = new_store!()
+    :ok = DataAccess.destroy(store)
+    store
   end
 
   defp fake_ring, do: %RingBuffer{ref: make_ref(), size: 8, overflow_strategy: :drop_oldest}
@@ -79,7 +92,9 @@ defmodule ElixirScope.BadInputTest do
       fake_ring(),
       %RingBuffer{ref: :not_a_ref, size: 8, overflow_strategy: :drop_oldest},
       %RingBuffer{ref: make_ref(), size: -1, overflow_strategy: :nope},
-      destroyed_ring()
+      destroyed_ring(),
+      %DataAccess{ref: make_ref(), max_events: 16},
+      destroyed_store()
     ]
   end
 
@@ -125,6 +140,26 @@ defmodule ElixirScope.BadInputTest do
     do: r in [:invalid_size, :size_must_be_power_of_2, :invalid_overflow_strategy]
 
   defp new_result?(_), do: false
+
+  defp store_new_result?({:ok, %DataAccess{ref: ref}}), do: is_reference(ref)
+  defp store_new_result?(_), do: false
+
+  defp store_result?(:ok), do: true
+  defp store_result?({:error, r}), do: r in [:event_too_large, :destroyed]
+  defp store_result?(_), do: false
+
+  defp store_batch_result?({:ok, n}), do: is_integer(n) and n >= 0
+  defp store_batch_result?(other), do: other != :ok and store_result?(other)
+
+  defp query_result?({:ok, events}), do: is_list(events)
+  defp query_result?(_), do: false
+
+  defp get_event_result?({:ok, _}), do: true
+  defp get_event_result?({:error, :not_found}), do: true
+  defp get_event_result?(_), do: false
+
+  defp store_stats_result?(stats),
+    do: is_map(stats) and Map.has_key?(stats, :total_events) and Map.has_key?(stats, :max_events)
 
   defp event?(%Events{}), do: true
   defp event?(_), do: false
@@ -202,7 +237,32 @@ defmodule ElixirScope.BadInputTest do
       {Events, :process_spawn, fn _ -> [me, me, M, :f, [], [registered_name: :n]] end, &event?/1},
       {Events, :serialize, fn _ -> [Events.new_event(:t, %{})] end, &is_binary/1},
       {Events, :serialized_size, fn _ -> [%{a: 1}] end, &(is_integer(&1) and &1 > 0)},
-      {Events, :deserialize, fn _ -> [Events.serialize(%{a: 1})] end, &any?/1}
+      {Events, :deserialize, fn _ -> [Events.serialize(%{a: 1})] end, &any?/1},
+      # DataAccess (the ring argument is not used: each call gets a fresh store)
+      {DataAccess, :new, fn _ -> [] end, &store_new_result?/1},
+      {DataAccess, :new, fn _ -> [[max_events: 8]] end, &store_new_result?/1},
+      {DataAccess, :store_event, fn _ -> [new_store!(), %{id: 2}] end, &store_result?/1},
+      {DataAccess, :store_events, fn _ -> [new_store!(), [1, %{id: 2}]] end,
+       &store_batch_result?/1},
+      {DataAccess, :get_event, fn _ -> [new_store!(), 1] end, &get_event_result?/1},
+      {DataAccess, :query_by_time_range, fn _ -> [new_store!(), 0, 10] end, &query_result?/1},
+      {DataAccess, :query_by_time_range, fn _ -> [new_store!(), 0, 10, [limit: 5]] end,
+       &query_result?/1},
+      {DataAccess, :query_by_process, fn _ -> [new_store!(), me] end, &query_result?/1},
+      {DataAccess, :query_by_process, fn _ -> [new_store!(), me, [order: :desc]] end,
+       &query_result?/1},
+      {DataAccess, :query_by_function, fn _ -> [new_store!(), M, :f] end, &query_result?/1},
+      {DataAccess, :query_by_function, fn _ -> [new_store!(), M, :f, [limit: 1]] end,
+       &query_result?/1},
+      {DataAccess, :query_by_correlation, fn _ -> [new_store!(), :c] end, &query_result?/1},
+      {DataAccess, :query_by_correlation, fn _ -> [new_store!(), :c, [limit: 1]] end,
+       &query_result?/1},
+      {DataAccess, :get_stats, fn _ -> [new_store!()] end, &store_stats_result?/1},
+      {DataAccess, :cleanup_old_events, fn _ -> [new_store!(), 5] end,
+       &match?({:ok, n} when is_integer(n), &1)},
+      {DataAccess, :destroy, fn _ -> [new_store!()] end, &(&1 == :ok)},
+      # bad_store!/1 (public, @doc false) always raises.
+      {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1}
     ]
   end
 
@@ -211,7 +271,9 @@ defmodule ElixirScope.BadInputTest do
     {RingBuffer, :__struct__, 0},
     {RingBuffer, :__struct__, 1},
     {Events, :__struct__, 0},
-    {Events, :__struct__, 1}
+    {Events, :__struct__, 1},
+    {DataAccess, :__struct__, 0},
+    {DataAccess, :__struct__, 1}
   ]
 
   # ---------------------------------------------------------------------------
@@ -278,14 +340,14 @@ defmodule ElixirScope.BadInputTest do
   # ---------------------------------------------------------------------------
 
   describe "coverage" do
-    test "the sweep covers every public function of RingBuffer, Ingestor and Events" do
+    test "the sweep covers every public function of RingBuffer, Ingestor, Events and DataAccess" do
       covered =
         for {mod, fun, args_fun, _} <- specs(), into: MapSet.new() do
           {mod, fun, length(args_fun.(nil))}
         end
 
       exported =
-        for mod <- [RingBuffer, Ingestor, Events],
+        for mod <- [RingBuffer, Ingestor, Events, DataAccess],
             {fun, arity} <- mod.__info__(:functions),
             into: MapSet.new(),
             do: {mod, fun, arity}
@@ -304,7 +366,7 @@ defmodule ElixirScope.BadInputTest do
   end
 
   describe "wrong-type sweep" do
-    for mod <- [RingBuffer, Ingestor, Events] do
+    for mod <- [RingBuffer, Ingestor, Events, DataAccess] do
       test "#{inspect(mod)}: every argument x every bad value -> documented result or ArgumentError" do
         exported = unquote(mod).__info__(:functions)
 
@@ -337,6 +399,7 @@ defmodule ElixirScope.BadInputTest do
 
     test "raw NIFs with garbage arguments never crash the VM" do
       ring_ref = new_ring!(size: 16).ref
+      store_ref = new_store!().ref
       me = self()
 
       calls = [
@@ -356,6 +419,17 @@ defmodule ElixirScope.BadInputTest do
         {:ing_state_change, [ring_ref, me, 1, 2]},
         {:ing_performance_metric, [ring_ref, :m, 1, %{}]},
         {:ing_error, [ring_ref, :e, :m, []]},
+        {:store_new, [8]},
+        {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
+        {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
+        {:store_get, [store_ref, 1]},
+        {:store_by_pid, [store_ref, me, 10, false]},
+        {:store_by_function, [store_ref, M, :f, 10, false]},
+        {:store_by_correlation, [store_ref, 1, 10, false]},
+        {:store_by_time_range, [store_ref, 0, 10, 10, false]},
+        {:store_evict, [store_ref, 0, 0]},
+        {:store_stats, [store_ref]},
+        {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]
 

@@ -92,4 +92,18 @@ rustler::atoms! {
     truncated_events,
     max_event_bytes,
     overflow_strategy,
+    // store
+    event_too_large,
+    not_found,
+    total_events,
+    max_events,
+    oldest_timestamp,
+    newest_timestamp,
+    last_cleanup,
+    memory_usage,
+    payload_bytes,
+    inserted,
+    evicted,
+    expired,
+    duplicates,
 }

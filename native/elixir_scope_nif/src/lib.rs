@@ -11,6 +11,7 @@ mod event_term;
 mod handle;
 mod ingest;
 mod ring_nif;
+mod store_nif;
 
 use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
 use rustler::{Encoder, Env, Term};
@@ -45,7 +46,7 @@ fn load(env: Env, _info: Term) -> bool {
         eprintln!("[elixir_scope_nif] unsupported term representation; refusing to load");
         return false;
     }
-    if !handle::open::<ring_nif::RingRes>(env) {
+    if !handle::open::<ring_nif::RingRes>(env) || !handle::open::<store_nif::StoreRes>(env) {
         return false;
     }
     codec::probe_layout(env);

@@ -1,0 +1,492 @@
+defmodule ElixirScope.Storage.DataAccess do
+  @moduledoc """
+  An indexed, bounded, in-memory event store held natively (Rust).
+
+  Any term can be stored; the ElixirScope event structs (and any map with
+  `:id`/`:event_id`, `:timestamp`, `:pid`, `:module`, `:function`,
+  `:correlation_id` keys) are indexed by their fields. Events can then be
+  fetched by id and queried by time range, process, function and
+  correlation id.
+
+  ## Stored form
+
+  The whole event term is copied into native memory as a compact term tape
+  (see `ElixirScope.Capture.RingBuffer`), never truncated: an event larger
+  than 1 MiB in that form is refused with `{:error, :event_too_large}`.
+  Queries decode only the events they return, so what comes back is equal
+  (`==`) to what was stored.
+
+  ## Index fields
+
+  | event | id | timestamp | process | module/function | correlation |
+  |---|---|---|---|---|---|
+  | `Events.FunctionExecution` | `id` | `timestamp` | `caller_pid` | `module`/`function` | `correlation_id` |
+  | `Events.ProcessEvent` | `id` | `timestamp` | `pid` | – | – |
+  | `Events.MessageEvent` | `id` | `timestamp` | `from_pid` | – | – |
+  | `Events.StateChange` | `id` | `timestamp` | `server_pid` | – | – |
+  | `Events.PerformanceMetric`, `Events.ErrorEvent` | `id` | `timestamp` | – | – | – |
+  | `%Events{}` | `event_id` | `timestamp` | `pid` | from `data` when it is a `FunctionEntry`/`FunctionExit` | `correlation_id` |
+  | any other map | `:id` or `:event_id` | `:timestamp` | `:pid` | `:module`/`:function` | `:correlation_id` |
+  | any other term | fresh | now | – | – | – |
+
+  * **Ids.** An integer id in `0..2^62-1` is used as is. Any other id term is
+    mapped to a stable key of 2^63 + a 63-bit hash (two `:erlang.phash2/2`
+    hashes), so it never equals an integer id; distinct terms hashing to
+    the same key are not told apart. An event without an id (`nil` or no
+    key) gets the fresh key 2^62 + `ElixirScope.Native.next_event_id/0`,
+    distinct from both; it can only be found by the other queries. Storing an id that is already stored is
+    a no-op (the first copy is kept and the event is counted once).
+  * **Timestamps** are integers (nanoseconds, `System.monotonic_time/1` by
+    convention). A missing, `nil`, non-integer or beyond-64-bit timestamp
+    is replaced, for indexing only, by `System.monotonic_time(:nanosecond)`
+    at store time.
+  * **Correlation ids** are keyed like ids (`nil` is a key of its own: a
+    query for `nil` finds the events without a correlation id).
+  * **Processes, modules, functions** are keyed by the term itself (local
+    pids and atoms by their VM word, anything else by its hash).
+
+  ## Bounds
+
+  At most `:max_events` events are kept: storing into a full store evicts
+  the oldest stored event (`total_events` never exceeds `max_events`).
+  `cleanup_old_events/2` removes events by age.
+
+  ## Scheduling
+
+  Every call that touches the store runs on a dirty CPU scheduler: the
+  store is behind one lock, writers and readers of the same store take
+  turns (a write waits for a running query), and waiting must never hold
+  a normal scheduler. `store_events/2` stores in chunks of 1,000.
+
+  ## Destroyed stores
+
+  After `destroy/1`, `store_event/2` and `store_events/2` return
+  `{:error, :destroyed}`, `destroy/1` returns `:ok` and every other
+  function raises `ArgumentError`.
+
+  ## Example
+
+      iex> alias ElixirScope.Storage.DataAccess
+      iex> {:ok, store} = DataAccess.new(max_events: 100)
+      iex> :ok = DataAccess.store_event(store, %{id: 1, timestamp: 10, pid: self()})
+      iex> DataAccess.get_event(store, 1)
+      {:ok, %{id: 1, timestamp: 10, pid: self()}}
+      iex> DataAccess.query_by_time_range(store, 0, 5)
+      {:ok, []}
+  """
+
+  import Bitwise, only: [<<<: 2, bor: 2, bxor: 2]
+
+  alias ElixirScope.{Events, Native}
+
+  alias ElixirScope.Events.{
+    ErrorEvent,
+    FunctionEntry,
+    FunctionExecution,
+    FunctionExit,
+    MessageEvent,
+    PerformanceMetric,
+    ProcessEvent,
+    StateChange
+  }
+
+  @enforce_keys [:ref, :max_events]
+  defstruct [:ref, :max_events, :name]
+
+  @typedoc "A store handle. `ref` is the native resource."
+  @type t :: %__MODULE__{ref: reference(), max_events: pos_integer(), name: term()}
+  @type query_opts :: [limit: non_neg_integer(), order: :asc | :desc]
+
+  @max_events_limit 1 <<< 29
+  @chunk 1000
+  @fresh_bit 1 <<< 62
+  @hash_bit 1 <<< 63
+  @two32 1 <<< 32
+  @i64_min Bitwise.bsl(-1, 63)
+  @i64_max (1 <<< 63) - 1
+  @max_limit 1 <<< 62
+  @defaults [name: nil, max_events: 1_000_000]
+  @query_defaults [limit: 1000, order: :asc]
+
+  @doc """
+  Creates a store.
+
+  | option | default | meaning |
+  |---|---|---|
+  | `:max_events` | `1_000_000` | most events kept, an integer in 1..#{@max_events_limit} |
+  | `:name` | `nil` | any term, kept in the struct for identification |
+
+  Bad options raise `ArgumentError`.
+  """
+  @spec new(keyword()) :: {:ok, t()}
+  def new(opts \\ [])
+
+  def new(opts) when is_list(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "data access options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    opts =
+      case Keyword.validate(opts, @defaults) do
+        {:ok, opts} ->
+          opts
+
+        {:error, unknown} ->
+          raise ArgumentError,
+                "unknown data access option(s) #{inspect(unknown)}; " <>
+                  "known: #{inspect(Keyword.keys(@defaults))}"
+      end
+
+    max = opts[:max_events]
+
+    unless is_integer(max) and max >= 1 and max <= @max_events_limit do
+      raise ArgumentError,
+            "data access option :max_events must be an integer in 1..#{@max_events_limit}, " <>
+              "got: #{inspect(max)}"
+    end
+
+    {:ok, ref} = Native.store_new(max)
+    {:ok, %__MODULE__{ref: ref, max_events: max, name: opts[:name]}}
+  end
+
+  def new(opts) do
+    raise ArgumentError, "data access options must be a keyword list, got: #{inspect(opts)}"
+  end
+
+  @doc """
+  Stores one event (any term).
+
+  Returns `:ok` (also when an event with the same id is already stored:
+  it is kept once), `{:error, :event_too_large}` or `{:error, :destroyed}`.
+  """
+  @spec store_event(t(), term()) :: :ok | {:error, :event_too_large | :destroyed}
+  def store_event(%__MODULE__{} = s, event) do
+    {id, ts, pid, m, f, corr} = header(event)
+    nif(s, fn ref -> Native.store_put(ref, id, ts, pid, m, f, corr, event) end)
+  end
+
+  def store_event(other, _event), do: bad_store!(other)
+
+  @doc """
+  Stores a list of events, #{@chunk} per native call.
+
+  Returns `{:ok, length(events)}` (duplicates included: they are accepted
+  and stored once), or `{:error, :event_too_large | :destroyed}`: the
+  chunks before the failing one are stored, nothing of the failing chunk
+  or after it is.
+  """
+  @spec store_events(t(), [term()]) ::
+          {:ok, non_neg_integer()} | {:error, :event_too_large | :destroyed}
+  def store_events(%__MODULE__{} = s, events) when is_list(events) do
+    unless proper_list?(events), do: raise(ArgumentError, "events must be a proper list")
+    store_chunks(s, events, 0)
+  end
+
+  def store_events(%__MODULE__{}, events),
+    do: raise(ArgumentError, "events must be a list, got: #{inspect(events, limit: 5)}")
+
+  def store_events(other, _events), do: bad_store!(other)
+
+  defp store_chunks(_s, [], n), do: {:ok, n}
+
+  defp store_chunks(s, events, n) do
+    {entries, rest, k} = take_chunk(events, [], 0)
+
+    case nif(s, fn ref -> Native.store_put_batch(ref, entries) end) do
+      :ok -> store_chunks(s, rest, n + k)
+      {:error, _} = error -> error
+    end
+  end
+
+  # Entries in list order (the store keeps insertion order).
+  defp take_chunk(rest, acc, @chunk), do: {:lists.reverse(acc), rest, @chunk}
+  defp take_chunk([], acc, k), do: {:lists.reverse(acc), [], k}
+
+  defp take_chunk([event | rest], acc, k) do
+    {id, ts, pid, m, f, corr} = header(event)
+    take_chunk(rest, [{id, ts, pid, m, f, corr, event} | acc], k + 1)
+  end
+
+  defp proper_list?(list) do
+    _ = length(list)
+    true
+  rescue
+    ArgumentError -> false
+  end
+
+  @doc "Fetches the event with this id (keyed as described in the moduledoc)."
+  @spec get_event(t(), term()) :: {:ok, term()} | {:error, :not_found}
+  def get_event(%__MODULE__{} = s, nil) do
+    # Id-less events get fresh ids: `nil` names none of them.
+    nif(s, fn ref -> Native.store_stats(ref) end)
+    {:error, :not_found}
+  end
+
+  def get_event(%__MODULE__{} = s, id) do
+    key = key(id)
+    nif(s, fn ref -> Native.store_get(ref, key) end)
+  end
+
+  def get_event(other, _id), do: bad_store!(other)
+
+  @doc """
+  Events with `start_time <= timestamp <= end_time` (integers), ordered by
+  timestamp (then store order).
+
+  Options: `limit: 1000` (most events returned), `order: :asc | :desc`.
+  """
+  @spec query_by_time_range(t(), integer(), integer(), query_opts()) :: {:ok, [term()]}
+  def query_by_time_range(s, start_time, end_time, opts \\ [])
+
+  def query_by_time_range(%__MODULE__{} = s, t0, t1, opts)
+      when is_integer(t0) and is_integer(t1) do
+    {limit, desc} = query_opts!(opts)
+    t0 = clamp(t0)
+    t1 = clamp(t1)
+    {:ok, nif(s, fn ref -> Native.store_by_time_range(ref, t0, t1, limit, desc) end)}
+  end
+
+  def query_by_time_range(%__MODULE__{}, t0, t1, _opts) do
+    bad = if is_integer(t0), do: {"end_time", t1}, else: {"start_time", t0}
+    raise ArgumentError, "#{elem(bad, 0)} must be an integer, got: #{inspect(elem(bad, 1))}"
+  end
+
+  def query_by_time_range(other, _t0, _t1, _opts), do: bad_store!(other)
+
+  @doc """
+  Events of process `pid` (see the index table), in store order.
+  Options as for `query_by_time_range/4`.
+  """
+  @spec query_by_process(t(), pid(), query_opts()) :: {:ok, [term()]}
+  def query_by_process(s, pid, opts \\ [])
+
+  def query_by_process(%__MODULE__{} = s, pid, opts) when is_pid(pid) do
+    {limit, desc} = query_opts!(opts)
+    {:ok, nif(s, fn ref -> Native.store_by_pid(ref, pid, limit, desc) end)}
+  end
+
+  def query_by_process(%__MODULE__{}, pid, _opts),
+    do: raise(ArgumentError, "pid must be a pid, got: #{inspect(pid)}")
+
+  def query_by_process(other, _pid, _opts), do: bad_store!(other)
+
+  @doc """
+  Events of `module.function` (atoms), in store order.
+  Options as for `query_by_time_range/4`.
+  """
+  @spec query_by_function(t(), module(), atom(), query_opts()) :: {:ok, [term()]}
+  def query_by_function(s, module, function, opts \\ [])
+
+  def query_by_function(%__MODULE__{} = s, module, function, opts)
+      when is_atom(module) and is_atom(function) do
+    {limit, desc} = query_opts!(opts)
+    {:ok, nif(s, fn ref -> Native.store_by_function(ref, module, function, limit, desc) end)}
+  end
+
+  def query_by_function(%__MODULE__{}, module, function, _opts) do
+    bad = if is_atom(module), do: {"function", function}, else: {"module", module}
+    raise ArgumentError, "#{elem(bad, 0)} must be an atom, got: #{inspect(elem(bad, 1))}"
+  end
+
+  def query_by_function(other, _module, _function, _opts), do: bad_store!(other)
+
+  @doc """
+  Events with this correlation id (any term, keyed like ids), in store
+  order. Options as for `query_by_time_range/4`.
+  """
+  @spec query_by_correlation(t(), term(), query_opts()) :: {:ok, [term()]}
+  def query_by_correlation(s, correlation_id, opts \\ [])
+
+  def query_by_correlation(%__MODULE__{} = s, correlation_id, opts) do
+    {limit, desc} = query_opts!(opts)
+    key = key(correlation_id)
+    {:ok, nif(s, fn ref -> Native.store_by_correlation(ref, key, limit, desc) end)}
+  end
+
+  def query_by_correlation(other, _correlation_id, _opts), do: bad_store!(other)
+
+  @doc """
+  Store statistics:
+
+    * `total_events` — events stored now (never more than `max_events`);
+    * `max_events`;
+    * `oldest_timestamp`, `newest_timestamp` — among stored events, `nil`
+      when empty;
+    * `last_cleanup` — wall time (`System.system_time(:millisecond)`) of the
+      last `cleanup_old_events/2`, or `nil`;
+    * `memory_usage` — native bytes used, payloads included;
+
+  and the counters `payload_bytes` (part of `memory_usage`), `inserted`
+  (store attempts), `evicted` (by `max_events`), `expired` (by
+  `cleanup_old_events/2`) and `duplicates` (ids already stored).
+  """
+  @spec get_stats(t()) :: %{
+          required(:total_events) => non_neg_integer(),
+          required(:max_events) => pos_integer(),
+          required(:oldest_timestamp) => integer() | nil,
+          required(:newest_timestamp) => integer() | nil,
+          required(:last_cleanup) => integer() | nil,
+          required(:memory_usage) => non_neg_integer(),
+          optional(atom()) => non_neg_integer()
+        }
+  def get_stats(%__MODULE__{} = s), do: nif(s, &Native.store_stats/1)
+  def get_stats(other), do: bad_store!(other)
+
+  @doc """
+  Removes every event whose timestamp is `< cutoff_time` (an integer, in
+  the events' timestamp unit). Returns `{:ok, removed}`.
+  """
+  @spec cleanup_old_events(t(), integer()) :: {:ok, non_neg_integer()}
+  def cleanup_old_events(%__MODULE__{} = s, cutoff_time) when is_integer(cutoff_time) do
+    cutoff = clamp(cutoff_time)
+    now = System.system_time(:millisecond)
+    {:ok, nif(s, fn ref -> Native.store_evict(ref, cutoff, now) end)}
+  end
+
+  def cleanup_old_events(%__MODULE__{}, cutoff),
+    do: raise(ArgumentError, "cutoff_time must be an integer, got: #{inspect(cutoff)}")
+
+  def cleanup_old_events(other, _cutoff), do: bad_store!(other)
+
+  @doc """
+  Destroys the store: its memory is freed at once and the handle stops
+  working (see "Destroyed stores"). Idempotent.
+  """
+  @spec destroy(t()) :: :ok
+  def destroy(%__MODULE__{} = s), do: nif(s, &Native.store_destroy/1)
+  def destroy(other), do: bad_store!(other)
+
+  @doc false
+  @spec bad_store!(term()) :: no_return()
+  def bad_store!(other) do
+    raise ArgumentError,
+          "expected an %ElixirScope.Storage.DataAccess{} (from DataAccess.new/1), got: " <>
+            inspect(other, limit: 5, printable_limit: 40)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Helpers
+  # ---------------------------------------------------------------------------
+
+  # Calls a NIF with the store's ref. Every other argument is checked (or
+  # built) here, so the NIF's bare `ArgumentError` means the ref is not a
+  # store resource (a forged struct); destroyed stores raise their own.
+  defp nif(%__MODULE__{ref: ref} = s, fun) do
+    fun.(ref)
+  rescue
+    e in ArgumentError ->
+      if e.message == "argument error" do
+        raise ArgumentError,
+              "expected a %ElixirScope.Storage.DataAccess{} from DataAccess.new/1; " <>
+                "its ref is not a store: #{inspect(s, limit: 5)}"
+      else
+        reraise e, __STACKTRACE__
+      end
+  end
+
+  defp query_opts!(opts) when is_list(opts) do
+    opts =
+      case Keyword.keyword?(opts) && Keyword.validate(opts, @query_defaults) do
+        {:ok, opts} ->
+          opts
+
+        {:error, unknown} ->
+          raise ArgumentError,
+                "unknown query option(s) #{inspect(unknown)}; " <>
+                  "known: #{inspect(Keyword.keys(@query_defaults))}"
+
+        false ->
+          raise ArgumentError, "query options must be a keyword list, got: #{inspect(opts)}"
+      end
+
+    limit =
+      case opts[:limit] do
+        l when is_integer(l) and l >= 0 ->
+          min(l, @max_limit)
+
+        l ->
+          raise ArgumentError,
+                "query option :limit must be a non-negative integer, got: #{inspect(l)}"
+      end
+
+    desc =
+      case opts[:order] do
+        :asc -> false
+        :desc -> true
+        o -> raise ArgumentError, "query option :order must be :asc or :desc, got: #{inspect(o)}"
+      end
+
+    {limit, desc}
+  end
+
+  defp query_opts!(opts),
+    do: raise(ArgumentError, "query options must be a keyword list, got: #{inspect(opts)}")
+
+  defp clamp(t), do: t |> max(@i64_min) |> min(@i64_max)
+
+  # {id key, timestamp, pid, module, function, correlation key}
+  defp header(%FunctionExecution{} = e),
+    do: {id_key(e.id), ts(e.timestamp), e.caller_pid, e.module, e.function, key(e.correlation_id)}
+
+  defp header(%ProcessEvent{} = e), do: {id_key(e.id), ts(e.timestamp), e.pid, nil, nil, key(nil)}
+
+  defp header(%MessageEvent{} = e),
+    do: {id_key(e.id), ts(e.timestamp), e.from_pid, nil, nil, key(nil)}
+
+  defp header(%StateChange{} = e),
+    do: {id_key(e.id), ts(e.timestamp), e.server_pid, nil, nil, key(nil)}
+
+  defp header(%PerformanceMetric{} = e),
+    do: {id_key(e.id), ts(e.timestamp), nil, nil, nil, key(nil)}
+
+  defp header(%ErrorEvent{} = e), do: {id_key(e.id), ts(e.timestamp), nil, nil, nil, key(nil)}
+
+  defp header(%Events{} = e) do
+    {m, f} =
+      case e.data do
+        %FunctionEntry{module: m, function: f} -> {m, f}
+        %FunctionExit{module: m, function: f} -> {m, f}
+        _ -> {nil, nil}
+      end
+
+    {id_key(e.event_id), ts(e.timestamp), e.pid, m, f, key(e.correlation_id)}
+  end
+
+  defp header(%{} = map) do
+    id =
+      case map do
+        %{id: id} when id != nil -> id
+        %{event_id: id} -> id
+        _ -> nil
+      end
+
+    {id_key(id), ts(Map.get(map, :timestamp)), Map.get(map, :pid), Map.get(map, :module),
+     Map.get(map, :function), key(Map.get(map, :correlation_id))}
+  end
+
+  defp header(_other), do: {id_key(nil), ts(nil), nil, nil, nil, key(nil)}
+
+  # Three disjoint key spaces: integer ids below 2^62 as is, fresh ids of
+  # id-less events (2^62 + counter), hashes of other ids (2^63 + hash).
+  defp id_key(nil), do: bor(@fresh_bit, Native.next_event_id())
+  defp id_key(id), do: key(id)
+
+  defp key(id) when is_integer(id) and id >= 0 and id < @fresh_bit, do: id
+
+  defp key(term) do
+    high = :erlang.phash2({:id, term}, @two32) <<< 31
+    bor(@hash_bit, bxor(high, :erlang.phash2({:id2, term}, @two32)))
+  end
+
+  defp ts(t) when is_integer(t) and t >= @i64_min and t <= @i64_max, do: t
+  defp ts(_), do: System.monotonic_time(:nanosecond)
+
+  defimpl Inspect do
+    import Inspect.Algebra
+
+    def inspect(%{max_events: max, name: name}, opts) do
+      fields = [max_events: max] ++ if(name, do: [name: name], else: [])
+      concat(["#DataAccess<", to_doc(fields, opts), ">"])
+    end
+  end
+end

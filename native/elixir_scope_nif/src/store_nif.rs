@@ -1,0 +1,357 @@
+//! `store_*` NIFs: the `ElixirScope.Storage.DataAccess` resource, an
+//! [`EventStore`] behind a mutex.
+//!
+//! Each stored event keeps the whole Elixir term as its payload (term tape,
+//! see `codec`); only the events a query returns are decoded. Index keys
+//! come from Elixir as integers (id, timestamp, correlation id) or as terms
+//! turned into keys here ([`term_key`]: pid, module, function).
+//!
+//! Every NIF that takes the store's lock runs on a dirty CPU scheduler:
+//! queries hold the lock for as long as they walk, and a write that waited
+//! for one on a normal scheduler would hold that scheduler too.
+
+use elixir_scope_core::{CorrelationFields, Event, EventKind, EventStore, Order, StoreConfig};
+use rustler::sys::{enif_make_list_from_array, ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
+use rustler::types::map::map_new;
+use rustler::{Atom, Encoder, Env, NifResult, Term};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::atoms;
+use crate::codec::{self, encode_into, Scratch, TapeDecoder};
+use crate::error::badarg;
+use crate::handle::{self, Handle, Ref};
+
+/// Most events one `store_put_batch` call takes (Elixir chunks).
+pub const CHUNK: usize = 1000;
+/// Largest stored term, in tape bytes: a bigger event is refused with
+/// `{:error, :event_too_large}` (never stored truncated).
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+/// `last_cleanup` before any cleanup.
+const NEVER: i64 = i64::MIN;
+
+/// The store resource behind `%DataAccess{}`.
+pub struct StoreRes {
+    store: Mutex<EventStore>,
+    destroyed: AtomicBool,
+    /// Wall time (ms) of the last `store_evict`, or [`NEVER`].
+    last_cleanup: AtomicI64,
+}
+
+static STORE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
+
+impl Handle for StoreRes {
+    const NAME: &'static CStr = c"elixir_scope_store";
+    fn type_slot() -> &'static AtomicPtr<ErlNifResourceType> {
+        &STORE_TYPE
+    }
+    fn drop_off_scheduler(&self) -> bool {
+        true
+    }
+}
+
+impl StoreRes {
+    /// The locked store, or an `ArgumentError` if destroyed. A poisoned
+    /// lock (a panic while holding it) is recovered: the store's methods
+    /// leave it consistent between calls.
+    fn lock<'s>(&'s self, env: Env) -> NifResult<MutexGuard<'s, EventStore>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return badarg(env, "the data access store has been destroyed");
+        }
+        Ok(self.store.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The index key of a pid/module/function term: the raw word of an
+/// immediate (local pid, atom, small integer), else `phash2 << 2` (low tag
+/// bits `00`, so it never equals an immediate's word).
+fn term_key(t: Term) -> u64 {
+    let raw = t.as_c_arg();
+    if codec::is_immediate(raw) {
+        codec::word(raw)
+    } else {
+        (t.hash_phash2() as u64) << 2
+    }
+}
+
+fn order_of(desc: bool) -> Order {
+    if desc {
+        Order::Desc
+    } else {
+        Order::Asc
+    }
+}
+
+/// Build the stored event for `term` with the given header fields; `None`
+/// if the term does not fit [`MAX_EVENT_BYTES`].
+#[allow(clippy::too_many_arguments)]
+fn build(
+    env: Env,
+    id: u64,
+    ts: i64,
+    pid: Term,
+    module: Term,
+    function: Term,
+    corr: u64,
+    term: Term,
+) -> Option<(Event, CorrelationFields)> {
+    let mut payload = Vec::new();
+    if encode_into(env, &mut payload, MAX_EVENT_BYTES, |enc| enc.field(term)) {
+        return None;
+    }
+    let ev = Event {
+        id,
+        timestamp: ts,
+        wall_time: 0,
+        pid: term_key(pid),
+        peer: 0,
+        module: term_key(module),
+        function: term_key(function),
+        aux: 0,
+        kind: EventKind::Term as u8,
+        flags: 0,
+        payload,
+    };
+    let cf = CorrelationFields {
+        correlation_id: corr,
+        parent_id: 0,
+        root_id: 0,
+    };
+    Some((ev, cf))
+}
+
+/// Decode stored payloads into a list term.
+fn to_list<'a, 'b, I>(env: Env<'a>, payloads: I) -> Term<'a>
+where
+    I: ExactSizeIterator<Item = &'b [u8]>,
+{
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        out.push(TapeDecoder::new(p).next(env, &mut scratch).as_c_arg());
+    }
+    // SAFETY: `out` holds `len` terms built in `env`.
+    unsafe {
+        Term::new(
+            env,
+            enif_make_list_from_array(env.as_c_arg(), out.as_ptr(), out.len() as u32),
+        )
+    }
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_new(env: Env, max_events: i64) -> NifResult<Term> {
+    if max_events <= 0 || max_events as u64 > elixir_scope_core::store::MAX_EVENTS_LIMIT as u64 {
+        return badarg(
+            env,
+            format!(
+                "max_events must be an integer in 1..{}",
+                elixir_scope_core::store::MAX_EVENTS_LIMIT
+            ),
+        );
+    }
+    let store = EventStore::new(StoreConfig {
+        max_events: max_events as usize,
+        max_age_ns: None,
+    });
+    let res = handle::make(
+        env,
+        StoreRes {
+            store: Mutex::new(store),
+            destroyed: AtomicBool::new(false),
+            last_cleanup: AtomicI64::new(NEVER),
+        },
+    );
+    Ok((atoms::ok(), res).encode(env))
+}
+
+/// Store one event: `:ok` (also for an id already stored: kept once),
+/// `{:error, :event_too_large}` or `{:error, :destroyed}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
+fn store_put<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    id: u64,
+    ts: i64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    corr: u64,
+    event: Term<'a>,
+) -> Term<'a> {
+    if s.destroyed.load(Ordering::Acquire) {
+        return (atoms::error(), atoms::destroyed()).encode(env);
+    }
+    let Some((ev, cf)) = build(env, id, ts, pid, module, function, corr, event) else {
+        return (atoms::error(), atoms::event_too_large()).encode(env);
+    };
+    let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+    store.insert(&ev, cf);
+    atoms::ok().encode(env)
+}
+
+/// Store a list of at most [`CHUNK`] `{id, ts, pid, module, function,
+/// corr, event}` tuples: `:ok`, `{:error, :event_too_large}` (nothing of
+/// this chunk stored) or `{:error, :destroyed}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_put_batch<'a>(env: Env<'a>, s: Ref<StoreRes>, list: Term<'a>) -> NifResult<Term<'a>> {
+    if s.destroyed.load(Ordering::Acquire) {
+        return Ok((atoms::error(), atoms::destroyed()).encode(env));
+    }
+    let mut built = Vec::with_capacity(64);
+    let mut rest = list;
+    while let Ok((head, tail)) = rest.list_get_cell() {
+        if built.len() == CHUNK {
+            return badarg(
+                env,
+                format!("at most {CHUNK} events per store_put_batch call"),
+            );
+        }
+        let (id, ts, pid, module, function, corr, event): (u64, i64, Term, Term, Term, u64, Term) =
+            match head.decode() {
+                Ok(t) => t,
+                Err(_) => return badarg(env, "malformed store_put_batch entry"),
+            };
+        match build(env, id, ts, pid, module, function, corr, event) {
+            Some(b) => built.push(b),
+            None => return Ok((atoms::error(), atoms::event_too_large()).encode(env)),
+        }
+        rest = tail;
+    }
+    if !rest.is_list() {
+        return badarg(env, "events must be a proper list");
+    }
+    let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+    for (ev, cf) in &built {
+        store.insert(ev, *cf);
+    }
+    Ok(atoms::ok().encode(env))
+}
+
+/// `{:ok, event}` or `{:error, :not_found}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_get<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    Ok(match store.get(id) {
+        Some(e) => {
+            let mut scratch = Vec::new();
+            let t = TapeDecoder::new(e.payload).next(env, &mut scratch);
+            (atoms::ok(), t).encode(env)
+        }
+        None => (atoms::error(), atoms::not_found()).encode(env),
+    })
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_pid<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    pid: Term<'a>,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_pid(term_key(pid), limit as usize, order_of(desc));
+    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_function<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    module: Term<'a>,
+    function: Term<'a>,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_function(
+        term_key(module),
+        term_key(function),
+        limit as usize,
+        order_of(desc),
+    );
+    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_correlation<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    corr: u64,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_correlation(corr, limit as usize, order_of(desc));
+    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_time_range<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    t0: i64,
+    t1: i64,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_time_range(t0, t1, limit as usize, order_of(desc));
+    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+}
+
+/// Expire every event with `timestamp < cutoff`; records `now_ms` as the
+/// last cleanup time. Returns the number removed.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_evict(env: Env, s: Ref<StoreRes>, cutoff: i64, now_ms: i64) -> NifResult<u64> {
+    let mut store = s.lock(env)?;
+    let n = store.evict_older_than(cutoff);
+    s.last_cleanup.store(now_ms, Ordering::Relaxed);
+    Ok(n as u64)
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_stats<'a>(env: Env<'a>, s: Ref<StoreRes>) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let st = store.stats();
+    drop(store);
+    let nil = atoms::nil().encode(env);
+    let opt = |v: Option<i64>| v.map_or(nil, |x| x.encode(env));
+    let last = match s.last_cleanup.load(Ordering::Relaxed) {
+        NEVER => nil,
+        ms => ms.encode(env),
+    };
+    let m = map_new(env)
+        .map_put(atoms::total_events(), st.total as u64)?
+        .map_put(atoms::max_events(), st.max_events as u64)?
+        .map_put(atoms::oldest_timestamp(), opt(st.oldest_timestamp))?
+        .map_put(atoms::newest_timestamp(), opt(st.newest_timestamp))?
+        .map_put(atoms::last_cleanup(), last)?
+        .map_put(atoms::memory_usage(), st.memory_bytes as u64)?
+        .map_put(atoms::payload_bytes(), st.payload_bytes as u64)?
+        .map_put(atoms::inserted(), st.inserted)?
+        .map_put(atoms::evicted(), st.evicted)?
+        .map_put(atoms::expired(), st.expired)?
+        .map_put(atoms::duplicates(), st.duplicates)?;
+    Ok(m)
+}
+
+/// Mark destroyed and free the store's memory now. Idempotent.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_destroy(s: Ref<StoreRes>) -> Atom {
+    if !s.destroyed.swap(true, Ordering::AcqRel) {
+        let empty = EventStore::new(StoreConfig {
+            max_events: 1,
+            max_age_ns: None,
+        });
+        let old = {
+            let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *store, empty)
+        };
+        drop(old);
+    }
+    atoms::ok()
+}
