@@ -189,7 +189,7 @@ defmodule ElixirScope.Capture.RingBuffer do
           | {:error, :destroyed}
   def write_batch(%__MODULE__{ref: ref}, events) when is_list(events) do
     # An improper list must fail before anything is written.
-    unless proper_list?(events), do: raise(ArgumentError, "events must be a proper list")
+    ElixirScope.Args.proper_list!(events, "events")
     write_chunks(ref, events, 0, 0, true)
   end
 
@@ -197,13 +197,6 @@ defmodule ElixirScope.Capture.RingBuffer do
     do: raise(ArgumentError, "events must be a list, got: #{inspect(events)}")
 
   def write_batch(other, _events), do: bad_buffer!(other)
-
-  defp proper_list?(list) do
-    _ = length(list)
-    true
-  rescue
-    ArgumentError -> false
-  end
 
   defp write_chunks(_ref, [], accepted, 0, false), do: {:ok, accepted}
 

@@ -178,7 +178,7 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec store_events(t(), [term()]) ::
           {:ok, non_neg_integer()} | {:error, :event_too_large | :destroyed}
   def store_events(%__MODULE__{} = s, events) when is_list(events) do
-    unless proper_list?(events), do: raise(ArgumentError, "events must be a proper list")
+    ElixirScope.Args.proper_list!(events, "events")
     store_chunks(s, events, 0)
   end
 
@@ -205,13 +205,6 @@ defmodule ElixirScope.Storage.DataAccess do
   defp take_chunk([event | rest], acc, k) do
     {id, ts, pid, m, f, corr} = header(event)
     take_chunk(rest, [{id, ts, pid, m, f, corr, event} | acc], k + 1)
-  end
-
-  defp proper_list?(list) do
-    _ = length(list)
-    true
-  rescue
-    ArgumentError -> false
   end
 
   @doc "Fetches the event with this id (keyed as described in the moduledoc)."
