@@ -614,6 +614,17 @@ pub fn probe_layout(env: Env) {
     let _ = LAYOUT.set(l);
 }
 
+/// A list term of `terms`, which must all be terms of `env`.
+pub fn make_list<'a>(env: Env<'a>, terms: &[ERL_NIF_TERM]) -> Term<'a> {
+    // SAFETY: `terms` holds `len` valid terms of `env` (caller's contract).
+    unsafe {
+        Term::new(
+            env,
+            enif_make_list_from_array(env.as_c_arg(), terms.as_ptr(), terms.len() as u32),
+        )
+    }
+}
+
 /// Decodes terms from a tape written by [`TapeEncoder`].
 pub struct TapeDecoder<'t> {
     tape: &'t [u8],

@@ -5,8 +5,7 @@ use elixir_scope_core::{
 };
 use rustler::sys::ErlNifResourceType;
 use rustler::sys::{
-    enif_make_list_from_array, enif_monotonic_time, enif_time_offset, ErlNifTerm as ERL_NIF_TERM,
-    ErlNifTimeUnit,
+    enif_monotonic_time, enif_time_offset, ErlNifTerm as ERL_NIF_TERM, ErlNifTimeUnit,
 };
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
@@ -259,13 +258,7 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
     let outcome = rb.ring.read_batch(pos, max, |_, ev| {
         out.push(event_to_term(env, ev, &mut scratch).as_c_arg());
     });
-    // SAFETY: `out` holds `len` terms built in `env`.
-    let list = unsafe {
-        Term::new(
-            env,
-            enif_make_list_from_array(env.as_c_arg(), out.as_ptr(), out.len() as u32),
-        )
-    };
+    let list = crate::codec::make_list(env, &out);
     Ok((list, outcome.next, outcome.missed).encode(env))
 }
 

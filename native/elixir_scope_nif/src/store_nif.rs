@@ -11,7 +11,7 @@
 //! for one on a normal scheduler would hold that scheduler too.
 
 use elixir_scope_core::{CorrelationFields, Event, EventKind, EventStore, Order, StoreConfig};
-use rustler::sys::{enif_make_list_from_array, ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
+use rustler::sys::{ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::ffi::CStr;
@@ -131,13 +131,7 @@ where
     for p in payloads {
         out.push(TapeDecoder::new(p).next(env, &mut scratch).as_c_arg());
     }
-    // SAFETY: `out` holds `len` terms built in `env`.
-    unsafe {
-        Term::new(
-            env,
-            enif_make_list_from_array(env.as_c_arg(), out.as_ptr(), out.len() as u32),
-        )
-    }
+    codec::make_list(env, &out)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
