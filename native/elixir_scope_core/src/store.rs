@@ -9,7 +9,9 @@
 //! one byte arena per segment holding the payloads back to back; a segment
 //! also keeps a dead-record bitset and its min/max timestamps. A segment is
 //! *sealed* when full: its records are then given a timestamp-sorted
-//! permutation (stored inside the headers' padding).
+//! permutation (stored inside the headers' padding; an insertion sort with a
+//! budget of two moves per record, so O(n) when arrival is roughly in time
+//! order, then a general sort if the budget runs out).
 //!
 //! # Indexes
 //!
@@ -24,11 +26,20 @@
 //!   shrunk: it is bounded by the number of distinct functions); one exact
 //!   chain per pair.
 //! * `pid`: exact chain per pid, heads in a hash map whose stale keys (head
-//!   already evicted) are swept after every `len()` popped records.
+//!   already evicted) are swept once as many records were popped as the
+//!   previous sweep left keys (at least a segment's worth): amortized O(1)
+//!   per insert, and stale keys never outnumber that count (each popped
+//!   record leaves at most one).
 //! * `id`, `correlation_id`, `parent_id` (link target, `0` = none is not
 //!   indexed): bucketed chains (a fixed power-of-two table of ≥ `max_events /
 //!   2` heads, 4 bytes each); a walk skips the records of other keys sharing
-//!   the bucket, on average fewer than two per lookup.
+//!   the bucket, on average fewer than two per lookup. The bucket of key `k`
+//!   is taken from `hash(k >> 10)`, its low 10 bits XORed with those of `k`
+//!   (10: fewer for tables under 1,024 heads): keys differing only in their
+//!   low 10 bits never share a bucket, other keys collide as under a random
+//!   hash, and nearby keys (ids, which are mostly increasing, and the ids
+//!   used as correlation and parent ids) land in the same 4 KiB of the
+//!   table, so inserting stays cache-friendly however large the table.
 //! * time: per-segment min/max timestamp prunes segments, a binary search in
 //!   each sealed segment's sorted permutation (a linear scan of the single
 //!   open segment) finds the window, and a k-way merge yields it in order. This
@@ -39,6 +50,30 @@
 //! limit: the number returned); `Asc` collects all live matches of the key
 //! first. Results of key queries are in store (`seq`) order; results of
 //! [`EventStore::by_time_range`] are in `(timestamp, seq)` order.
+//!
+//! # Insert cost
+//!
+//! The duplicate check walks the id's chain (random reads in the headers:
+//! the main cost of a large store) only when a small exact filter of recent
+//! ids cannot rule the id out: one bit per id for the newest blocks of 64
+//! ids, up to 1,024 blocks (16 KiB, ~65k ids). An id in a block above
+//! every id ever stored, or a recent id never stored, skips the walk; ids
+//! below the window, or stored before (duplicates, re-inserts after
+//! eviction), take it. Then: three table heads, the pid map, the interned
+//! function, an append to the open segment and, when the store is full, the
+//! eviction of the oldest record.
+//!
+//! # Late links
+//!
+//! [`EventStore::relink`] replaces the correlation id of a stored event (a
+//! link learnt after it was stored). The chains are fixed at insert, so the
+//! link lives in side maps: `seq → correlation id`, read by every result,
+//! and `correlation id → seqs`, merged into [`EventStore::by_correlation`]
+//! (while a relinked event no longer matches its stored correlation id).
+//! Both are skipped when no link exists; entries of freed records are
+//! pruned by the pid sweep, so they hold at most the relinked records in
+//! memory plus those popped since the last sweep (counted in
+//! [`EventStore::memory_bytes`]).
 //!
 //! # Bounds and counters
 //!
@@ -308,9 +343,15 @@ impl Segment {
     }
 
     fn seal(&mut self) {
-        let mut order: Vec<u16> = (0..self.recs.len() as u16).collect();
-        order.sort_unstable_by_key(|&i| (self.recs[i as usize].timestamp, i));
-        for (pos, i) in order.into_iter().enumerate() {
+        let mut order: Vec<(i64, u16)> = (self.recs.iter().enumerate())
+            .map(|(i, r)| (r.timestamp, i as u16))
+            .collect();
+        // Arrival is usually roughly in time order: an insertion sort then
+        // costs O(n) (bounded; a general sort finishes the job otherwise).
+        if !insertion_sort_bounded(&mut order, 2 * self.recs.len()) {
+            order.sort_unstable();
+        }
+        for (pos, (_, i)) in order.into_iter().enumerate() {
             self.recs[pos].perm = i;
         }
         self.sealed = true;
@@ -321,6 +362,26 @@ impl Segment {
     fn bytes(&self) -> usize {
         self.recs.capacity() * size_of::<Rec>() + self.arena.capacity() + self.dead.capacity() * 8
     }
+}
+
+/// Insertion sort giving up (returning false, `v` a permutation of its
+/// input) after `budget` element moves.
+fn insertion_sort_bounded<T: Ord + Copy>(v: &mut [T], mut budget: usize) -> bool {
+    for i in 1..v.len() {
+        let x = v[i];
+        let mut j = i;
+        while j > 0 && v[j - 1] > x {
+            if budget == 0 {
+                v[j] = x;
+                return false;
+            }
+            budget -= 1;
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
+    }
+    true
 }
 
 /// murmur3 finalizer.
@@ -352,10 +413,15 @@ impl Hasher for MixHasher {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
 
+const GROUP_BITS: u32 = 10;
+
 /// Bucket heads, stored as 32-bit offsets from `base` (`0` = empty).
 struct HeadTable {
     base: u64,
     shift: u32,
+    /// Keys `k` with the same `k >> group_bits` share a group of
+    /// `1 << group_bits` consecutive slots.
+    group_bits: u32,
     slots: Vec<u32>,
 }
 
@@ -364,13 +430,15 @@ impl HeadTable {
         HeadTable {
             base: 0,
             shift: 64 - bits,
+            group_bits: bits.min(GROUP_BITS),
             slots: vec![0; 1 << bits],
         }
     }
 
     #[inline]
     fn bucket(&self, key: u64) -> usize {
-        (mix(key) >> self.shift) as usize
+        ((mix(key >> self.group_bits) >> self.shift) ^ (key & ((1 << self.group_bits) - 1)))
+            as usize
     }
 
     #[inline]
@@ -400,6 +468,197 @@ impl HeadTable {
             self.base = min_valid;
         }
         self.slots[b] = (seq - self.base + 1) as u32;
+    }
+}
+
+/// Exact filter of ids that were never stored, for the recent ids: one bit
+/// per id of the newest `words.len()` blocks of 64 ids (block `b` in slot
+/// `b % len`, tagged with `b`). An id is certainly fresh if its block is
+/// above every stored id's block, or is in the window and its bit is clear
+/// (a slot tagged with another block means an empty block: a block enters
+/// the window empty, and its slot can only be retagged by a block that is
+/// out of the window while it is in). Bits are never cleared, so a set bit
+/// (stored, maybe evicted since) or an id below the window means "unknown".
+struct FreshIds {
+    /// Highest block of a stored id (`None`: nothing stored yet).
+    top: Option<u64>,
+    words: Vec<(u64, u64)>,
+}
+
+impl FreshIds {
+    fn new(blocks: usize) -> FreshIds {
+        FreshIds {
+            top: None,
+            words: vec![(u64::MAX, 0); blocks],
+        }
+    }
+
+    /// True if `id` was never stored.
+    #[inline]
+    fn is_fresh(&self, id: u64) -> bool {
+        let b = id >> 6;
+        match self.top {
+            Some(top) if b <= top => {
+                if top - b >= self.words.len() as u64 {
+                    return false;
+                }
+                let (tag, bits) = self.words[b as usize & (self.words.len() - 1)];
+                tag != b || bits & (1 << (id & 63)) == 0
+            }
+            _ => true,
+        }
+    }
+
+    /// Records that `id` is stored.
+    #[inline]
+    fn add(&mut self, id: u64) {
+        let b = id >> 6;
+        let top = match self.top {
+            Some(t) if t >= b => t,
+            _ => {
+                self.top = Some(b);
+                b
+            }
+        };
+        if top - b < self.words.len() as u64 {
+            let mask = self.words.len() - 1;
+            let w = &mut self.words[b as usize & mask];
+            if w.0 != b {
+                *w = (b, 0);
+            }
+            w.1 |= 1 << (id & 63);
+        }
+    }
+}
+
+/// Late links: correlation ids replacing the stored ones, by seq, and the
+/// reverse index (correlation id → seqs, ascending). A key is either in
+/// `one` (a single seq, the usual case) or in `many` (two or more).
+#[derive(Default)]
+struct Relinks {
+    by_seq: FastMap<u64, u64>,
+    one: FastMap<u64, u64>,
+    many: FastMap<u64, Vec<u64>>,
+}
+
+impl Relinks {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.by_seq.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.by_seq.len()
+    }
+
+    #[inline]
+    fn get(&self, seq: u64) -> Option<u64> {
+        self.by_seq.get(&seq).copied()
+    }
+
+    /// Seqs relinked to `correlation_id`, ascending.
+    fn seqs(&self, correlation_id: u64) -> &[u64] {
+        match self.many.get(&correlation_id) {
+            Some(v) => v,
+            None => self
+                .one
+                .get(&correlation_id)
+                .map_or(&[], std::slice::from_ref),
+        }
+    }
+
+    /// Links `seq` to `target` (`None`: back to its stored correlation id).
+    fn set(&mut self, seq: u64, target: Option<u64>) {
+        let previous = match target {
+            Some(t) => self.by_seq.insert(seq, t),
+            None => self.by_seq.remove(&seq),
+        };
+        if let Some(p) = previous {
+            self.remove_target(p, seq);
+        }
+        if let Some(t) = target {
+            self.add_target(t, seq);
+        }
+        if self.by_seq.is_empty() {
+            // Nothing linked any more: give the memory back.
+            *self = Relinks::default();
+        }
+    }
+
+    fn add_target(&mut self, t: u64, seq: u64) {
+        if let Some(v) = self.many.get_mut(&t) {
+            if let Err(k) = v.binary_search(&seq) {
+                v.insert(k, seq);
+            }
+            return;
+        }
+        match self.one.insert(t, seq) {
+            Some(other) if other != seq => {
+                self.one.remove(&t);
+                self.many.insert(t, vec![other.min(seq), other.max(seq)]);
+            }
+            _ => {}
+        }
+    }
+
+    fn remove_target(&mut self, t: u64, seq: u64) {
+        if let Some(v) = self.many.get_mut(&t) {
+            if let Ok(k) = v.binary_search(&seq) {
+                v.remove(k);
+            }
+            if v.len() == 1 {
+                self.one.insert(t, v[0]);
+                self.many.remove(&t);
+            }
+        } else if self.one.get(&t) == Some(&seq) {
+            self.one.remove(&t);
+        }
+    }
+
+    /// Drops the links of records below `base` (freed).
+    fn prune(&mut self, base: u64) {
+        if self.by_seq.is_empty() {
+            return;
+        }
+        self.by_seq.retain(|&seq, _| seq >= base);
+        self.one.retain(|_, seq| *seq >= base);
+        let one = &mut self.one;
+        self.many.retain(|&t, v| {
+            let stale = v.partition_point(|&seq| seq < base);
+            v.drain(..stale);
+            match v.len() {
+                0 => false,
+                1 => {
+                    one.insert(t, v[0]);
+                    false
+                }
+                _ => {
+                    if v.capacity() > 2 * v.len() {
+                        v.shrink_to_fit();
+                    }
+                    true
+                }
+            }
+        });
+        if self.by_seq.is_empty() {
+            *self = Relinks::default();
+            return;
+        }
+        for m in [&mut self.by_seq, &mut self.one] {
+            if m.capacity() > 4 * (m.len() + 16) {
+                m.shrink_to_fit();
+            }
+        }
+        if self.many.capacity() > 4 * (self.many.len() + 16) {
+            self.many.shrink_to_fit();
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        map_bytes(&self.by_seq)
+            + map_bytes(&self.one)
+            + map_bytes(&self.many)
+            + self.many.values().map(|v| v.capacity() * 8).sum::<usize>()
     }
 }
 
@@ -438,7 +697,15 @@ pub struct EventStore {
     /// (module, function, head seq or `u64::MAX`).
     mfs: Vec<(u64, u64, u64)>,
     newest_seen: Option<i64>,
+    fresh: FreshIds,
+    /// Late links (see [`EventStore::relink`]).
+    relinks: Relinks,
     popped_since_sweep: usize,
+    /// Records to pop before the next sweep of stale pid heads and late
+    /// links: the number of keys left by the previous sweep (at least a
+    /// segment's worth), so sweeps cost amortized O(1) per insert and stale
+    /// keys stay below it.
+    sweep_every: usize,
     since_age_check: usize,
     inserted: u64,
     evicted: u64,
@@ -475,7 +742,10 @@ impl EventStore {
             mf_ids: FastMap::default(),
             mfs: Vec::new(),
             newest_seen: None,
+            fresh: FreshIds::new((max_events / 64).next_power_of_two().clamp(16, 1024)),
+            relinks: Relinks::default(),
             popped_since_sweep: 0,
+            sweep_every: seg_cap,
             since_age_check: 0,
             inserted: 0,
             evicted: 0,
@@ -520,12 +790,21 @@ impl EventStore {
         if seq < front.base || seq >= self.next_seq {
             return None;
         }
-        let guess = ((seq - front.base) / self.seg_cap as u64) as usize;
+        // `seg_cap` is a power of two.
+        let guess = ((seq - front.base) >> self.seg_cap.trailing_zeros()) as usize;
         if let Some(s) = self.segments.get(guess) {
             if s.base <= seq && seq < s.base + s.recs.len() as u64 {
                 return Some((guess, (seq - s.base) as usize));
             }
         }
+        self.locate_search(seq)
+    }
+
+    /// [`Self::locate`] when segments before `seq` are not all full (a
+    /// segment sealed early because its arena was full).
+    #[cold]
+    #[inline(never)]
+    fn locate_search(&self, seq: u64) -> Option<(usize, usize)> {
         let si = self.segments.partition_point(|s| s.base <= seq) - 1;
         let s = &self.segments[si];
         let i = (seq - s.base) as usize;
@@ -561,8 +840,14 @@ impl EventStore {
     fn view<'a>(&'a self, seg: &'a Segment, i: usize) -> StoredEvent<'a> {
         let r = &seg.recs[i];
         let (module, function, _) = self.mfs[r.mf as usize];
+        let seq = seg.base + i as u64;
+        let correlation_id = if self.relinks.is_empty() {
+            r.correlation_id
+        } else {
+            self.relinks.get(seq).unwrap_or(r.correlation_id)
+        };
         StoredEvent {
-            seq: seg.base + i as u64,
+            seq,
             id: r.id,
             timestamp: r.timestamp,
             wall_time: r.wall_time,
@@ -573,7 +858,7 @@ impl EventStore {
             aux: r.aux,
             kind: r.kind,
             flags: r.flags,
-            correlation_id: r.correlation_id,
+            correlation_id,
             parent_id: r.parent_id,
             root_id: r.root_id,
             payload: seg.payload(i),
@@ -584,7 +869,7 @@ impl EventStore {
         &self,
         head: Option<u64>,
         link: impl Fn(&Rec) -> u32,
-        pred: impl Fn(&Rec) -> bool,
+        pred: impl Fn(u64, &Rec) -> bool,
         limit: usize,
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
@@ -593,16 +878,16 @@ impl EventStore {
             return out;
         }
         match order {
-            Order::Desc => self.walk(head, link, |_, seg, i| {
-                if !seg.is_dead(i) && pred(&seg.recs[i]) {
+            Order::Desc => self.walk(head, link, |seq, seg, i| {
+                if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
                     out.push(self.view(seg, i));
                 }
                 out.len() < limit
             }),
             Order::Asc => {
                 let mut hits: Vec<(&Segment, usize)> = Vec::new();
-                self.walk(head, link, |_, seg, i| {
-                    if !seg.is_dead(i) && pred(&seg.recs[i]) {
+                self.walk(head, link, |seq, seg, i| {
+                    if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
                         hits.push((seg, i));
                     }
                     true
@@ -633,7 +918,7 @@ impl EventStore {
     /// Stores `event` with its correlation fields.
     pub fn insert(&mut self, event: &Event, corr: CorrelationFields) -> InsertOutcome {
         self.inserted += 1;
-        if self.find(event.id).is_some() {
+        if self.live > 0 && !self.fresh.is_fresh(event.id) && self.find(event.id).is_some() {
             self.duplicates += 1;
             return InsertOutcome::Duplicate;
         }
@@ -736,6 +1021,7 @@ impl EventStore {
             seg.seal();
         }
         self.live += 1;
+        self.fresh.add(event.id);
         self.newest_seen = Some(
             self.newest_seen
                 .map_or(event.timestamp, |t| t.max(event.timestamp)),
@@ -793,13 +1079,15 @@ impl EventStore {
             self.popped_since_sweep += front.recs.len();
             self.segments.pop_front();
         }
-        if self.popped_since_sweep >= self.pids.len().max(self.seg_cap) {
+        if self.popped_since_sweep >= self.sweep_every {
             self.popped_since_sweep = 0;
             let base = self.base_seq();
             self.pids.retain(|_, head| *head >= base);
             if self.pids.capacity() > 4 * (self.pids.len() + 16) {
                 self.pids.shrink_to_fit();
             }
+            self.relinks.prune(base);
+            self.sweep_every = (self.pids.len() + self.relinks.len()).max(self.seg_cap);
         }
         if self.segments.capacity() > 4 * (self.segments.len() + 8) {
             self.segments.shrink_to_fit();
@@ -856,7 +1144,7 @@ impl EventStore {
     /// Live events of process `pid`, in store order.
     pub fn by_pid(&self, pid: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {
         let head = self.pids.get(&pid).copied();
-        self.chain_query(head, |r| r.link_pid, |_| true, limit, order)
+        self.chain_query(head, |r| r.link_pid, |_, _| true, limit, order)
     }
 
     /// Live events of `module.function`, in store order.
@@ -872,7 +1160,7 @@ impl EventStore {
             .get(&(module, function))
             .map(|&m| self.mfs[m as usize].2)
             .filter(|&h| h != u64::MAX);
-        self.chain_query(head, |r| r.link_mf, |_| true, limit, order)
+        self.chain_query(head, |r| r.link_mf, |_, _| true, limit, order)
     }
 
     /// Live events with this correlation id, in store order.
@@ -883,13 +1171,75 @@ impl EventStore {
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
         let head = self.corrs.get(self.corrs.bucket(correlation_id));
-        self.chain_query(
+        if self.relinks.is_empty() {
+            return self.chain_query(
+                head,
+                |r| r.link_corr,
+                |_, r| r.correlation_id == correlation_id,
+                limit,
+                order,
+            );
+        }
+        // Records relinked elsewhere leave their chain; records relinked
+        // here come from the target's seq list. Each source yields its first
+        // `limit` in `order`, and the merge keeps the first `limit`.
+        let chained = self.chain_query(
             head,
             |r| r.link_corr,
-            |r| r.correlation_id == correlation_id,
+            |seq, r| r.correlation_id == correlation_id && self.relinks.get(seq).is_none(),
             limit,
             order,
-        )
+        );
+        let seqs = self.relinks.seqs(correlation_id);
+        if seqs.is_empty() {
+            return chained;
+        }
+        let live = |&seq: &u64| {
+            self.locate(seq)
+                .filter(|&(si, i)| !self.segments[si].is_dead(i))
+                .map(|(si, i)| self.view(&self.segments[si], i))
+        };
+        let relinked: Vec<StoredEvent<'_>> = match order {
+            Order::Asc => seqs.iter().filter_map(live).take(limit).collect(),
+            Order::Desc => seqs.iter().rev().filter_map(live).take(limit).collect(),
+        };
+        let mut out = Vec::with_capacity((chained.len() + relinked.len()).min(limit));
+        let (mut a, mut b) = (
+            chained.into_iter().peekable(),
+            relinked.into_iter().peekable(),
+        );
+        while out.len() < limit {
+            let take_a = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => (x.seq < y.seq) == (order == Order::Asc),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            out.extend(if take_a { a.next() } else { b.next() });
+        }
+        out
+    }
+
+    /// Sets the correlation id of the live event `id` to `correlation_id`
+    /// (a link learnt after the event was stored, such as a receive's send);
+    /// returns false if `id` is not stored. Afterwards every query shows the
+    /// new correlation id, [`EventStore::by_correlation`] finds the event
+    /// under it and no longer under its previous one. Relinking again
+    /// replaces the link; linking back to the stored correlation id removes
+    /// it. Counters are unchanged. Cost: one id lookup, two hash-map updates
+    /// and O(k) when k > 1 events are relinked to the same correlation id;
+    /// the link is kept in side maps (counted in
+    /// [`EventStore::memory_bytes`]) until the record's segment is freed.
+    pub fn relink(&mut self, id: u64, correlation_id: u64) -> bool {
+        let Some((si, i)) = self.find(id) else {
+            return false;
+        };
+        let seg = &self.segments[si];
+        let seq = seg.base + i as u64;
+        let own = seg.recs[i].correlation_id;
+        self.relinks
+            .set(seq, (correlation_id != own).then_some(correlation_id));
+        true
     }
 
     /// Live events whose `parent_id` is `parent_id` (non-zero), oldest first.
@@ -901,7 +1251,7 @@ impl EventStore {
         self.chain_query(
             head,
             |r| r.link_parent,
-            |r| r.parent_id == parent_id,
+            |_, r| r.parent_id == parent_id,
             limit,
             Order::Asc,
         )
@@ -1041,9 +1391,10 @@ impl EventStore {
     }
 
     /// Bytes used by the store: the struct itself, every segment (header
-    /// vector, payload arena and dead bitset capacities), the index tables
-    /// and hash maps (estimated from their capacity as hashbrown lays them
-    /// out: one control byte per bucket, 7/8 load).
+    /// vector, payload arena and dead bitset capacities), the index tables,
+    /// the recent-id filter, the late links and the hash maps (estimated
+    /// from their capacity as hashbrown lays them out: one control byte per
+    /// bucket, 7/8 load).
     pub fn memory_bytes(&self) -> usize {
         size_of::<Self>()
             + self.segments.capacity() * size_of::<Segment>()
@@ -1055,6 +1406,8 @@ impl EventStore {
             + map_bytes(&self.pids)
             + map_bytes(&self.mf_ids)
             + self.mfs.capacity() * size_of::<(u64, u64, u64)>()
+            + self.fresh.words.capacity() * 16
+            + self.relinks.bytes()
     }
 
     /// Counters, bounds, live timestamp range and memory. Cost: one check

@@ -1,6 +1,7 @@
 //! EventStore: every query against a brute-force reference model on random
-//! data (out-of-order timestamps, duplicates, eviction by count and age),
-//! plus deterministic tests of counters, index cleanup and memory.
+//! data (out-of-order timestamps, duplicates, eviction by count and age,
+//! late links), plus deterministic tests of counters, index cleanup, late
+//! links and memory.
 use elixir_scope_core::store::MAX_CHAIN_DEPTH;
 use elixir_scope_core::{
     CorrelationFields, Event, EventStore, InsertOutcome, Order, StoreConfig, StoredEvent,
@@ -71,6 +72,16 @@ impl Model {
         self.next_seq += 1;
         self.live.push((seq, e.clone(), c));
         InsertOutcome::Stored { seq }
+    }
+
+    fn relink(&mut self, id: u64, correlation_id: u64) -> bool {
+        match self.live.iter_mut().find(|(_, e, _)| e.id == id) {
+            Some(r) => {
+                r.2.correlation_id = correlation_id;
+                true
+            }
+            None => false,
+        }
     }
 
     fn expire(&mut self, cutoff: i64) -> usize {
@@ -209,6 +220,8 @@ enum Op {
     Insert(bool, usize, u64, u64, u64, u64, usize, i64),
     /// Expire everything older than `newest - back`.
     Expire(i64),
+    /// Late link: (id pick, new correlation id).
+    Relink(usize, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -225,6 +238,7 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(r, o, p, m, f, c, pa, j)| Op::Insert(r, o, p, m, f, c, pa, j)),
         1 => (0i64..3000).prop_map(Op::Expire),
+        4 => (any::<usize>(), 0u64..25).prop_map(|(o, c)| Op::Relink(o, c)),
     ]
 }
 
@@ -261,6 +275,15 @@ fn run(max: usize, ops: &[Op]) {
             Op::Expire(back) => {
                 let cutoff = newest.saturating_sub(back);
                 assert_eq!(store.evict_older_than(cutoff), model.expire(cutoff));
+            }
+            Op::Relink(pick, c) => {
+                if let Some(&id) = ids_used.get(pick % ids_used.len().max(1)) {
+                    assert_eq!(
+                        store.relink(id, c),
+                        model.relink(id, c),
+                        "relink({id}, {c})"
+                    );
+                }
             }
         }
         if k % 97 == 96 {
@@ -546,5 +569,229 @@ fn bytes_per_event() {
             st.memory_bytes
         );
         assert!(per <= 120.0, "{per} bytes/event");
+    }
+}
+
+fn ids(v: &[StoredEvent<'_>]) -> Vec<u64> {
+    v.iter().map(|e| e.id).collect()
+}
+
+#[test]
+fn relink_visible_in_every_query() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 1000,
+        max_age_ns: None,
+    });
+    // Receive 5 stored (own correlation id) before its send 8 is seen;
+    // 6 and 9 already share correlation 8.
+    for id in 1..=10u64 {
+        let c = match id {
+            6 | 9 => 8,
+            _ => id,
+        };
+        s.insert(&ev(id, id as i64 * 10, id % 2, 1, 2), corr(c, id - 1, 1));
+    }
+    let before = s.stats();
+    assert!(!s.relink(99, 8), "not stored");
+    assert!(s.relink(5, 8));
+    let after = s.stats();
+    assert_eq!(
+        (
+            before.inserted,
+            before.total,
+            before.evicted,
+            before.duplicates
+        ),
+        (after.inserted, after.total, after.evicted, after.duplicates)
+    );
+    assert_eq!(
+        (after.expired, after.rejected),
+        (before.expired, before.rejected)
+    );
+    assert!(after.memory_bytes > before.memory_bytes);
+
+    assert_eq!(s.get(5).unwrap().correlation_id, 8);
+    assert_eq!(s.get(5).unwrap().correlation().correlation_id, 8);
+    assert_eq!(s.get(5).unwrap().parent_id, 4);
+    // Store order, limits, both orders.
+    assert_eq!(
+        ids(&s.by_correlation(8, usize::MAX, Order::Asc)),
+        [5, 6, 8, 9]
+    );
+    assert_eq!(ids(&s.by_correlation(8, 2, Order::Asc)), [5, 6]);
+    assert_eq!(
+        ids(&s.by_correlation(8, usize::MAX, Order::Desc)),
+        [9, 8, 6, 5]
+    );
+    assert_eq!(ids(&s.by_correlation(8, 3, Order::Desc)), [9, 8, 6]);
+    assert!(s.by_correlation(8, 0, Order::Asc).is_empty());
+    assert!(s.by_correlation(5, usize::MAX, Order::Asc).is_empty());
+    let corr_of = |v: Vec<StoredEvent<'_>>| -> Vec<(u64, u64)> {
+        v.iter().map(|e| (e.id, e.correlation_id)).collect()
+    };
+    let want: Vec<(u64, u64)> = vec![(1, 1), (3, 3), (5, 8), (7, 7), (9, 8)];
+    assert_eq!(corr_of(s.by_pid(1, usize::MAX, Order::Asc)), want);
+    assert_eq!(corr_of(s.by_time_range(50, 50, 10, Order::Asc)), [(5, 8)]);
+    assert_eq!(corr_of(s.by_function(1, 2, 10, Order::Asc))[4], (5, 8));
+    assert_eq!(corr_of(s.children(4, 10)), [(5, 8)]);
+    assert_eq!(s.causal_chain(7)[4].correlation_id, 8);
+
+    // Relinking again replaces the link.
+    assert!(s.relink(5, 3));
+    assert_eq!(s.get(5).unwrap().correlation_id, 3);
+    assert_eq!(ids(&s.by_correlation(8, usize::MAX, Order::Asc)), [6, 8, 9]);
+    assert_eq!(ids(&s.by_correlation(3, usize::MAX, Order::Asc)), [3, 5]);
+    assert_eq!(ids(&s.by_correlation(3, usize::MAX, Order::Desc)), [5, 3]);
+    // Several relinked events under one id, merged in store order.
+    assert!(s.relink(10, 3));
+    assert!(s.relink(1, 3));
+    assert_eq!(
+        ids(&s.by_correlation(3, usize::MAX, Order::Asc)),
+        [1, 3, 5, 10]
+    );
+    assert_eq!(ids(&s.by_correlation(3, 2, Order::Desc)), [10, 5]);
+    // Back to their own correlation ids: the side map is empty again.
+    for id in [1, 5, 10] {
+        assert!(s.relink(id, id));
+        assert_eq!(ids(&s.by_correlation(id, usize::MAX, Order::Asc)), [id]);
+    }
+    assert_eq!(ids(&s.by_correlation(3, usize::MAX, Order::Asc)), [3]);
+    assert_eq!(s.stats().memory_bytes, before.memory_bytes);
+    // A dead event cannot be relinked; its link disappears with it.
+    assert!(s.relink(2, 8));
+    assert_eq!(s.evict_older_than(25), 2);
+    assert!(!s.relink(2, 8));
+    assert_eq!(ids(&s.by_correlation(8, usize::MAX, Order::Asc)), [6, 8, 9]);
+    let st = s.stats();
+    assert_eq!(
+        st.inserted,
+        st.total as u64 + st.evicted + st.expired + st.duplicates + st.rejected
+    );
+}
+
+#[test]
+fn relinks_pruned_after_eviction() {
+    let max = 5000usize;
+    let new = || {
+        EventStore::new(StoreConfig {
+            max_events: max,
+            max_age_ns: None,
+        })
+    };
+    let (mut linked, mut plain) = (new(), new());
+    let mut id = 0u64;
+    let mut mem = vec![];
+    for lap in 0..12 {
+        for _ in 0..max {
+            id += 1;
+            let e = ev(id, id as i64, id % 7, 0, 0);
+            linked.insert(&e, corr(id, 0, 0));
+            plain.insert(&e, corr(id, 0, 0));
+            // Laps 0..6: every event is relinked (to the previous one),
+            // some twice; afterwards no more links.
+            if lap < 6 && id > 1 {
+                assert!(linked.relink(id, id - 1));
+                if id % 3 == 0 {
+                    assert!(linked.relink(id - 1, id + 7));
+                }
+            }
+        }
+        mem.push(linked.memory_bytes() - plain.memory_bytes());
+        if lap == 5 {
+            // Every live event relinked: the newest one, to the previous.
+            assert_eq!(ids(&linked.by_correlation(id - 1, 10, Order::Asc)), [id]);
+            assert!(linked.by_correlation(id, 10, Order::Asc).is_empty());
+        }
+    }
+    eprintln!("relink side-map bytes per lap: {mem:?}");
+    // Bounded while relinking: steady from lap 1 to lap 5.
+    for &m in &mem[2..6] {
+        assert!(m > 0 && m <= mem[1] + mem[1] / 5, "side maps grew: {mem:?}");
+    }
+    // Two hash maps of 17-byte buckets per link, for at most twice the
+    // records in memory (~1.4 × max here) before a prune, rounded up to a
+    // power of two: under 128 bytes per live event when all are relinked.
+    assert!(mem[1] <= 128 * max, "{mem:?}");
+    // Links of evicted events are pruned: the side maps are empty again.
+    assert_eq!(mem[11], 0, "{mem:?}");
+    assert_eq!(linked.stats().evicted, plain.stats().evicted);
+    assert_eq!(ids(&linked.by_correlation(id, 10, Order::Asc)), [id]);
+}
+
+#[test]
+fn pid_index_bounded_with_unique_pids() {
+    // Every event has its own pid: the stale pid heads must be swept even
+    // though each popped record leaves one.
+    let max = 2000usize;
+    let mut s = EventStore::new(StoreConfig {
+        max_events: max,
+        max_age_ns: None,
+    });
+    let mut mem = vec![];
+    for lap in 0..20u64 {
+        for k in 0..max as u64 {
+            let id = lap * max as u64 + k + 1;
+            s.insert(&ev(id, id as i64, 1_000_000 + id, 0, 0), corr(id, 0, 0));
+        }
+        mem.push(s.memory_bytes());
+    }
+    eprintln!("memory per lap: {mem:?}");
+    for &m in &mem[3..] {
+        assert!(m <= mem[2] + mem[2] / 5, "memory grew: {mem:?}");
+    }
+}
+
+#[test]
+fn duplicates_exact_with_out_of_order_ids() {
+    // Ids mostly increasing with jitter, plus ids far behind (below the
+    // recent-id filter), repeats, 0 and ids near u64::MAX: every outcome
+    // matches the reference model.
+    for max in [50usize, 3000] {
+        let mut store = EventStore::new(StoreConfig {
+            max_events: max,
+            max_age_ns: None,
+        });
+        let mut model = Model::new(max);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut used = vec![];
+        for k in 0..12_000u64 {
+            let r = rnd();
+            let id = match r % 16 {
+                0 => used
+                    .get((r >> 8) as usize % used.len().max(1))
+                    .copied()
+                    .unwrap_or(1),
+                1 => k.saturating_sub((r >> 8) % 20_000),
+                2 => u64::MAX - (r >> 8) % 300,
+                3 => (r >> 8) % 3,
+                _ => 4 * k + (r >> 8) % 700,
+            };
+            used.push(id);
+            let e = ev(id, k as i64, k % 5, 0, 0);
+            assert_eq!(
+                store.insert(&e, corr(id, 0, 0)),
+                model.insert(&e, corr(id, 0, 0)),
+                "insert #{k} id {id}"
+            );
+            if k % 1000 == 999 {
+                let cutoff = k as i64 - (r % 300) as i64;
+                assert_eq!(store.evict_older_than(cutoff), model.expire(cutoff));
+            }
+        }
+        let st = store.stats();
+        assert_eq!(
+            (st.total, st.duplicates),
+            (model.live.len(), model.duplicates)
+        );
+        assert!(st.duplicates > 100, "{st:?}");
+        for (_, e, _) in &model.live {
+            assert_eq!(store.get(e.id).unwrap().timestamp, e.timestamp);
+        }
     }
 }
