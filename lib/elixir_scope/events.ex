@@ -106,14 +106,17 @@ defmodule ElixirScope.Events do
             duration_ns: non_neg_integer() | nil,
             caller_pid: pid() | nil,
             correlation_id: term(),
-            event_type: :call | :return | nil
+            event_type: :call | :return | :exception | nil
           }
   end
 
   defmodule ProcessEvent do
-    @moduledoc "A process lifecycle event (spawn, exit, link or unlink)."
+    @moduledoc """
+    A process lifecycle event (spawn, exit, link or unlink). `reason` is the
+    exit reason of an `:exit` event (an ElixirScope addition).
+    """
 
-    defstruct [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type]
+    defstruct [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason]
 
     @type t :: %__MODULE__{
             id: term(),
@@ -121,7 +124,8 @@ defmodule ElixirScope.Events do
             wall_time: integer() | nil,
             pid: pid() | nil,
             parent_pid: pid() | nil,
-            event_type: :spawn | :exit | :link | :unlink | nil
+            event_type: :spawn | :exit | :link | :unlink | nil,
+            reason: term()
           }
   end
 

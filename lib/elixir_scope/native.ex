@@ -3,7 +3,9 @@ defmodule ElixirScope.Native do
   # Every NIF of the `elixir_scope_nif` crate, with a stub that raises until
   # the library is loaded. Names are prefixed by component: `rb_*` ring
   # buffer, `ing_*` ingestor,
-  # `store_*` event store (DataAccess). No logic lives here.
+  # `store_*` event store (DataAccess), `pipe_*` native pipeline, `corr_*`
+  # correlator (EventCorrelator). No logic
+  # lives here.
 
   @on_load :load_nif
   @compile {:autoload, true}
@@ -52,6 +54,11 @@ defmodule ElixirScope.Native do
   def ing_state_change(_ref, _server_pid, _old_state, _new_state), do: nif_error()
   def ing_performance_metric(_ref, _name, _value, _metadata), do: nif_error()
   def ing_error(_ref, _error_type, _message, _stacktrace), do: nif_error()
+  def ing_message_receive(_ref, _receiver_pid, _message), do: nif_error()
+  def ing_process_exit(_ref, _pid, _reason), do: nif_error()
+
+  def ing_function_exception(_ref, _kind, _reason, _duration_ns, _correlation_id),
+    do: nif_error()
 
   # Event store (DataAccess)
   def store_new(_max_events), do: nif_error()
@@ -68,4 +75,49 @@ defmodule ElixirScope.Native do
   def store_evict(_ref, _cutoff, _now_ms), do: nif_error()
   def store_stats(_ref), do: nif_error()
   def store_destroy(_ref), do: nif_error()
+  def store_get_correlated(_ref, _id), do: nif_error()
+  def store_causal_chain(_ref, _id), do: nif_error()
+  def store_call_contents(_ref, _id, _limit), do: nif_error()
+  def store_children(_ref, _id, _limit), do: nif_error()
+
+  # Pipeline (PipelineManager, AsyncWriterPool, AsyncWriter)
+  def pipe_new(
+        _ring_or_nil,
+        _shards,
+        _shard_capacity,
+        _strategy,
+        _max_event_bytes,
+        _workers,
+        _batch_size,
+        _flush_interval_us,
+        _max_dead_letters,
+        _ttl_ms,
+        _max_correlations,
+        _max_events,
+        _max_age_ms,
+        _sweep_interval_ms,
+        _correlation_enabled
+      ),
+      do: nif_error()
+
+  def pipe_flush(_ref, _timeout_ms), do: nif_error()
+  def pipe_scale(_ref, _workers), do: nif_error()
+  def pipe_configure(_ref, _name, _value), do: nif_error()
+  def pipe_metrics(_ref), do: nif_error()
+  def pipe_dead_letters(_ref, _limit), do: nif_error()
+  def pipe_inject_failures(_ref, _n), do: nif_error()
+  def pipe_process_ring(_ref, _ring, _max), do: nif_error()
+  def pipe_sweep(_ref), do: nif_error()
+  def pipe_reset_latency(_ref), do: nif_error()
+  def pipe_shutdown(_ref, _timeout_ms), do: nif_error()
+  def pipe_alive(_ref), do: nif_error()
+
+  # Correlator (EventCorrelator)
+  def corr_new(_ttl_ns, _max_correlations), do: nif_error()
+  def corr_batch(_ref, _events), do: nif_error()
+  def corr_batch_dirty(_ref, _events), do: nif_error()
+  def corr_metadata(_ref, _id), do: nif_error()
+  def corr_chain(_ref, _id), do: nif_error()
+  def corr_sweep(_ref), do: nif_error()
+  def corr_metrics(_ref), do: nif_error()
 end

@@ -1,8 +1,9 @@
 defmodule ElixirScope.BadInputTest do
   @moduledoc """
   Feeds wrong-type inputs to every public function of `RingBuffer`,
-  `Ingestor`, `Events` and `DataAccess` (and to the raw NIFs): each call must return a
-  documented result or raise `ArgumentError`, and the VM must survive.
+  `Ingestor`, `Events`, `DataAccess` and `EventCorrelator` (and to the raw
+  NIFs): each call must return a documented result or raise
+  `ArgumentError`, and the VM must survive.
   """
   # set_buffer/1 writes a node-wide :persistent_term.
   use ExUnit.Case, async: false
@@ -10,7 +11,7 @@ defmodule ElixirScope.BadInputTest do
   import Bitwise
   import ElixirScope.RingTestHelpers
 
-  alias ElixirScope.Capture.{Ingestor, RingBuffer}
+  alias ElixirScope.Capture.{EventCorrelator, Ingestor, RingBuffer}
   alias ElixirScope.{Events, Native}
   alias ElixirScope.Storage.DataAccess
 
@@ -55,6 +56,24 @@ defmodule ElixirScope.BadInputTest do
   end
 
   defp fake_ring, do: %RingBuffer{ref: make_ref(), size: 8, overflow_strategy: :drop_oldest}
+
+  defp new_corr! do
+    {:ok, pid} = EventCorrelator.start_link(cleanup_interval_ms: 10)
+    pid
+  end
+
+  defp corr! do
+    case Process.get(:bad_input_correlator) do
+      pid when is_pid(pid) -> pid
+      nil -> tap(new_corr!(), &Process.put(:bad_input_correlator, &1))
+    end
+  end
+
+  defp corr_started?({:ok, pid}), do: is_pid(pid)
+  defp corr_started?(_), do: false
+
+  defp correlated?(%EventCorrelator.CorrelatedEvent{}), do: true
+  defp correlated?(_), do: false
 
   defp bad_values do
     [
@@ -214,6 +233,10 @@ defmodule ElixirScope.BadInputTest do
       {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1] end, ok_write},
       {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1, %{}] end, ok_write},
       {Ingestor, :ingest_error, fn b -> [b, :error, "msg", []] end, ok_write},
+      {Ingestor, :ingest_message_receive, fn b -> [b, me, :msg] end, ok_write},
+      {Ingestor, :ingest_process_exit, fn b -> [b, me, :normal] end, ok_write},
+      {Ingestor, :ingest_function_exception, fn b -> [b, :error, :badarg, 5, :corr] end,
+       ok_write},
       {Ingestor, :ingest_generic_event, fn b -> [b, :t, %{}, me, nil, 0, 0] end, ok_write},
       {Ingestor, :ingest_batch, fn b -> [b, [1, 2]] end, &batch_result?/1},
       {Ingestor, :create_fast_ingestor, fn b -> [b] end, &fast_ingestor_result?/1},
@@ -261,8 +284,31 @@ defmodule ElixirScope.BadInputTest do
       {DataAccess, :cleanup_old_events, fn _ -> [new_store!(), 5] end,
        &match?({:ok, n} when is_integer(n), &1)},
       {DataAccess, :destroy, fn _ -> [new_store!()] end, &(&1 == :ok)},
+      {DataAccess, :get_correlated, fn _ -> [new_store!(), 1] end, &get_event_result?/1},
+      {DataAccess, :causal_chain, fn _ -> [new_store!(), 1] end, &query_result?/1},
+      {DataAccess, :call_contents, fn _ -> [new_store!(), 1] end, &query_result?/1},
+      {DataAccess, :call_contents, fn _ -> [new_store!(), 1, [limit: 5]] end, &query_result?/1},
+      {DataAccess, :children, fn _ -> [new_store!(), 1] end, &query_result?/1},
+      {DataAccess, :children, fn _ -> [new_store!(), 1, [limit: 5]] end, &query_result?/1},
       # bad_store!/1 (public, @doc false) always raises.
-      {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1}
+      {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1},
+      # EventCorrelator (one shared correlator per test process; stop/1 gets
+      # a fresh one)
+      {EventCorrelator, :start_link, fn _ -> [] end, &corr_started?/1},
+      {EventCorrelator, :start_link, fn _ -> [[max_correlations: 8]] end, &corr_started?/1},
+      {EventCorrelator, :child_spec, fn _ -> [[]] end, &is_map/1},
+      {EventCorrelator, :correlate_event, fn _ -> [corr!(), :event] end, &correlated?/1},
+      {EventCorrelator, :correlate_batch, fn _ -> [corr!(), [1, 2]] end,
+       &(is_list(&1) and Enum.all?(&1, fn c -> correlated?(c) end))},
+      {EventCorrelator, :get_correlation_metadata, fn _ -> [corr!(), 1] end,
+       &(&1 == nil or is_map(&1))},
+      {EventCorrelator, :get_correlation_chain, fn _ -> [corr!(), 1] end, &is_list/1},
+      {EventCorrelator, :cleanup_expired_correlations, fn _ -> [corr!()] end,
+       &match?({:ok, n} when is_integer(n), &1)},
+      {EventCorrelator, :get_metrics, fn _ -> [corr!()] end, &is_map/1},
+      {EventCorrelator, :health_check, fn _ -> [corr!()] end, &is_map/1},
+      {EventCorrelator, :get_state, fn _ -> [corr!()] end, &is_map/1},
+      {EventCorrelator, :stop, fn _ -> [new_corr!()] end, &(&1 == :ok)}
     ]
   end
 
@@ -273,7 +319,16 @@ defmodule ElixirScope.BadInputTest do
     {Events, :__struct__, 0},
     {Events, :__struct__, 1},
     {DataAccess, :__struct__, 0},
-    {DataAccess, :__struct__, 1}
+    {DataAccess, :__struct__, 1},
+    # Internal constructor for pipeline handles (@doc false).
+    {DataAccess, :from_pipeline, 3},
+    # GenServer callbacks.
+    {EventCorrelator, :init, 1},
+    {EventCorrelator, :handle_call, 3},
+    {EventCorrelator, :handle_cast, 2},
+    {EventCorrelator, :handle_info, 2},
+    {EventCorrelator, :terminate, 2},
+    {EventCorrelator, :code_change, 3}
   ]
 
   # ---------------------------------------------------------------------------
@@ -347,7 +402,7 @@ defmodule ElixirScope.BadInputTest do
         end
 
       exported =
-        for mod <- [RingBuffer, Ingestor, Events, DataAccess],
+        for mod <- [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator],
             {fun, arity} <- mod.__info__(:functions),
             into: MapSet.new(),
             do: {mod, fun, arity}
@@ -366,7 +421,7 @@ defmodule ElixirScope.BadInputTest do
   end
 
   describe "wrong-type sweep" do
-    for mod <- [RingBuffer, Ingestor, Events, DataAccess] do
+    for mod <- [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator] do
       test "#{inspect(mod)}: every argument x every bad value -> documented result or ArgumentError" do
         exported = unquote(mod).__info__(:functions)
 
@@ -400,7 +455,27 @@ defmodule ElixirScope.BadInputTest do
     test "raw NIFs with garbage arguments never crash the VM" do
       ring_ref = new_ring!(size: 16).ref
       store_ref = new_store!().ref
+      corr_ref = Native.corr_new(1_000_000, 16)
       me = self()
+
+      {:ok, pipe_ref, _, _} =
+        Native.pipe_new(
+          nil,
+          2,
+          64,
+          :drop_oldest,
+          4096,
+          1,
+          10,
+          1000,
+          4,
+          1000,
+          100,
+          16,
+          0,
+          1000,
+          true
+        )
 
       calls = [
         {:next_event_id, []},
@@ -419,6 +494,9 @@ defmodule ElixirScope.BadInputTest do
         {:ing_state_change, [ring_ref, me, 1, 2]},
         {:ing_performance_metric, [ring_ref, :m, 1, %{}]},
         {:ing_error, [ring_ref, :e, :m, []]},
+        {:ing_message_receive, [ring_ref, me, :m]},
+        {:ing_process_exit, [ring_ref, me, :normal]},
+        {:ing_function_exception, [ring_ref, :error, :r, 1, nil]},
         {:store_new, [8]},
         {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
         {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
@@ -429,12 +507,39 @@ defmodule ElixirScope.BadInputTest do
         {:store_by_time_range, [store_ref, 0, 10, 10, false]},
         {:store_evict, [store_ref, 0, 0]},
         {:store_stats, [store_ref]},
+        {:store_get_correlated, [store_ref, 1]},
+        {:store_causal_chain, [store_ref, 1]},
+        {:store_call_contents, [store_ref, 1, 10]},
+        {:store_children, [store_ref, 1, 10]},
+        {:pipe_new,
+         [nil, 1, 64, :drop_oldest, 4096, 1, 10, 1000, 4, 1000, 100, 16, 0, 1000, true]},
+        {:pipe_new,
+         [ring_ref, 1, 64, :drop_oldest, 4096, 1, 10, 1000, 4, 1000, 100, 16, 0, 1000, true]},
+        {:pipe_flush, [pipe_ref, 100]},
+        {:pipe_scale, [pipe_ref, 2]},
+        {:pipe_configure, [pipe_ref, :batch_size, 10]},
+        {:pipe_metrics, [pipe_ref]},
+        {:pipe_dead_letters, [pipe_ref, 10]},
+        {:pipe_inject_failures, [pipe_ref, 0]},
+        {:pipe_process_ring, [pipe_ref, ring_ref, 10]},
+        {:pipe_sweep, [pipe_ref]},
+        {:pipe_reset_latency, [pipe_ref]},
+        {:pipe_alive, [pipe_ref]},
+        {:pipe_shutdown, [pipe_ref, 1000]},
+        {:corr_new, [1_000_000, 16]},
+        {:corr_batch, [corr_ref, [1, :e]]},
+        {:corr_batch, [corr_ref, Enum.to_list(1..1_500)]},
+        {:corr_batch_dirty, [corr_ref, [1, :e]]},
+        {:corr_metadata, [corr_ref, 1]},
+        {:corr_chain, [corr_ref, 1]},
+        {:corr_sweep, [corr_ref]},
+        {:corr_metrics, [corr_ref]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]
 
       exported = Native.__info__(:functions) -- [load_nif: 0]
-      assert Enum.sort(for {f, a} <- calls, do: {f, length(a)}) == Enum.sort(exported)
+      assert Enum.sort(Enum.uniq(for {f, a} <- calls, do: {f, length(a)})) == Enum.sort(exported)
 
       violations =
         for {fun, args} <- calls,

@@ -49,7 +49,7 @@ defmodule ElixirScope.EventsTest do
        :correlation_id,
        :event_type
      ]},
-    {ProcessEvent, [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type]},
+    {ProcessEvent, [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason]},
     {MessageEvent, [:id, :timestamp, :wall_time, :from_pid, :to_pid, :message, :event_type]},
     {StateChange,
      [
@@ -288,11 +288,19 @@ defmodule ElixirScope.EventsTest do
         wall_time: 3,
         pid: self(),
         parent_pid: nil,
-        event_type: :exit
+        event_type: :exit,
+        reason: :normal
       }
 
       assert built ==
-               %ProcessEvent{id: 1, timestamp: 2, wall_time: 3, pid: self(), event_type: :exit}
+               %ProcessEvent{
+                 id: 1,
+                 timestamp: 2,
+                 wall_time: 3,
+                 pid: self(),
+                 event_type: :exit,
+                 reason: :normal
+               }
     end
 
     test "every nested struct has a moduledoc" do

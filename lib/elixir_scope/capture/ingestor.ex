@@ -105,6 +105,63 @@ defmodule ElixirScope.Capture.Ingestor do
     check!(false, "to_pid must be a pid, port, registered name or {name, node}", to)
   end
 
+  @doc """
+  Records a message taken from `receiver_pid`'s mailbox
+  (`%MessageEvent{event_type: :receive, to_pid: receiver_pid}`). An
+  ElixirScope addition: the pipeline links it to the oldest unmatched send
+  of equal content to the same receiver.
+  """
+  @spec ingest_message_receive(RingBuffer.t(), pid(), term()) :: ingest_result()
+  def ingest_message_receive(%RingBuffer{ref: ref}, receiver_pid, message)
+      when is_pid(receiver_pid) do
+    Native.ing_message_receive(ref, receiver_pid, message)
+  end
+
+  def ingest_message_receive(buffer, receiver_pid, _message) do
+    check_buffer!(buffer)
+    check!(false, "receiver_pid must be a pid", receiver_pid)
+  end
+
+  @doc """
+  Records a process exit (`%ProcessEvent{event_type: :exit, pid: pid,
+  reason: reason}`). An ElixirScope addition: the pipeline counts the
+  process's open calls as orphaned.
+  """
+  @spec ingest_process_exit(RingBuffer.t(), pid(), term()) :: ingest_result()
+  def ingest_process_exit(%RingBuffer{ref: ref}, pid, reason) when is_pid(pid) do
+    Native.ing_process_exit(ref, pid, reason)
+  end
+
+  def ingest_process_exit(buffer, pid, _reason) do
+    check_buffer!(buffer)
+    check!(false, "pid must be a pid", pid)
+  end
+
+  @doc """
+  Records a function left by an exception (`%FunctionExecution{event_type:
+  :exception, return_value: {kind, reason}}`); `kind` is `:error`, `:exit`
+  or `:throw`. An ElixirScope addition: it completes its call like a return
+  (matched by `correlation_id`, in the calling process).
+  """
+  @spec ingest_function_exception(
+          RingBuffer.t(),
+          :error | :exit | :throw,
+          term(),
+          non_neg_integer(),
+          term()
+        ) :: ingest_result()
+  def ingest_function_exception(%RingBuffer{ref: ref}, kind, reason, duration_ns, correlation_id)
+      when kind in [:error, :exit, :throw] and is_integer(duration_ns) and duration_ns >= 0 and
+             duration_ns <= @max_i64 do
+    Native.ing_function_exception(ref, kind, reason, duration_ns, correlation_id)
+  end
+
+  def ingest_function_exception(buffer, kind, _reason, duration_ns, _correlation_id) do
+    check_buffer!(buffer)
+    check!(kind in [:error, :exit, :throw], "kind must be :error, :exit or :throw", kind)
+    check!(false, "duration_ns must be a non-negative 64-bit integer", duration_ns)
+  end
+
   @doc "Records a state change (`%StateChange{}`; `state_diff` is `:no_change` or `:changed`)."
   @spec ingest_state_change(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
   def ingest_state_change(%RingBuffer{ref: ref}, server_pid, old_state, new_state)

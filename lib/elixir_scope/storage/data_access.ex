@@ -58,6 +58,17 @@ defmodule ElixirScope.Storage.DataAccess do
   turns (a write waits for a running query), and waiting must never hold
   a normal scheduler. `store_events/2` stores in chunks of 1,000.
 
+  ## Pipeline stores
+
+  `ElixirScope.Capture.PipelineManager.data_access/1` returns a handle on a
+  pipeline's store: the same queries work on it and return the events as
+  `ElixirScope.Events` structs; `get_correlated/2`, `causal_chain/2`,
+  `call_contents/3` and `children/3` add what the pipeline's correlator
+  found. Such a handle is read-only: `store_event/2` and `store_events/2`
+  return `{:error, :read_only}`, and `destroy/1` is a no-op returning `:ok`
+  (the pipeline owns its store; it is freed once the pipeline and every
+  handle are gone).
+
   ## Destroyed stores
 
   After `destroy/1`, `store_event/2` and `store_events/2` return
@@ -297,6 +308,82 @@ defmodule ElixirScope.Storage.DataAccess do
   end
 
   def query_by_correlation(other, _correlation_id, _opts), do: bad_store!(other)
+
+  @doc """
+  The stored event `id` with its correlation, as the pipeline computed it:
+  `{:ok, %{event, id, correlation_id, parent_id, root_id, links,
+  correlation_type, timestamp}}` or `{:error, :not_found}`.
+
+  `links` are `{:called_from, call_id}` (a call made inside another),
+  `{:completes, call_id}` (a return or exception), `{:receives, send_id}` (a
+  matched receive, also when the match was found after the receive was
+  stored), `{:spawned_by, parent_pid}` and `{:state_in, call_id}`.
+  `parent_id`/`root_id` are `nil` when there is none. Events stored with
+  `store_event/2` have no correlation of their own: their
+  `correlation_id` is the key of the event's `correlation_id` field.
+  """
+  @spec get_correlated(t(), term()) :: {:ok, map()} | {:error, :not_found}
+  def get_correlated(%__MODULE__{} = s, id) do
+    key = key(id)
+    nif(s, fn ref -> Native.store_get_correlated(ref, key) end)
+  end
+
+  def get_correlated(other, _id), do: bad_store!(other)
+
+  @doc """
+  The causal chain of event `id`: the event and its ancestors (the calls
+  that enclose it, following `parent_id` while stored), root first, as
+  `get_correlated/2` maps; `{:ok, []}` if `id` is not stored. At most 4,096
+  events.
+  """
+  @spec causal_chain(t(), term()) :: {:ok, [map()]}
+  def causal_chain(%__MODULE__{} = s, id) do
+    key = key(id)
+    {:ok, nif(s, fn ref -> Native.store_causal_chain(ref, key) end)}
+  end
+
+  def causal_chain(other, _id), do: bad_store!(other)
+
+  @doc """
+  Everything inside call `call_id`: the call, the calls nested in it (at
+  any depth), the messages sent and received, the spawns and state changes
+  inside them, and the returns — in store order, as `get_correlated/2`
+  maps. Option `limit:` (default 1,000). Cost is proportional to the
+  result, not to the store.
+  """
+  @spec call_contents(t(), term(), keyword()) :: {:ok, [map()]}
+  def call_contents(s, call_id, opts \\ [])
+
+  def call_contents(%__MODULE__{} = s, call_id, opts) do
+    {limit, _desc} = query_opts!(opts)
+    key = key(call_id)
+    {:ok, nif(s, fn ref -> Native.store_call_contents(ref, key, limit) end)}
+  end
+
+  def call_contents(other, _call_id, _opts), do: bad_store!(other)
+
+  @doc """
+  The events directly caused by event `id` (its `parent_id` is `id`): for
+  a call, the calls, sends, receives, spawns and state changes made
+  directly inside it, and the returns of those calls. Oldest first, as `get_correlated/2` maps; option
+  `limit:` (default 1,000).
+  """
+  @spec children(t(), term(), keyword()) :: {:ok, [map()]}
+  def children(s, id, opts \\ [])
+
+  def children(%__MODULE__{} = s, id, opts) do
+    {limit, _desc} = query_opts!(opts)
+    key = key(id)
+    {:ok, nif(s, fn ref -> Native.store_children(ref, key, limit) end)}
+  end
+
+  def children(other, _id, _opts), do: bad_store!(other)
+
+  @doc false
+  # A handle on a pipeline's store (see `PipelineManager.data_access/1`).
+  @spec from_pipeline(reference(), pos_integer(), term()) :: t()
+  def from_pipeline(ref, max_events, name),
+    do: %__MODULE__{ref: ref, max_events: max_events, name: name}
 
   @doc """
   Store statistics:

@@ -41,6 +41,11 @@
 //! `call_id` complete those untracked calls first, so the tracked stack stays
 //! consistent.
 //!
+//! [`Tracker`] wraps a correlator for the interactive Elixir API: a record
+//! per correlation (type, creation time, process, links found later),
+//! bounded by the same TTL and `max_correlations`, and returns whose
+//! process is unknown.
+//!
 //! Separately, [`Correlator::chain`] uses a map of call id → (parent, root,
 //! pid) holding the most recent `max_correlations` calls (FIFO eviction by
 //! first sighting); it is not part of [`CorrelatorMetrics::active`].
@@ -87,6 +92,10 @@ pub struct CorrInput {
     pub call_id: Option<u64>,
     /// Content hash of the message, for sends and receives.
     pub msg_hash: u64,
+    /// Caller-supplied correlation key of a call or return (`0`: none). A
+    /// return without `call_id` but with a key completes the innermost
+    /// open call of its process that carries the same key.
+    pub key: u64,
 }
 
 impl CorrInput {
@@ -100,6 +109,7 @@ impl CorrInput {
             timestamp,
             call_id: None,
             msg_hash: 0,
+            key: 0,
         }
     }
 }
@@ -263,6 +273,7 @@ pub struct CorrelatorMetrics {
 #[derive(Copy, Clone, Debug)]
 struct Frame {
     id: u64,
+    key: u64,
     ts: i64,
     parent: Option<u64>,
     root: u64,
@@ -293,23 +304,31 @@ struct QueuedSend {
 #[derive(Default, Debug)]
 struct SendQueue {
     items: VecDeque<QueuedSend>,
-    /// sender → number of its sends in `items`.
-    senders: HashMap<u64, u32>,
+    /// (sender, number of its sends in `items`); almost always one entry.
+    senders: Vec<(u64, u32)>,
 }
 
 impl SendQueue {
     fn push(&mut self, s: QueuedSend) {
-        *self.senders.entry(s.sender).or_insert(0) += 1;
+        match self.senders.iter_mut().find(|(p, _)| *p == s.sender) {
+            Some((_, n)) => *n += 1,
+            None => self.senders.push((s.sender, 1)),
+        }
         self.items.push_back(s);
     }
 
     fn forget_sender(&mut self, sender: u64) {
-        if let Some(n) = self.senders.get_mut(&sender) {
-            *n -= 1;
-            if *n == 0 {
-                self.senders.remove(&sender);
+        if let Some(i) = self.senders.iter().position(|(p, _)| *p == sender) {
+            self.senders[i].1 -= 1;
+            if self.senders[i].1 == 0 {
+                self.senders.swap_remove(i);
             }
         }
+    }
+
+    /// Is the send with arrival number `seq` still queued?
+    fn holds(&self, seq: u64) -> bool {
+        self.items.binary_search_by_key(&seq, |s| s.seq).is_ok()
     }
 
     fn pop_front(&mut self) -> Option<QueuedSend> {
@@ -336,23 +355,35 @@ enum MsgSide {
 }
 
 /// The correlator. See the module docs.
+///
+/// Tables keyed by pids and event ids use a cheap integer hasher; the
+/// message tables, keyed by content hashes that senders can influence, use
+/// the same hasher with a per-correlator random seed.
 #[derive(Debug)]
 pub struct Correlator {
     config: CorrelatorConfig,
-    stacks: HashMap<u64, ProcStack>,
-    calls: HashMap<u64, CallInfo>,
+    stacks: FastMap<u64, ProcStack>,
+    calls: FastMap<u64, CallInfo>,
     call_order: VecDeque<u64>,
-    sends: HashMap<MsgKey, SendQueue>,
-    pending: HashMap<MsgKey, VecDeque<PendingRecv>>,
-    /// Arrival order of queued sends and pending receives.
-    msg_order: BTreeMap<u64, (MsgSide, MsgKey)>,
+    /// Remember call id → (parent, root, pid) for [`Correlator::chain`]?
+    call_index: bool,
+    sends: SeededMap<MsgKey, SendQueue>,
+    pending: SeededMap<MsgKey, VecDeque<PendingRecv>>,
+    /// Arrival order of queued sends and pending receives, oldest first,
+    /// with lazy deletion: entries of matched or swept messages stay until
+    /// they reach the front or a compaction drops them.
+    msg_order: VecDeque<(u64, MsgSide, MsgKey)>,
+    /// Queued sends + pending receives.
+    msg_live: usize,
     /// child → (parent, seq).
-    tree: HashMap<u64, (u64, u64)>,
+    tree: FastMap<u64, (u64, u64)>,
     /// seq → child, arrival order of tree entries.
     tree_order: BTreeMap<u64, u64>,
     late: Vec<LateLink>,
     seq: u64,
     metrics: CorrelatorMetrics,
+    /// key → (pid, its open frames with that key), when enabled.
+    key_index: Option<FastMap<u64, (u64, u32)>>,
 }
 
 impl Correlator {
@@ -360,18 +391,57 @@ impl Correlator {
     pub fn new(config: CorrelatorConfig) -> Correlator {
         Correlator {
             config,
-            stacks: HashMap::new(),
-            calls: HashMap::new(),
+            stacks: FastMap::default(),
+            calls: FastMap::default(),
             call_order: VecDeque::new(),
-            sends: HashMap::new(),
-            pending: HashMap::new(),
-            msg_order: BTreeMap::new(),
-            tree: HashMap::new(),
+            call_index: true,
+            sends: SeededMap::with_hasher(Seeded::random()),
+            pending: SeededMap::with_hasher(Seeded::random()),
+            msg_order: VecDeque::new(),
+            msg_live: 0,
+            tree: FastMap::default(),
             tree_order: BTreeMap::new(),
             late: Vec::new(),
             seq: 0,
             metrics: CorrelatorMetrics::default(),
+            key_index: None,
         }
+    }
+
+    /// Stop remembering calls for [`Correlator::chain`] and
+    /// [`Correlator::call_pid`] (they then return nothing). The pipeline
+    /// does this: its store keeps the parent chain, and the index costs a
+    /// cache-missing map insert and remove per call.
+    pub fn disable_call_index(&mut self) {
+        self.call_index = false;
+        self.calls = FastMap::default();
+        self.call_order = VecDeque::new();
+    }
+
+    /// Start keeping an index of the keys of open (tracked) frames, for
+    /// [`Correlator::pid_for_key`]. Costs a small-map update per keyed call
+    /// and per completed keyed frame. Idempotent.
+    pub fn enable_key_index(&mut self) {
+        if self.key_index.is_some() {
+            return;
+        }
+        let mut idx = FastMap::default();
+        for (&pid, st) in &self.stacks {
+            for f in &st.frames {
+                key_opened(&mut idx, f.key, pid);
+            }
+        }
+        self.key_index = Some(idx);
+    }
+
+    /// The process with an open frame made with `key` (the one that made
+    /// such a call most recently), if the key index is enabled (see
+    /// [`Correlator::enable_key_index`]).
+    pub fn pid_for_key(&self, key: u64) -> Option<u64> {
+        if key == 0 {
+            return None;
+        }
+        self.key_index.as_ref()?.get(&key).map(|&(pid, _)| pid)
     }
 
     /// The configuration.
@@ -413,7 +483,7 @@ impl Correlator {
 
     /// Queued (unreceived) sends plus pending (unsent) receives.
     pub fn pending_messages(&self) -> usize {
-        self.msg_order.len()
+        self.msg_live
     }
 
     /// Drain the links found since the last call (receives linked when their
@@ -448,6 +518,52 @@ impl Correlator {
         self.calls.get(&id).map(|c| c.pid)
     }
 
+    /// Is call `id` an open (tracked) frame on `pid`'s stack? O(depth).
+    pub fn is_open_call(&self, pid: u64, id: u64) -> bool {
+        self.stacks
+            .get(&pid)
+            .is_some_and(|s| s.frames.iter().rev().any(|f| f.id == id))
+    }
+
+    /// Approximate heap bytes held (table capacities times entry sizes;
+    /// O(processes + message keys), for health reports).
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let slot = |k: usize, v: usize| k + v + 1;
+        let frames: usize = self
+            .stacks
+            .values()
+            .map(|s| s.frames.capacity() * size_of::<Frame>())
+            .sum();
+        let sends: usize = self
+            .sends
+            .values()
+            .map(|q| {
+                q.items.capacity() * size_of::<QueuedSend>() + q.senders.capacity() * slot(8, 4)
+            })
+            .sum();
+        let recvs: usize = self
+            .pending
+            .values()
+            .map(|q| q.capacity() * size_of::<PendingRecv>())
+            .sum();
+        self.stacks.capacity() * slot(8, size_of::<ProcStack>())
+            + frames
+            + self.calls.capacity() * slot(8, size_of::<CallInfo>())
+            + self.call_order.capacity() * 8
+            + self.sends.capacity() * slot(size_of::<MsgKey>(), size_of::<SendQueue>())
+            + sends
+            + self.pending.capacity()
+                * slot(size_of::<MsgKey>(), size_of::<VecDeque<PendingRecv>>())
+            + recvs
+            // BTreeMap nodes: roughly 1.5x the payload.
+            + self.msg_order.capacity() * size_of::<(u64, MsgSide, MsgKey)>()
+            + self.tree.capacity() * slot(8, 16)
+            + self.tree_order.len() * 16 * 3 / 2
+            + self.late.capacity() * size_of::<LateLink>()
+            + self.key_index.as_ref().map_or(0, |k| k.capacity() * slot(8, 12))
+    }
+
     /// Correlate one event.
     pub fn correlate(&mut self, ev: &CorrInput) -> Correlation {
         match ev.kind {
@@ -472,14 +588,12 @@ impl Correlator {
     pub fn sweep(&mut self, now_ns: i64) -> usize {
         let cutoff = now_ns.saturating_sub(self.config.ttl_ns);
         let mut removed = 0usize;
-        let order = &mut self.msg_order;
         self.sends.retain(|_, q| {
             let mut i = 0;
             while i < q.items.len() {
                 if q.items[i].ts < cutoff {
                     let s = q.items.remove(i).expect("index in range");
                     q.forget_sender(s.sender);
-                    order.remove(&s.seq);
                     removed += 1;
                 } else {
                     i += 1;
@@ -488,17 +602,13 @@ impl Correlator {
             !q.items.is_empty()
         });
         self.pending.retain(|_, q| {
-            q.retain(|r| {
-                if r.ts < cutoff {
-                    order.remove(&r.seq);
-                    removed += 1;
-                    false
-                } else {
-                    true
-                }
-            });
+            let before = q.len();
+            q.retain(|r| r.ts >= cutoff);
+            removed += before - q.len();
             !q.is_empty()
         });
+        self.msg_live -= removed;
+        self.compact_msg_order();
         self.metrics.expired += removed as u64;
         self.metrics.active -= removed as u64;
         removed
@@ -516,23 +626,8 @@ impl Correlator {
         if (self.metrics.active as usize) < self.config.max_correlations {
             return true;
         }
-        if let Some((_, (side, key))) = self.msg_order.pop_first() {
-            match side {
-                MsgSide::Send => {
-                    let q = self.sends.get_mut(&key).expect("indexed send queue");
-                    q.pop_front();
-                    if q.items.is_empty() {
-                        self.sends.remove(&key);
-                    }
-                }
-                MsgSide::Recv => {
-                    let q = self.pending.get_mut(&key).expect("indexed receive queue");
-                    q.pop_front();
-                    if q.is_empty() {
-                        self.pending.remove(&key);
-                    }
-                }
-            }
+        if self.evict_oldest_message() {
+            // done
         } else if let Some((_, child)) = self.tree_order.pop_first() {
             self.tree.remove(&child);
         } else {
@@ -544,7 +639,75 @@ impl Correlator {
         (self.metrics.active as usize) < self.config.max_correlations
     }
 
+    /// Drops the oldest queued send or pending receive; false if none.
+    fn evict_oldest_message(&mut self) -> bool {
+        while let Some((seq, side, key)) = self.msg_order.pop_front() {
+            // Entries are popped in arrival order, so a live one is at the
+            // front of its queue; anything else is a stale entry.
+            let evicted = match side {
+                MsgSide::Send => match self.sends.get_mut(&key) {
+                    Some(q) if q.items.front().is_some_and(|f| f.seq == seq) => {
+                        q.pop_front();
+                        if q.items.is_empty() {
+                            self.sends.remove(&key);
+                        }
+                        true
+                    }
+                    _ => false,
+                },
+                MsgSide::Recv => match self.pending.get_mut(&key) {
+                    Some(q) if q.front().is_some_and(|f| f.seq == seq) => {
+                        q.pop_front();
+                        if q.is_empty() {
+                            self.pending.remove(&key);
+                        }
+                        true
+                    }
+                    _ => false,
+                },
+            };
+            if evicted {
+                self.msg_live -= 1;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Records a newly queued send or pending receive.
+    fn push_msg_order(&mut self, seq: u64, side: MsgSide, key: MsgKey) {
+        self.msg_order.push_back((seq, side, key));
+        self.msg_live += 1;
+    }
+
+    /// A queued send or pending receive was matched (left its queue).
+    fn msg_matched(&mut self) {
+        self.msg_live -= 1;
+        self.compact_msg_order();
+    }
+
+    /// Drops stale order entries once they outnumber the live ones (amortized
+    /// O(1) per message; each check is a binary search in one queue).
+    fn compact_msg_order(&mut self) {
+        if self.msg_order.len() <= 2 * self.msg_live + 1024 {
+            return;
+        }
+        let (sends, pending) = (&self.sends, &self.pending);
+        self.msg_order.retain(|&(seq, side, key)| match side {
+            MsgSide::Send => sends.get(&key).is_some_and(|q| q.holds(seq)),
+            MsgSide::Recv => pending
+                .get(&key)
+                .is_some_and(|q| q.binary_search_by_key(&seq, |r| r.seq).is_ok()),
+        });
+        if self.msg_order.capacity() > 4 * (self.msg_order.len() + 1024) {
+            self.msg_order.shrink_to_fit();
+        }
+    }
+
     fn remember_call(&mut self, id: u64, info: CallInfo) {
+        if !self.call_index {
+            return;
+        }
         if self.calls.insert(id, info).is_none() {
             self.call_order.push_back(id);
             while self.call_order.len() > self.config.max_correlations {
@@ -598,11 +761,15 @@ impl Correlator {
         if tracked {
             st.frames.push(Frame {
                 id: ev.id,
+                key: ev.key,
                 ts: ev.timestamp,
                 parent: top,
                 root,
             });
             self.metrics.active += 1;
+            if let Some(idx) = self.key_index.as_mut() {
+                key_opened(idx, ev.key, ev.pid);
+            }
         } else {
             st.untracked += 1;
         }
@@ -618,6 +785,7 @@ impl Correlator {
         };
         let pos = match ev.call_id {
             Some(cid) => st.frames.iter().rposition(|f| f.id == cid),
+            None if ev.key != 0 => st.frames.iter().rposition(|f| f.key == ev.key),
             None if st.untracked == 0 => st.frames.len().checked_sub(1),
             None => None,
         };
@@ -625,6 +793,11 @@ impl Correlator {
             let skipped = (st.frames.len() - 1 - i) as u64 + st.untracked;
             let removed = (st.frames.len() - i) as u64;
             let f = st.frames[i];
+            if let Some(idx) = self.key_index.as_mut() {
+                for g in &st.frames[i..] {
+                    key_closed(idx, g.key, ev.pid);
+                }
+            }
             st.frames.truncate(i);
             st.untracked = 0;
             self.metrics.unwound_frames += skipped;
@@ -673,7 +846,7 @@ impl Correlator {
             if q.is_empty() {
                 self.pending.remove(&key);
             }
-            self.msg_order.remove(&r.seq);
+            self.msg_matched();
             self.metrics.active -= 1;
             self.metrics.matched_receives += 1;
             self.late.push(LateLink {
@@ -691,7 +864,7 @@ impl Correlator {
                 ts: ev.timestamp,
                 seq,
             });
-            self.msg_order.insert(seq, (MsgSide::Send, key));
+            self.push_msg_order(seq, MsgSide::Send, key);
             self.metrics.active += 1;
         }
         c
@@ -710,7 +883,7 @@ impl Correlator {
             if q.items.is_empty() {
                 self.sends.remove(&key);
             }
-            self.msg_order.remove(&s.seq);
+            self.msg_matched();
             self.metrics.active -= 1;
             self.metrics.matched_receives += 1;
             c.correlation_id = s.id;
@@ -725,7 +898,7 @@ impl Correlator {
                 ts: ev.timestamp,
                 seq,
             });
-            self.msg_order.insert(seq, (MsgSide::Recv, key));
+            self.push_msg_order(seq, MsgSide::Recv, key);
             self.metrics.active += 1;
         }
         c
@@ -755,6 +928,11 @@ impl Correlator {
     fn on_exit(&mut self, ev: &CorrInput) -> Correlation {
         let mut c = Correlation::plain(ev.id, CorrType::ProcessExit);
         if let Some(st) = self.stacks.remove(&ev.pid) {
+            if let Some(idx) = self.key_index.as_mut() {
+                for g in &st.frames {
+                    key_closed(idx, g.key, ev.pid);
+                }
+            }
             self.metrics.orphaned_calls += st.frames.len() as u64 + st.untracked;
             self.metrics.active -= st.frames.len() as u64;
         }
@@ -778,6 +956,539 @@ impl Correlator {
     }
 }
 
+/// Count an open frame of `pid` made with `key` (0: none) in a key index.
+fn key_opened(idx: &mut FastMap<u64, (u64, u32)>, key: u64, pid: u64) {
+    if key == 0 {
+        return;
+    }
+    let e = idx.entry(key).or_insert((pid, 0));
+    if e.0 != pid {
+        // The most recent caller wins; the other process's frames with this
+        // key are no longer found through the index.
+        *e = (pid, 0);
+    }
+    e.1 += 1;
+}
+
+/// Forget an open frame of `pid` made with `key` (see [`key_opened`]).
+fn key_closed(idx: &mut FastMap<u64, (u64, u32)>, key: u64, pid: u64) {
+    if key == 0 {
+        return;
+    }
+    if let Some(e) = idx.get_mut(&key) {
+        if e.0 == pid {
+            e.1 -= 1;
+            if e.1 == 0 {
+                idx.remove(&key);
+            }
+        }
+    }
+}
+
+// ---- Tracker ----------------------------------------------------------------
+
+/// The `pid` of a [`Tracker`] input whose process is unknown (see
+/// [`Tracker::correlate`]).
+pub const UNKNOWN_PID: u64 = 0;
+
+/// A 64-bit multiply-xorshift hasher for integer keys (ids and pids are
+/// not attacker-chosen, and SipHash costs more than the rest of a lookup).
+#[derive(Default, Clone, Copy)]
+struct MixHasher(u64);
+
+impl std::hash::Hasher for MixHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h ^= h >> 33;
+        h
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(23);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<MixHasher>>;
+
+/// [`MixHasher`] starting from a random per-map seed, for tables whose keys
+/// traced code can influence (message content hashes).
+#[derive(Clone, Copy, Debug)]
+struct Seeded(u64);
+
+impl Seeded {
+    fn random() -> Seeded {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x5eed);
+        Seeded(h.finish())
+    }
+}
+
+impl std::hash::BuildHasher for Seeded {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(self.0)
+    }
+}
+
+type SeededMap<K, V> = HashMap<K, V, Seeded>;
+
+/// What a [`Tracker`] remembers about one correlation: every correlated
+/// event except returns/exceptions, receives matched at once, and
+/// [`CorrKind::Other`] events creates one, keyed by the event id.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct CorrRecord {
+    /// Correlation type of the event that created it.
+    pub ctype: CorrType,
+    /// The creating input's `timestamp` (the TTL counts from it).
+    pub created_at: i64,
+    /// Acting process.
+    pub pid: u64,
+    /// The other process: receiver of a send, child of a spawn; else 0.
+    pub peer: u64,
+    /// Enclosing call when the event was correlated.
+    pub parent_id: Option<u64>,
+    /// Bottom of that call stack.
+    pub root_id: Option<u64>,
+    /// The event's link: `CalledFrom` (calls), `SpawnedBy` (spawns, exits),
+    /// `StateIn` (state changes) or `Receives` (a receive whose send came
+    /// later, set by the late link).
+    pub link: Option<Link>,
+    /// Confidence of `link` (0.0 for a receive still waiting for its send).
+    pub confidence: f32,
+    /// Calls: the return or exception that completed it.
+    pub completed_by: Option<u64>,
+    /// Sends: the receive that took the message.
+    pub received_by: Option<u64>,
+}
+
+/// [`Tracker`] counters (cumulative except `records`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerMetrics {
+    /// Events correlated.
+    pub events: u64,
+    /// Records created.
+    pub created: u64,
+    /// Records created by calls.
+    pub function: u64,
+    /// Records created by sends and by receives that arrived before their
+    /// send.
+    pub message: u64,
+    /// [`CorrKind::Other`] events.
+    pub unknown: u64,
+    /// Late links applied (receives linked when their send arrived).
+    pub late_links: u64,
+    /// Records now.
+    pub records: u64,
+    /// Records removed by [`Tracker::sweep`].
+    pub records_expired: u64,
+    /// Records evicted to stay within `max_correlations`.
+    pub records_evicted: u64,
+    /// Returns whose process was found through their key or call id.
+    pub pid_resolved: u64,
+}
+
+const R_PARENT: u8 = 1;
+const R_ROOT: u8 = 2;
+const R_BY: u8 = 4;
+const R_LINK: u8 = 8;
+/// Superseded by a newer record with the same id.
+const R_DEAD: u8 = 16;
+/// Not a record: an update of record `id` (`by`, or `link` + confidence).
+const R_UPDATE: u8 = 32;
+
+/// An entry of the tracker's log: a record, or an update of an earlier one.
+#[derive(Copy, Clone, Debug)]
+struct Rec {
+    id: u64,
+    created_at: i64,
+    pid: u64,
+    peer: u64,
+    parent: u64,
+    root: u64,
+    link_target: u64,
+    /// `completed_by` (calls) or `received_by` (sends).
+    by: u64,
+    confidence: f32,
+    ctype: CorrType,
+    link_kind: LinkKind,
+    flags: u8,
+}
+
+impl Rec {
+    fn public(&self) -> CorrRecord {
+        let opt = |bit: u8, v: u64| (self.flags & bit != 0).then_some(v);
+        let by = opt(R_BY, self.by);
+        let is_call = self.ctype == CorrType::FunctionCall;
+        CorrRecord {
+            ctype: self.ctype,
+            created_at: self.created_at,
+            pid: self.pid,
+            peer: self.peer,
+            parent_id: opt(R_PARENT, self.parent),
+            root_id: opt(R_ROOT, self.root),
+            link: opt(R_LINK, self.link_target).map(|t| Link::new(self.link_kind, t)),
+            confidence: self.confidence,
+            completed_by: if is_call { by } else { None },
+            received_by: if is_call { None } else { by },
+        }
+    }
+
+    fn update(id: u64, at: i64) -> Rec {
+        Rec {
+            id,
+            created_at: at,
+            pid: 0,
+            peer: 0,
+            parent: 0,
+            root: 0,
+            link_target: 0,
+            by: 0,
+            confidence: 0.0,
+            ctype: CorrType::Unknown,
+            link_kind: LinkKind::Receives,
+            flags: R_UPDATE,
+        }
+    }
+}
+
+/// A [`Correlator`] plus what an interactive API needs: a record per
+/// correlation ([`Tracker::record`], [`Tracker::chain`]), late links
+/// applied to those records, and returns whose process is unknown.
+///
+/// * **Records** are kept for at most `ttl_ns` after creation (see
+///   [`Tracker::sweep`]) and at most `max_correlations` of them (the oldest
+///   is evicted first). Correlating only appends to a log (a record, or an
+///   update of an earlier record: a completion, a receipt, a late link);
+///   the id index that lookups use is brought up to date when a lookup
+///   needs it, so correlation never touches it.
+/// * **Returns.** A return/exception input may carry both a `call_id` and a
+///   `key` derived from the same caller-supplied term; `call_id` is used
+///   only if it names an open call of the return's process; else it is
+///   dropped and `key` decides. A return with `pid == UNKNOWN_PID` takes
+///   the process of the most recent open call made with its key (see
+///   [`Correlator::pid_for_key`]), else of the call its `call_id` names.
+/// * **Late links**: when a send arrives for a receive seen earlier, the
+///   receive's record gets the `Receives` link and the send's record its
+///   `received_by`.
+#[derive(Debug)]
+pub struct Tracker {
+    corr: Correlator,
+    /// The log, in creation order; `log[i]` has sequence number `base + i`.
+    log: VecDeque<Rec>,
+    base: u64,
+    /// Records (not updates) in the log, superseded ones included.
+    records: usize,
+    /// id → sequence number of its newest record, for entries before
+    /// `indexed_to`; entries below `base` are stale.
+    index: FastMap<u64, u64>,
+    indexed_to: u64,
+    metrics: TrackerMetrics,
+}
+
+impl Tracker {
+    /// A new, empty tracker.
+    pub fn new(config: CorrelatorConfig) -> Tracker {
+        let mut corr = Correlator::new(config);
+        corr.enable_key_index();
+        Tracker {
+            corr,
+            log: VecDeque::new(),
+            base: 0,
+            records: 0,
+            index: FastMap::default(),
+            indexed_to: 0,
+            metrics: TrackerMetrics::default(),
+        }
+    }
+
+    /// The underlying correlator.
+    pub fn correlator(&self) -> &Correlator {
+        &self.corr
+    }
+
+    /// Tracker counters.
+    pub fn metrics(&self) -> TrackerMetrics {
+        TrackerMetrics {
+            records: self.records as u64,
+            ..self.metrics
+        }
+    }
+
+    /// The record of correlation `id`, if kept. Brings the lookup index up
+    /// to date first (O(entries logged since the last lookup)).
+    pub fn record(&mut self, id: u64) -> Option<CorrRecord> {
+        self.catch_up();
+        self.rec(id).map(Rec::public)
+    }
+
+    /// The records from the root down to `id`, following `parent_id`:
+    /// `[root, ..., parent, id]`; empty if `id` has no record. Stops at the
+    /// first ancestor without a record (expired or evicted).
+    pub fn chain(&mut self, id: u64) -> Vec<u64> {
+        self.catch_up();
+        let mut out = Vec::new();
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            let Some(r) = self.rec(c) else {
+                break;
+            };
+            out.push(c);
+            if out.len() > self.records {
+                break; // defensive against id reuse forming a cycle
+            }
+            cur = (r.flags & R_PARENT != 0).then_some(r.parent);
+        }
+        out.reverse();
+        out
+    }
+
+    /// Approximate heap bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        self.corr.memory_bytes()
+            + self.log.capacity() * std::mem::size_of::<Rec>()
+            + self.index.capacity() * 17
+    }
+
+    /// Correlate one event (see the type docs for what differs from
+    /// [`Correlator::correlate`]).
+    pub fn correlate(&mut self, ev: &CorrInput) -> Correlation {
+        let mut ev = *ev;
+        if matches!(ev.kind, CorrKind::Return | CorrKind::Exception) {
+            self.resolve_return(&mut ev);
+        }
+        let c = self.corr.correlate(&ev);
+        self.metrics.events += 1;
+        let first = c.links.first().copied();
+        let now = ev.timestamp;
+        match ev.kind {
+            CorrKind::Call => {
+                self.metrics.function += 1;
+                self.add_record(&ev, &c, 0);
+            }
+            CorrKind::Return | CorrKind::Exception => {
+                if let Some(Link {
+                    kind: LinkKind::Completes,
+                    target,
+                }) = first
+                {
+                    self.add_update(Rec {
+                        by: ev.id,
+                        flags: R_UPDATE | R_BY,
+                        ..Rec::update(target, now)
+                    });
+                }
+            }
+            CorrKind::Send => {
+                self.metrics.message += 1;
+                self.add_record(&ev, &c, ev.peer);
+                for late in self.corr.take_late_links() {
+                    self.metrics.late_links += 1;
+                    self.add_update(Rec {
+                        link_target: late.link.target,
+                        link_kind: late.link.kind,
+                        confidence: late.confidence,
+                        flags: R_UPDATE | R_LINK,
+                        ..Rec::update(late.event, now)
+                    });
+                    self.add_update(Rec {
+                        by: late.event,
+                        flags: R_UPDATE | R_BY,
+                        ..Rec::update(late.link.target, now)
+                    });
+                }
+            }
+            CorrKind::Receive => match first {
+                Some(Link {
+                    kind: LinkKind::Receives,
+                    target,
+                }) => self.add_update(Rec {
+                    by: ev.id,
+                    flags: R_UPDATE | R_BY,
+                    ..Rec::update(target, now)
+                }),
+                _ => {
+                    self.metrics.message += 1;
+                    self.add_record(&ev, &c, 0);
+                }
+            },
+            CorrKind::Spawn => self.add_record(&ev, &c, ev.peer),
+            CorrKind::Exit | CorrKind::StateChange => self.add_record(&ev, &c, 0),
+            CorrKind::Other => self.metrics.unknown += 1,
+        }
+        c
+    }
+
+    /// Remove records created before `now_ns - ttl_ns`, then run
+    /// [`Correlator::sweep`]; returns `(records removed, correlator entries
+    /// removed)`.
+    pub fn sweep(&mut self, now_ns: i64) -> (usize, usize) {
+        let cutoff = now_ns.saturating_sub(self.corr.config().ttl_ns);
+        let mut removed = 0usize;
+        while self.log.front().is_some_and(|r| r.created_at < cutoff) {
+            if self.pop_front() {
+                removed += 1;
+            }
+        }
+        self.metrics.records_expired += removed as u64;
+        (removed, self.corr.sweep(now_ns))
+    }
+
+    fn resolve_return(&mut self, ev: &mut CorrInput) {
+        if ev.pid == UNKNOWN_PID {
+            let by_key = self.corr.pid_for_key(ev.key);
+            let by_call = || ev.call_id.and_then(|cid| self.corr.call_pid(cid));
+            if let Some(p) = by_key.or_else(by_call) {
+                if p != UNKNOWN_PID {
+                    ev.pid = p;
+                    self.metrics.pid_resolved += 1;
+                }
+            }
+        }
+        if let Some(cid) = ev.call_id {
+            if !self.corr.is_open_call(ev.pid, cid) {
+                ev.call_id = None;
+            }
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.corr.config().max_correlations.max(1)
+    }
+
+    fn rec(&self, id: u64) -> Option<&Rec> {
+        let seq = *self.index.get(&id)?;
+        let r = self.log.get(seq.checked_sub(self.base)? as usize)?;
+        (r.id == id && r.flags & (R_UPDATE | R_DEAD) == 0).then_some(r)
+    }
+
+    /// Index the entries logged since the last lookup, applying updates.
+    fn catch_up(&mut self) {
+        let end = self.base + self.log.len() as u64;
+        // Rebuild when stale entries (evicted records) dominate the index.
+        if self.index.len() > 2 * self.records + 1024 {
+            self.index.clear();
+            self.indexed_to = self.base;
+        }
+        let mut seq = self.indexed_to.max(self.base);
+        while seq < end {
+            let i = (seq - self.base) as usize;
+            let e = self.log[i];
+            if e.flags & R_UPDATE == 0 {
+                if let Some(old) = self.index.insert(e.id, seq) {
+                    if let Some(j) = old.checked_sub(self.base) {
+                        if let Some(r) = self.log.get_mut(j as usize) {
+                            if r.id == e.id && r.flags & R_UPDATE == 0 {
+                                r.flags |= R_DEAD;
+                            }
+                        }
+                    }
+                }
+            } else if let Some(&rs) = self.index.get(&e.id) {
+                if let Some(j) = rs.checked_sub(self.base) {
+                    if let Some(r) = self.log.get_mut(j as usize) {
+                        if r.id == e.id && r.flags & (R_UPDATE | R_DEAD) == 0 {
+                            if e.flags & R_BY != 0 {
+                                r.by = e.by;
+                                r.flags |= R_BY;
+                            }
+                            if e.flags & R_LINK != 0 {
+                                r.link_target = e.link_target;
+                                r.link_kind = e.link_kind;
+                                r.confidence = e.confidence;
+                                r.flags |= R_LINK;
+                            }
+                        }
+                    }
+                }
+            }
+            seq += 1;
+        }
+        self.indexed_to = end;
+    }
+
+    /// Drop the oldest log entry; true if it was a record.
+    fn pop_front(&mut self) -> bool {
+        let Some(r) = self.log.pop_front() else {
+            return false;
+        };
+        self.base += 1;
+        if r.flags & R_UPDATE == 0 {
+            self.records -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn add_record(&mut self, ev: &CorrInput, c: &Correlation, peer: u64) {
+        let mut flags = 0;
+        if c.parent_id.is_some() {
+            flags |= R_PARENT;
+        }
+        if c.root_id.is_some() {
+            flags |= R_ROOT;
+        }
+        let (link_kind, link_target) = match c.links.first() {
+            Some(l) => {
+                flags |= R_LINK;
+                (l.kind, l.target)
+            }
+            None => (LinkKind::Receives, 0),
+        };
+        let confidence = if ev.kind == CorrKind::Receive {
+            0.0 // waiting for its send
+        } else {
+            c.confidence
+        };
+        self.log.push_back(Rec {
+            id: ev.id,
+            created_at: ev.timestamp,
+            pid: ev.pid,
+            peer,
+            parent: c.parent_id.unwrap_or(0),
+            root: c.root_id.unwrap_or(0),
+            link_target,
+            by: 0,
+            confidence,
+            ctype: c.ctype,
+            link_kind,
+            flags,
+        });
+        self.records += 1;
+        self.metrics.created += 1;
+        self.trim();
+    }
+
+    fn add_update(&mut self, u: Rec) {
+        self.log.push_back(u);
+        self.trim();
+    }
+
+    /// Keep at most `max` records and `2 * max` entries.
+    fn trim(&mut self) {
+        let max = self.max();
+        while self.records > max || self.log.len() > 2 * max {
+            if self.pop_front() {
+                self.metrics.records_evicted += 1;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -787,5 +1498,6 @@ mod tests {
     #[test]
     fn correlator_is_send() {
         assert_send::<Correlator>();
+        assert_send::<Tracker>();
     }
 }

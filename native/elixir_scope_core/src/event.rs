@@ -4,6 +4,18 @@
 //! `function` are opaque 64-bit words chosen by the binding (for the NIF they
 //! are raw immediate term words of local pids and atoms, which are stable for
 //! the life of the VM), and `payload` is an opaque byte tape.
+//!
+//! Header conventions the pipeline's correlation relies on (see
+//! [`crate::pipeline`]):
+//!
+//! | kind | `pid` | `peer` | `aux` |
+//! |---|---|---|---|
+//! | call | caller | caller's correlation key (0: none) | arity |
+//! | return / exception | returning process | correlation key | duration (ns) |
+//! | send | sender | receiver | message content hash |
+//! | receive | receiver | sender if known, else 0 | message content hash |
+//! | spawn | child | parent | 0 |
+//! | exit / state change | the process | 0 | kind specific |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,6 +43,12 @@ pub enum EventKind {
     PerformanceMetric = 7,
     /// An error (`ErrorEvent`).
     Error = 8,
+    /// A message receive (`MessageEvent`, `event_type: :receive`).
+    MessageReceive = 9,
+    /// A process exit (`ProcessEvent`, `event_type: :exit`).
+    ProcessExit = 10,
+    /// A function left by an exception (completes its call like a return).
+    FunctionException = 11,
 }
 
 impl EventKind {
@@ -45,6 +63,9 @@ impl EventKind {
             6 => EventKind::StateChange,
             7 => EventKind::PerformanceMetric,
             8 => EventKind::Error,
+            9 => EventKind::MessageReceive,
+            10 => EventKind::ProcessExit,
+            11 => EventKind::FunctionException,
             _ => EventKind::Empty,
         }
     }

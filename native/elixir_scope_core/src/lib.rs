@@ -7,11 +7,14 @@
 //! * [`correlator`] — call stacks, message matching, process tree (used by
 //!   the pipeline's workers);
 //! * [`store`] — the bounded, indexed in-memory store of correlated events;
-//! * [`pool`] — native worker threads draining ring shards in batches.
+//! * [`pool`] — native worker threads draining ring shards in batches;
+//! * [`pipeline`] — sharded rings, pool, correlator and store put together,
+//!   with the accounting identity.
 #![deny(missing_docs)]
 
 pub mod correlator;
 pub mod event;
+pub mod pipeline;
 pub mod pool;
 pub mod ring;
 pub mod store;
@@ -22,6 +25,10 @@ pub use correlator::{
     LateLink, Link, LinkKind,
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
+pub use pipeline::{
+    call_contents, corr_type_of, links_of, shard_of, Accounting, Clock, Engine, EngineMetrics,
+    Histogram, Pipeline, PipelineConfig,
+};
 pub use pool::{
     DeadLetter, PoolConfig, PoolMetrics, Stage, StageCtx, WorkerPool, SHUTDOWN_DRAIN_TIMEOUT,
 };

@@ -160,8 +160,10 @@ struct Shared<T> {
     shards: Vec<Arc<Ring<T>>>,
     state: Vec<ShardState>,
     stage: Stage<T>,
-    batch_size: usize,
-    flush_interval: Duration,
+    /// Live-tunable (see [`WorkerPool::set_batch_size`]).
+    batch_size: AtomicUsize,
+    /// Park timeout in µs (see [`WorkerPool::set_flush_interval`]).
+    flush_interval_us: AtomicU64,
     max_dead_letters: usize,
     /// Current worker count; worker `w` exits once `w >= active`.
     active: AtomicUsize,
@@ -211,7 +213,7 @@ enum Visit {
 
 impl<T: Clone + Send + Sync + 'static> Shared<T> {
     fn worker_loop(&self, index: usize, stats: &WorkerStats) {
-        let mut buf: Vec<T> = Vec::with_capacity(self.batch_size.min(4096));
+        let mut buf: Vec<T> = Vec::new();
         loop {
             self.counters
                 .loop_iterations
@@ -249,7 +251,7 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             thread::park_timeout(if contended {
                 CONTENDED_PARK
             } else {
-                self.flush_interval
+                Duration::from_micros(self.flush_interval_us.load(Ordering::Relaxed))
             });
         }
     }
@@ -265,12 +267,20 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             return Visit::Contended;
         }
         let _claim = Claim(&st.busy);
-        buf.clear();
+        // Copy into the previous batch's elements where possible
+        // (`clone_from` reuses their allocations).
+        let mut filled = 0;
         let mut first = None;
-        let out = self.shards[shard].consume_batch(self.batch_size, |pos, ev| {
+        let batch_size = self.batch_size.load(Ordering::Relaxed);
+        let out = self.shards[shard].consume_batch(batch_size, |pos, ev| {
             first.get_or_insert(pos);
-            buf.push(ev.clone());
+            match buf.get_mut(filled) {
+                Some(slot) => slot.clone_from(ev),
+                None => buf.push(ev.clone()),
+            }
+            filled += 1;
         });
+        buf.truncate(filled);
         let visit = match first {
             None => Visit::Idle,
             Some(first_position) => {
@@ -389,8 +399,8 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             shards,
             state,
             stage,
-            batch_size: config.batch_size.max(1),
-            flush_interval: config.flush_interval,
+            batch_size: AtomicUsize::new(config.batch_size.max(1)),
+            flush_interval_us: AtomicU64::new(config.flush_interval.as_micros().max(1) as u64),
             max_dead_letters: config.max_dead_letters,
             active: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
@@ -413,6 +423,29 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
     /// wake by themselves every `flush_interval`.
     pub fn notify(&self) {
         self.shared.notify();
+    }
+
+    /// Changes the batch size (at least 1) from the next batch on.
+    pub fn set_batch_size(&self, n: usize) {
+        self.shared.batch_size.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// The current batch size.
+    pub fn batch_size(&self) -> usize {
+        self.shared.batch_size.load(Ordering::Relaxed)
+    }
+
+    /// Changes how long an idle worker parks (at least 1 µs) from its next
+    /// park on; wakes the workers so it applies at once.
+    pub fn set_flush_interval(&self, d: Duration) {
+        let us = d.as_micros().clamp(1, u64::MAX as u128) as u64;
+        self.shared.flush_interval_us.store(us, Ordering::Relaxed);
+        self.shared.notify();
+    }
+
+    /// The current flush interval.
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_micros(self.shared.flush_interval_us.load(Ordering::Relaxed))
     }
 
     /// Number of shards.

@@ -192,6 +192,26 @@ fn returns_by_explicit_call_id() {
 }
 
 #[test]
+fn returns_by_caller_key() {
+    let keyed = |c: CorrInput, key| CorrInput { key, ..c };
+    let mut c = big();
+    c.correlate(&keyed(call(1, P, 0), 11));
+    c.correlate(&keyed(call(2, P, 5), 22));
+    c.correlate(&keyed(call(3, P, 7), 33));
+    // The return for key 22 skips the call with key 33 (a tail call).
+    let r = c.correlate(&keyed(ret(4, P, 9), 22));
+    assert_eq!((r.correlation_id, r.parent_id), (2, Some(1)));
+    assert_eq!(r.duration_ns, Some(4));
+    assert_eq!(c.metrics().unwound_frames, 1);
+    // A key that no open call carries pops nothing.
+    let u = c.correlate(&keyed(ret(5, P, 9), 99));
+    assert_eq!(u.correlation_id, 5);
+    assert_eq!(c.metrics().unmatched_returns, 1);
+    assert_eq!(c.stack(P), vec![1]);
+    consistent(&c);
+}
+
+#[test]
 fn identical_messages_from_one_sender_are_fifo() {
     let mut c = big();
     for id in 1..=3 {
@@ -514,4 +534,208 @@ proptest! {
         prop_assert_eq!(m.unmatched_returns, unmatched);
         prop_assert_eq!(c.active(), c.live_entries());
     }
+}
+
+// ---- Tracker ----------------------------------------------------------------
+
+fn tracker(ttl_ns: i64, max: usize) -> Tracker {
+    Tracker::new(cfg(ttl_ns, max))
+}
+
+fn keyed(c: CorrInput, key: u64) -> CorrInput {
+    CorrInput { key, ..c }
+}
+
+#[test]
+fn tracker_records_calls_and_completions() {
+    let mut t = tracker(1_000, 100);
+    t.correlate(&call(1, P, 0));
+    t.correlate(&call(2, P, 1));
+    let r1 = t.record(1).expect("record of 1");
+    assert_eq!(r1.ctype, CorrType::FunctionCall);
+    assert_eq!((r1.pid, r1.parent_id, r1.root_id), (P, None, Some(1)));
+    let r2 = t.record(2).expect("record of 2");
+    assert_eq!(r2.link, Some(Link::new(LinkKind::CalledFrom, 1)));
+    assert_eq!(t.chain(2), vec![1, 2]);
+    let r = t.correlate(&ret(3, P, 2));
+    assert_eq!(r.correlation_id, 2);
+    assert_eq!(t.record(2).and_then(|r| r.completed_by), Some(3));
+    // Returns create no record.
+    assert!(t.record(3).is_none());
+    assert!(t.chain(3).is_empty());
+    let m = t.metrics();
+    assert_eq!((m.events, m.created, m.function, m.records), (3, 2, 2, 2));
+}
+
+#[test]
+fn tracker_return_call_id_is_a_hint() {
+    let mut t = tracker(1_000, 100);
+    t.correlate(&keyed(call(1, P, 0), 77));
+    t.correlate(&keyed(call(2, P, 0), 88));
+    // call_id 1 is open on P: used (unwinds 2).
+    let r = t.correlate(&keyed(ret_of(3, P, 0, 1), 99));
+    assert_eq!(r.correlation_id, 1);
+    assert_eq!(t.correlator().metrics().unwound_frames, 1);
+    // call_id 5 names no open call: the key decides.
+    t.correlate(&keyed(call(4, P, 0), 77));
+    let r = t.correlate(&keyed(ret_of(6, P, 0, 5), 77));
+    assert_eq!(r.correlation_id, 4);
+    assert_eq!(t.correlator().metrics().unmatched_returns, 0);
+}
+
+#[test]
+fn tracker_resolves_returns_of_unknown_process() {
+    let mut t = tracker(1_000, 100);
+    t.correlate(&keyed(call(1, P, 0), 7));
+    t.correlate(&keyed(call(2, Q, 0), 8));
+    t.correlate(&call(3, Q, 0));
+    // By key: the most recent call made with key 8 was on Q.
+    let r = t.correlate(&keyed(ret(4, UNKNOWN_PID, 0), 8));
+    assert_eq!((r.correlation_id, r.parent_id), (2, None));
+    assert_eq!(t.correlator().stack(Q), Vec::<u64>::new());
+    // By call id.
+    let r = t.correlate(&ret_of(5, UNKNOWN_PID, 0, 1));
+    assert_eq!(r.correlation_id, 1);
+    assert_eq!(t.metrics().pid_resolved, 2);
+    // Unknown key: unmatched, nothing popped.
+    t.correlate(&call(6, R, 0));
+    let r = t.correlate(&keyed(ret(7, UNKNOWN_PID, 0), 999));
+    assert_eq!(r.correlation_id, 7);
+    assert_eq!(t.correlator().stack(R), vec![6]);
+}
+
+#[test]
+fn tracker_applies_late_links_to_records() {
+    let mut t = tracker(1_000, 100);
+    t.correlate(&call(1, Q, 0));
+    let early = t.correlate(&recv(2, Q, 42, 0));
+    assert!(early.links.is_empty());
+    let r = t.record(2).expect("early receive has a record");
+    assert_eq!(
+        (r.ctype, r.link, r.confidence),
+        (CorrType::MessageReceive, None, 0.0)
+    );
+    assert_eq!(r.parent_id, Some(1));
+    t.correlate(&send(3, P, Q, 42, 0));
+    let r = t.record(2).expect("record of 2");
+    assert_eq!(r.link, Some(Link::new(LinkKind::Receives, 3)));
+    assert_eq!(r.confidence, 1.0);
+    let s = t.record(3).expect("record of 3");
+    assert_eq!((s.peer, s.received_by), (Q, Some(2)));
+    // A receive matched at once updates the send's record only.
+    t.correlate(&send(4, P, Q, 43, 0));
+    t.correlate(&recv(5, Q, 43, 0));
+    assert_eq!(t.record(4).and_then(|r| r.received_by), Some(5));
+    assert!(t.record(5).is_none());
+    assert_eq!(t.chain(2), vec![1, 2]);
+    let m = t.metrics();
+    assert_eq!((m.message, m.late_links), (3, 1));
+}
+
+#[test]
+fn tracker_sweep_expires_records_by_age() {
+    let mut t = tracker(100, 1_000);
+    t.correlate(&call(1, P, 0));
+    t.correlate(&send(2, P, Q, 1, 10));
+    t.correlate(&call(3, P, 150));
+    assert_eq!(t.sweep(200), (2, 1));
+    assert!(t.record(1).is_none() && t.record(2).is_none());
+    assert!(t.record(3).is_some());
+    // The open call's frame stays: only records and unmatched messages expire.
+    assert_eq!(t.correlator().stack(P), vec![1, 3]);
+    assert_eq!(t.metrics().records_expired, 2);
+    assert_eq!(t.sweep(200), (0, 0));
+}
+
+#[test]
+fn tracker_records_are_bounded() {
+    let mut t = tracker(1_000_000, 10);
+    for id in 1..=100u64 {
+        t.correlate(&send(id, P, Q, id, 0));
+    }
+    let m = t.metrics();
+    assert_eq!(m.records, 10);
+    assert_eq!(m.records_evicted, 90);
+    assert!(t.record(90).is_none() && t.record(91).is_some());
+    assert!(t.correlator().active() <= 10);
+    // Same id twice: one record, the newer.
+    t.correlate(&call(100, R, 5));
+    assert_eq!(t.record(100).map(|r| r.ctype), Some(CorrType::FunctionCall));
+    assert!(t.metrics().records <= 10);
+}
+
+#[test]
+fn tracker_counts_unknown_and_spawns() {
+    let mut t = tracker(1_000, 100);
+    t.correlate(&CorrInput::new(1, CorrKind::Other, P, 0));
+    t.correlate(&spawn(2, P, Q));
+    let s = t.record(2).expect("spawn record");
+    assert_eq!(
+        (s.peer, s.link),
+        (Q, Some(Link::new(LinkKind::SpawnedBy, P)))
+    );
+    let e = t.correlate(&CorrInput::new(3, CorrKind::Exit, Q, 0));
+    assert_eq!(e.links, vec![Link::new(LinkKind::SpawnedBy, P)]);
+    assert_eq!(t.record(3).map(|r| r.ctype), Some(CorrType::ProcessExit));
+    assert!(t.record(1).is_none());
+    assert_eq!(t.metrics().unknown, 1);
+    assert!(t.memory_bytes() > 0);
+}
+
+#[test]
+fn tracker_key_index_follows_open_calls() {
+    let mut t = tracker(1_000, 100);
+    // Recursion with one key: the outer call stays findable after the
+    // inner one returns.
+    t.correlate(&keyed(call(1, P, 0), 9));
+    t.correlate(&keyed(call(2, P, 0), 9));
+    assert_eq!(t.correlate(&keyed(ret(3, P, 0), 9)).correlation_id, 2);
+    assert_eq!(
+        t.correlate(&keyed(ret(4, UNKNOWN_PID, 0), 9))
+            .correlation_id,
+        1
+    );
+    // A key reused by another process after its call completed.
+    t.correlate(&keyed(call(5, Q, 0), 8));
+    t.correlate(&keyed(ret(6, Q, 0), 8));
+    t.correlate(&keyed(call(7, R, 0), 8));
+    let r = t.correlate(&keyed(ret(8, UNKNOWN_PID, 0), 8));
+    assert_eq!(r.correlation_id, 7);
+    assert_eq!(t.metrics().pid_resolved, 2);
+    assert_eq!(t.correlator().active(), 0);
+}
+
+#[test]
+fn matched_messages_leave_no_state_and_eviction_skips_them() {
+    let mut c = Correlator::new(cfg(i64::MAX, 9));
+    // 100k matched pairs: nothing stays tracked, memory stays small.
+    for i in 0..100_000u64 {
+        c.correlate(&send(2 * i + 1, P, Q, i, 0));
+        let r = c.correlate(&recv(2 * i + 2, Q, i, 0));
+        assert_eq!(r.correlation_id, 2 * i + 1);
+    }
+    assert_eq!(c.pending_messages(), 0);
+    assert_eq!(c.metrics().active, 0);
+    assert!(c.memory_bytes() < 256 * 1024, "{}", c.memory_bytes());
+    // Fill to the bound with unmatched sends interleaved with matched
+    // pairs, then overflow: the oldest *unmatched* send is evicted.
+    let base = 1_000_000;
+    for k in 0..8u64 {
+        c.correlate(&send(base + 10 * k, P, Q, 1000 + k, 0));
+        c.correlate(&send(base + 10 * k + 1, P, Q, 5000 + k, 0));
+        c.correlate(&recv(base + 10 * k + 2, Q, 5000 + k, 0));
+    }
+    assert_eq!(c.pending_messages(), 8);
+    assert_eq!(c.metrics().evicted, 0);
+    c.correlate(&send(base + 998, P, Q, 77, 0));
+    c.correlate(&send(base + 999, P, Q, 78, 0));
+    assert_eq!(c.metrics().evicted, 1);
+    // The second unmatched send still matches; the first (hash 1000) is
+    // gone, so its receive waits unmatched.
+    let kept = c.correlate(&recv(base + 1002, Q, 1001, 0));
+    assert_eq!(kept.correlation_id, base + 10);
+    let gone = c.correlate(&recv(base + 1001, Q, 1000, 0));
+    assert_eq!(gone.correlation_id, base + 1001);
+    assert!(gone.links.is_empty());
+    consistent(&c);
 }

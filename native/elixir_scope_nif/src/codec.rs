@@ -137,6 +137,25 @@ pub fn encode_into(
     })
 }
 
+/// A fast 64-bit hash of `bytes` (multiply-xor over 8-byte words, then a
+/// final avalanche); never 0.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h: u64 = (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8-byte chunk"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(29);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^= h >> 32;
+    h = h.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    h ^= h >> 32;
+    h.max(1)
+}
+
 /// Encodes terms into a tape under a byte budget (see [`encode_into`]).
 pub struct TapeEncoder {
     env: *mut ErlNifEnv,
@@ -180,6 +199,26 @@ impl TapeEncoder {
             self.marker(hint, o.reached.saturating_sub(mark) as u64);
             self.truncated = true;
         }
+    }
+
+    /// Encode one top-level field like [`TapeEncoder::field`] and return a
+    /// 64-bit hash of its content: of its encoding (equal terms encode, and
+    /// so hash, equally) or, when the field was truncated, of the whole term
+    /// (`phash2`, so different large messages of the same size do not
+    /// collide; it walks the term once, as sending it did).
+    pub fn field_hashed(&mut self, t: Term) -> u64 {
+        let mark = self.len;
+        let was = self.truncated;
+        self.truncated = false;
+        self.field(t);
+        let cut = self.truncated;
+        self.truncated |= was;
+        if cut {
+            return hash_bytes(&(t.hash_phash2() as u64 | 1 << 40).to_le_bytes());
+        }
+        // SAFETY: bytes `mark..len` were just written by `field`.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.add(mark), self.len - mark) };
+        hash_bytes(bytes)
     }
 
     #[inline]

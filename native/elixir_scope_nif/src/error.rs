@@ -17,8 +17,13 @@ fn argument_error<'a>(env: Env<'a>, msg: &str) -> Term<'a> {
 
 /// `Err` that raises `ArgumentError` with `msg`.
 pub fn badarg<T>(env: Env, msg: impl AsRef<str>) -> Result<T, Error> {
+    Err(badarg_err(env, msg))
+}
+
+/// The error that raises `ArgumentError` with `msg`.
+pub fn badarg_err(env: Env, msg: impl AsRef<str>) -> Error {
     let term = argument_error(env, msg.as_ref());
-    Err(Error::RaiseTerm(Box::new(SavedTerm(term.as_c_arg()))))
+    Error::RaiseTerm(Box::new(SavedTerm(term.as_c_arg())))
 }
 
 /// A term of the calling env, re-encoded as itself.

@@ -119,60 +119,58 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
                 ],
             )
         }
-        EventKind::ProcessSpawn => {
-            let child = next(scratch);
-            let parent = next(scratch);
-            // __struct__ event_type id parent_pid pid timestamp wall_time
+        EventKind::FunctionException => {
+            let kind = next(scratch);
+            let reason = next(scratch);
+            let corr = next(scratch);
+            // SAFETY: both words are terms of `env`.
+            let value = unsafe {
+                rustler::types::tuple::make_tuple(
+                    env,
+                    &[Term::new(env, kind), Term::new(env, reason)],
+                )
+            }
+            .as_c_arg();
             make_struct(
                 env,
+                &function_execution_keys(),
                 &[
-                    atoms::struct_(),
-                    atoms::event_type(),
-                    atoms::id(),
-                    atoms::parent_pid(),
-                    atoms::pid(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
-                &[
-                    e(atoms::process_event().encode(env)),
-                    e(atoms::spawn().encode(env)),
+                    e(atoms::function_execution().encode(env)),
+                    nil,
+                    nil,
+                    nil,
+                    corr,
+                    e(ev.aux.encode(env)),
+                    e(atoms::exception().encode(env)),
+                    nil,
                     id,
-                    parent,
-                    child,
+                    nil,
+                    value,
                     ts,
                     wall,
                 ],
             )
         }
+        EventKind::ProcessSpawn => {
+            let child = next(scratch);
+            let parent = next(scratch);
+            process_event(env, atoms::spawn(), id, parent, child, nil, ts, wall)
+        }
+        EventKind::ProcessExit => {
+            let pid = next(scratch);
+            let reason = next(scratch);
+            process_event(env, atoms::exit(), id, nil, pid, reason, ts, wall)
+        }
         EventKind::MessageSend => {
             let from = next(scratch);
             let to = next(scratch);
             let msg = next(scratch);
-            // __struct__ event_type from_pid id message timestamp to_pid wall_time
-            make_struct(
-                env,
-                &[
-                    atoms::struct_(),
-                    atoms::event_type(),
-                    atoms::from_pid(),
-                    atoms::id(),
-                    atoms::message(),
-                    atoms::timestamp(),
-                    atoms::to_pid(),
-                    atoms::wall_time(),
-                ],
-                &[
-                    e(atoms::message_event().encode(env)),
-                    e(atoms::send().encode(env)),
-                    from,
-                    id,
-                    msg,
-                    ts,
-                    to,
-                    wall,
-                ],
-            )
+            message_event(env, atoms::send(), id, from, to, msg, ts, wall)
+        }
+        EventKind::MessageReceive => {
+            let to = next(scratch);
+            let msg = next(scratch);
+            message_event(env, atoms::receive(), id, nil, to, msg, ts, wall)
         }
         EventKind::StateChange => {
             let server = next(scratch);
@@ -285,6 +283,81 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
         }
         EventKind::Empty => atoms::undefined().encode(env),
     }
+}
+
+/// `%ProcessEvent{}`.
+#[allow(clippy::too_many_arguments)]
+fn process_event<'a>(
+    env: Env<'a>,
+    kind: Atom,
+    id: ERL_NIF_TERM,
+    parent: ERL_NIF_TERM,
+    pid: ERL_NIF_TERM,
+    reason: ERL_NIF_TERM,
+    ts: ERL_NIF_TERM,
+    wall: ERL_NIF_TERM,
+) -> Term<'a> {
+    make_struct(
+        env,
+        &[
+            atoms::struct_(),
+            atoms::event_type(),
+            atoms::id(),
+            atoms::parent_pid(),
+            atoms::pid(),
+            atoms::reason(),
+            atoms::timestamp(),
+            atoms::wall_time(),
+        ],
+        &[
+            atoms::process_event().encode(env).as_c_arg(),
+            kind.encode(env).as_c_arg(),
+            id,
+            parent,
+            pid,
+            reason,
+            ts,
+            wall,
+        ],
+    )
+}
+
+/// `%MessageEvent{}`.
+#[allow(clippy::too_many_arguments)]
+fn message_event<'a>(
+    env: Env<'a>,
+    kind: Atom,
+    id: ERL_NIF_TERM,
+    from: ERL_NIF_TERM,
+    to: ERL_NIF_TERM,
+    msg: ERL_NIF_TERM,
+    ts: ERL_NIF_TERM,
+    wall: ERL_NIF_TERM,
+) -> Term<'a> {
+    // __struct__ event_type from_pid id message timestamp to_pid wall_time
+    make_struct(
+        env,
+        &[
+            atoms::struct_(),
+            atoms::event_type(),
+            atoms::from_pid(),
+            atoms::id(),
+            atoms::message(),
+            atoms::timestamp(),
+            atoms::to_pid(),
+            atoms::wall_time(),
+        ],
+        &[
+            atoms::message_event().encode(env).as_c_arg(),
+            kind.encode(env).as_c_arg(),
+            from,
+            id,
+            msg,
+            ts,
+            to,
+            wall,
+        ],
+    )
 }
 
 fn d_next_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Term<'a> {

@@ -5,11 +5,30 @@
 
 use elixir_scope_core::EventKind;
 use rustler::sys::enif_compare;
-use rustler::{Env, Term};
+use rustler::{Encoder, Env, Term};
 
 use crate::codec::{is_immediate, list_cells, word};
 use crate::handle::Ref;
 use crate::ring_nif::RingRes;
+
+/// A correlation key for a caller-supplied correlation id term: the raw
+/// word of an immediate (atom, small integer, local pid), else its phash2
+/// shifted so it never equals an immediate's word. Never 0.
+#[inline]
+fn corr_key(t: Term) -> u64 {
+    let w = t.as_c_arg();
+    if is_immediate(w) {
+        word(w)
+    } else {
+        ((t.hash_phash2() as u64) << 2) | (1 << 63)
+    }
+}
+
+/// The raw word of the calling process's pid.
+#[inline]
+fn self_word(env: Env) -> u64 {
+    word(env.pid().encode(env).as_c_arg())
+}
 
 #[inline]
 fn atom_word(t: Term) -> u64 {
@@ -39,6 +58,7 @@ fn ing_function_call<'a>(
         ev.module = atom_word(module);
         ev.function = atom_word(function);
         ev.pid = atom_word(caller_pid);
+        ev.peer = corr_key(correlation_id);
         ev.aux = list_cells(call_args, MAX_COUNTED_ARITY);
         enc.field(call_args);
         enc.field(caller_pid);
@@ -54,7 +74,10 @@ fn ing_function_return<'a>(
     duration_ns: i64,
     correlation_id: Term<'a>,
 ) -> Term<'a> {
+    let me = self_word(env);
     rb.push(env, EventKind::FunctionReturn, |ev, enc| {
+        ev.pid = me;
+        ev.peer = corr_key(correlation_id);
         ev.aux = duration_ns;
         enc.field(return_value);
         enc.field(correlation_id);
@@ -89,7 +112,58 @@ fn ing_message_send<'a>(
         ev.peer = atom_word(to_pid);
         enc.field(from_pid);
         enc.field(to_pid);
-        enc.field(message);
+        ev.aux = enc.field_hashed(message) as i64;
+    })
+}
+
+/// A message taken from `receiver_pid`'s mailbox; matched to its send by
+/// the message's content hash.
+#[rustler::nif]
+fn ing_message_receive<'a>(
+    env: Env<'a>,
+    rb: Ref<RingRes>,
+    receiver_pid: Term<'a>,
+    message: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::MessageReceive, |ev, enc| {
+        ev.pid = atom_word(receiver_pid);
+        enc.field(receiver_pid);
+        ev.aux = enc.field_hashed(message) as i64;
+    })
+}
+
+#[rustler::nif]
+fn ing_process_exit<'a>(
+    env: Env<'a>,
+    rb: Ref<RingRes>,
+    pid: Term<'a>,
+    reason: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::ProcessExit, |ev, enc| {
+        ev.pid = atom_word(pid);
+        enc.field(pid);
+        enc.field(reason);
+    })
+}
+
+/// A function left by an exception (`kind` is `:error | :exit | :throw`).
+#[rustler::nif]
+fn ing_function_exception<'a>(
+    env: Env<'a>,
+    rb: Ref<RingRes>,
+    kind: Term<'a>,
+    reason: Term<'a>,
+    duration_ns: i64,
+    correlation_id: Term<'a>,
+) -> Term<'a> {
+    let me = self_word(env);
+    rb.push(env, EventKind::FunctionException, |ev, enc| {
+        ev.pid = me;
+        ev.peer = corr_key(correlation_id);
+        ev.aux = duration_ns;
+        enc.field(kind);
+        enc.field(reason);
+        enc.field(correlation_id);
     })
 }
 

@@ -6,10 +6,12 @@
 
 mod atoms;
 mod codec;
+mod corr_nif;
 mod error;
 mod event_term;
 mod handle;
 mod ingest;
+mod pipe_nif;
 mod ring_nif;
 mod store_nif;
 
@@ -46,7 +48,11 @@ fn load(env: Env, _info: Term) -> bool {
         eprintln!("[elixir_scope_nif] unsupported term representation; refusing to load");
         return false;
     }
-    if !handle::open::<ring_nif::RingRes>(env) || !handle::open::<store_nif::StoreRes>(env) {
+    if !handle::open::<ring_nif::RingRes>(env)
+        || !handle::open::<store_nif::StoreRes>(env)
+        || !handle::open::<pipe_nif::PipeRes>(env)
+        || !handle::open::<corr_nif::CorrRes>(env)
+    {
         return false;
     }
     codec::probe_layout(env);

@@ -1,7 +1,7 @@
 //! `rb_*` NIFs: the `ElixirScope.Capture.RingBuffer` resource.
 
 use elixir_scope_core::{
-    next_event_id, Event, EventKind, Overflow, Ring, RingError, FLAG_TRUNCATED,
+    next_event_id, shard_of, Event, EventKind, Overflow, Ring, RingError, RingStats, FLAG_TRUNCATED,
 };
 use rustler::sys::ErlNifResourceType;
 use rustler::sys::{
@@ -11,6 +11,7 @@ use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::atoms;
 use crate::codec::{encode_into, TapeEncoder};
@@ -34,12 +35,14 @@ fn chunk_for(max_event_bytes: usize) -> usize {
 /// Ring resources alive (created and not yet dropped), for leak tests.
 static LIVE_RINGS: AtomicU64 = AtomicU64::new(0);
 
-/// The ring resource behind `%RingBuffer{}`.
+/// The ring resource behind `%RingBuffer{}`: one ring, or the shards of a
+/// pipeline (a writer's shard is chosen by its pid, see [`RingRes::shard`]).
 pub struct RingRes {
-    pub ring: Ring<Event>,
+    pub shards: Box<[Arc<Ring<Event>>]>,
     pub max_event_bytes: usize,
     pub strategy: Atom,
-    pub destroyed: AtomicBool,
+    /// Shared with the owning pipeline, which sets it on shutdown.
+    pub destroyed: Arc<AtomicBool>,
     pub truncated: AtomicU64,
 }
 
@@ -57,13 +60,14 @@ impl Handle for RingRes {
         &RING_TYPE
     }
     fn drop_off_scheduler(&self) -> bool {
-        self.ring.capacity() > 4096
+        self.shards.iter().map(|r| r.capacity()).sum::<u64>() > 4096
     }
 }
 
 /// Offsets from the OS monotonic clock to the VM's monotonic time and to
 /// wall-clock time (ns), and when they were last read (OS monotonic ns).
-static MONO_DELTA: AtomicI64 = AtomicI64::new(0);
+/// `i64::MIN` until first set (it only grows, see [`now_ns`]).
+static MONO_DELTA: AtomicI64 = AtomicI64::new(i64::MIN);
 static WALL_DELTA: AtomicI64 = AtomicI64::new(0);
 static DELTAS_AT: AtomicI64 = AtomicI64::new(i64::MIN);
 /// Re-read the VM clocks at most this often: both VM calls take a lock.
@@ -86,12 +90,17 @@ fn os_monotonic_ns() -> i64 {
 /// OS clock the VM uses (CLOCK_MONOTONIC) through offsets to the VM clocks
 /// that are refreshed every millisecond: the VM's own calls take a read
 /// lock, which costs more than the rest of an event write.
+///
+/// Monotonic timestamps never go backwards, across processes and threads:
+/// the offset to the VM's monotonic clock only grows (each re-estimate has
+/// a few µs of jitter; keeping the largest biases timestamps by at most
+/// that much).
 #[inline]
 pub fn now_ns() -> (i64, i64) {
     let os = os_monotonic_ns();
     let at = DELTAS_AT.load(Ordering::Relaxed);
     if at == i64::MIN || os.wrapping_sub(at) > DELTAS_TTL_NS {
-        // SAFETY: plain reads of the VM clocks, callable from any thread.
+        // SAFETY: plain reads of the VM clocks (we are on a scheduler).
         let (mono, offset) = unsafe {
             (
                 enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC),
@@ -99,16 +108,24 @@ pub fn now_ns() -> (i64, i64) {
             )
         };
         // Pair the VM reading with the midpoint of two OS readings.
-        let os = os + (os_monotonic_ns() - os) / 2;
-        MONO_DELTA.store(mono - os, Ordering::Relaxed);
-        WALL_DELTA.store(mono + offset - os, Ordering::Relaxed);
-        DELTAS_AT.store(os, Ordering::Relaxed);
-        return (mono, mono + offset);
+        let mid = os + (os_monotonic_ns() - os) / 2;
+        MONO_DELTA.fetch_max(mono - mid, Ordering::Relaxed);
+        WALL_DELTA.store(mono + offset - mid, Ordering::Relaxed);
+        DELTAS_AT.store(mid, Ordering::Relaxed);
     }
     (
         os + MONO_DELTA.load(Ordering::Relaxed),
         os + WALL_DELTA.load(Ordering::Relaxed),
     )
+}
+
+/// The VM's monotonic time (ns) for threads that are not schedulers (the
+/// pipeline's workers): the OS clock plus the offset schedulers keep fresh
+/// in [`now_ns`]. Never calls into the VM (its time functions are meant
+/// for scheduler threads).
+#[inline]
+pub fn monotonic_ns_passive() -> i64 {
+    os_monotonic_ns() + MONO_DELTA.load(Ordering::Relaxed)
 }
 
 /// Reset `ev`'s header for a new event of `kind` written now.
@@ -127,6 +144,44 @@ pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64)) {
 }
 
 impl RingRes {
+    /// A resource over `shards` (at least one).
+    pub fn new(shards: Vec<Arc<Ring<Event>>>, max_event_bytes: usize, strategy: Atom) -> RingRes {
+        LIVE_RINGS.fetch_add(1, Ordering::Relaxed);
+        RingRes {
+            shards: shards.into_boxed_slice(),
+            max_event_bytes,
+            strategy,
+            destroyed: Arc::new(AtomicBool::new(false)),
+            truncated: AtomicU64::new(0),
+        }
+    }
+
+    /// The ring the calling process writes to: the only one, or its shard
+    /// by pid (so one process's events stay in order).
+    #[inline]
+    pub fn shard(&self, env: Env) -> &Ring<Event> {
+        if self.shards.len() == 1 {
+            &self.shards[0]
+        } else {
+            let me = crate::codec::word(env.pid().encode(env).as_c_arg());
+            &self.shards[shard_of(me, self.shards.len())]
+        }
+    }
+
+    /// The single ring, for position-based reads; a sharded ring (drained
+    /// by its pipeline's workers) raises.
+    fn single(&self, env: Env) -> NifResult<&Ring<Event>> {
+        if self.shards.len() == 1 {
+            Ok(&self.shards[0])
+        } else {
+            badarg(
+                env,
+                "this ring buffer belongs to a pipeline (sharded, drained by its workers); \
+                 position reads need a single-shard ring",
+            )
+        }
+    }
+
     /// Write one event: `fill` sets the header fields beyond `begin` and
     /// encodes the payload fields.
     #[inline]
@@ -139,7 +194,7 @@ impl RingRes {
         }
         let now = now_ns();
         let limit = self.max_event_bytes;
-        let res = self.ring.push_with(|ev| {
+        let res = self.shard(env).push_with(|ev| {
             begin(ev, kind, now);
             let mut payload = std::mem::take(&mut ev.payload);
             if encode_into(env, &mut payload, limit, |enc| fill(ev, enc)) {
@@ -154,7 +209,24 @@ impl RingRes {
         }
     }
 
-    fn check_live(&self, env: Env) -> NifResult<()> {
+    /// Counters summed over the shards.
+    pub fn stats(&self) -> RingStats {
+        let mut t = RingStats::default();
+        for r in self.shards.iter() {
+            let s = r.stats();
+            t.capacity += s.capacity;
+            t.write_position += s.write_position;
+            t.read_position += s.read_position;
+            t.reads += s.reads;
+            t.dropped_full += s.dropped_full;
+            t.dropped_oldest += s.dropped_oldest;
+            t.dropped_failed += s.dropped_failed;
+            t.cleared += s.cleared;
+        }
+        t
+    }
+
+    pub fn check_live(&self, env: Env) -> NifResult<()> {
         if self.destroyed.load(Ordering::Relaxed) {
             badarg(env, "the ring buffer has been destroyed")
         } else {
@@ -180,16 +252,9 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
     match Ring::new(size as usize, overflow) {
         Ok(ring) => {
-            LIVE_RINGS.fetch_add(1, Ordering::Relaxed);
             let res = handle::make(
                 env,
-                RingRes {
-                    ring,
-                    max_event_bytes: max_event_bytes as usize,
-                    strategy,
-                    destroyed: AtomicBool::new(false),
-                    truncated: AtomicU64::new(0),
-                },
+                RingRes::new(vec![Arc::new(ring)], max_event_bytes as usize, strategy),
             );
             Ok((atoms::ok(), res).encode(env))
         }
@@ -231,7 +296,7 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let now = now_ns();
     let limit = rb.max_event_bytes;
     let mut truncated = 0u64;
-    let accepted = rb.ring.push_batch_with(items.len(), |i, ev| {
+    let accepted = rb.shard(env).push_batch_with(items.len(), |i, ev| {
         begin(ev, EventKind::Term, now);
         let mut payload = std::mem::take(&mut ev.payload);
         if encode_into(env, &mut payload, limit, |enc| enc.field(items[i])) {
@@ -251,11 +316,12 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
 #[rustler::nif]
 fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
+    let ring = rb.single(env)?;
     let max = (count as usize).min(chunk_for(rb.max_event_bytes));
-    let avail = rb.ring.write_position().saturating_sub(pos) as usize;
+    let avail = ring.write_position().saturating_sub(pos) as usize;
     let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(avail));
     let mut scratch = Vec::with_capacity(32);
-    let outcome = rb.ring.read_batch(pos, max, |_, ev| {
+    let outcome = ring.read_batch(pos, max, |_, ev| {
         out.push(event_to_term(env, ev, &mut scratch).as_c_arg());
     });
     let list = crate::codec::make_list(env, &out);
@@ -267,9 +333,10 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
 #[rustler::nif]
 fn rb_read<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
+    let ring = rb.single(env)?;
     let mut scratch = Vec::new();
     let mut got: Option<Term<'a>> = None;
-    let outcome = rb.ring.read_batch(pos, 1, |_, ev| {
+    let outcome = ring.read_batch(pos, 1, |_, ev| {
         got = Some(event_to_term(env, ev, &mut scratch))
     });
     Ok(match got {
@@ -284,7 +351,7 @@ fn rb_read<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64) -> NifResult<Term<'a>> 
 #[rustler::nif]
 fn rb_stats<'a>(env: Env<'a>, rb: Ref<RingRes>) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
-    let s = rb.ring.stats();
+    let s = rb.stats();
     let available = s.available();
     let dropped = map_new(env)
         .map_put(atoms::buffer_full(), s.dropped_full)?
@@ -313,7 +380,9 @@ fn rb_stats<'a>(env: Env<'a>, rb: Ref<RingRes>) -> NifResult<Term<'a>> {
 #[rustler::nif]
 fn rb_clear(env: Env, rb: Ref<RingRes>) -> NifResult<Atom> {
     rb.check_live(env)?;
-    rb.ring.clear();
+    rb.shards.iter().for_each(|r| {
+        r.clear();
+    });
     Ok(atoms::ok())
 }
 
@@ -322,8 +391,10 @@ fn rb_clear(env: Env, rb: Ref<RingRes>) -> NifResult<Atom> {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn rb_destroy(rb: Ref<RingRes>) -> Atom {
     if !rb.destroyed.swap(true, Ordering::AcqRel) {
-        rb.ring.clear();
-        rb.ring.release_memory();
+        for r in rb.shards.iter() {
+            r.clear();
+            r.release_memory();
+        }
     }
     atoms::ok()
 }

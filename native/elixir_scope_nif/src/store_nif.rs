@@ -10,17 +10,21 @@
 //! queries hold the lock for as long as they walk, and a write that waited
 //! for one on a normal scheduler would hold that scheduler too.
 
-use elixir_scope_core::{CorrelationFields, Event, EventKind, EventStore, Order, StoreConfig};
+use elixir_scope_core::{
+    call_contents, corr_type_of, links_of, CorrType, CorrelationFields, Event, EventKind,
+    EventStore, LinkKind, Order, StoreConfig, StoredEvent,
+};
 use rustler::sys::{ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::atoms;
 use crate::codec::{self, encode_into, Scratch, TapeDecoder};
 use crate::error::badarg;
+use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
 
 /// Most events one `store_put_batch` call takes (Elixir chunks).
@@ -31,9 +35,12 @@ pub const MAX_EVENT_BYTES: usize = 1 << 20;
 /// `last_cleanup` before any cleanup.
 const NEVER: i64 = i64::MIN;
 
-/// The store resource behind `%DataAccess{}`.
+/// The store resource behind `%DataAccess{}`: its own store, or a
+/// pipeline's (shared with the pipeline's workers, read-only from Elixir).
 pub struct StoreRes {
-    store: Mutex<EventStore>,
+    store: Arc<Mutex<EventStore>>,
+    /// A pipeline's store: Elixir may query and expire, not write or wipe.
+    read_only: bool,
     destroyed: AtomicBool,
     /// Wall time (ms) of the last `store_evict`, or [`NEVER`].
     last_cleanup: AtomicI64,
@@ -52,6 +59,27 @@ impl Handle for StoreRes {
 }
 
 impl StoreRes {
+    /// A read-only handle on a pipeline's store.
+    pub fn shared(store: Arc<Mutex<EventStore>>) -> StoreRes {
+        StoreRes {
+            store,
+            read_only: true,
+            destroyed: AtomicBool::new(false),
+            last_cleanup: AtomicI64::new(NEVER),
+        }
+    }
+
+    /// `Some({:error, reason})` when writes are refused.
+    fn refuse_write<'a>(&self, env: Env<'a>) -> Option<Term<'a>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            Some((atoms::error(), atoms::destroyed()).encode(env))
+        } else if self.read_only {
+            Some((atoms::error(), atoms::read_only()).encode(env))
+        } else {
+            None
+        }
+    }
+
     /// The locked store, or an `ArgumentError` if destroyed. A poisoned
     /// lock (a panic while holding it) is recovered: the store's methods
     /// leave it consistent between calls.
@@ -121,17 +149,95 @@ fn build(
     Some((ev, cf))
 }
 
-/// Decode stored payloads into a list term.
-fn to_list<'a, 'b, I>(env: Env<'a>, payloads: I) -> Term<'a>
-where
-    I: ExactSizeIterator<Item = &'b [u8]>,
-{
-    let mut scratch: Scratch = Vec::with_capacity(32);
-    let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(payloads.len());
-    for p in payloads {
-        out.push(TapeDecoder::new(p).next(env, &mut scratch).as_c_arg());
+/// The Elixir term of a stored event: the stored term itself for
+/// `DataAccess` events, the `Events` struct for pipeline events.
+pub fn stored_term<'a>(env: Env<'a>, e: &StoredEvent, scratch: &mut Scratch) -> Term<'a> {
+    if e.kind == EventKind::Term as u8 {
+        TapeDecoder::new(e.payload).next(env, scratch)
+    } else {
+        event_to_term(env, &e.to_event(), scratch)
     }
+}
+
+/// Decode stored events into a list term.
+fn to_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let out: Vec<ERL_NIF_TERM> = evs
+        .iter()
+        .map(|e| stored_term(env, e, &mut scratch).as_c_arg())
+        .collect();
     codec::make_list(env, &out)
+}
+
+/// `{:called_from, id}`-style link terms.
+fn link_terms<'a>(env: Env<'a>, e: &StoredEvent) -> Term<'a> {
+    let terms: Vec<ERL_NIF_TERM> = links_of(e)
+        .iter()
+        .map(|l| {
+            let tag = match l.kind {
+                LinkKind::CalledFrom => atoms::called_from(),
+                LinkKind::Completes => atoms::completes(),
+                LinkKind::Receives => atoms::receives(),
+                LinkKind::SpawnedBy => atoms::spawned_by(),
+                LinkKind::StateIn => atoms::state_in(),
+            };
+            let target = if l.kind == LinkKind::SpawnedBy {
+                unsafe_word_term(env, l.target)
+            } else {
+                l.target.encode(env)
+            };
+            (tag, target).encode(env).as_c_arg()
+        })
+        .collect();
+    codec::make_list(env, &terms)
+}
+
+/// The term of an opaque word that was an immediate (a local pid).
+fn unsafe_word_term(env: Env, w: u64) -> Term {
+    // SAFETY: pid words stored by the ingest path are immediates of this VM.
+    unsafe { Term::new(env, codec::from_word(w)) }
+}
+
+fn corr_type_atom(kind: u8) -> Atom {
+    match corr_type_of(EventKind::from_u8(kind)) {
+        CorrType::FunctionCall => atoms::function_call(),
+        CorrType::FunctionReturn => atoms::function_return(),
+        CorrType::MessageSend => atoms::message_send(),
+        CorrType::MessageReceive => atoms::message_receive(),
+        CorrType::ProcessSpawn => atoms::process_spawn(),
+        CorrType::ProcessExit => atoms::process_exit(),
+        CorrType::StateChange => atoms::state_change_type(),
+        CorrType::Unknown => atoms::unknown(),
+    }
+}
+
+/// `%{event, correlation_id, parent_id, root_id, links, correlation_type}`
+/// (`parent_id`/`root_id` `nil` when none).
+fn correlated_term<'a>(
+    env: Env<'a>,
+    e: &StoredEvent,
+    scratch: &mut Scratch,
+) -> NifResult<Term<'a>> {
+    let nil = atoms::nil().encode(env);
+    let opt = |v: u64| if v == 0 { nil } else { v.encode(env) };
+    map_new(env)
+        .map_put(atoms::event(), stored_term(env, e, scratch))?
+        .map_put(atoms::id(), e.id)?
+        .map_put(atoms::correlation_id(), e.correlation_id)?
+        .map_put(atoms::parent_id(), opt(e.parent_id))?
+        .map_put(atoms::root_id(), opt(e.root_id))?
+        .map_put(atoms::links(), link_terms(env, e))?
+        .map_put(atoms::correlation_type(), corr_type_atom(e.kind))?
+        .map_put(atoms::timestamp(), e.timestamp)
+}
+
+fn correlated_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> NifResult<Term<'a>> {
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut out = Vec::with_capacity(evs.len());
+    for e in evs {
+        out.push(correlated_term(env, e, &mut scratch)?.as_c_arg());
+    }
+    Ok(codec::make_list(env, &out))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -152,7 +258,8 @@ fn store_new(env: Env, max_events: i64) -> NifResult<Term> {
     let res = handle::make(
         env,
         StoreRes {
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
+            read_only: false,
             destroyed: AtomicBool::new(false),
             last_cleanup: AtomicI64::new(NEVER),
         },
@@ -175,8 +282,8 @@ fn store_put<'a>(
     corr: u64,
     event: Term<'a>,
 ) -> Term<'a> {
-    if s.destroyed.load(Ordering::Acquire) {
-        return (atoms::error(), atoms::destroyed()).encode(env);
+    if let Some(refused) = s.refuse_write(env) {
+        return refused;
     }
     let Some((ev, cf)) = build(env, id, ts, pid, module, function, corr, event) else {
         return (atoms::error(), atoms::event_too_large()).encode(env);
@@ -191,8 +298,8 @@ fn store_put<'a>(
 /// this chunk stored) or `{:error, :destroyed}`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn store_put_batch<'a>(env: Env<'a>, s: Ref<StoreRes>, list: Term<'a>) -> NifResult<Term<'a>> {
-    if s.destroyed.load(Ordering::Acquire) {
-        return Ok((atoms::error(), atoms::destroyed()).encode(env));
+    if let Some(refused) = s.refuse_write(env) {
+        return Ok(refused);
     }
     let mut built = Vec::with_capacity(64);
     let mut rest = list;
@@ -231,8 +338,7 @@ fn store_get<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>>
     Ok(match store.get(id) {
         Some(e) => {
             let mut scratch = Vec::new();
-            let t = TapeDecoder::new(e.payload).next(env, &mut scratch);
-            (atoms::ok(), t).encode(env)
+            (atoms::ok(), stored_term(env, &e, &mut scratch)).encode(env)
         }
         None => (atoms::error(), atoms::not_found()).encode(env),
     })
@@ -248,7 +354,7 @@ fn store_by_pid<'a>(
 ) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
     let evs = store.by_pid(term_key(pid), limit as usize, order_of(desc));
-    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+    Ok(to_list(env, &evs))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -267,7 +373,7 @@ fn store_by_function<'a>(
         limit as usize,
         order_of(desc),
     );
-    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+    Ok(to_list(env, &evs))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -280,7 +386,7 @@ fn store_by_correlation<'a>(
 ) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
     let evs = store.by_correlation(corr, limit as usize, order_of(desc));
-    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+    Ok(to_list(env, &evs))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -294,7 +400,7 @@ fn store_by_time_range<'a>(
 ) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
     let evs = store.by_time_range(t0, t1, limit as usize, order_of(desc));
-    Ok(to_list(env, evs.iter().map(|e| e.payload)))
+    Ok(to_list(env, &evs))
 }
 
 /// Expire every event with `timestamp < cutoff`; records `now_ms` as the
@@ -333,10 +439,55 @@ fn store_stats<'a>(env: Env<'a>, s: Ref<StoreRes>) -> NifResult<Term<'a>> {
     Ok(m)
 }
 
-/// Mark destroyed and free the store's memory now. Idempotent.
+/// `{:ok, %{event, correlation_id, parent_id, root_id, links,
+/// correlation_type, ...}}` or `{:error, :not_found}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_get_correlated<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    Ok(match store.get(id) {
+        Some(e) => {
+            let mut scratch = Vec::new();
+            (atoms::ok(), correlated_term(env, &e, &mut scratch)?).encode(env)
+        }
+        None => (atoms::error(), atoms::not_found()).encode(env),
+    })
+}
+
+/// The causal chain of `id`, root first, as correlated maps.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_causal_chain<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.causal_chain(id);
+    correlated_list(env, &evs)
+}
+
+/// Everything inside call `id` (see `call_contents`), as correlated maps.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_call_contents<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    id: u64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = call_contents(&store, id, limit as usize);
+    correlated_list(env, &evs)
+}
+
+/// Events whose parent (enclosing call or cause) is `id`, oldest first.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_children<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64, limit: u64) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.children(id, limit as usize);
+    correlated_list(env, &evs)
+}
+
+/// Mark destroyed and free the store's memory now. Idempotent. A no-op on
+/// a pipeline's store: the pipeline owns it (it is freed with the pipeline
+/// and the last handle).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn store_destroy(s: Ref<StoreRes>) -> Atom {
-    if !s.destroyed.swap(true, Ordering::AcqRel) {
+    if !s.read_only && !s.destroyed.swap(true, Ordering::AcqRel) {
         let empty = EventStore::new(StoreConfig {
             max_events: 1,
             max_age_ns: None,

@@ -1,0 +1,380 @@
+defmodule ElixirScope.Capture.PipelineManager do
+  @moduledoc """
+  Runs one native capture pipeline: sharded ring buffer → native worker
+  pool → correlator → indexed store. A supervisor.
+
+      {:ok, pm} = PipelineManager.start_link(name: :my_pipeline)
+      buf = PipelineManager.ring_buffer(pm)        # write here (Ingestor, RingBuffer.write)
+      :ok = Ingestor.ingest_function_call(buf, M, :f, [1], self(), ref)
+      :ok = PipelineManager.flush(pm)               # everything written so far is stored
+      store = PipelineManager.data_access(pm)       # query here (DataAccess)
+      {:ok, events} = DataAccess.query_by_process(store, self())
+
+  ## What happens to an event
+
+  A process's writes go to its own ring shard (by pid), so per-process
+  order is kept end to end. Native worker threads (`AsyncWriterPool`)
+  drain the shards in batches of up to `:batch_size`; a shard is drained
+  by one worker at a time. Each batch is correlated (call stacks per
+  process, send → receive matching by content, spawn tree, state changes
+  linked to the call in progress) and stored with its correlation ids in
+  the pipeline's store. Idle workers park for `:flush_interval_us` and
+  never spin. Events are never converted to Elixir terms on this path;
+  only the events a query returns are.
+
+  ## Nothing is lost silently
+
+  `get_metrics/1` reports the accounting identity
+
+      accepted = stored + evicted + expired + duplicates + store_rejected
+               + dead_lettered + overflow + failed + cleared + in_flight
+
+  with `in_flight` measured (events in the rings or in a worker's hands).
+  Writes refused by a full ring under `:drop_newest` are counted in
+  `buffer_full` (they were never accepted). After `flush/2` returns `:ok`
+  with producers quiet, `in_flight` is 0 and `unaccounted` is 0.
+
+  ## Options
+
+  | option | default | live | meaning |
+  |---|---|---|---|
+  | `:name` | `#{inspect(__MODULE__)}` | – | registered name (`nil`: none); several named pipelines may run |
+  | `:async_writer_pool_size` | `4` | yes | native worker threads (1..64) |
+  | `:batch_size` | `50` | yes | most events per worker batch |
+  | `:flush_interval_us` | `1000` | yes | how long an idle worker parks |
+  | `:max_backlog` | `5000` | yes | backlog above which health is `:degraded` |
+  | `:correlation_enabled` | `true` | yes | correlate, or only store |
+  | `:backpressure_enabled` | `true` | yes | kept for the BackpressureManager |
+  | `:cleanup_interval_ms` | `60_000` | yes | correlator TTL sweep period |
+  | `:correlation_ttl_ms` | `300_000` | no | unmatched sends/receives older than this are swept |
+  | `:max_correlations` | `100_000` | no | bound on correlator entries |
+  | `:max_events` | `1_000_000` | no | store bound (oldest evicted, counted) |
+  | `:max_age_ms` | `nil` | no | store age bound (older expired, counted) |
+  | `:shards` | `16` | no | ring shards (1..256) |
+  | `:ring_size` | `16_384` | no | slots per shard (power of two) |
+  | `:overflow_strategy` | `:drop_newest` | no | `:drop_oldest`, `:drop_newest`, `:block` |
+  | `:max_event_bytes` | `4096` | no | payload cap per event (bigger fields truncated visibly) |
+  | `:max_dead_letters` | `100` | no | failed batches kept for inspection |
+  | `:shutdown_timeout_ms` | `5000` | yes | how long shutdown waits for the rings to drain |
+
+  `update_config/2` applies the "live" options at once and refuses the
+  others with `{:error, {:not_live, keys}}` (they size native structures:
+  start a new pipeline).
+  """
+  use Supervisor
+
+  alias ElixirScope.Capture.{AsyncWriterPool, Pipeline, RingBuffer}
+  alias ElixirScope.Capture.PipelineManager.Server
+  alias ElixirScope.Native
+  alias ElixirScope.Storage.DataAccess
+
+  @manager_defaults %{
+    max_backlog: 5000,
+    backpressure_enabled: true,
+    shutdown_timeout_ms: 5000
+  }
+
+  @live [
+    :async_writer_pool_size,
+    :batch_size,
+    :flush_interval_us,
+    :max_backlog,
+    :correlation_enabled,
+    :backpressure_enabled,
+    :cleanup_interval_ms,
+    :shutdown_timeout_ms
+  ]
+
+  @type server :: pid() | atom() | {:via, module(), term()} | {:global, term()}
+
+  @doc """
+  Starts the pipeline (options above, as a keyword list or a map). Returns
+  `{:error, reason}` for a size the native side refuses and raises
+  `ArgumentError` for malformed options.
+  """
+  @spec start_link(keyword() | map()) :: Supervisor.on_start()
+  def start_link(opts \\ []) do
+    opts = Pipeline.to_map!(opts, "PipelineManager")
+    {name, opts} = Map.pop(opts, :name, __MODULE__)
+    config = Map.merge(Map.merge(Pipeline.native_defaults(), @manager_defaults), opts)
+    Pipeline.validate!(config)
+    check_manager!(config)
+
+    case Pipeline.start(config, nil, name) do
+      {:ok, pipeline} ->
+        sup_opts = if name, do: [name: name], else: []
+        Supervisor.start_link(__MODULE__, {pipeline, name}, sup_opts)
+
+      {:error, _} = err ->
+        err
+    end
+  end
+
+  @impl Supervisor
+  def init({pipeline, name}) do
+    children = [
+      {Server, {pipeline, name}},
+      {AsyncWriterPool, [pipeline: pipeline]}
+    ]
+
+    Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
+  end
+
+  @doc "The `%RingBuffer{}` producers write to (pass it to `Ingestor`)."
+  @spec ring_buffer(server()) :: RingBuffer.t()
+  def ring_buffer(pm \\ __MODULE__), do: handles(pm).ring_buffer
+
+  @doc "A read-only `%DataAccess{}` over the pipeline's store."
+  @spec data_access(server()) :: DataAccess.t()
+  def data_access(pm \\ __MODULE__), do: handles(pm).data_access
+
+  @doc """
+  Waits until every event written before the call is stored (or
+  dead-lettered): `:ok`, or `{:error, :timeout}` after `timeout_ms`.
+  Runs on a dirty I/O scheduler.
+  """
+  @spec flush(server(), non_neg_integer()) :: :ok | {:error, :timeout}
+  def flush(pm \\ __MODULE__, timeout_ms \\ 5000)
+      when is_integer(timeout_ms) and timeout_ms >= 0 do
+    if Native.pipe_flush(handles(pm).pipe, timeout_ms), do: :ok, else: {:error, :timeout}
+  end
+
+  @doc """
+  `%{config, status, children, uptime_ms, started_at, ring_buffer,
+  data_access}`.
+  """
+  @spec get_state(server()) :: map()
+  def get_state(pm \\ __MODULE__) do
+    state = GenServer.call(server!(pm), :get_state)
+    Map.put(state, :children, Supervisor.which_children(pm))
+  end
+
+  @doc """
+  Applies config changes (a map or keyword list) live: `:ok`, or
+  `{:error, {:not_live, keys}}` / `{:error, {:unknown, keys}}` (nothing
+  applied). Bad values raise `ArgumentError`.
+  """
+  @spec update_config(server(), map() | keyword()) :: :ok | {:error, term()}
+  def update_config(pm \\ __MODULE__, changes) do
+    changes = Pipeline.to_map!(changes, "update_config")
+    known = Map.keys(Pipeline.native_defaults()) ++ Map.keys(@manager_defaults)
+
+    case {Map.keys(changes) -- known, Map.keys(changes) -- @live} do
+      {[], []} ->
+        Pipeline.validate!(changes)
+        check_manager!(changes)
+        GenServer.call(server!(pm), {:update_config, changes})
+
+      {[], not_live} ->
+        {:error, {:not_live, not_live}}
+
+      {unknown, _} ->
+        {:error, {:unknown, unknown}}
+    end
+  end
+
+  @doc """
+  `%{status: :healthy | :degraded | :stopped, children_count, uptime_ms,
+  ...}`. Degraded when a child is down, the native workers are fewer than
+  configured, the backlog exceeds `:max_backlog` or batches have been
+  dead-lettered.
+  """
+  @spec health_check(server()) :: map()
+  def health_check(pm \\ __MODULE__) do
+    children = Supervisor.which_children(pm)
+    alive = Enum.count(children, fn {_, pid, _, _} -> is_pid(pid) end)
+    h = GenServer.call(server!(pm), :health)
+    status = if alive < length(children), do: :degraded, else: h.status
+    Map.merge(h, %{status: status, children_count: length(children), children_alive: alive})
+  end
+
+  @doc """
+  The seeds' pipeline statistics: `events_processed`, `processing_rate`
+  (events/s over the last second), `backlog_size` (in flight),
+  `latency` (write → stored p50/p95/p99 ns), `buffer_utilization`,
+  `dropped` (by reason), `active_workers`, `correlation_success_rate`,
+  `orphaned`, `memory_bytes`, `accounting` (the identity above, with
+  `unaccounted`) and `native` (every native counter).
+  """
+  @spec get_metrics(server()) :: map()
+  def get_metrics(pm \\ __MODULE__), do: GenServer.call(server!(pm), :get_metrics)
+
+  @doc "The accounting identity as one line of text (for logs and demos)."
+  @spec accounting_line(server()) :: String.t()
+  def accounting_line(pm \\ __MODULE__),
+    do: Pipeline.accounting_line(get_metrics(pm).accounting)
+
+  @doc """
+  The newest `limit` dead letters (batches that failed twice):
+  `[{reason, shard, first_position, events}]`.
+  """
+  @spec dead_letters(server(), non_neg_integer()) :: list()
+  def dead_letters(pm \\ __MODULE__, limit \\ 100) when is_integer(limit) and limit >= 0,
+    do: Native.pipe_dead_letters(handles(pm).pipe, limit)
+
+  @doc """
+  Drains the rings into the store (up to `:shutdown_timeout_ms`), stops
+  the native workers and the supervisor. `:ok`.
+  """
+  @spec shutdown(server()) :: :ok
+  def shutdown(pm \\ __MODULE__) do
+    Supervisor.stop(pm, :normal)
+  end
+
+  @doc false
+  # The native handles (`%Pipeline{}`).
+  def handles(pm \\ __MODULE__), do: GenServer.call(server!(pm), :handles)
+
+  defp server!(pm) do
+    found =
+      Supervisor.which_children(pm)
+      |> Enum.find_value(fn
+        {Server, pid, _, _} when is_pid(pid) -> pid
+        _ -> nil
+      end)
+
+    found || exit({:noproc, {__MODULE__, :server, [pm]}})
+  end
+
+  defp check_manager!(c) do
+    Enum.each(Map.take(c, Map.keys(@manager_defaults)), fn
+      {:max_backlog, v} when is_integer(v) and v >= 0 -> :ok
+      {:backpressure_enabled, v} when is_boolean(v) -> :ok
+      {:shutdown_timeout_ms, v} when is_integer(v) and v >= 0 -> :ok
+      {k, v} -> raise ArgumentError, "option #{inspect(k)} has a bad value: #{inspect(v)}"
+    end)
+  end
+
+  defmodule Server do
+    @moduledoc false
+    # Holds the pipeline's handles and config, samples the processing
+    # rate, applies live config changes and drains on shutdown.
+    use GenServer
+
+    alias ElixirScope.Capture.Pipeline
+    alias ElixirScope.Native
+
+    @tick_ms 1000
+
+    def start_link({_pipeline, _name} = arg), do: GenServer.start_link(__MODULE__, arg)
+
+    def child_spec(arg) do
+      %{
+        id: __MODULE__,
+        start: {__MODULE__, :start_link, [arg]},
+        # Draining can take up to :shutdown_timeout_ms.
+        shutdown: :infinity
+      }
+    end
+
+    @impl GenServer
+    def init({pipeline, name}) do
+      Process.flag(:trap_exit, true)
+      now = System.monotonic_time(:millisecond)
+      Process.send_after(self(), :tick, @tick_ms)
+
+      {:ok,
+       %{
+         pipeline: pipeline,
+         name: name,
+         config: pipeline.config,
+         started_at: now,
+         started_at_wall: System.system_time(:millisecond),
+         last_sample: {now, 0},
+         rate: 0.0,
+         stopped: false
+       }}
+    end
+
+    @impl GenServer
+    def handle_call(:handles, _from, s), do: {:reply, s.pipeline, s}
+
+    def handle_call(:get_state, _from, s) do
+      {:reply,
+       %{
+         name: s.name,
+         config: s.config,
+         status: if(s.stopped, do: :stopped, else: :running),
+         started_at: s.started_at_wall,
+         uptime_ms: uptime(s),
+         ring_buffer: s.pipeline.ring_buffer,
+         data_access: s.pipeline.data_access
+       }, s}
+    end
+
+    def handle_call({:update_config, changes}, _from, s) do
+      pipe = s.pipeline.pipe
+
+      Enum.each(changes, fn
+        {:async_writer_pool_size, n} -> :ok = Native.pipe_scale(pipe, n)
+        {:batch_size, n} -> :ok = Native.pipe_configure(pipe, :batch_size, n)
+        {:flush_interval_us, n} -> :ok = Native.pipe_configure(pipe, :flush_interval_us, n)
+        {:cleanup_interval_ms, n} -> :ok = Native.pipe_configure(pipe, :sweep_interval_ms, n)
+        {:correlation_enabled, b} -> :ok = Native.pipe_configure(pipe, :correlation_enabled, b)
+        {_manager_only, _} -> :ok
+      end)
+
+      {:reply, :ok, %{s | config: Map.merge(s.config, changes)}}
+    end
+
+    def handle_call(:get_metrics, _from, s) do
+      native = Native.pipe_metrics(s.pipeline.pipe)
+      {:reply, Pipeline.summarize(native, s.rate), s}
+    end
+
+    def handle_call(:health, _from, s) do
+      native = Native.pipe_metrics(s.pipeline.pipe)
+      acc = native.accounting
+      configured = s.config.async_writer_pool_size
+
+      status =
+        cond do
+          s.stopped -> :stopped
+          native.pool.workers < configured -> :degraded
+          acc.in_flight > s.config.max_backlog -> :degraded
+          acc.dead_lettered > 0 -> :degraded
+          true -> :healthy
+        end
+
+      {:reply,
+       %{
+         status: status,
+         uptime_ms: uptime(s),
+         active_workers: native.pool.workers,
+         backlog_size: acc.in_flight,
+         dead_lettered: acc.dead_lettered,
+         unaccounted: acc.unaccounted
+       }, s}
+    end
+
+    @impl GenServer
+    def handle_info(:tick, s) do
+      Process.send_after(self(), :tick, @tick_ms)
+      now = System.monotonic_time(:millisecond)
+      handled = Native.pipe_metrics(s.pipeline.pipe).engine.handled
+      {t0, h0} = s.last_sample
+      rate = if now > t0, do: (handled - h0) * 1000 / (now - t0), else: s.rate
+      {:noreply, %{s | last_sample: {now, handled}, rate: rate}}
+    end
+
+    def handle_info(_other, s), do: {:noreply, s}
+
+    @impl GenServer
+    def terminate(reason, s)
+        when reason in [:normal, :shutdown] or
+               (is_tuple(reason) and elem(reason, 0) == :shutdown) do
+      # The supervisor is stopping: drain what was written, then stop the
+      # native workers.
+      pipe = s.pipeline.pipe
+      timeout = Map.get(s.config, :shutdown_timeout_ms, 5000)
+      _ = Native.pipe_flush(pipe, timeout)
+      {:ok, _drained} = Native.pipe_shutdown(pipe, timeout)
+      :ok
+    end
+
+    # A crash: the restarted server takes over the running pipeline.
+    def terminate(_reason, _s), do: :ok
+
+    defp uptime(s), do: System.monotonic_time(:millisecond) - s.started_at
+  end
+end
