@@ -46,10 +46,10 @@ defmodule ElixirScope.Capture.PipelineManager do
   | `:correlation_enabled` | `true` | yes | correlate, or only store |
   | `:backpressure_enabled` | `true` | yes | kept for the BackpressureManager |
   | `:cleanup_interval_ms` | `60_000` | yes | correlator TTL sweep period |
-  | `:correlation_ttl_ms` | `300_000` | no | unmatched sends/receives older than this are swept |
-  | `:max_correlations` | `100_000` | no | bound on correlator entries |
-  | `:max_events` | `1_000_000` | no | store bound (oldest evicted, counted) |
-  | `:max_age_ms` | `nil` | no | store age bound (older expired, counted) |
+  | `:correlation_ttl_ms` | `300_000` | yes | unmatched sends/receives older than this are swept |
+  | `:max_correlations` | `100_000` | yes | bound on correlator entries (lowering evicts at once, counted) |
+  | `:max_events` | `1_000_000` | yes | store bound (oldest evicted, counted; lowering evicts at once) |
+  | `:max_age_ms` | `nil` | yes | store age bound (older expired, counted) |
   | `:shards` | `16` | no | ring shards (1..256) |
   | `:ring_size` | `16_384` | no | slots per shard (power of two) |
   | `:overflow_strategy` | `:drop_newest` | no | `:drop_oldest`, `:drop_newest`, `:block` |
@@ -58,8 +58,10 @@ defmodule ElixirScope.Capture.PipelineManager do
   | `:shutdown_timeout_ms` | `5000` | yes | how long shutdown waits for the rings to drain |
 
   `update_config/2` applies the "live" options at once and refuses the
-  others with `{:error, {:not_live, keys}}` (they size native structures:
-  start a new pipeline).
+  others with `{:error, {:not_live, keys}}` (they size the rings or the
+  payload cap: start a new pipeline). Raising `:max_events` above its
+  starting value keeps the store's index tables at their starting size
+  (lookups stay exact, bucket chains get longer).
   """
   use Supervisor
 
@@ -82,6 +84,10 @@ defmodule ElixirScope.Capture.PipelineManager do
     :correlation_enabled,
     :backpressure_enabled,
     :cleanup_interval_ms,
+    :correlation_ttl_ms,
+    :max_correlations,
+    :max_events,
+    :max_age_ms,
     :shutdown_timeout_ms
   ]
 
@@ -311,10 +317,20 @@ defmodule ElixirScope.Capture.PipelineManager do
         {:flush_interval_us, n} -> :ok = Native.pipe_configure(pipe, :flush_interval_us, n)
         {:cleanup_interval_ms, n} -> :ok = Native.pipe_configure(pipe, :sweep_interval_ms, n)
         {:correlation_enabled, b} -> :ok = Native.pipe_configure(pipe, :correlation_enabled, b)
+        {:correlation_ttl_ms, n} -> :ok = Native.pipe_configure(pipe, :correlation_ttl_ms, n)
+        {:max_correlations, n} -> :ok = Native.pipe_configure(pipe, :max_correlations, n)
+        {:max_events, n} -> :ok = Native.pipe_configure(pipe, :max_events, n)
+        {:max_age_ms, n} -> :ok = Native.pipe_configure(pipe, :max_age_ms, n || 0)
         {_manager_only, _} -> :ok
       end)
 
-      {:reply, :ok, %{s | config: Map.merge(s.config, changes)}}
+      pipeline =
+        case changes do
+          %{max_events: n} -> put_in(s.pipeline.data_access.max_events, n).pipeline
+          _ -> s.pipeline
+        end
+
+      {:reply, :ok, %{s | config: Map.merge(s.config, changes), pipeline: pipeline}}
     end
 
     def handle_call(:get_metrics, _from, s) do

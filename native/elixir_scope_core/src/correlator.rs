@@ -408,6 +408,32 @@ impl Correlator {
         }
     }
 
+    /// Changes the TTL and the bound of a live correlator; entries beyond a
+    /// lowered bound are evicted at once (oldest messages, then tree
+    /// entries; counted in `evicted`). Open call frames are never evicted:
+    /// if they alone exceed the bound, the excess stays until they close
+    /// and new calls are refused meanwhile. Returns the entries evicted.
+    pub fn set_config(&mut self, config: CorrelatorConfig) -> usize {
+        self.config = config;
+        let before = self.metrics.evicted;
+        while self.metrics.active as usize > self.config.max_correlations {
+            let evicted = if self.evict_oldest_message() {
+                true
+            } else if let Some((_, child)) = self.tree_order.pop_first() {
+                self.tree.remove(&child);
+                true
+            } else {
+                false
+            };
+            if !evicted {
+                break;
+            }
+            self.metrics.evicted += 1;
+            self.metrics.active -= 1;
+        }
+        (self.metrics.evicted - before) as usize
+    }
+
     /// Stop remembering calls for [`Correlator::chain`] and
     /// [`Correlator::call_pid`] (they then return nothing). The pipeline
     /// does this: its store keeps the parent chain, and the index costs a

@@ -763,6 +763,27 @@ impl EventStore {
         }
     }
 
+    /// Changes the bounds of a live store; returns how many events it
+    /// evicted (counted in `evicted`) or expired (`expired`) to meet them
+    /// at once. `max_events` is clamped as in [`EventStore::new`]; raising
+    /// it above the value the store was created with keeps the index
+    /// tables' size (bucket chains get longer, lookups stay exact) and the
+    /// segment size.
+    pub fn set_limits(&mut self, config: StoreConfig) -> usize {
+        self.max_events = config.max_events.clamp(1, MAX_EVENTS_LIMIT);
+        self.max_age_ns = config.max_age_ns;
+        let mut n = 0;
+        loop {
+            self.advance_oldest();
+            if self.live <= self.max_events || !self.kill_oldest() {
+                break;
+            }
+            n += 1;
+        }
+        self.pop_dead_segments();
+        n + self.expire()
+    }
+
     /// Records per segment of this store.
     pub fn segment_capacity(&self) -> usize {
         self.seg_cap

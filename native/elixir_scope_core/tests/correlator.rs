@@ -739,3 +739,25 @@ fn matched_messages_leave_no_state_and_eviction_skips_them() {
     assert!(gone.links.is_empty());
     consistent(&c);
 }
+
+#[test]
+fn config_changes_apply_live() {
+    let mut c = Correlator::new(cfg(1_000, 100));
+    for i in 0..50u64 {
+        c.correlate(&send(i + 1, P, Q, i, 10));
+    }
+    c.correlate(&call(100, P, 10));
+    assert_eq!(c.metrics().active, 51);
+    // Lower the bound: oldest messages go, the open frame stays.
+    assert_eq!(c.set_config(cfg(1_000, 10)), 41);
+    assert_eq!(c.metrics().active, 10);
+    assert_eq!(c.pending_messages(), 9);
+    assert_eq!(c.stack(P), vec![100]);
+    // The newest sends survived.
+    assert_eq!(c.correlate(&recv(200, Q, 49, 20)).correlation_id, 50);
+    // A shorter TTL sweeps with the new value.
+    c.set_config(cfg(5, 10));
+    assert_eq!(c.sweep(20), 8);
+    assert_eq!(c.pending_messages(), 0);
+    consistent(&c);
+}

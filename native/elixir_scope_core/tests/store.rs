@@ -795,3 +795,47 @@ fn duplicates_exact_with_out_of_order_ids() {
         }
     }
 }
+
+#[test]
+fn limits_change_live_with_exact_counters() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 1000,
+        max_age_ns: None,
+    });
+    for i in 0..1000u64 {
+        s.insert(&ev(i + 1, i as i64, 7, 0, 0), CorrelationFields::default());
+    }
+    // Lowering evicts the oldest at once.
+    assert_eq!(
+        s.set_limits(StoreConfig {
+            max_events: 100,
+            max_age_ns: None
+        }),
+        900
+    );
+    let st = s.stats();
+    assert_eq!((st.total, st.evicted, st.max_events), (100, 900, 100));
+    assert_eq!(st.oldest_timestamp, Some(900));
+    assert_eq!(s.by_pid(7, usize::MAX, Order::Asc).len(), 100);
+    // Raising lets the store grow again; lookups stay exact.
+    s.set_limits(StoreConfig {
+        max_events: 5000,
+        max_age_ns: None,
+    });
+    for i in 1000..6000u64 {
+        s.insert(&ev(i + 1, i as i64, 7, 0, 0), CorrelationFields::default());
+    }
+    let st = s.stats();
+    assert_eq!((st.total, st.evicted), (5000, 1000));
+    assert_eq!(s.get(1001).unwrap().timestamp, 1000);
+    assert!(s.get(1000).is_none());
+    // An age bound expires at once.
+    let n = s.set_limits(StoreConfig {
+        max_events: 5000,
+        max_age_ns: Some(999),
+    });
+    assert_eq!(n, 4000);
+    let st = s.stats();
+    assert_eq!((st.total, st.expired), (1000, 4000));
+    assert_eq!(st.inserted, st.total as u64 + st.evicted + st.expired);
+}

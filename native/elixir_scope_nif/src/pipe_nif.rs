@@ -233,8 +233,11 @@ fn pipe_scale(env: Env, p: Ref<PipeRes>, workers: u64) -> NifResult<Atom> {
 }
 
 /// Apply one live setting: `:batch_size`, `:flush_interval_us`,
-/// `:sweep_interval_ms` (integers), `:correlation_enabled` (boolean).
-#[rustler::nif]
+/// `:sweep_interval_ms`, `:correlation_ttl_ms`, `:max_correlations`,
+/// `:max_events`, `:max_age_ms` (integers; `max_age_ms` 0 = no age bound),
+/// `:correlation_enabled` (boolean). Lowered bounds evict at once
+/// (counted). Takes the correlator or store lock: dirty CPU.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn pipe_configure<'a>(
     env: Env<'a>,
     p: Ref<PipeRes>,
@@ -255,6 +258,28 @@ fn pipe_configure<'a>(
     } else if name == key(env, "sweep_interval_ms") {
         pipe.engine()
             .set_sweep_interval(Duration::from_millis(int(value)?.max(1)));
+    } else if name == key(env, "correlation_ttl_ms") || name == key(env, "max_correlations") {
+        let v = int(value)?.max(1);
+        pipe.engine().with_correlator(|c| {
+            let mut cfg = c.config();
+            if name == key(env, "max_correlations") {
+                cfg.max_correlations = v.min(1 << 32) as usize;
+            } else {
+                cfg.ttl_ns = (v.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64;
+            }
+            c.set_config(cfg);
+        });
+    } else if name == key(env, "max_events") || name == key(env, "max_age_ms") {
+        let v = int(value)?;
+        let mut store = elixir_scope_core::pipeline::lock(pipe.engine().store());
+        let mut cfg = store.config();
+        if name == key(env, "max_events") {
+            cfg.max_events = v.clamp(1, elixir_scope_core::store::MAX_EVENTS_LIMIT as u64) as usize;
+        } else {
+            cfg.max_age_ns =
+                (v > 0).then(|| (v.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64);
+        }
+        store.set_limits(cfg);
     } else if name == key(env, "correlation_enabled") {
         let on: bool = value
             .decode()

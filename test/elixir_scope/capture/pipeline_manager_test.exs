@@ -222,6 +222,38 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
       assert c.parent_id == nil and c.correlation_id == b.id
     end
 
+    test "applies store and correlator limits live, evicting at once (counted)" do
+      pm = start!(max_events: 1000)
+      buf = PipelineManager.ring_buffer(pm)
+      calls(buf, 400)
+      # 50 sends nobody receives: tracked by the correlator
+      for i <- 1..50, do: :ok = Ingestor.ingest_message_send(buf, self(), self(), {:lost, i})
+      :ok = PipelineManager.flush(pm)
+
+      assert :ok =
+               PipelineManager.update_config(pm, %{
+                 max_events: 300,
+                 max_correlations: 10,
+                 correlation_ttl_ms: 1
+               })
+
+      m = PipelineManager.get_metrics(pm)
+      assert m.accounting.stored == 300
+      assert m.accounting.evicted == 550
+      assert m.accounting.unaccounted == 0
+      assert m.native.store.max_events == 300
+      assert m.native.correlator.active == 10
+      assert m.native.correlator.evicted == 40
+      assert PipelineManager.data_access(pm).max_events == 300
+      # raising works too, and the store fills up to the new bound
+      :ok = PipelineManager.update_config(pm, max_events: 2000)
+      calls(buf, 500)
+      :ok = PipelineManager.flush(pm)
+      assert PipelineManager.get_metrics(pm).accounting.stored == 1300
+      # max_age_ms: nil removes the age bound again
+      assert :ok = PipelineManager.update_config(pm, max_age_ms: nil)
+    end
+
     test "refuses structural and unknown keys without applying anything" do
       pm = start!()
 
