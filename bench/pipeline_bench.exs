@@ -7,7 +7,7 @@
 # Environment: BENCH_EVENTS (end-to-end events, default 1_200_000),
 # BENCH_PRODUCERS (default 4), BENCH_WORKERS (native workers, default 2),
 # BENCH_RUNS (default 3), BENCH_QUERY_SIZES (default "100000,1000000"),
-# BENCH_SKIP_BASELINE=1.
+# BENCH_SECTIONS (default "1,2,3,4,5"), BENCH_SKIP_BASELINE=1.
 #
 # Sections:
 #   1. end-to-end sustained events/s, N producer processes → queryable
@@ -358,7 +358,10 @@ defmodule ElixirScope.Bench.Pipeline do
   end
 
   def section_queries(sizes, skip_base) do
-    IO.puts("\n## 4. Query latency (µs, median of 30; each returns ~1,000 events)\n")
+    IO.puts(
+      "\n## 4. Query latency (µs, median of 30 in a fresh process; results are decoded events)\n"
+    )
+
     IO.puts("| stored | query | ours | baseline |")
     IO.puts("|---:|---|---:|---:|")
 
@@ -398,10 +401,10 @@ defmodule ElixirScope.Bench.Pipeline do
           p = fill_base(size)
           rows = BaselinePipeline.query_by_function(p, Bench.Q, :f0, limit: 1)
           bpid = elem(hd(rows), 2)
-          [first | _] = BaselinePipeline.query_by_time_range(p, 0, 1 <<< 62, limit: 1)
+          [first | _] = BaselinePipeline.query_by_time_range(p, -(1 <<< 62), 1 <<< 62, limit: 1)
 
           [last | _] =
-            BaselinePipeline.query_by_time_range(p, 0, 1 <<< 62, limit: 1, order: :desc)
+            BaselinePipeline.query_by_time_range(p, -(1 <<< 62), 1 <<< 62, limit: 1, order: :desc)
 
           bspan = elem(last, 1) - elem(first, 1)
           deep_rows = BaselinePipeline.query_by_pid(p, bpid, limit: 5)
@@ -461,17 +464,27 @@ defmodule ElixirScope.Bench.Pipeline do
     end
   end
 
+  # Median µs of `fun` over 30 calls, in a fresh process (so the bench
+  # process's own big heap and garbage do not tax the result's GC).
   def time_us(fun) do
-    for _ <- 1..3, do: fun.()
+    parent = self()
 
-    samples =
-      for _ <- 1..30 do
-        t0 = System.monotonic_time(:nanosecond)
-        fun.()
-        (System.monotonic_time(:nanosecond) - t0) / 1000
-      end
+    spawn_link(fn ->
+      for _ <- 1..3, do: fun.()
 
-    median(samples)
+      samples =
+        for _ <- 1..30 do
+          t0 = System.monotonic_time(:nanosecond)
+          fun.()
+          (System.monotonic_time(:nanosecond) - t0) / 1000
+        end
+
+      send(parent, {:timed, median(samples)})
+    end)
+
+    receive do
+      {:timed, us} -> us
+    end
   end
 
   # ---- 5. store rate at 100k vs 1M stored -----------------------------------
@@ -562,13 +575,19 @@ defmodule ElixirScope.Bench.Pipeline do
       |> String.split(",", trim: true)
       |> Enum.map(&String.to_integer/1)
 
+    sections =
+      System.get_env("BENCH_SECTIONS", "1,2,3,4,5")
+      |> String.split(",", trim: true)
+      |> Enum.map(&String.to_integer/1)
+
     IO.puts("# ElixirScope pipeline bench — #{Harness.machine()}")
     IO.puts("# #{DateTime.utc_now() |> DateTime.truncate(:second)}")
-    o = section_e2e(total, producers, runs, skip_base)
-    section_latency(skip_base)
-    section_bytes(o, skip_base)
-    section_queries(sizes, skip_base)
-    section_store_rate(producers, skip_base)
+    on = &(&1 in sections)
+    o = if on.(1) or on.(3), do: section_e2e(total, producers, runs, skip_base)
+    if on.(2), do: section_latency(skip_base)
+    if on.(3), do: section_bytes(o, skip_base)
+    if on.(4), do: section_queries(sizes, skip_base)
+    if on.(5), do: section_store_rate(producers, skip_base)
   end
 end
 

@@ -552,6 +552,32 @@ fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
     }
 }
 
+/// `map[key]` for an atom (or other immediate) `key`: a scan of the
+/// flatmap's keys read straight from the heap when the probed layout allows
+/// it (struct-sized maps), else `enif_get_map_value`. `None` if `m` is not
+/// a map or has no such key.
+#[inline]
+pub fn map_get_immediate(env: Env, m: ERL_NIF_TERM, key: ERL_NIF_TERM) -> Option<ERL_NIF_TERM> {
+    if let Some((size, keys, values)) = flatmap_parts(m) {
+        let k = word(key);
+        for i in 0..size {
+            // SAFETY: `flatmap_parts` returned `size` keys and values of a
+            // live flatmap.
+            unsafe {
+                if *keys.add(i) == k {
+                    return Some(from_word(*values.add(i)));
+                }
+            }
+        }
+        return None;
+    }
+    let mut out = ERL_NIF_TERM::default();
+    // SAFETY: valid env and terms; `out` is a live out-pointer; a non-map
+    // `m` makes the call return 0.
+    let found = unsafe { rustler::sys::enif_get_map_value(env.as_c_arg(), m, key, &mut out) };
+    (found != 0).then_some(out)
+}
+
 /// Number of cells of a (possibly improper) list, counting at most `cap`.
 pub fn list_cells(t: Term, cap: i64) -> i64 {
     let mut n = 0;

@@ -2,7 +2,8 @@
 //! [`Tracker`] (correlator plus per-correlation records) behind a mutex,
 //! fed straight from `ElixirScope.Events` structs.
 //!
-//! Event fields are read here with `enif_get_map_value` and results are
+//! Event fields are read here with `codec::map_get_immediate` (a scan of a
+//! struct's keys on the heap, or `enif_get_map_value`) and results are
 //! built as `%CorrelatedEvent{}` maps with `enif_make_map_from_arrays`; no
 //! intermediate Elixir terms are made.
 //!
@@ -45,9 +46,9 @@ use elixir_scope_core::correlator::{
 };
 use elixir_scope_core::next_event_id;
 use rustler::sys::{
-    enif_get_map_value, enif_get_uint64, enif_make_double, enif_make_map_from_arrays,
-    enif_make_tuple_from_array, enif_make_uint64, enif_monotonic_time, ErlNifResourceType,
-    ErlNifTerm as ERL_NIF_TERM, ErlNifTimeUnit,
+    enif_get_uint64, enif_make_double, enif_make_map_from_arrays, enif_make_tuple_from_array,
+    enif_make_uint64, enif_monotonic_time, ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM,
+    ErlNifTimeUnit,
 };
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
@@ -264,15 +265,8 @@ fn is_nil(t: Term) -> bool {
 #[inline]
 fn field<'a>(m: Term<'a>, key: Atom) -> Option<Term<'a>> {
     let env = m.get_env();
-    let mut out = ERL_NIF_TERM::default();
-    // SAFETY: valid env and terms; `out` is a live out-pointer. A non-map
-    // `m` makes the call return 0.
-    let found =
-        unsafe { enif_get_map_value(env.as_c_arg(), m.as_c_arg(), key.as_c_arg(), &mut out) };
-    if found == 0 {
-        return None;
-    }
-    // SAFETY: a term of `env`.
+    let out = crate::codec::map_get_immediate(env, m.as_c_arg(), key.as_c_arg())?;
+    // SAFETY: a term of `env` (a value of the map `m`).
     let t = unsafe { Term::new(env, out) };
     (!is_nil(t)).then_some(t)
 }

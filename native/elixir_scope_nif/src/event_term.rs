@@ -1,7 +1,7 @@
 //! Native event -> Elixir term. Generic events decode their stored term;
 //! events built by the Ingestor become the `ElixirScope.Events` structs.
 
-use elixir_scope_core::{Event, EventKind};
+use elixir_scope_core::{Event, EventKind, StoredEvent};
 use rustler::sys::{enif_make_map_from_arrays, ErlNifTerm as ERL_NIF_TERM};
 use rustler::{Atom, Encoder, Env, Term};
 
@@ -61,9 +61,63 @@ fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
     }
 }
 
-/// The Elixir term for a stored event.
+/// The fields of an event that its term is built from, borrowed from a
+/// ring [`Event`] or a stored record (no payload copy).
+pub struct EvView<'p> {
+    pub id: u64,
+    pub timestamp: i64,
+    pub wall_time: i64,
+    pub module: u64,
+    pub function: u64,
+    pub aux: i64,
+    pub kind: u8,
+    pub payload: &'p [u8],
+}
+
+impl EvView<'_> {
+    fn kind(&self) -> EventKind {
+        EventKind::from_u8(self.kind)
+    }
+}
+
+impl<'p> From<&'p Event> for EvView<'p> {
+    fn from(ev: &'p Event) -> Self {
+        EvView {
+            id: ev.id,
+            timestamp: ev.timestamp,
+            wall_time: ev.wall_time,
+            module: ev.module,
+            function: ev.function,
+            aux: ev.aux,
+            kind: ev.kind,
+            payload: &ev.payload,
+        }
+    }
+}
+
+impl<'p> From<&StoredEvent<'p>> for EvView<'p> {
+    fn from(ev: &StoredEvent<'p>) -> Self {
+        EvView {
+            id: ev.id,
+            timestamp: ev.timestamp,
+            wall_time: ev.wall_time,
+            module: ev.module,
+            function: ev.function,
+            aux: ev.aux,
+            kind: ev.kind,
+            payload: ev.payload,
+        }
+    }
+}
+
+/// The Elixir term for a ring event.
 pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Term<'a> {
-    let mut d = TapeDecoder::new(&ev.payload);
+    view_to_term(env, &EvView::from(ev), scratch)
+}
+
+/// The Elixir term for an event's fields.
+pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
+    let mut d = TapeDecoder::new(ev.payload);
     let mut next = |scratch: &mut Scratch| d.next(env, scratch).as_c_arg();
     let e = |t: Term<'a>| t.as_c_arg();
     let nil = atoms::nil().encode(env).as_c_arg();
@@ -360,6 +414,6 @@ fn message_event<'a>(
     )
 }
 
-fn d_next_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Term<'a> {
-    TapeDecoder::new(&ev.payload).next(env, scratch)
+fn d_next_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
+    TapeDecoder::new(ev.payload).next(env, scratch)
 }

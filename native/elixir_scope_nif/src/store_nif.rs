@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::atoms;
 use crate::codec::{self, encode_into, Scratch, TapeDecoder};
 use crate::error::badarg;
-use crate::event_term::event_to_term;
+use crate::event_term::{view_to_term, EvView};
 use crate::handle::{self, Handle, Ref};
 
 /// Most events one `store_put_batch` call takes (Elixir chunks).
@@ -155,7 +155,7 @@ pub fn stored_term<'a>(env: Env<'a>, e: &StoredEvent, scratch: &mut Scratch) -> 
     if e.kind == EventKind::Term as u8 {
         TapeDecoder::new(e.payload).next(env, scratch)
     } else {
-        event_to_term(env, &e.to_event(), scratch)
+        view_to_term(env, &EvView::from(e), scratch)
     }
 }
 
