@@ -147,6 +147,69 @@ impl Link {
     }
 }
 
+/// The links of one correlation: at most two, kept inline so correlating an
+/// event never allocates. Derefs to `[Link]`.
+#[derive(Clone, Copy)]
+pub struct Links {
+    len: u8,
+    items: [Link; 2],
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            len: 0,
+            items: [Link::new(LinkKind::CalledFrom, 0); 2],
+        }
+    }
+}
+
+impl Links {
+    /// No links.
+    pub fn new() -> Links {
+        Links::default()
+    }
+
+    /// Adds a link (a correlation has at most two; more are ignored).
+    pub fn push(&mut self, l: Link) {
+        debug_assert!(self.len < 2, "at most two links per correlation");
+        if (self.len as usize) < self.items.len() {
+            self.items[self.len as usize] = l;
+            self.len += 1;
+        }
+    }
+
+    /// The links as a slice.
+    pub fn as_slice(&self) -> &[Link] {
+        &self.items[..self.len as usize]
+    }
+}
+
+impl std::ops::Deref for Links {
+    type Target = [Link];
+    fn deref(&self) -> &[Link] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Links {
+    fn eq(&self, other: &Links) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl PartialEq<Vec<Link>> for Links {
+    fn eq(&self, other: &Vec<Link>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
 /// Correlation type (Elixir `correlation_type`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CorrType {
@@ -181,7 +244,7 @@ pub struct Correlation {
     /// Bottom of the enclosing call stack.
     pub root_id: Option<u64>,
     /// Links to other events.
-    pub links: Vec<Link>,
+    pub links: Links,
     /// Correlation type.
     pub ctype: CorrType,
     /// Confidence in the links, 0.0..=1.0.
@@ -196,7 +259,7 @@ impl Correlation {
             correlation_id: id,
             parent_id: None,
             root_id: None,
-            links: Vec::new(),
+            links: Links::new(),
             ctype,
             confidence: 1.0,
             duration_ns: None,

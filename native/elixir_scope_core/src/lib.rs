@@ -22,7 +22,7 @@ mod sync;
 
 pub use correlator::{
     CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorMetrics,
-    LateLink, Link, LinkKind,
+    LateLink, Link, LinkKind, Links,
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
 pub use pipeline::{

@@ -105,6 +105,9 @@ pub const MAX_SEGMENT_RECORDS: usize = 4096;
 /// retained sequence span below 2³¹ so 32-bit chain deltas stay valid.
 pub const MAX_EVENTS_LIMIT: usize = 1 << 29;
 
+/// Largest payload arena reserved up front for a new segment.
+const MAX_ARENA_HINT: usize = 64 << 20;
+
 /// Maximum number of events returned by [`EventStore::causal_chain`].
 pub const MAX_CHAIN_DEPTH: usize = 4096;
 
@@ -300,11 +303,14 @@ struct Segment {
 }
 
 impl Segment {
-    fn new(base: u64, cap: usize) -> Segment {
+    /// A segment for `cap` records whose payload arena starts with
+    /// `arena_hint` bytes of capacity (the previous segment's payload size:
+    /// filling it then rarely reallocates and copies).
+    fn new(base: u64, cap: usize, arena_hint: usize) -> Segment {
         Segment {
             base,
             recs: Vec::with_capacity(cap),
-            arena: Vec::new(),
+            arena: Vec::with_capacity(arena_hint),
             dead: Vec::with_capacity(cap.div_ceil(64)),
             live: 0,
             sealed: false,
@@ -356,7 +362,10 @@ impl Segment {
         }
         self.sealed = true;
         self.recs.shrink_to_fit();
-        self.arena.shrink_to_fit();
+        // Keep a little slack rather than copying for a small gain.
+        if self.arena.capacity() > self.arena.len() + self.arena.len() / 8 + 4096 {
+            self.arena.shrink_to_fit();
+        }
     }
 
     fn bytes(&self) -> usize {
@@ -972,8 +981,14 @@ impl EventStore {
             _ => false,
         };
         if need_new {
+            // Size the arena like the last segment's payloads (+1/16), so
+            // filling it rarely grows (reallocates and copies) it.
+            let arena_hint = self.segments.back().map_or(0, |s| {
+                let n = s.arena.len();
+                (n + n / 16).min(MAX_ARENA_HINT)
+            });
             self.segments
-                .push_back(Segment::new(self.next_seq, self.seg_cap));
+                .push_back(Segment::new(self.next_seq, self.seg_cap, arena_hint));
         }
         let seq = self.next_seq;
         self.next_seq += 1;

@@ -506,7 +506,7 @@ proptest! {
                         Some(t) => {
                             let (cid, cts) = st[t];
                             prop_assert_eq!(out.correlation_id, cid);
-                            prop_assert_eq!(out.links.clone(), vec![Link::new(LinkKind::Completes, cid)]);
+                            prop_assert_eq!(out.links, vec![Link::new(LinkKind::Completes, cid)]);
                             prop_assert_eq!(out.parent_id, t.checked_sub(1).map(|j| st[j].0));
                             prop_assert_eq!(out.root_id, Some(st[0].0));
                             prop_assert_eq!(out.duration_ns, Some(ts - cts));
