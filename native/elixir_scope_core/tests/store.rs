@@ -839,3 +839,39 @@ fn limits_change_live_with_exact_counters() {
     assert_eq!((st.total, st.expired), (1000, 4000));
     assert_eq!(st.inserted, st.total as u64 + st.evicted + st.expired);
 }
+
+#[test]
+fn time_windows_match_brute_force_over_many_sealed_segments() {
+    // Timestamps arrive shuffled within blocks (as from several shards), so
+    // segments overlap in time and the marks cover many blocks.
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 50_000,
+        max_age_ns: None,
+    });
+    let mut all = Vec::new();
+    let mut x: u64 = 12345;
+    for i in 0..40_000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let ts = (i as i64 / 500) * 500 + (x >> 40) as i64 % 2000;
+        s.insert(&ev(i + 1, ts, 1, 0, 0), CorrelationFields::default());
+        all.push((ts, i + 1));
+    }
+    all.sort();
+    for k in 0..200 {
+        let t0 = (k * 197) as i64 - 50;
+        let t1 = t0 + (k as i64 % 7) * 300 + 1;
+        let want: Vec<u64> = all
+            .iter()
+            .filter(|(ts, _)| t0 <= *ts && *ts <= t1)
+            .map(|&(_, id)| id)
+            .collect();
+        let got: Vec<u64> = s
+            .by_time_range(t0, t1, usize::MAX, Order::Asc)
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(got, want, "window {t0}..={t1}");
+    }
+}
