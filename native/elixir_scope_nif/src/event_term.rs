@@ -153,25 +153,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
         EventKind::FunctionReturn => {
             let ret = next(scratch);
             let corr = next(scratch);
-            make_struct(
-                env,
-                &function_execution_keys(),
-                &[
-                    e(atoms::function_execution().encode(env)),
-                    nil,
-                    nil,
-                    nil,
-                    corr,
-                    e(ev.aux.encode(env)),
-                    e(atoms::return_().encode(env)),
-                    nil,
-                    id,
-                    nil,
-                    ret,
-                    ts,
-                    wall,
-                ],
-            )
+            function_exit(env, atoms::return_(), id, ret, ev.aux, corr, ts, wall)
         }
         EventKind::FunctionException => {
             let kind = next(scratch);
@@ -185,25 +167,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
                 )
             }
             .as_c_arg();
-            make_struct(
-                env,
-                &function_execution_keys(),
-                &[
-                    e(atoms::function_execution().encode(env)),
-                    nil,
-                    nil,
-                    nil,
-                    corr,
-                    e(ev.aux.encode(env)),
-                    e(atoms::exception().encode(env)),
-                    nil,
-                    id,
-                    nil,
-                    value,
-                    ts,
-                    wall,
-                ],
-            )
+            function_exit(env, atoms::exception(), id, value, ev.aux, corr, ts, wall)
         }
         EventKind::ProcessSpawn => {
             let child = next(scratch);
@@ -337,6 +301,40 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
         }
         EventKind::Empty => atoms::undefined().encode(env),
     }
+}
+
+/// `%FunctionExecution{}` of a return or an exception (`event_type`).
+#[allow(clippy::too_many_arguments)]
+fn function_exit<'a>(
+    env: Env<'a>,
+    event_type: Atom,
+    id: ERL_NIF_TERM,
+    value: ERL_NIF_TERM,
+    duration_ns: i64,
+    corr: ERL_NIF_TERM,
+    ts: ERL_NIF_TERM,
+    wall: ERL_NIF_TERM,
+) -> Term<'a> {
+    let nil = atoms::nil().encode(env).as_c_arg();
+    make_struct(
+        env,
+        &function_execution_keys(),
+        &[
+            atoms::function_execution().encode(env).as_c_arg(),
+            nil,
+            nil,
+            nil,
+            corr,
+            duration_ns.encode(env).as_c_arg(),
+            event_type.encode(env).as_c_arg(),
+            nil,
+            id,
+            nil,
+            value,
+            ts,
+            wall,
+        ],
+    )
 }
 
 /// `%ProcessEvent{}`.
