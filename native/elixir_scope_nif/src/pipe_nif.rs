@@ -29,6 +29,9 @@ use crate::store_nif::StoreRes;
 
 /// Longest wait of one `pipe_flush` / `pipe_shutdown` call.
 const MAX_WAIT_MS: u64 = 600_000;
+/// How long shutdown waits, after closing the ring, for writes already
+/// under way (a write NIF call takes microseconds).
+const WRITE_GRACE: Duration = Duration::from_millis(2);
 /// Most events one `pipe_process_ring` call consumes.
 const MAX_DRAIN: usize = 10_000;
 
@@ -509,7 +512,11 @@ fn pipe_reset_latency(env: Env, p: Ref<PipeRes>) -> NifResult<Atom> {
 #[rustler::nif(schedule = "DirtyIo")]
 fn pipe_shutdown<'a>(env: Env<'a>, p: Ref<PipeRes>, timeout_ms: u64) -> Term<'a> {
     if let Some(closed) = &p.ring_closed {
-        closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A write that saw the ring open just before is a few µs from
+            // done: give it time to land so the drain below includes it.
+            std::thread::sleep(WRITE_GRACE);
+        }
     }
     let taken = p.pipeline.write().unwrap_or_else(|e| e.into_inner()).take();
     let drained = match taken {
