@@ -50,7 +50,8 @@
 //! pid) holding the most recent `max_correlations` calls (FIFO eviction by
 //! first sighting); it is not part of [`CorrelatorMetrics::active`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use crate::hash::{FastMap, Seeded, SeededMap};
+use std::collections::{BTreeMap, VecDeque};
 
 /// What kind of event a [`CorrInput`] is.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -1079,61 +1080,6 @@ fn key_closed(idx: &mut FastMap<u64, (u64, u32)>, key: u64, pid: u64) {
 /// The `pid` of a [`Tracker`] input whose process is unknown (see
 /// [`Tracker::correlate`]).
 pub const UNKNOWN_PID: u64 = 0;
-
-/// A 64-bit multiply-xorshift hasher for integer keys (ids and pids are
-/// not attacker-chosen, and SipHash costs more than the rest of a lookup).
-#[derive(Default, Clone, Copy)]
-struct MixHasher(u64);
-
-impl std::hash::Hasher for MixHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        h ^= h >> 33;
-        h
-    }
-
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(b as u64);
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(23);
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<MixHasher>>;
-
-/// [`MixHasher`] starting from a random per-map seed, for tables whose keys
-/// traced code can influence (message content hashes).
-#[derive(Clone, Copy, Debug)]
-struct Seeded(u64);
-
-impl Seeded {
-    fn random() -> Seeded {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(0x5eed);
-        Seeded(h.finish())
-    }
-}
-
-impl std::hash::BuildHasher for Seeded {
-    type Hasher = MixHasher;
-    fn build_hasher(&self) -> MixHasher {
-        MixHasher(self.0)
-    }
-}
-
-type SeededMap<K, V> = HashMap<K, V, Seeded>;
 
 /// What a [`Tracker`] remembers about one correlation: every correlated
 /// event except returns/exceptions, receives matched at once, and

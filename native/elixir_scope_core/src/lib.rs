@@ -14,6 +14,7 @@
 
 pub mod correlator;
 pub mod event;
+mod hash;
 pub mod pipeline;
 pub mod pool;
 pub mod ring;

@@ -95,8 +95,8 @@
 //!   (`rejected`: a payload that does not fit a `u32` arena offset).
 
 use crate::event::Event;
+use crate::hash::{mix, FastMap};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::mem::size_of;
 
 /// Records per segment for large stores (smaller stores use smaller
@@ -430,35 +430,6 @@ fn insertion_sort_bounded<T: Ord + Copy>(v: &mut [T], mut budget: usize) -> bool
     }
     true
 }
-
-/// murmur3 finalizer.
-#[inline]
-fn mix(k: u64) -> u64 {
-    let mut x = k ^ (k >> 33);
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^ (x >> 33)
-}
-
-#[derive(Default)]
-struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    fn finish(&self) -> u64 {
-        mix(self.0)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(29) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
 
 const GROUP_BITS: u32 = 10;
 

@@ -1,0 +1,67 @@
+//! The hashing shared by the store's and the correlator's tables: a cheap
+//! multiply-rotate hasher over integer keys with a full 64-bit finalizer.
+//! Ids, pids and sequence numbers are not attacker-chosen, and SipHash
+//! costs more than the rest of a lookup; tables keyed by content that
+//! traced code can influence use a random per-table seed ([`Seeded`]).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+/// A 64-bit finalizer (fmix64): every input bit affects every output bit.
+#[inline]
+pub(crate) fn mix(k: u64) -> u64 {
+    let mut x = k ^ (k >> 33);
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// Folds written words with a multiply-rotate step; finishes with [`mix`].
+#[derive(Default, Clone, Copy)]
+pub(crate) struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        mix(self.0)
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(29) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map over integer keys with [`MixHasher`].
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<MixHasher>>;
+
+/// [`MixHasher`] starting from a random per-map seed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seeded(u64);
+
+impl Seeded {
+    /// A seed from the standard library's random hash keys.
+    pub(crate) fn random() -> Seeded {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x5eed);
+        Seeded(h.finish())
+    }
+}
+
+impl BuildHasher for Seeded {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(self.0)
+    }
+}
+
+/// A map keyed by content hashes traced code can influence.
+pub(crate) type SeededMap<K, V> = HashMap<K, V, Seeded>;
