@@ -572,16 +572,7 @@ defmodule ElixirScope.Capture.EventCorrelator do
               "got: #{inspect(opts, limit: 5)}"
     end
 
-    opts =
-      case Keyword.validate(opts, @defaults) do
-        {:ok, opts} ->
-          opts
-
-        {:error, unknown} ->
-          raise ArgumentError,
-                "unknown EventCorrelator option(s) #{inspect(unknown)}; " <>
-                  "known: #{inspect(Keyword.keys(@defaults))}"
-      end
+    opts = ElixirScope.Args.keyword_opts!(opts, @defaults, "EventCorrelator")
 
     for {k, max} <- @limits do
       v = opts[k]

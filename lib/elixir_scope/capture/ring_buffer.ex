@@ -149,21 +149,7 @@ defmodule ElixirScope.Capture.RingBuffer do
     raise ArgumentError, "ring buffer options must be a keyword list, got: #{inspect(opts)}"
   end
 
-  defp validate!(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "ring buffer options must be a keyword list, got: #{inspect(opts)}"
-    end
-
-    case Keyword.validate(opts, @defaults) do
-      {:ok, opts} ->
-        opts
-
-      {:error, unknown} ->
-        raise ArgumentError,
-              "unknown ring buffer option(s) #{inspect(unknown)}; " <>
-                "known: #{inspect(Keyword.keys(@defaults))}"
-    end
-  end
+  defp validate!(opts), do: ElixirScope.Args.keyword_opts!(opts, @defaults, "ring buffer")
 
   @doc """
   Writes one event (any term). Never blocks.
@@ -246,14 +232,8 @@ defmodule ElixirScope.Capture.RingBuffer do
       when is_integer(start) and start >= 0 and is_integer(count) and count >= 0 and
              is_list(opts) do
     # Validate before reading: a read at the cursor consumes.
-    with_missed =
-      case Keyword.validate(opts, with_missed: false) do
-        {:ok, opts} ->
-          opts[:with_missed] == true
-
-        {:error, unknown} ->
-          raise ArgumentError, "unknown read_batch option(s) #{inspect(unknown)}"
-      end
+    opts = ElixirScope.Args.keyword_opts!(opts, [with_missed: false], "read_batch")
+    with_missed = opts[:with_missed] == true
 
     {events, next, missed} = read_chunks(ref, chunk_size(buffer), start, count, [], 0)
     if with_missed, do: {events, next, missed}, else: {events, next}

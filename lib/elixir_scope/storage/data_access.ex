@@ -88,7 +88,7 @@ defmodule ElixirScope.Storage.DataAccess do
 
   import Bitwise, only: [<<<: 2, bor: 2, bxor: 2]
 
-  alias ElixirScope.{Events, Native}
+  alias ElixirScope.{Args, Events, Native}
 
   alias ElixirScope.Events.{
     ErrorEvent,
@@ -133,20 +133,7 @@ defmodule ElixirScope.Storage.DataAccess do
   def new(opts \\ [])
 
   def new(opts) when is_list(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "data access options must be a keyword list, got: #{inspect(opts)}"
-    end
-
-    opts =
-      case Keyword.validate(opts, @defaults) do
-        {:ok, opts} ->
-          opts
-
-        {:error, unknown} ->
-          raise ArgumentError,
-                "unknown data access option(s) #{inspect(unknown)}; " <>
-                  "known: #{inspect(Keyword.keys(@defaults))}"
-      end
+    opts = Args.keyword_opts!(opts, @defaults, "data access")
 
     max = opts[:max_events]
 
@@ -189,7 +176,7 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec store_events(t(), [term()]) ::
           {:ok, non_neg_integer()} | {:error, :event_too_large | :destroyed}
   def store_events(%__MODULE__{} = s, events) when is_list(events) do
-    ElixirScope.Args.proper_list!(events, "events")
+    Args.proper_list!(events, "events")
     store_chunks(s, events, 0)
   end
 
@@ -465,19 +452,7 @@ defmodule ElixirScope.Storage.DataAccess do
   end
 
   defp query_opts!(opts) when is_list(opts) do
-    opts =
-      case Keyword.keyword?(opts) && Keyword.validate(opts, @query_defaults) do
-        {:ok, opts} ->
-          opts
-
-        {:error, unknown} ->
-          raise ArgumentError,
-                "unknown query option(s) #{inspect(unknown)}; " <>
-                  "known: #{inspect(Keyword.keys(@query_defaults))}"
-
-        false ->
-          raise ArgumentError, "query options must be a keyword list, got: #{inspect(opts)}"
-      end
+    opts = Args.keyword_opts!(opts, @query_defaults, "query")
 
     limit =
       case opts[:limit] do
