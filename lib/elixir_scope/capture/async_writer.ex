@@ -97,15 +97,18 @@ defmodule ElixirScope.Capture.AsyncWriter do
   """
   @spec enrich_event(map()) :: map()
   def enrich_event(%{} = event) do
-    event
-    |> Map.put_new_lazy(:correlation_id, &Native.next_event_id/0)
-    |> Map.update(:correlation_id, nil, fn
-      nil -> Native.next_event_id()
-      id -> id
-    end)
-    |> Map.put(:enriched_at, System.monotonic_time(:nanosecond))
-    |> Map.put(:processed_by, self())
-    |> Map.put(:processing_order, System.unique_integer([:positive, :monotonic]))
+    correlation_id =
+      case Map.get(event, :correlation_id) do
+        nil -> Native.next_event_id()
+        id -> id
+      end
+
+    Map.merge(event, %{
+      correlation_id: correlation_id,
+      enriched_at: System.monotonic_time(:nanosecond),
+      processed_by: self(),
+      processing_order: System.unique_integer([:positive, :monotonic])
+    })
   end
 
   def enrich_event(other),
