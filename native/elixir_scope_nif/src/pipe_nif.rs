@@ -5,8 +5,9 @@
 //! `pipe_new` returns three handles over one pipeline: the pipeline itself,
 //! a `%RingBuffer{}` resource over its shards (what `Ingestor` writes to),
 //! and a read-only `%DataAccess{}` resource over its store. NIFs that wait
-//! (flush, scale, shutdown) run on dirty I/O schedulers, those that take
-//! the store or correlator lock on dirty CPU schedulers.
+//! (flush, scale, shutdown) run on dirty I/O schedulers, the others on dirty
+//! CPU schedulers: all take the pipeline's read lock, which waits while a
+//! shutdown is waiting for a flush, and some the store or correlator lock.
 
 use elixir_scope_core::{
     Accounting, CorrelatorConfig, Event, Overflow, Pipeline, PipelineConfig, PoolConfig,
@@ -461,7 +462,7 @@ fn pipe_dead_letters<'a>(env: Env<'a>, p: Ref<PipeRes>, limit: u64) -> NifResult
 }
 
 /// Fault injection: the next `n` batches fail before touching any state.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn pipe_inject_failures(env: Env, p: Ref<PipeRes>, n: u64) -> NifResult<Atom> {
     p.get(env)?.engine().inject_failures(n);
     Ok(atoms::ok())
@@ -500,7 +501,7 @@ fn pipe_sweep(env: Env, p: Ref<PipeRes>) -> NifResult<u64> {
 }
 
 /// Forget the write→stored latency samples.
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn pipe_reset_latency(env: Env, p: Ref<PipeRes>) -> NifResult<Atom> {
     p.get(env)?.engine().reset_latency();
     Ok(atoms::ok())
@@ -527,7 +528,7 @@ fn pipe_shutdown<'a>(env: Env<'a>, p: Ref<PipeRes>, timeout_ms: u64) -> Term<'a>
 }
 
 /// Is the pipeline running?
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn pipe_alive(p: Ref<PipeRes>) -> bool {
     p.pipeline
         .read()
