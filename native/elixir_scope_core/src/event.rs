@@ -16,6 +16,7 @@
 //! | receive | receiver | sender if known, else 0 | message content hash |
 //! | spawn | child | parent | 0 |
 //! | exit / state change | the process | 0 | kind specific |
+//! | link / unlink | the process | the other process | 1 link, 0 unlink |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -49,6 +50,9 @@ pub enum EventKind {
     ProcessExit = 10,
     /// A function left by an exception (completes its call like a return).
     FunctionException = 11,
+    /// A link or unlink between two processes (`ProcessEvent`,
+    /// `event_type: :link | :unlink`).
+    ProcessLink = 12,
 }
 
 impl EventKind {
@@ -66,6 +70,7 @@ impl EventKind {
             9 => EventKind::MessageReceive,
             10 => EventKind::ProcessExit,
             11 => EventKind::FunctionException,
+            12 => EventKind::ProcessLink,
             _ => EventKind::Empty,
         }
     }

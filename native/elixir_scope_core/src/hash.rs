@@ -65,3 +65,22 @@ impl BuildHasher for Seeded {
 
 /// A map keyed by content hashes traced code can influence.
 pub(crate) type SeededMap<K, V> = HashMap<K, V, Seeded>;
+
+/// A fast 64-bit hash of `bytes` (multiply-xor over 8-byte words, then a
+/// final avalanche); never 0.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h: u64 = (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8-byte chunk"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(29);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^= h >> 32;
+    h = h.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    h ^= h >> 32;
+    h.max(1)
+}

@@ -9,9 +9,12 @@
 //! * [`store`] — the bounded, indexed in-memory store of correlated events;
 //! * [`pool`] — native worker threads draining ring shards in batches;
 //! * [`pipeline`] — sharded rings, pool, correlator and store put together,
-//!   with the accounting identity.
+//!   with the accounting identity;
+//! * [`analysis`] — whole-trace questions over a store: call statistics,
+//!   repeated call trees, message flow.
 #![deny(missing_docs)]
 
+pub mod analysis;
 pub mod correlator;
 pub mod event;
 mod hash;
@@ -26,6 +29,7 @@ pub use correlator::{
     LateLink, Link, LinkKind, Links,
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
+pub use hash::hash_bytes;
 pub use pipeline::{
     call_contents, corr_type_of, links_of, shard_of, Accounting, Clock, Engine, EngineMetrics,
     Histogram, Pipeline, PipelineConfig,

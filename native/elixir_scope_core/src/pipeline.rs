@@ -238,8 +238,11 @@ pub struct Engine {
     last_sweep: AtomicI64,
 }
 
+/// A batch's correlation fields, each with the `aux` to store.
+type BatchFields = Vec<(CorrelationFields, i64)>;
+
 thread_local! {
-    static SCRATCH: std::cell::RefCell<(Vec<CorrelationFields>, Vec<u32>)> =
+    static SCRATCH: std::cell::RefCell<(BatchFields, Vec<u32>)> =
         std::cell::RefCell::new((Vec::new(), Histogram::local()));
 }
 
@@ -336,11 +339,25 @@ impl Engine {
                 let mut corr = lock(&self.correlator);
                 for ev in events {
                     let c: Correlation = corr.correlate(&corr_input(ev));
-                    fields.push(CorrelationFields {
-                        correlation_id: c.correlation_id,
-                        parent_id: c.parent_id.unwrap_or(0),
-                        root_id: c.root_id.unwrap_or(0),
-                    });
+                    // A return or exception written without a duration (the
+                    // tracer's) is stored with the one the correlator
+                    // measured from its call.
+                    let aux = match (ev.kind(), c.duration_ns) {
+                        (EventKind::FunctionReturn | EventKind::FunctionException, Some(d))
+                            if ev.aux == 0 =>
+                        {
+                            d
+                        }
+                        _ => ev.aux,
+                    };
+                    fields.push((
+                        CorrelationFields {
+                            correlation_id: c.correlation_id,
+                            parent_id: c.parent_id.unwrap_or(0),
+                            root_id: c.root_id.unwrap_or(0),
+                        },
+                        aux,
+                    ));
                 }
                 let late = corr.take_late_links();
                 let every = self.sweep_interval_ns.load(Ordering::Relaxed);
@@ -355,8 +372,8 @@ impl Engine {
                 // stored when this batch's late links reach it.
                 let mut store = lock(&self.store);
                 drop(corr);
-                for (ev, f) in events.iter().zip(fields.iter()) {
-                    store.insert(ev, *f);
+                for (ev, (f, aux)) in events.iter().zip(fields.iter()) {
+                    store.insert_with_aux(ev, *f, *aux);
                 }
                 for l in &late {
                     if store.relink(l.event, l.link.target) {

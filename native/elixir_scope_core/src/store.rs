@@ -956,6 +956,18 @@ impl EventStore {
 
     /// Stores `event` with its correlation fields.
     pub fn insert(&mut self, event: &Event, corr: CorrelationFields) -> InsertOutcome {
+        self.insert_with_aux(event, corr, event.aux)
+    }
+
+    /// Stores `event` with its correlation fields, recording `aux` in place
+    /// of `event.aux` (the pipeline stores the duration it measured for a
+    /// return written without one).
+    pub fn insert_with_aux(
+        &mut self,
+        event: &Event,
+        corr: CorrelationFields,
+        aux: i64,
+    ) -> InsertOutcome {
         self.inserted += 1;
         if self.live > 0 && !self.fresh.is_fresh(event.id) && self.find(event.id).is_some() {
             self.duplicates += 1;
@@ -1040,7 +1052,7 @@ impl EventStore {
             wall_time: event.wall_time,
             pid: event.pid,
             peer: event.peer,
-            aux: event.aux,
+            aux,
             correlation_id: corr.correlation_id,
             parent_id: corr.parent_id,
             root_id: corr.root_id,
@@ -1317,6 +1329,132 @@ impl EventStore {
         }
         out.reverse();
         out
+    }
+
+    /// Calls `f` on up to `max` live events in store (`seq`) order, from
+    /// sequence number `from` on; returns the sequence number to continue
+    /// from, or `None` when the scan reached the newest event. Cost: the
+    /// records visited (dead ones are skipped, not counted in `max`).
+    pub fn scan<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        mut f: impl FnMut(&StoredEvent<'a>),
+    ) -> Option<u64> {
+        let mut seq = from.max(self.base_seq());
+        let mut seen = 0usize;
+        let start = self.locate(seq).map_or(self.segments.len(), |(si, _)| si);
+        for seg in self.segments.iter().skip(start) {
+            let mut i = seq.saturating_sub(seg.base) as usize;
+            while i < seg.recs.len() {
+                if seen >= max {
+                    return Some(seg.base + i as u64);
+                }
+                if !seg.is_dead(i) {
+                    f(&self.view(seg, i));
+                    seen += 1;
+                }
+                i += 1;
+            }
+            seq = seg.base + seg.recs.len() as u64;
+        }
+        None
+    }
+
+    /// The live event of the same process stored just before event `id`
+    /// (one step back along the pid chain).
+    pub fn pid_prev(&self, id: u64) -> Option<StoredEvent<'_>> {
+        let (si, i) = self.find(id)?;
+        let seg = &self.segments[si];
+        let pid = seg.recs[i].pid;
+        let seq = seg.base + i as u64;
+        let mut out = None;
+        let d = seg.recs[i].link_pid as u64;
+        let start = (d != 0 && d <= seq).then(|| seq - d);
+        self.walk(
+            start,
+            |r| r.link_pid,
+            |_, s, j| {
+                if !s.is_dead(j) && s.recs[j].pid == pid {
+                    out = Some(self.view(s, j));
+                    false
+                } else {
+                    true
+                }
+            },
+        );
+        out
+    }
+
+    /// The live event of the same process stored just after event `id`.
+    /// Walks forward in store order and back from the process's newest
+    /// event in step, so the cost is the smaller of the two distances.
+    pub fn pid_next(&self, id: u64) -> Option<StoredEvent<'_>> {
+        let (si, i) = self.find(id)?;
+        let pid = self.segments[si].recs[i].pid;
+        let target = self.segments[si].base + i as u64;
+        let head = self.pids.get(&pid).copied();
+        if head.map_or(true, |h| h <= target) {
+            return None;
+        }
+        // Forward cursor (store order) and backward cursor (pid chain).
+        let mut fwd = target + 1;
+        let mut back = head;
+        let mut best: Option<u64> = None;
+        loop {
+            if fwd < self.next_seq {
+                if let Some((fs, fi)) = self.locate(fwd) {
+                    let seg = &self.segments[fs];
+                    if !seg.is_dead(fi) && seg.recs[fi].pid == pid {
+                        return Some(self.view(seg, fi));
+                    }
+                }
+                fwd += 1;
+            }
+            match back {
+                Some(b) if b > target => {
+                    let Some((bs, bi)) = self.locate(b) else {
+                        break;
+                    };
+                    let seg = &self.segments[bs];
+                    if !seg.is_dead(bi) && seg.recs[bi].pid == pid {
+                        best = Some(b);
+                    }
+                    let d = seg.recs[bi].link_pid as u64;
+                    back = (d != 0 && d <= b).then(|| b - d);
+                }
+                _ => break,
+            }
+        }
+        best.and_then(|b| self.locate(b))
+            .map(|(s, i)| self.view(&self.segments[s], i))
+    }
+
+    /// The live event right after (`Order::Asc`) or before (`Order::Desc`)
+    /// event `id` in `(timestamp, seq)` order, across all processes.
+    pub fn time_neighbour(&self, id: u64, order: Order) -> Option<StoredEvent<'_>> {
+        let (si, i) = self.find(id)?;
+        let r = &self.segments[si].recs[i];
+        let key = (r.timestamp, self.segments[si].base + i as u64);
+        let mut want = 4usize;
+        loop {
+            let page = match order {
+                Order::Asc => self.by_time_range(key.0, i64::MAX, want, Order::Asc),
+                Order::Desc => self.by_time_range(i64::MIN, key.0, want, Order::Desc),
+            };
+            let hit = page.iter().find(|e| match order {
+                Order::Asc => (e.timestamp, e.seq) > key,
+                Order::Desc => (e.timestamp, e.seq) < key,
+            });
+            if let Some(e) = hit {
+                return Some(*e);
+            }
+            if page.len() < want {
+                return None;
+            }
+            // Many events share the timestamp: look further.
+            want *= 4;
+        }
     }
 
     /// Live events with `t0 <= timestamp <= t1`, in `(timestamp, seq)`

@@ -875,3 +875,60 @@ fn time_windows_match_brute_force_over_many_sealed_segments() {
         assert_eq!(got, want, "window {t0}..={t1}");
     }
 }
+
+#[test]
+fn navigation_and_scan_match_a_brute_force_model() {
+    // 3 processes interleaved irregularly, timestamps with ties and small
+    // disorder, and eviction (max 500 of 1,200).
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 500,
+        ..StoreConfig::default()
+    });
+    let mut all: Vec<Event> = Vec::new();
+    for id in 1..=1200u64 {
+        let pid = [1, 2, 2, 3, 1, 1, 1, 2][(id * 7 % 8) as usize] as u64;
+        let ts = (id as i64 / 3) * 10 + (id % 2) as i64;
+        let e = ev(id, ts, pid, 5, 6);
+        s.insert(&e, corr(id, 0, 0));
+        all.push(e);
+    }
+    let live: Vec<&Event> = all.iter().skip(700).collect();
+    // scan: in insertion order, resumable.
+    let mut seen = vec![];
+    let mut next = Some(0);
+    while let Some(at) = next {
+        next = s.scan(at, 77, |e| seen.push(e.id));
+    }
+    assert_eq!(seen, live.iter().map(|e| e.id).collect::<Vec<_>>());
+    // Per-process prev/next.
+    for (i, e) in live.iter().enumerate() {
+        let next_same = live[i + 1..].iter().find(|x| x.pid == e.pid).map(|x| x.id);
+        let prev_same = live[..i]
+            .iter()
+            .rev()
+            .find(|x| x.pid == e.pid)
+            .map(|x| x.id);
+        assert_eq!(
+            s.pid_next(e.id).map(|x| x.id),
+            next_same,
+            "next of {}",
+            e.id
+        );
+        assert_eq!(
+            s.pid_prev(e.id).map(|x| x.id),
+            prev_same,
+            "prev of {}",
+            e.id
+        );
+    }
+    // Global time order: (timestamp, insertion) neighbours.
+    let mut by_time: Vec<&Event> = live.clone();
+    by_time.sort_by_key(|e| (e.timestamp, e.id));
+    for (i, e) in by_time.iter().enumerate() {
+        let n = by_time.get(i + 1).map(|x| x.id);
+        let p = i.checked_sub(1).map(|j| by_time[j].id);
+        assert_eq!(s.time_neighbour(e.id, Order::Asc).map(|x| x.id), n);
+        assert_eq!(s.time_neighbour(e.id, Order::Desc).map(|x| x.id), p);
+    }
+    assert!(s.pid_next(1).is_none(), "evicted");
+}
