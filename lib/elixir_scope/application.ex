@@ -1,6 +1,7 @@
 defmodule ElixirScope.Application do
   @moduledoc false
-  # Starts `ElixirScope.Supervisor`. With `config :elixir_scope, pipeline:
+  # Starts `ElixirScope.Supervisor` with `ElixirScope.Tracer` (idle until
+  # `ElixirScope.trace/2`). With `config :elixir_scope, pipeline:
   # opts` (a keyword list; `true` for the defaults) it also starts a
   # default `PipelineManager` (registered as `ElixirScope.Capture.PipelineManager`
   # unless `opts` names it otherwise) and makes its ring the `Ingestor`'s
@@ -11,13 +12,15 @@ defmodule ElixirScope.Application do
 
   @impl true
   def start(_type, _args) do
-    children =
+    pipeline =
       case Application.get_env(:elixir_scope, :pipeline) do
         nil -> []
         false -> []
         true -> [pipeline_spec([])]
         opts when is_list(opts) -> [pipeline_spec(opts)]
       end
+
+    children = [ElixirScope.Tracer | pipeline]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: ElixirScope.Supervisor)
   end

@@ -113,10 +113,11 @@ defmodule ElixirScope.Events do
   defmodule ProcessEvent do
     @moduledoc """
     A process lifecycle event (spawn, exit, link or unlink). `reason` is the
-    exit reason of an `:exit` event (an ElixirScope addition).
+    exit reason of an `:exit` event and `linked_pid` the other process of a
+    `:link` / `:unlink` event (ElixirScope additions).
     """
 
-    defstruct [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason]
+    defstruct [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason, :linked_pid]
 
     @type t :: %__MODULE__{
             id: term(),
@@ -125,7 +126,8 @@ defmodule ElixirScope.Events do
             pid: pid() | nil,
             parent_pid: pid() | nil,
             event_type: :spawn | :exit | :link | :unlink | nil,
-            reason: term()
+            reason: term(),
+            linked_pid: pid() | port() | nil
           }
   end
 

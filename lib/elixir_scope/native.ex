@@ -4,7 +4,9 @@ defmodule ElixirScope.Native do
   # the library is loaded. Names are prefixed by component: `rb_*` ring
   # buffer, `ing_*` ingestor,
   # `store_*` event store (DataAccess), `pipe_*` native pipeline, `corr_*`
-  # correlator (EventCorrelator). No logic
+  # correlator (EventCorrelator), `tracer_*` plus `enabled/3` and `trace/5`
+  # (this module is the erl_tracer module of `ElixirScope.trace/2`), `ana_*`
+  # trace analysis (ElixirScope.Analysis). No logic
   # lives here.
 
   @on_load :load_nif
@@ -120,4 +122,33 @@ defmodule ElixirScope.Native do
   def corr_chain(_ref, _id), do: nif_error()
   def corr_sweep(_ref), do: nif_error()
   def corr_metrics(_ref), do: nif_error()
+
+  # Tracer (ElixirScope.Tracer): this module is the erl_tracer callback
+  # module; `enabled/3` and `trace/5` are called by the VM.
+  def tracer_new(
+        _ring,
+        _owner,
+        _arity_only,
+        _record,
+        _max_payload_bytes,
+        _max_events,
+        _max_rate,
+        _duration_ms
+      ),
+      do: nif_error()
+
+  def tracer_stop(_tracer, _why), do: nif_error()
+  def tracer_stats(_tracer), do: nif_error()
+  def enabled(_tag, _tracer_state, _tracee), do: nif_error()
+  def trace(_tag, _tracer_state, _tracee, _trace_term, _opts), do: nif_error()
+
+  # Trace analysis (ElixirScope.Analysis)
+  def ana_get(_store, _id), do: nif_error()
+  def ana_traceback(_store, _id), do: nif_error()
+  def ana_range(_store, _id, _limit), do: nif_error()
+  def ana_step(_store, _id, _scope, _forward), do: nif_error()
+  def ana_call_stats(_store, _by, _modules), do: nif_error()
+  def ana_top_trees(_store, _max, _min_count, _min_size), do: nif_error()
+  def ana_messages(_store, _pid, _cursor, _limit), do: nif_error()
+  def ana_select(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1), do: nif_error()
 end

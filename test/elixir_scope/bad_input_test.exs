@@ -455,6 +455,7 @@ defmodule ElixirScope.BadInputTest do
     test "raw NIFs with garbage arguments never crash the VM" do
       ring_ref = new_ring!(size: 16).ref
       store_ref = new_store!().ref
+      tracer_ref = Native.tracer_new(ring_ref, self(), false, true, 64, 1000, 1000, 60_000)
       corr_ref = Native.corr_new(1_000_000, 16)
       me = self()
 
@@ -534,6 +535,28 @@ defmodule ElixirScope.BadInputTest do
         {:corr_chain, [corr_ref, 1]},
         {:corr_sweep, [corr_ref]},
         {:corr_metrics, [corr_ref]},
+        {:tracer_new, [ring_ref, me, true, true, 64, 10, 10, 1000]},
+        {:tracer_new, [ring_ref, me, false, true, 64, 10, 10, 1000]},
+        {:enabled, [:call, tracer_ref, me]},
+        {:enabled, [:trace_status, tracer_ref, me]},
+        {:trace, [:call, tracer_ref, me, {M, :f, [1]}, %{}]},
+        {:trace, [:return_from, tracer_ref, me, {M, :f, 1}, %{extra: :r}]},
+        {:trace, [:exception_from, tracer_ref, me, {M, :f, 1}, %{extra: {:error, :x}}]},
+        {:trace, [:send, tracer_ref, me, :m, %{extra: :code_server}]},
+        {:trace, [:receive, tracer_ref, me, :m, %{}]},
+        {:trace, [:spawn, tracer_ref, me, me, %{extra: {M, :f, []}}]},
+        {:trace, [:link, tracer_ref, me, me, %{}]},
+        {:tracer_stats, [tracer_ref]},
+        {:tracer_stop, [tracer_ref, :stopped]},
+        {:ana_get, [store_ref, 1]},
+        {:ana_traceback, [store_ref, 1]},
+        {:ana_range, [store_ref, 1, 10]},
+        {:ana_step, [store_ref, 1, :process, true]},
+        {:ana_step, [store_ref, 1, :global, false]},
+        {:ana_call_stats, [store_ref, :function, [M]]},
+        {:ana_top_trees, [store_ref, 10, 2, 2]},
+        {:ana_messages, [store_ref, nil, 0, 10]},
+        {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]

@@ -49,7 +49,8 @@ defmodule ElixirScope.EventsTest do
        :correlation_id,
        :event_type
      ]},
-    {ProcessEvent, [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason]},
+    {ProcessEvent,
+     [:id, :timestamp, :wall_time, :pid, :parent_pid, :event_type, :reason, :linked_pid]},
     {MessageEvent, [:id, :timestamp, :wall_time, :from_pid, :to_pid, :message, :event_type]},
     {StateChange,
      [
@@ -289,7 +290,8 @@ defmodule ElixirScope.EventsTest do
         pid: self(),
         parent_pid: nil,
         event_type: :exit,
-        reason: :normal
+        reason: :normal,
+        linked_pid: nil
       }
 
       assert built ==

@@ -26,6 +26,7 @@ use rustler::{Encoder, Env, Term};
 use std::mem::MaybeUninit;
 
 use crate::atoms;
+pub use elixir_scope_core::hash_bytes;
 
 const T_IMM: u8 = 0;
 const T_BIN: u8 = 1;
@@ -135,25 +136,6 @@ pub fn encode_into(
         }
         enc.truncated
     })
-}
-
-/// A fast 64-bit hash of `bytes` (multiply-xor over 8-byte words, then a
-/// final avalanche); never 0.
-pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h: u64 = (bytes.len() as u64).wrapping_mul(K);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().expect("8-byte chunk"));
-        h = (h ^ w).wrapping_mul(K).rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^= h >> 32;
-    h = h.wrapping_mul(0xD6E8_FEB8_6659_FD93);
-    h ^= h >> 32;
-    h.max(1)
 }
 
 /// Encodes terms into a tape under a byte budget (see [`encode_into`]).
@@ -732,12 +714,13 @@ impl<'t> TapeDecoder<'t> {
         Some(b)
     }
 
-    /// Decode the next term; `:undefined` if the tape is exhausted.
+    /// Decode the next term; nil if the tape is exhausted (a field that
+    /// was not captured, such as the tracer's arity-only calls).
     pub fn next<'a>(&mut self, env: Env<'a>, scratch: &mut Scratch) -> Term<'a> {
         match self.child(env, scratch) {
             // SAFETY: built in `env` (or an immediate valid in any env).
             Some(t) => unsafe { Term::new(env, t) },
-            None => atoms::undefined().encode(env),
+            None => atoms::nil().encode(env),
         }
     }
 

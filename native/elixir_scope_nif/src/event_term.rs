@@ -65,6 +65,7 @@ fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
 /// ring [`Event`] or a stored record (no payload copy).
 pub struct EvView<'p> {
     pub id: u64,
+    pub pid: u64,
     pub timestamp: i64,
     pub wall_time: i64,
     pub module: u64,
@@ -84,6 +85,7 @@ impl<'p> From<&'p Event> for EvView<'p> {
     fn from(ev: &'p Event) -> Self {
         EvView {
             id: ev.id,
+            pid: ev.pid,
             timestamp: ev.timestamp,
             wall_time: ev.wall_time,
             module: ev.module,
@@ -99,6 +101,7 @@ impl<'p> From<&StoredEvent<'p>> for EvView<'p> {
     fn from(ev: &StoredEvent<'p>) -> Self {
         EvView {
             id: ev.id,
+            pid: ev.pid,
             timestamp: ev.timestamp,
             wall_time: ev.wall_time,
             module: ev.module,
@@ -128,7 +131,13 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
         EventKind::Term => d_next_term(env, ev, scratch),
         EventKind::FunctionCall => {
             let args = next(scratch);
-            let caller = next(scratch);
+            // No payload: a traced call recorded with its arity only; the
+            // caller is the event's process.
+            let caller = if ev.payload.is_empty() {
+                word_or_nil(env, ev.pid)
+            } else {
+                next(scratch)
+            };
             let corr = next(scratch);
             make_struct(
                 env,
@@ -178,6 +187,16 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             let pid = next(scratch);
             let reason = next(scratch);
             process_event(env, atoms::exit(), id, nil, pid, reason, ts, wall)
+        }
+        EventKind::ProcessLink => {
+            let pid = next(scratch);
+            let other = next(scratch);
+            let kind = if ev.aux == 0 {
+                atoms::unlink()
+            } else {
+                atoms::link()
+            };
+            process_event_with(env, kind, id, nil, pid, nil, other, ts, wall)
         }
         EventKind::MessageSend => {
             let from = next(scratch);
@@ -349,12 +368,30 @@ fn process_event<'a>(
     ts: ERL_NIF_TERM,
     wall: ERL_NIF_TERM,
 ) -> Term<'a> {
+    let nil = atoms::nil().encode(env).as_c_arg();
+    process_event_with(env, kind, id, parent, pid, reason, nil, ts, wall)
+}
+
+/// `%ProcessEvent{}` with a `linked_pid` (link and unlink events).
+#[allow(clippy::too_many_arguments)]
+fn process_event_with<'a>(
+    env: Env<'a>,
+    kind: Atom,
+    id: ERL_NIF_TERM,
+    parent: ERL_NIF_TERM,
+    pid: ERL_NIF_TERM,
+    reason: ERL_NIF_TERM,
+    linked: ERL_NIF_TERM,
+    ts: ERL_NIF_TERM,
+    wall: ERL_NIF_TERM,
+) -> Term<'a> {
     make_struct(
         env,
         &[
             atoms::struct_(),
             atoms::event_type(),
             atoms::id(),
+            atoms::linked_pid(),
             atoms::parent_pid(),
             atoms::pid(),
             atoms::reason(),
@@ -365,6 +402,7 @@ fn process_event<'a>(
             atoms::process_event().encode(env).as_c_arg(),
             kind.encode(env).as_c_arg(),
             id,
+            linked,
             parent,
             pid,
             reason,
@@ -414,4 +452,152 @@ fn message_event<'a>(
 
 fn d_next_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
     TapeDecoder::new(ev.payload).next(env, scratch)
+}
+
+/// `%ElixirScope.Analysis.Entry{}` of a stored event: the plain record the
+/// analysis functions return (see that module for the fields).
+pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> Term<'a> {
+    let e = |t: Term<'a>| t.as_c_arg();
+    let nil = atoms::nil().encode(env).as_c_arg();
+    let mut d = TapeDecoder::new(ev.payload);
+    let mut next = |scratch: &mut Scratch| d.next(env, scratch).as_c_arg();
+    let mut pid = word_or_nil(env, ev.pid);
+    let mut peer = nil;
+    let mut data = nil;
+    let mut arity = nil;
+    let mut duration = nil;
+    let mut link_id = nil;
+    let (module, function) = (word_or_nil(env, ev.module), word_or_nil(env, ev.function));
+    // The call an event belongs to: a call's own id, the call a return
+    // completes, else the enclosing call.
+    let mut call_id = if ev.parent_id == 0 {
+        nil
+    } else {
+        e(ev.parent_id.encode(env))
+    };
+    let typ = match EventKind::from_u8(ev.kind) {
+        EventKind::FunctionCall => {
+            data = next(scratch);
+            arity = e(ev.aux.encode(env));
+            call_id = e(ev.id.encode(env));
+            atoms::call()
+        }
+        EventKind::FunctionReturn | EventKind::FunctionException => {
+            let exception = ev.kind == EventKind::FunctionException as u8;
+            data = if exception {
+                let class = next(scratch);
+                let reason = next(scratch);
+                // SAFETY: both are terms of `env`.
+                unsafe {
+                    rustler::types::tuple::make_tuple(
+                        env,
+                        &[Term::new(env, class), Term::new(env, reason)],
+                    )
+                }
+                .as_c_arg()
+            } else {
+                next(scratch)
+            };
+            duration = e(ev.aux.encode(env));
+            call_id = if ev.correlation_id != ev.id {
+                e(ev.correlation_id.encode(env))
+            } else {
+                nil
+            };
+            if exception {
+                atoms::exception()
+            } else {
+                atoms::return_()
+            }
+        }
+        EventKind::MessageSend => {
+            let _from = next(scratch);
+            peer = next(scratch);
+            data = next(scratch);
+            atoms::send()
+        }
+        EventKind::MessageReceive => {
+            let _to = next(scratch);
+            data = next(scratch);
+            if ev.correlation_id != ev.id {
+                link_id = e(ev.correlation_id.encode(env));
+            }
+            atoms::receive()
+        }
+        EventKind::ProcessSpawn => {
+            pid = next(scratch);
+            peer = next(scratch);
+            atoms::spawn()
+        }
+        EventKind::ProcessExit => {
+            let _pid = next(scratch);
+            data = next(scratch);
+            atoms::exit()
+        }
+        EventKind::ProcessLink => {
+            let _pid = next(scratch);
+            peer = next(scratch);
+            if ev.aux == 0 {
+                atoms::unlink()
+            } else {
+                atoms::link()
+            }
+        }
+        EventKind::StateChange => {
+            pid = next(scratch);
+            let old = next(scratch);
+            let new = next(scratch);
+            // SAFETY: both are terms of `env`.
+            data = unsafe {
+                rustler::types::tuple::make_tuple(env, &[Term::new(env, old), Term::new(env, new)])
+            }
+            .as_c_arg();
+            atoms::state_change_type()
+        }
+        _ => {
+            data = view_to_term(env, &EvView::from(ev), scratch).as_c_arg();
+            atoms::event()
+        }
+    };
+    let parent = if ev.parent_id == 0 {
+        nil
+    } else {
+        e(ev.parent_id.encode(env))
+    };
+    // Keys in term (alphabetical) order.
+    make_struct(
+        env,
+        &[
+            atoms::struct_(),
+            atoms::arity(),
+            atoms::call_id(),
+            atoms::data(),
+            atoms::duration_ns(),
+            atoms::function(),
+            atoms::id(),
+            atoms::link_id(),
+            atoms::module(),
+            atoms::parent_id(),
+            atoms::peer(),
+            atoms::pid(),
+            atoms::timestamp(),
+            atoms::type_(),
+        ],
+        &[
+            e(atoms::analysis_entry().encode(env)),
+            arity,
+            call_id,
+            data,
+            duration,
+            function,
+            e(ev.id.encode(env)),
+            link_id,
+            module,
+            parent,
+            peer,
+            pid,
+            e(ev.timestamp.encode(env)),
+            e(typ.encode(env)),
+        ],
+    )
 }

@@ -4,6 +4,7 @@
 //! mapping. Engine logic lives in `elixir_scope_core`. Every NIF here has a
 //! stub in `lib/elixir_scope/native.ex`.
 
+mod analysis_nif;
 mod atoms;
 mod codec;
 mod corr_nif;
@@ -14,6 +15,7 @@ mod ingest;
 mod pipe_nif;
 mod ring_nif;
 mod store_nif;
+mod tracer_nif;
 
 use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
 use rustler::{Encoder, Env, Term};
@@ -52,6 +54,7 @@ fn load(env: Env, _info: Term) -> bool {
         || !handle::open::<store_nif::StoreRes>(env)
         || !handle::open::<pipe_nif::PipeRes>(env)
         || !handle::open::<corr_nif::CorrRes>(env)
+        || !handle::open::<tracer_nif::TracerRes>(env)
     {
         return false;
     }

@@ -83,7 +83,7 @@ impl StoreRes {
     /// The locked store, or an `ArgumentError` if destroyed. A poisoned
     /// lock (a panic while holding it) is recovered: the store's methods
     /// leave it consistent between calls.
-    fn lock<'s>(&'s self, env: Env) -> NifResult<MutexGuard<'s, EventStore>> {
+    pub(crate) fn lock<'s>(&'s self, env: Env) -> NifResult<MutexGuard<'s, EventStore>> {
         if self.destroyed.load(Ordering::Acquire) {
             return badarg(env, "the data access store has been destroyed");
         }
@@ -94,7 +94,7 @@ impl StoreRes {
 /// The index key of a pid/module/function term: the raw word of an
 /// immediate (local pid, atom, small integer), else `phash2 << 2` (low tag
 /// bits `00`, so it never equals an immediate's word).
-fn term_key(t: Term) -> u64 {
+pub(crate) fn term_key(t: Term) -> u64 {
     let raw = t.as_c_arg();
     if codec::is_immediate(raw) {
         codec::word(raw)

@@ -1,0 +1,98 @@
+defmodule ElixirScope do
+  @moduledoc """
+  ElixirScope Native: the capture-and-correlation engine of a time-travel
+  debugger for Elixir.
+
+  Trace a running application without recompiling it, then ask what
+  happened:
+
+      {:ok, _info} = ElixirScope.trace(MyApp.Worker, pids: :all)
+      # ... exercise the app ...
+      {:ok, summary} = ElixirScope.stop_trace()
+
+      alias ElixirScope.Analysis
+      [crash | _] = Analysis.select(types: [:exception])
+      Analysis.traceback(crash) |> Analysis.Format.print_traceback()
+      Analysis.call_stat() |> Analysis.Format.print_call_stat()
+
+  Lower-level building blocks: `ElixirScope.Capture.PipelineManager` (the
+  native pipeline), `ElixirScope.Capture.Ingestor` (record events by hand),
+  `ElixirScope.Storage.DataAccess` (query a store).
+  """
+
+  alias ElixirScope.Tracer
+
+  @doc """
+  Starts tracing `targets` into a fresh native pipeline (or the running
+  pipeline given as `pipeline:`).
+
+  `targets`: a module, `{module, function, arity}` (`function` and `arity`
+  may be `:_`), `{:app, app}` (every module of an OTP application), or a
+  list of these. Calls are traced locally (recursive and private calls
+  included).
+
+  Options (defaults in brackets):
+
+    * `:pids` — `:all` processes, `:new` ones, a pid or a list of pids [`:all`]
+    * `:events` — any of `:calls`, `:returns` (returns and exceptions),
+      `:messages` (or `:send` / `:receive` alone), `:procs` (spawn, exit,
+      link, unlink) [`[:calls, :returns, :messages, :procs]`]
+    * `:payload` — `:full` (arguments, return values, messages, each cut at
+      `:max_payload_bytes` with a visible marker) or `:arity` (arities only:
+      no arguments, return values or message contents; exception reasons and
+      exit reasons are kept) [`:full`]
+    * `:max_payload_bytes` — cap per event [512]
+    * `:max_events` — stop after this many events [1_000_000]
+    * `:max_rate` — stop when more events than this arrive within one
+      second [500_000]
+    * `:duration` — stop after this many ms [60_000]
+    * `:max_stored` — the trace store's bound [`:max_events`]
+    * `:ring_size` — ring slots per scheduler shard [131_072]
+    * `:pipeline` — the name of a running `PipelineManager` to write into
+      instead of a fresh one [nil]
+
+  When a limit trips, recording stops at once (in the tracer NIF), the VM's
+  tracing is switched off within milliseconds and the reason is kept:
+  `trace_status/0` reports it. Returns `{:ok, info}`, or `{:error, reason}`:
+  `:already_tracing`, `{:unknown_module, m}`, `{:unknown_application, app}`,
+  `{:dead_pid, pid}`, `{:remote_pid, pid}`, `{:no_pipeline, name}`.
+  Malformed options raise `ArgumentError`.
+  """
+  @spec trace(module() | mfa() | {:app, atom()} | list(), keyword()) ::
+          {:ok, map()} | {:error, term()}
+  def trace(targets, opts \\ []), do: Tracer.trace(targets, opts)
+
+  @doc """
+  Stops tracing and waits until every captured event is stored and
+  queryable. `{:ok, summary}` (see `trace_status/0`), or
+  `{:error, :not_tracing}`.
+  """
+  @spec stop_trace() :: {:ok, map()} | {:error, :not_tracing}
+  def stop_trace, do: Tracer.stop_trace()
+
+  @doc """
+  The current or last trace: `%{state: :idle}` before any, else a map with
+  `:state` (`:tracing` / `:stopped`), `:reason` (`:stopped`, `:max_events`,
+  `:max_rate`, `:duration`, `:pipeline_down`), and the counters `:traced`
+  (events written), `:dropped` (ring full), `:over_limit` (offered past a
+  limit), `:after_stop`, `:truncated`, plus the pipeline and store.
+  """
+  @spec trace_status() :: map()
+  def trace_status, do: Tracer.status()
+
+  @doc """
+  Waits (up to `timeout_ms`) until every event captured so far by the
+  current or last trace is queryable. `:ok`, `{:error, :timeout}` or
+  `{:error, :no_trace}`.
+  """
+  @spec flush_trace(non_neg_integer()) :: :ok | {:error, term()}
+  def flush_trace(timeout_ms \\ 5000), do: Tracer.flush(timeout_ms)
+
+  @doc "The `%DataAccess{}` store of the current or last trace (nil if none)."
+  @spec trace_store() :: ElixirScope.Storage.DataAccess.t() | nil
+  def trace_store, do: Tracer.store()
+
+  @doc "The `PipelineManager` of the current or last trace (nil if none)."
+  @spec trace_pipeline() :: pid() | nil
+  def trace_pipeline, do: Tracer.pipeline()
+end

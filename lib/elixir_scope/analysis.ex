@@ -1,0 +1,438 @@
+defmodule ElixirScope.Analysis do
+  @moduledoc """
+  Questions about a stored trace, answered from the store's indexes: the
+  call stack at any event, everything inside a call, call trees and the
+  ones that repeat, call statistics, navigation and message flow. The
+  questions Erlang Doctor (`tr`) answers, over ElixirScope's native store.
+
+      {:ok, _} = ElixirScope.trace(MyApp, pids: :all)
+      MyApp.run()
+      {:ok, _} = ElixirScope.stop_trace()
+
+      alias ElixirScope.Analysis
+      alias ElixirScope.Analysis.Format
+      [crash | _] = Analysis.select(types: [:exception])
+      crash |> Analysis.traceback() |> Format.print_traceback()
+      crash.call_id |> Analysis.traceback() |> List.last() |> Analysis.call_tree() |> Format.print_tree()
+      Analysis.call_stat() |> Format.print_call_stat(10)
+
+  Every function works on the last trace's store (`ElixirScope.trace_store/0`)
+  unless given `store: %DataAccess{}` (any store: a pipeline's, or one
+  filled by hand). Results are plain data: `ElixirScope.Analysis.Entry`
+  records, lists, maps.
+
+  | question | function | cost |
+  |---|---|---|
+  | events matching filters / a predicate | `select/1`, `filter/2` | a scan, in chunks |
+  | the call stack at an event | `traceback/2` | its depth (index lookups) |
+  | everything inside a call | `range/2` | the result size (index walks) |
+  | a call's tree | `call_tree/2` | the result size |
+  | identical call trees that repeat | `top_call_trees/1` | one pass |
+  | count, accumulated and own time per function | `call_stat/1` | one pass |
+  | the next / previous event of a process or overall | `next/2`, `prev/2` | a few index steps |
+  | who sent what to whom, from which call | `messages/1` | a scan of the sends |
+
+  The one-pass queries run on a dirty scheduler and hold the store's lock
+  for the pass (about 30 ns per stored event): a pipeline still writing
+  waits for them.
+  """
+
+  alias ElixirScope.Analysis.Entry
+  alias ElixirScope.Native
+  alias ElixirScope.Storage.DataAccess
+
+  @types %{
+    call: 2,
+    return: 3,
+    spawn: 4,
+    send: 5,
+    state_change: 6,
+    receive: 9,
+    exit: 10,
+    exception: 11,
+    link: 12,
+    unlink: 12
+  }
+
+  @type entry_ref :: Entry.t() | pos_integer()
+  @type tree :: %{call: Entry.t(), result: Entry.t() | nil, children: [tree() | Entry.t()]}
+
+  @doc """
+  Events matching every given filter, in store order (each process's
+  events in the order they happened).
+
+  Filters: `:pid`, `:module`, `:function`, `:types` (a list of
+  `#{inspect(Map.keys(@types))}`), `:from` / `:to` (monotonic ns,
+  inclusive), `:limit` (default 100_000), `:store`.
+  """
+  @spec select(keyword()) :: [Entry.t()]
+  def select(filters \\ []), do: filter(fn _ -> true end, filters)
+
+  @doc """
+  Events for which `pred` returns true, among those matching `filters`
+  (see `select/1`), in store order. The store is scanned in chunks of
+  50,000 events; `pred` runs in the caller.
+  """
+  @spec filter((Entry.t() -> as_boolean(term())), keyword()) :: [Entry.t()]
+  def filter(pred, filters \\ []) when is_function(pred, 1) do
+    f =
+      ElixirScope.Args.keyword_opts!(
+        filters,
+        [
+          pid: nil,
+          module: nil,
+          function: nil,
+          types: nil,
+          from: nil,
+          to: nil,
+          limit: 100_000,
+          store: nil
+        ],
+        "ElixirScope.Analysis.select"
+      )
+
+    s = store!(f)
+    limit = pos_int!(f[:limit], :limit)
+    kinds = kinds!(f[:types])
+    t0 = ts!(f[:from], :from, -0x8000000000000000)
+    t1 = ts!(f[:to], :to, 0x7FFFFFFFFFFFFFFF)
+    check_term!(f[:pid], &is_pid/1, :pid)
+    check_term!(f[:module], &is_atom/1, :module)
+    check_term!(f[:function], &is_atom/1, :function)
+    link? = f[:types] == nil or :link in f[:types]
+    unlink? = f[:types] == nil or :unlink in f[:types]
+
+    keep = fn
+      %Entry{type: :link} -> link?
+      %Entry{type: :unlink} -> unlink?
+      _ -> true
+    end
+
+    scan(s.ref, 0, f, kinds, t0, t1, fn e -> keep.(e) and pred.(e) end, limit, [])
+  end
+
+  defp scan(_ref, nil, _f, _k, _t0, _t1, _pred, _left, acc), do: Enum.reverse(acc)
+  defp scan(_ref, _cursor, _f, _k, _t0, _t1, _pred, 0, acc), do: Enum.reverse(acc)
+
+  defp scan(ref, cursor, f, kinds, t0, t1, pred, left, acc) do
+    {hits, next} =
+      Native.ana_select(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1)
+
+    {acc, left} =
+      Enum.reduce_while(hits, {acc, left}, fn e, {acc, left} ->
+        cond do
+          left == 0 -> {:halt, {acc, 0}}
+          pred.(e) -> {:cont, {[e | acc], left - 1}}
+          true -> {:cont, {acc, left}}
+        end
+      end)
+
+    scan(ref, next, f, kinds, t0, t1, pred, left, acc)
+  end
+
+  @doc "The event `id` (an `Entry`), or nil."
+  @spec get(entry_ref(), keyword()) :: Entry.t() | nil
+  def get(ref, opts \\ []), do: Native.ana_get(store!(opts).ref, id!(ref))
+
+  @doc """
+  The call stack at an event, innermost call first: for a call, the call
+  and its callers; for a return or exception, the call it leaves and its
+  callers; for any other event, the call it happened in and its callers.
+  Only traced calls appear (untraced frames in between are invisible).
+  `[]` for an event outside any traced call; nil for an unknown id.
+  """
+  @spec traceback(entry_ref(), keyword()) :: [Entry.t()] | nil
+  def traceback(ref, opts \\ []), do: Native.ana_traceback(store!(opts).ref, id!(ref))
+
+  @doc """
+  Every event inside a call, in order: the call, the calls it made (to any
+  depth) and their returns, the messages sent and received and the
+  processes spawned on the way, and the call's own return or exception.
+  `ref` may be any event of the call: a return or exception stands for its
+  call. Options: `:limit` (default 100_000), `:store`.
+  """
+  @spec range(entry_ref(), keyword()) :: [Entry.t()]
+  def range(ref, opts \\ []) do
+    s = store!(opts)
+    limit = pos_int!(Keyword.get(opts, :limit, 100_000), :limit)
+    Native.ana_range(s.ref, call_id!(s, ref), limit)
+  end
+
+  @doc """
+  The call tree of a call: `%{call: entry, result: return_or_exception |
+  nil, children: [tree | entry]}`, where `children` holds the nested calls'
+  trees and the call's other events (sends, receives, spawns) in order.
+  nil for an unknown id. Options as `range/2`.
+  """
+  @spec call_tree(entry_ref(), keyword()) :: tree() | nil
+  def call_tree(ref, opts \\ []) do
+    case range(ref, opts) do
+      [%Entry{type: :call} = root | rest] -> build_tree(root, rest)
+      _ -> nil
+    end
+  end
+
+  defp build_tree(root, rest) do
+    node = fn call -> %{call: call, result: nil, children: []} end
+
+    {stack, _} =
+      Enum.reduce(rest, {[node.(root)], nil}, fn e, {stack, _} ->
+        case e do
+          %Entry{type: :call} ->
+            {[node.(e) | stack], nil}
+
+          %Entry{type: t, call_id: cid} when t in [:return, :exception] ->
+            close(stack, cid, e)
+
+          other ->
+            [top | below] = stack
+            {[%{top | children: [other | top.children]} | below], nil}
+        end
+      end)
+
+    # Calls left open (the trace stopped inside them) are closed without a
+    # result.
+    stack |> fold_open() |> finish_node()
+  end
+
+  # Pops frames until the one `cid` completes; attaches each to its parent.
+  defp close([top | below], cid, result) do
+    cond do
+      top.call.id == cid ->
+        attach(%{top | result: result}, below)
+
+      Enum.any?(below, &(&1.call.id == cid)) ->
+        [parent | rest] = below
+        close([%{parent | children: [finish_node(top) | parent.children]} | rest], cid, result)
+
+      true ->
+        # A result for a call outside this tree: keep it as an event.
+        {[%{top | children: [result | top.children]} | below], nil}
+    end
+  end
+
+  defp attach(done, []), do: {[done], nil}
+
+  defp attach(done, [parent | rest]),
+    do: {[%{parent | children: [finish_node(done) | parent.children]} | rest], nil}
+
+  defp fold_open([root]), do: root
+
+  defp fold_open([top, parent | rest]),
+    do: fold_open([%{parent | children: [finish_node(top) | parent.children]} | rest])
+
+  defp finish_node(n), do: %{n | children: Enum.reverse(n.children)}
+
+  @doc """
+  Identical call trees that repeat: same function, arguments and return
+  value, with the same nested calls in the same order (arguments and
+  values as captured, so under the payload cap; with `payload: :arity`
+  only the shapes are compared). Each result: `%{count:, size:
+  (calls per occurrence), total_ns:, tree:}` (the first occurrence's
+  `call_tree/2`), by `total_ns`, largest first.
+
+  Options: `:max` (10), `:min_count` (2), `:min_size` (2 calls), `:store`.
+  """
+  @spec top_call_trees(keyword()) :: [map()]
+  def top_call_trees(opts \\ []) do
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [max: 10, min_count: 2, min_size: 2, store: nil],
+        "ElixirScope.Analysis.top_call_trees"
+      )
+
+    s = store!(o)
+
+    {trees, _distinct, _untracked} =
+      Native.ana_top_trees(
+        s.ref,
+        pos_int!(o[:max], :max),
+        pos_int!(o[:min_count], :min_count),
+        pos_int!(o[:min_size], :min_size)
+      )
+
+    for {call_id, count, size, total} <- trees do
+      %{count: count, size: size, total_ns: total, tree: call_tree(call_id, store: s)}
+    end
+  end
+
+  @doc """
+  Call statistics over the whole trace: `[%{key:, count:, acc_ns:,
+  own_ns:}]`, by accumulated time, largest first. `acc_ns` is the time
+  inside the calls (a recursive call inside another call of the same key
+  in the same process counts once, with its outermost call); `own_ns`
+  excludes the time in traced callees. Calls whose return was not traced
+  count, without time.
+
+  Options: `:by` — `:function` (key `{m, f, arity}`, default), `:module`,
+  `:process` (key: pid), `:process_function` (key `{pid, {m, f, a}}`);
+  `:modules` — only calls of these modules; `:store`.
+  """
+  @spec call_stat(keyword()) :: [map()]
+  def call_stat(opts \\ []) do
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [by: :function, modules: [], store: nil],
+        "ElixirScope.Analysis.call_stat"
+      )
+
+    unless o[:by] in [:function, :module, :process, :process_function] do
+      raise ArgumentError,
+            "by must be :function, :module, :process or :process_function, got: #{inspect(o[:by])}"
+    end
+
+    mods = o[:modules]
+
+    unless is_list(mods) and Enum.all?(mods, &is_atom/1),
+      do: raise(ArgumentError, "modules must be a list of modules, got: #{inspect(mods)}")
+
+    {stats, _scanned, _untracked} = Native.ana_call_stats(store!(o).ref, o[:by], mods)
+
+    for {key, count, acc, own} <- stats do
+      %{key: key, count: count, acc_ns: acc, own_ns: own}
+    end
+  end
+
+  @doc """
+  The event after `ref`: in the same process (`scope: :process`, the
+  default) or across all processes in timestamp order (`scope: :global`).
+  nil at the end.
+  """
+  @spec next(entry_ref(), keyword()) :: Entry.t() | nil
+  def next(ref, opts \\ []), do: step(ref, opts, true)
+
+  @doc "The event before `ref` (see `next/2`)."
+  @spec prev(entry_ref(), keyword()) :: Entry.t() | nil
+  def prev(ref, opts \\ []), do: step(ref, opts, false)
+
+  defp step(ref, opts, forward) do
+    scope = Keyword.get(opts, :scope, :process)
+
+    unless scope in [:process, :global],
+      do: raise(ArgumentError, "scope must be :process or :global, got: #{inspect(scope)}")
+
+    Native.ana_step(store!(opts).ref, id!(ref), scope, forward)
+  end
+
+  @doc """
+  Message flow: every traced send (by or to `pid:`, or all), with its
+  receive when traced and matched, and the call it was sent from:
+  `[%{from:, to:, message:, sent_at:, received_at:, in_call: {m, f, a} |
+  nil, send: entry, receive: entry | nil}]` in send order. Options:
+  `:pid`, `:limit` (10_000), `:store`.
+  """
+  @spec messages(keyword()) :: [map()]
+  def messages(opts \\ []) do
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [pid: nil, limit: 10_000, store: nil],
+        "ElixirScope.Analysis.messages"
+      )
+
+    check_term!(o[:pid], &is_pid/1, :pid)
+    s = store!(o)
+    collect_messages(s.ref, o[:pid], 0, pos_int!(o[:limit], :limit), [])
+  end
+
+  defp collect_messages(_ref, _pid, nil, _left, acc), do: acc |> Enum.reverse() |> List.flatten()
+  defp collect_messages(_ref, _pid, _cursor, 0, acc), do: acc |> Enum.reverse() |> List.flatten()
+
+  defp collect_messages(ref, pid, cursor, left, acc) do
+    {flows, next} = Native.ana_messages(ref, pid, cursor, min(left, 1000))
+
+    rows =
+      for {send, recv, call} <- flows do
+        %{
+          from: send.pid,
+          to: send.peer,
+          message: send.data,
+          sent_at: send.timestamp,
+          received_at: recv && recv.timestamp,
+          in_call: call && {call.module, call.function, call.arity},
+          send: send,
+          receive: recv
+        }
+      end
+
+    collect_messages(ref, pid, next, left - length(rows), [rows | acc])
+  end
+
+  # ---- arguments ---------------------------------------------------------------
+
+  defp store!(opts) do
+    case Keyword.get(opts, :store) do
+      %DataAccess{} = s ->
+        s
+
+      nil ->
+        ElixirScope.trace_store() ||
+          raise ArgumentError, "no trace to analyse: run ElixirScope.trace/2 first or pass store:"
+
+      other ->
+        raise ArgumentError, "store must be a %DataAccess{}, got: #{inspect(other)}"
+    end
+  end
+
+  defp id!(%Entry{id: id}), do: id
+  defp id!(id) when is_integer(id) and id > 0, do: id
+
+  defp id!(other),
+    do:
+      raise(
+        ArgumentError,
+        "expected an event (Entry) or a positive integer id, got: #{inspect(other)}"
+      )
+
+  # The call a reference stands for: a call itself, a return's call.
+  defp call_id!(s, ref) do
+    case ref do
+      %Entry{type: t, call_id: cid} when t in [:return, :exception] and is_integer(cid) ->
+        cid
+
+      %Entry{id: id} ->
+        id
+
+      id ->
+        case Native.ana_get(s.ref, id!(id)) do
+          %Entry{type: t, call_id: cid} when t in [:return, :exception] and is_integer(cid) -> cid
+          _ -> id
+        end
+    end
+  end
+
+  defp pos_int!(v, _k) when is_integer(v) and v > 0, do: v
+
+  defp pos_int!(v, k),
+    do: raise(ArgumentError, "#{k} must be a positive integer, got: #{inspect(v)}")
+
+  defp kinds!(nil), do: 0
+
+  defp kinds!(types) when is_list(types) do
+    Enum.reduce(types, 0, fn t, acc ->
+      case Map.fetch(@types, t) do
+        {:ok, k} ->
+          Bitwise.bor(acc, Bitwise.bsl(1, k))
+
+        :error ->
+          raise ArgumentError,
+                "unknown event type #{inspect(t)}; known: #{inspect(Map.keys(@types))}"
+      end
+    end)
+  end
+
+  defp kinds!(other), do: raise(ArgumentError, "types must be a list, got: #{inspect(other)}")
+
+  defp ts!(nil, _k, default), do: default
+  defp ts!(v, _k, _default) when is_integer(v), do: v
+  defp ts!(v, k, _), do: raise(ArgumentError, "#{k} must be an integer (ns), got: #{inspect(v)}")
+
+  defp check_term!(nil, _check, _k), do: :ok
+
+  defp check_term!(v, check, k) do
+    unless check.(v), do: raise(ArgumentError, "#{k} has a bad value: #{inspect(v)}")
+    :ok
+  end
+end

@@ -1,0 +1,537 @@
+//! The erl_tracer NIF behind `ElixirScope.trace/2`: `ElixirScope.Native` is
+//! the tracer module (`enabled/3` and `trace/5` are NIFs here), and the
+//! tracer state is a [`TracerRes`] handle. Trace events go straight into the
+//! pipeline's ring shards from the traced process's scheduler thread: no
+//! trace message, no tracer process, no mailbox.
+//!
+//! Limits are enforced here, on the traced threads, so they trip at once:
+//! total events (exact: the event over the limit is not written), events per
+//! second (checked every `check_every` events, a power of two ≤ 1,024 and
+//! ≤ max_rate/16) and duration (every event). A trip, or `tracer_stop`,
+//! clears `active`: `enabled/3` then answers `discard` (and `remove` to the
+//! VM's `trace_status` check), and the owner process is sent
+//! `{:elixir_scope_trace_stopped, tracer, reason}` to switch the VM's trace
+//! flags off. A full ring drops the event (counted), never blocks.
+
+use elixir_scope_core::{shard_of, Event, EventKind, Ring, FLAG_TRUNCATED};
+use rustler::sys::{enif_get_map_value, enif_get_tuple, ErlNifTerm as ERL_NIF_TERM};
+use rustler::types::map::map_new;
+use rustler::types::LocalPid;
+use rustler::{Atom, Encoder, Env, NifResult, Term};
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::atoms;
+use crate::codec::{encode_into, hash_bytes, is_immediate, list_cells, word, TapeEncoder};
+use crate::error::badarg;
+use crate::handle::{self, Handle, Ref};
+use crate::ring_nif::{begin, now_ns, RingRes};
+
+/// Why tracing stopped (0: it has not).
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Active = 0,
+    Stopped = 1,
+    MaxEvents = 2,
+    MaxRate = 3,
+    Duration = 4,
+    PipelineDown = 5,
+}
+
+impl Reason {
+    fn from_u8(b: u8) -> Reason {
+        match b {
+            1 => Reason::Stopped,
+            2 => Reason::MaxEvents,
+            3 => Reason::MaxRate,
+            4 => Reason::Duration,
+            5 => Reason::PipelineDown,
+            _ => Reason::Active,
+        }
+    }
+
+    fn atom(self) -> Atom {
+        match self {
+            Reason::Active => atoms::nil(),
+            Reason::Stopped => atoms::stopped(),
+            Reason::MaxEvents => atoms::max_events(),
+            Reason::MaxRate => atoms::max_rate(),
+            Reason::Duration => atoms::duration(),
+            Reason::PipelineDown => atoms::pipeline_down(),
+        }
+    }
+}
+
+/// One trace session's state (the erl_tracer `TracerState`).
+pub struct TracerRes {
+    shards: Box<[Arc<Ring<Event>>]>,
+    ring_destroyed: Arc<AtomicBool>,
+    owner: LocalPid,
+    /// Record arities only: no arguments, return values or message contents.
+    arity_only: bool,
+    /// False for a dry run: count trace calls, write nothing.
+    record: bool,
+    /// Payload cap per event, bytes.
+    limit: usize,
+    max_events: u64,
+    max_rate: u64,
+    check_mask: u64,
+    /// VM monotonic ns after which tracing stops.
+    deadline: i64,
+    active: AtomicBool,
+    reason: AtomicU8,
+    stopped_at: AtomicI64,
+    /// trace/5 calls while active (written + dropped_full + over_limit).
+    offered: AtomicU64,
+    written: AtomicU64,
+    dropped_full: AtomicU64,
+    /// Offered past a limit (not written).
+    over_limit: AtomicU64,
+    /// trace/5 calls after the stop (the VM had not switched off yet).
+    after_stop: AtomicU64,
+    truncated: AtomicU64,
+    window_start: AtomicI64,
+    window_base: AtomicU64,
+}
+
+static TRACER_TYPE: AtomicPtr<rustler::sys::ErlNifResourceType> =
+    AtomicPtr::new(std::ptr::null_mut());
+
+impl Handle for TracerRes {
+    const NAME: &'static CStr = c"elixir_scope_tracer";
+    fn type_slot() -> &'static AtomicPtr<rustler::sys::ErlNifResourceType> {
+        &TRACER_TYPE
+    }
+}
+
+impl TracerRes {
+    /// Stop recording for `why`; the first stop wins and notifies the owner.
+    fn trip(&self, env: Env, state: Term, why: Reason) {
+        if self
+            .active
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.reason.store(why as u8, Ordering::Release);
+            self.stopped_at.store(now_ns().0, Ordering::Relaxed);
+            // The owner is never a tracee (ElixirScope.Tracer untraces
+            // itself), so this send cannot recurse into the tracer.
+            let _ = env.send(
+                &self.owner,
+                (atoms::elixir_scope_trace_stopped(), state, why.atom()),
+            );
+        }
+    }
+
+    /// Check the rate window; true when the rate limit tripped.
+    #[cold]
+    fn rate_exceeded(&self, n: u64, now: i64) -> bool {
+        let start = self.window_start.load(Ordering::Relaxed);
+        if now - start >= 1_000_000_000 {
+            self.window_start.store(now, Ordering::Relaxed);
+            self.window_base.store(n, Ordering::Relaxed);
+            false
+        } else {
+            n - self.window_base.load(Ordering::Relaxed) > self.max_rate
+        }
+    }
+}
+
+#[inline]
+fn same(t: Term, a: Atom) -> bool {
+    t.as_c_arg() == a.as_c_arg()
+}
+
+/// Elements of a tuple term (empty if not a tuple).
+#[inline]
+fn tuple_items<'a>(t: Term<'a>) -> &'a [ERL_NIF_TERM] {
+    let mut arity: i32 = 0;
+    let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+    // SAFETY: valid env and term; on success `arr` points at `arity` terms
+    // that live as long as the term.
+    unsafe {
+        if enif_get_tuple(t.get_env().as_c_arg(), t.as_c_arg(), &mut arity, &mut arr) == 0 {
+            return &[];
+        }
+        std::slice::from_raw_parts(arr, arity as usize)
+    }
+}
+
+/// `opts.extra` of a trace/5 call.
+#[inline]
+fn extra<'a>(env: Env<'a>, opts: Term<'a>) -> Option<Term<'a>> {
+    let mut v: ERL_NIF_TERM = ERL_NIF_TERM::default();
+    // SAFETY: valid env and terms; `v` is written on success.
+    let ok = unsafe {
+        enif_get_map_value(
+            env.as_c_arg(),
+            opts.as_c_arg(),
+            atoms::extra().as_c_arg(),
+            &mut v,
+        )
+    };
+    // SAFETY: a term of `env`.
+    (ok != 0).then(|| unsafe { Term::new(env, v) })
+}
+
+#[inline]
+fn imm_word(w: ERL_NIF_TERM) -> u64 {
+    if is_immediate(w) {
+        word(w)
+    } else {
+        0
+    }
+}
+
+/// The content hash of a message recorded without its content (the same
+/// value a truncated field gets, so sends and receives agree).
+#[inline]
+fn phash_content(t: Term) -> u64 {
+    hash_bytes(&(t.hash_phash2() as u64 | 1 << 40).to_le_bytes())
+}
+
+/// `tracer_new(ring, owner, arity_only, record, max_payload_bytes,
+/// max_events, max_rate, duration_ms)`: a tracer writing into `ring`'s
+/// shards (`record` false: a dry run that writes nothing).
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif]
+fn tracer_new<'a>(
+    env: Env<'a>,
+    rb: Ref<RingRes>,
+    owner: LocalPid,
+    arity_only: bool,
+    record: bool,
+    max_payload_bytes: i64,
+    max_events: i64,
+    max_rate: i64,
+    duration_ms: i64,
+) -> NifResult<Term<'a>> {
+    rb.check_live(env)?;
+    if !(64..=rb.max_event_bytes as i64).contains(&max_payload_bytes) {
+        return badarg(
+            env,
+            "max_payload_bytes must be at least 64 and at most the ring's max_event_bytes",
+        );
+    }
+    if max_events < 1 || max_rate < 1 || duration_ms < 1 {
+        return badarg(
+            env,
+            "max_events, max_rate and duration must be positive integers",
+        );
+    }
+    let now = now_ns().0;
+    // Check the rate every 2^k events, 2^k <= min(1024, max_rate / 16).
+    let every = (max_rate as u64 / 16).clamp(1, 1024);
+    let check_every = 1u64 << (63 - every.leading_zeros());
+    let t = TracerRes {
+        shards: rb.shards.clone(),
+        ring_destroyed: rb.destroyed.clone(),
+        owner,
+        arity_only,
+        record,
+        limit: max_payload_bytes as usize,
+        max_events: max_events as u64,
+        max_rate: max_rate as u64,
+        check_mask: check_every - 1,
+        deadline: now.saturating_add(duration_ms.saturating_mul(1_000_000)),
+        active: AtomicBool::new(true),
+        reason: AtomicU8::new(Reason::Active as u8),
+        stopped_at: AtomicI64::new(0),
+        offered: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        dropped_full: AtomicU64::new(0),
+        over_limit: AtomicU64::new(0),
+        after_stop: AtomicU64::new(0),
+        truncated: AtomicU64::new(0),
+        window_start: AtomicI64::new(now),
+        window_base: AtomicU64::new(0),
+    };
+    Ok(handle::make(env, t))
+}
+
+/// erl_tracer `enabled/3`.
+#[rustler::nif]
+fn enabled<'a>(env: Env<'a>, tag: Term<'a>, state: Term<'a>, _tracee: Term<'a>) -> Term<'a> {
+    let Ok(t) = state.decode::<Ref<TracerRes>>() else {
+        return atoms::remove().encode(env);
+    };
+    if !t.active.load(Ordering::Relaxed) {
+        return if same(tag, atoms::trace_status()) {
+            atoms::remove()
+        } else {
+            atoms::discard()
+        }
+        .encode(env);
+    }
+    if same(tag, atoms::call()) || same(tag, atoms::return_from()) {
+        return atoms::trace().encode(env);
+    }
+    // Views of events recorded from the other side, and tags not recorded.
+    if same(tag, atoms::spawned())
+        || same(tag, atoms::getting_linked())
+        || same(tag, atoms::getting_unlinked())
+        || same(tag, atoms::register())
+        || same(tag, atoms::unregister())
+    {
+        return atoms::discard().encode(env);
+    }
+    atoms::trace().encode(env)
+}
+
+/// erl_tracer `trace/5`: record one event.
+#[rustler::nif]
+fn trace<'a>(
+    env: Env<'a>,
+    tag: Term<'a>,
+    state: Term<'a>,
+    tracee: Term<'a>,
+    term: Term<'a>,
+    opts: Term<'a>,
+) -> Term<'a> {
+    let ok = atoms::ok().encode(env);
+    let Ok(t) = state.decode::<Ref<TracerRes>>() else {
+        return ok;
+    };
+    if !t.active.load(Ordering::Relaxed) {
+        t.after_stop.fetch_add(1, Ordering::Relaxed);
+        return ok;
+    }
+    let pid = tracee.as_c_arg();
+    if !is_immediate(pid) {
+        return ok;
+    }
+    if !t.record {
+        // A dry run: what the VM's tracing costs with a tracer that keeps
+        // nothing (benchmark baseline).
+        t.offered.fetch_add(1, Ordering::Relaxed);
+        return ok;
+    }
+    let kind = if same(tag, atoms::call()) {
+        EventKind::FunctionCall
+    } else if same(tag, atoms::return_from()) {
+        EventKind::FunctionReturn
+    } else if same(tag, atoms::exception_from()) {
+        EventKind::FunctionException
+    } else if same(tag, atoms::send()) || same(tag, atoms::send_to_non_existing_process()) {
+        EventKind::MessageSend
+    } else if same(tag, atoms::receive()) {
+        EventKind::MessageReceive
+    } else if same(tag, atoms::spawn()) {
+        EventKind::ProcessSpawn
+    } else if same(tag, atoms::exit()) {
+        EventKind::ProcessExit
+    } else if same(tag, atoms::link()) || same(tag, atoms::unlink()) {
+        EventKind::ProcessLink
+    } else {
+        return ok;
+    };
+    let n = t.offered.fetch_add(1, Ordering::Relaxed) + 1;
+    if n > t.max_events {
+        t.over_limit.fetch_add(1, Ordering::Relaxed);
+        t.trip(env, state, Reason::MaxEvents);
+        return ok;
+    }
+    let now = now_ns();
+    if now.0 > t.deadline {
+        t.over_limit.fetch_add(1, Ordering::Relaxed);
+        t.trip(env, state, Reason::Duration);
+        return ok;
+    }
+    if n & t.check_mask == 0 && t.rate_exceeded(n, now.0) {
+        t.over_limit.fetch_add(1, Ordering::Relaxed);
+        t.trip(env, state, Reason::MaxRate);
+        return ok;
+    }
+    if t.ring_destroyed.load(Ordering::Relaxed) {
+        t.over_limit.fetch_add(1, Ordering::Relaxed);
+        t.trip(env, state, Reason::PipelineDown);
+        return ok;
+    }
+    let pid_w = word(pid);
+    let ring = &t.shards[shard_of(pid_w, t.shards.len())];
+    let full = !t.arity_only;
+    let res = ring.push_with(|ev| {
+        begin(ev, kind, now);
+        ev.pid = pid_w;
+        if !full && matches!(kind, EventKind::FunctionCall | EventKind::FunctionReturn) {
+            // Arity only: the header says it all (no payload to encode).
+            ev.payload.clear();
+            if let [m, f, a] = *tuple_items(term) {
+                ev.module = imm_word(m);
+                ev.function = imm_word(f);
+                if kind == EventKind::FunctionCall {
+                    // SAFETY: an element of a term of `env`.
+                    ev.aux = unsafe { Term::new(env, a) }.decode::<i64>().unwrap_or(0);
+                }
+            }
+            return;
+        }
+        let mut payload = std::mem::take(&mut ev.payload);
+        let cut = encode_into(env, &mut payload, t.limit, |enc| {
+            fill(env, ev, enc, kind, tracee, term, opts, full)
+        });
+        if cut {
+            ev.flags |= FLAG_TRUNCATED;
+            t.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        ev.payload = payload;
+    });
+    match res {
+        Ok(_) => t.written.fetch_add(1, Ordering::Relaxed),
+        Err(_) => t.dropped_full.fetch_add(1, Ordering::Relaxed),
+    };
+    ok
+}
+
+/// Header fields and payload of one trace event, in the layouts of the
+/// Ingestor's events (see `ingest.rs`), with nil for what is not captured.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn fill<'a>(
+    env: Env<'a>,
+    ev: &mut Event,
+    enc: &mut TapeEncoder,
+    kind: EventKind,
+    tracee: Term<'a>,
+    term: Term<'a>,
+    opts: Term<'a>,
+    full: bool,
+) {
+    let nil = atoms::nil().encode(env);
+    match kind {
+        EventKind::FunctionCall => {
+            // {M, F, Args} (or {M, F, Arity} under the `arity` flag).
+            if let [m, f, a] = *tuple_items(term) {
+                ev.module = imm_word(m);
+                ev.function = imm_word(f);
+                // SAFETY: an element of a term of `env`.
+                let a = unsafe { Term::new(env, a) };
+                if let Ok(arity) = a.decode::<i64>() {
+                    ev.aux = arity;
+                    enc.field(nil);
+                } else {
+                    ev.aux = list_cells(a, 65_535);
+                    enc.field(if full { a } else { nil });
+                }
+            } else {
+                enc.field(nil);
+            }
+            enc.field(tracee);
+            enc.field(nil);
+        }
+        EventKind::FunctionReturn => {
+            if let [m, f, _] = *tuple_items(term) {
+                ev.module = imm_word(m);
+                ev.function = imm_word(f);
+            }
+            let value = if full { extra(env, opts) } else { None };
+            enc.field(value.unwrap_or(nil));
+            enc.field(nil);
+        }
+        EventKind::FunctionException => {
+            if let [m, f, _] = *tuple_items(term) {
+                ev.module = imm_word(m);
+                ev.function = imm_word(f);
+            }
+            // {Class, Value}: kept in both modes (a crash's reason).
+            match extra(env, opts).map(tuple_items) {
+                // SAFETY: elements of a term of `env`.
+                Some(&[class, value]) => unsafe {
+                    enc.field(Term::new(env, class));
+                    enc.field(Term::new(env, value));
+                },
+                _ => {
+                    enc.field(nil);
+                    enc.field(nil);
+                }
+            }
+            enc.field(nil);
+        }
+        EventKind::MessageSend => {
+            let to = extra(env, opts).unwrap_or(nil);
+            // A send to a registered name: the receive happens in the
+            // process behind the name, so match with that pid.
+            ev.peer = if to.is_atom() {
+                env.whereis_pid(to)
+                    .map_or(0, |p| word(p.encode(env).as_c_arg()))
+            } else {
+                imm_word(to.as_c_arg())
+            };
+            enc.field(tracee);
+            enc.field(to);
+            ev.aux = if full {
+                enc.field_hashed(term) as i64
+            } else {
+                enc.field(nil);
+                phash_content(term) as i64
+            };
+        }
+        EventKind::MessageReceive => {
+            enc.field(tracee);
+            ev.aux = if full {
+                enc.field_hashed(term) as i64
+            } else {
+                enc.field(nil);
+                phash_content(term) as i64
+            };
+        }
+        EventKind::ProcessSpawn => {
+            // The tracee is the parent; the term is the child.
+            ev.pid = imm_word(term.as_c_arg());
+            ev.peer = word(tracee.as_c_arg());
+            enc.field(term);
+            enc.field(tracee);
+        }
+        EventKind::ProcessExit => {
+            enc.field(tracee);
+            enc.field(term);
+        }
+        EventKind::ProcessLink => {
+            ev.peer = imm_word(term.as_c_arg());
+            ev.aux = 1;
+            enc.field(tracee);
+            enc.field(term);
+        }
+        _ => {}
+    }
+}
+
+/// `tracer_stop(tracer, why)`: stop recording, for `why` (`:stopped` or
+/// `:duration`) unless it stopped already; returns the reason tracing
+/// stopped for (the first one).
+#[rustler::nif]
+fn tracer_stop<'a>(env: Env<'a>, tracer: Term<'a>, why: Atom) -> NifResult<Atom> {
+    let t: Ref<TracerRes> = tracer.decode()?;
+    let why = if why == atoms::stopped() {
+        Reason::Stopped
+    } else if why == atoms::duration() {
+        Reason::Duration
+    } else {
+        return badarg(env, "the stop reason must be :stopped or :duration");
+    };
+    t.trip(env, tracer, why);
+    Ok(Reason::from_u8(t.reason.load(Ordering::Acquire)).atom())
+}
+
+/// `tracer_stats(tracer)`: counters and state.
+#[rustler::nif]
+fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
+    let active = t.active.load(Ordering::Acquire);
+    let reason = Reason::from_u8(t.reason.load(Ordering::Acquire));
+    let m = map_new(env)
+        .map_put(atoms::active(), active)?
+        .map_put(atoms::reason(), reason.atom())?
+        .map_put(atoms::reason_at(), t.stopped_at.load(Ordering::Relaxed))?
+        .map_put(atoms::offered(), t.offered.load(Ordering::Relaxed))?
+        .map_put(atoms::written(), t.written.load(Ordering::Relaxed))?
+        .map_put(
+            atoms::dropped_full(),
+            t.dropped_full.load(Ordering::Relaxed),
+        )?
+        .map_put(atoms::over_limit(), t.over_limit.load(Ordering::Relaxed))?
+        .map_put(atoms::after_stop(), t.after_stop.load(Ordering::Relaxed))?
+        .map_put(atoms::truncated(), t.truncated.load(Ordering::Relaxed))?;
+    Ok(m)
+}
