@@ -1,17 +1,139 @@
-# ElixirScope Native demo: the Rust-backed ring buffer under concurrent load,
-# then the same kind of load through the native pipeline (correlated,
-# stored, queried; accounting checked).
+# ElixirScope Native demo.
 #
 # Run it with `bash scripts/demo.sh` (or `mix run scripts/demo.exs`).
 #
-# 8 writer processes each ingest 50_000 function-call events through
-# ElixirScope.Capture.Ingestor while one reader process drains the ring with
-# read_batch/3. At the end the demo prints throughput, a few of the events
-# read, the ring's stats, and checks that every event is accounted for:
+# Part one traces a small supervised sample application
+# (scripts/sample_app.ex: a Bank GenServer and an Auditor exchanging
+# messages, a recursive computation, and a crash followed by a restart)
+# with `ElixirScope.trace/2` through the full native pipeline, then prints
+# a call tree with message arrows, the traceback of the crash, the top call
+# statistics and the pipeline's metrics with the accounting line.
 #
-#     written = read + dropped + still available
+# Parts two and three put load on the ring buffer (8 writers, 1 reader)
+# and on the pipeline (correlated, stored, queried).
 #
-# It exits with status 1 if that accounting does not add up.
+# The demo checks what it shows against the sample app's ground truth and
+# the accounting identity, and exits with status 1 if anything is off.
+
+Code.require_file("sample_app.ex", __DIR__)
+
+defmodule ElixirScope.TraceDemo do
+  @moduledoc false
+  alias ElixirScope.Analysis
+  alias ElixirScope.Analysis.{Entry, Format}
+  alias ElixirScope.Capture.PipelineManager
+  alias ElixirScope.SampleApp
+  alias ElixirScope.SampleApp.{Auditor, Bank, Math}
+
+  def run do
+    IO.puts("== Tracing a supervised sample app (scripts/sample_app.ex)")
+    {:ok, _} = SampleApp.start()
+
+    {:ok, info} = ElixirScope.trace([Bank, Auditor, Math], pids: :all, max_payload_bytes: 1024)
+
+    IO.puts(
+      "  tracing #{info.functions} functions in all processes, flags #{inspect(info.flags)}"
+    )
+
+    truth = SampleApp.run_scenario()
+    {:ok, s} = ElixirScope.stop_trace()
+
+    IO.puts(
+      "  #{s.traced} events traced (#{s.dropped} dropped, #{s.truncated} values cut at 1 KiB), " <>
+        "all stored and queryable"
+    )
+
+    bank = truth.bank_pid_before
+
+    header("The first deposit: the client's call, the Bank's handle_call, the audit cast")
+    [deposit | _] = Analysis.select(types: [:call], function: :deposit, limit: 1)
+    deposit |> Analysis.call_tree() |> Format.print_tree()
+
+    [handle | _] = Analysis.select(types: [:call], pid: bank, function: :handle_call, limit: 1)
+
+    handle |> Analysis.call_tree() |> Format.print_tree()
+    IO.puts("\nBank → Auditor messages, with the call they were sent from:")
+
+    Analysis.messages(pid: bank)
+    |> Enum.filter(&(&1.receive && &1.receive.pid == truth.auditor_pid))
+    |> Enum.take(2)
+    |> Format.print_messages()
+
+    header("Interest: Math.fib(#{truth.fib_n}) inside the Bank (first 3 levels)")
+
+    [interest | _] =
+      Analysis.filter(&match?([{:interest, _}, _, _], &1.data),
+        types: [:call],
+        pid: bank,
+        function: :handle_call
+      )
+
+    interest |> Analysis.call_tree() |> Format.print_tree(max_depth: 3)
+
+    header("The crash: traceback at the exception")
+    [crash | _] = Analysis.select(types: [:exception], pid: bank, limit: 1)
+    IO.puts(Format.format_entry(crash))
+    stack = Analysis.traceback(crash)
+    Format.print_traceback(stack)
+
+    [exit] = Analysis.select(types: [:exit], pid: bank)
+
+    reason =
+      case exit.data do
+        {:truncated, bytes, type} -> "a #{type} of over #{bytes} bytes (cut at the payload cap)"
+        other -> inspect(other, limit: 3, printable_limit: 40)
+      end
+
+    IO.puts("#{inspect(bank)} exited, reason: #{reason}")
+
+    restart = Enum.find(Analysis.select(types: [:spawn]), &(&1.pid == truth.bank_pid_after))
+
+    IO.puts("#{inspect(restart.peer)} (the supervisor) restarted it as #{inspect(restart.pid)}")
+
+    header("Top call statistics")
+    stats = Analysis.call_stat()
+    Format.print_call_stat(stats, 8)
+
+    header("Repeated call trees (top 2)")
+    Analysis.top_call_trees(max: 2, min_size: 3) |> Format.format_top_call_trees() |> IO.puts()
+
+    header("Pipeline metrics")
+    pm = ElixirScope.trace_pipeline()
+    m = PipelineManager.get_metrics(pm)
+
+    IO.puts(
+      "  latency write->stored: p50 #{div(m.latency.p50_ns, 1000)} us, p99 #{div(m.latency.p99_ns, 1000)} us"
+    )
+
+    IO.puts("  correlation success rate: #{m.correlation_success_rate}")
+    IO.puts("  " <> PipelineManager.accounting_line(pm))
+    SampleApp.stop()
+
+    fib = Enum.find(stats, &(&1.key == {Math, :fib, 1}))
+
+    checks = [
+      {"traceback is #{inspect(truth.crash_call_chain)}",
+       Enum.map(stack, &{&1.module, &1.function, &1.arity}) ==
+         Enum.reverse(truth.crash_call_chain)},
+      {"#{truth.fib_calls} fib calls", fib && fib.count == truth.fib_calls},
+      {"the crash is #{inspect(truth.crash_exception)}",
+       match?(%Entry{data: {:error, %{__struct__: e}}} when e == truth.crash_exception, crash)},
+      {"the restart is seen", restart != nil},
+      {"nothing dropped", s.dropped == 0},
+      {"every event accounted for",
+       m.accounting.unaccounted == 0 and m.accounting.accepted == s.traced}
+    ]
+
+    for {what, ok} <- checks, not ok do
+      IO.puts("CHECK FAILED: #{what}")
+      System.halt(1)
+    end
+
+    IO.puts("\n  checked against the sample app's ground truth: #{length(checks)} checks passed")
+  end
+
+  defp header(title), do: IO.puts("\n-- #{title}")
+end
 
 defmodule ElixirScope.Demo do
   alias ElixirScope.Capture.{Ingestor, RingBuffer}
@@ -277,5 +399,6 @@ defmodule ElixirScope.PipelineDemo do
   end
 end
 
+ElixirScope.TraceDemo.run()
 ElixirScope.Demo.run()
 ElixirScope.PipelineDemo.run()

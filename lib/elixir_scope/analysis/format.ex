@@ -42,17 +42,23 @@ defmodule ElixirScope.Analysis.Format do
 
   @doc """
   A call tree (from `Analysis.call_tree/2`), indented, with message arrows
-  (`→` sent, `←` received) where they happened.
+  (`→` sent, `←` received) where they happened. `max_depth:` (default
+  unlimited) folds deeper calls into one "… N more calls" line.
   """
-  @spec format_tree(map() | nil) :: String.t()
-  def format_tree(nil), do: "(no such call)"
-  def format_tree(tree), do: tree |> tree_lines(0) |> Enum.join("\n")
+  @spec format_tree(map() | nil, keyword()) :: String.t()
+  def format_tree(tree, opts \\ [])
+  def format_tree(nil, _opts), do: "(no such call)"
 
-  @doc "Prints `format_tree/1`."
-  @spec print_tree(map() | nil) :: :ok
-  def print_tree(tree), do: IO.puts(format_tree(tree))
+  def format_tree(tree, opts) do
+    max = Keyword.get(opts, :max_depth, :infinity)
+    tree |> tree_lines(0, max) |> Enum.join("\n")
+  end
 
-  defp tree_lines(%{call: c, result: r, children: kids}, depth) do
+  @doc "Prints `format_tree/2`."
+  @spec print_tree(map() | nil, keyword()) :: :ok
+  def print_tree(tree, opts \\ []), do: IO.puts(format_tree(tree, opts))
+
+  defp tree_lines(%{call: c, result: r, children: kids}, depth, max) do
     pad = String.duplicate("  ", depth)
 
     head =
@@ -62,12 +68,23 @@ defmodule ElixirScope.Analysis.Format do
         %Entry{type: :exception} -> "#{pad}#{mfa(c)}#{args(c)} !! #{exception(r.data)}#{dur(r)}"
       end
 
-    [head | Enum.flat_map(kids, &child_lines(&1, depth + 1))]
+    if max != :infinity and depth + 1 > max and kids != [] do
+      [head, "#{pad}  … #{count_calls(kids)} more calls"]
+    else
+      [head | Enum.flat_map(kids, &child_lines(&1, depth + 1, max))]
+    end
   end
 
-  defp child_lines(%{call: _} = node, depth), do: tree_lines(node, depth)
+  defp count_calls(kids) do
+    Enum.reduce(kids, 0, fn
+      %{call: _, children: k}, acc -> acc + 1 + count_calls(k)
+      _, acc -> acc
+    end)
+  end
 
-  defp child_lines(%Entry{} = e, depth) do
+  defp child_lines(%{call: _} = node, depth, max), do: tree_lines(node, depth, max)
+
+  defp child_lines(%Entry{} = e, depth, _max) do
     pad = String.duplicate("  ", depth)
 
     line =
@@ -113,7 +130,8 @@ defmodule ElixirScope.Analysis.Format do
   @spec format_top_call_trees([map()]) :: String.t()
   def format_top_call_trees(tops) do
     Enum.map_join(tops, "\n\n", fn t ->
-      "#{t.count} × #{t.size} calls, #{us(t.total_ns)} µs in all:\n" <> format_tree(t.tree)
+      "#{t.count} × #{t.size} calls, #{us(t.total_ns)} µs in all:\n" <>
+        format_tree(t.tree, max_depth: 2)
     end)
   end
 
