@@ -197,7 +197,7 @@ defmodule TracerBench do
           max_rate: big * 1000,
           max_stored: 2 * n + 1000,
           duration: 3_600_000
-        ] ++ opts
+        ] ++ ring_opts() ++ opts
       ])
 
     {t0, t1} = run_worker(worker)
@@ -210,6 +210,14 @@ defmodule TracerBench do
     captured = count_from(summary, status, if(opts[:dry_run], do: :offered, else: :traced))
     dropped = count_from(summary, status, :dropped)
     sample(t1 - t0, t2 - t0, n, %{captured: captured, dropped: dropped})
+  end
+
+  # TRACER_BENCH_RING: ring slots per shard (default: the tracer's default).
+  defp ring_opts do
+    case System.get_env("TRACER_BENCH_RING") do
+      nil -> []
+      v -> [ring_size: String.to_integer(v)]
+    end
   end
 
   # The stop summary's count if it has one, else trace_status's.

@@ -23,18 +23,19 @@ defmodule ElixirScope.Analysis do
 
   | question | function | cost |
   |---|---|---|
-  | events matching filters / a predicate | `select/1`, `filter/2` | a scan, in chunks |
+  | events matching filters / a predicate | `select/1`, `filter/2` | a scan in chunks; the window with `from:`/`to:` |
   | the call stack at an event | `traceback/2` | its depth (index lookups) |
   | everything inside a call | `range/2` | the result size (index walks) |
   | a call's tree | `call_tree/2` | the result size |
   | identical call trees that repeat | `top_call_trees/1` | one pass |
   | count, accumulated and own time per function | `call_stat/1` | one pass |
-  | the next / previous event of a process or overall | `next/2`, `prev/2` | a few index steps |
-  | who sent what to whom, from which call | `messages/1` | a scan of the sends |
+  | the next / previous event of a process or overall | `next/2`, `prev/2` | a few index steps; overall: a growing time window |
+  | who sent what to whom, from which call | `messages/1` | a scan of the store |
 
   The one-pass queries run on a dirty scheduler and hold the store's lock
-  for the pass (about 30 ns per stored event): a pipeline still writing
-  waits for them.
+  for the pass (about 45 ns per stored event): a pipeline still writing
+  waits for them. Event ids are unique per node, increasing in capture
+  order across traces (a trace's first id is not 1).
   """
 
   alias ElixirScope.Analysis.Entry
@@ -59,7 +60,9 @@ defmodule ElixirScope.Analysis do
 
   @doc """
   Events matching every given filter, in store order (each process's
-  events in the order they happened).
+  events in the order they happened); with `:from` or `:to`, in timestamp
+  order, walking only that window of the time index (without them the
+  whole store is scanned, in chunks).
 
   Filters: `:pid`, `:module`, `:function`, `:types` (a list of
   `#{inspect(Map.keys(@types))}`), `:from` / `:to` (monotonic ns,
@@ -108,7 +111,33 @@ defmodule ElixirScope.Analysis do
       _ -> true
     end
 
-    scan(s.ref, 0, f, kinds, t0, t1, fn e -> keep.(e) and pred.(e) end, limit, [])
+    pred = fn e -> keep.(e) and pred.(e) end
+
+    if f[:from] == nil and f[:to] == nil,
+      do: scan(s.ref, 0, f, kinds, t0, t1, pred, limit, []),
+      else: scan_time(s.ref, {t0, -1}, f, kinds, t1, pred, limit, [])
+  end
+
+  # Through the time index: only the window is visited.
+  defp scan_time(_ref, nil, _f, _k, _t1, _pred, _left, acc), do: Enum.reverse(acc)
+  defp scan_time(_ref, _cursor, _f, _k, _t1, _pred, 0, acc), do: Enum.reverse(acc)
+
+  defp scan_time(ref, {ts, seq}, f, kinds, t1, pred, left, acc) do
+    {hits, next} =
+      Native.ana_select_time(ref, ts, seq, f[:pid], f[:module], f[:function], kinds, t1)
+
+    {acc, left} = take_hits(hits, pred, acc, left)
+    scan_time(ref, next, f, kinds, t1, pred, left, acc)
+  end
+
+  defp take_hits(hits, pred, acc, left) do
+    Enum.reduce_while(hits, {acc, left}, fn e, {acc, left} ->
+      cond do
+        left == 0 -> {:halt, {acc, 0}}
+        pred.(e) -> {:cont, {[e | acc], left - 1}}
+        true -> {:cont, {acc, left}}
+      end
+    end)
   end
 
   defp scan(_ref, nil, _f, _k, _t0, _t1, _pred, _left, acc), do: Enum.reverse(acc)
@@ -118,14 +147,7 @@ defmodule ElixirScope.Analysis do
     {hits, next} =
       Native.ana_select(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1)
 
-    {acc, left} =
-      Enum.reduce_while(hits, {acc, left}, fn e, {acc, left} ->
-        cond do
-          left == 0 -> {:halt, {acc, 0}}
-          pred.(e) -> {:cont, {[e | acc], left - 1}}
-          true -> {:cont, {acc, left}}
-        end
-      end)
+    {acc, left} = take_hits(hits, pred, acc, left)
 
     scan(ref, next, f, kinds, t0, t1, pred, left, acc)
   end

@@ -75,12 +75,9 @@ defmodule ElixirScope.Tracer do
   def status, do: call(:status)
 
   @doc false
-  def store do
-    case call(:session) do
-      nil -> nil
-      s -> s.store
-    end
-  end
+  # The last trace's store, kept in :persistent_term (written once per
+  # trace) so analysis calls do not go through this process.
+  def store, do: :persistent_term.get({__MODULE__, :store}, nil)
 
   @doc false
   def pipeline do
@@ -265,8 +262,12 @@ defmodule ElixirScope.Tracer do
     s = drop_session(s)
 
     case start_session(patterns, pids, config) do
-      {:ok, session} -> {:reply, {:ok, info(session)}, %{s | session: session}}
-      {:error, _} = err -> {:reply, err, s}
+      {:ok, session} ->
+        :persistent_term.put({__MODULE__, :store}, session.store)
+        {:reply, {:ok, info(session)}, %{s | session: session}}
+
+      {:error, _} = err ->
+        {:reply, err, s}
     end
   end
 
@@ -485,6 +486,7 @@ defmodule ElixirScope.Tracer do
   end
 
   defp drop_session(%{session: %{own_pipeline: true, pm: pm}} = s) do
+    :persistent_term.erase({__MODULE__, :store})
     if Process.alive?(pm), do: PipelineManager.shutdown(pm)
     flush_exit(pm)
     %{s | session: nil}

@@ -557,6 +557,7 @@ defmodule ElixirScope.BadInputTest do
         {:ana_top_trees, [store_ref, 10, 2, 2]},
         {:ana_messages, [store_ref, nil, 0, 10]},
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
+        {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]

@@ -134,6 +134,10 @@ defmodule ElixirScope.TracerTest do
       assert Analysis.prev(b).id == a.id
       assert Analysis.prev(a) == nil and Analysis.next(ra) == nil
       assert Analysis.get(b.id) == b
+      # A time window walks the time index, in timestamp order.
+      assert Analysis.select(from: b.timestamp, to: rc.timestamp) == [b, c, rc]
+      assert Analysis.select(from: b.timestamp, types: [:return]) == [rc, rb, ra]
+      assert Analysis.select(to: a.timestamp, pid: pid) == [a]
     end
   end
 

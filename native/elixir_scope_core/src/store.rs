@@ -1432,28 +1432,54 @@ impl EventStore {
 
     /// The live event right after (`Order::Asc`) or before (`Order::Desc`)
     /// event `id` in `(timestamp, seq)` order, across all processes.
+    /// Searches windows growing 16× from the event's timestamp (0 ns, 1 µs,
+    /// 16 µs, ...), so only the segments near it are visited.
     pub fn time_neighbour(&self, id: u64, order: Order) -> Option<StoredEvent<'_>> {
         let (si, i) = self.find(id)?;
         let r = &self.segments[si].recs[i];
         let key = (r.timestamp, self.segments[si].base + i as u64);
-        let mut want = 4usize;
-        loop {
-            let page = match order {
-                Order::Asc => self.by_time_range(key.0, i64::MAX, want, Order::Asc),
-                Order::Desc => self.by_time_range(i64::MIN, key.0, want, Order::Desc),
-            };
-            let hit = page.iter().find(|e| match order {
-                Order::Asc => (e.timestamp, e.seq) > key,
-                Order::Desc => (e.timestamp, e.seq) < key,
+        let (lo, hi) = self
+            .segments
+            .iter()
+            .filter(|s| s.live > 0)
+            .fold((i64::MAX, i64::MIN), |(lo, hi), s| {
+                (lo.min(s.min_ts), hi.max(s.max_ts))
             });
-            if let Some(e) = hit {
-                return Some(*e);
+        let mut width: i64 = 0;
+        loop {
+            let (t0, t1) = match order {
+                Order::Asc => (key.0, key.0.saturating_add(width)),
+                Order::Desc => (key.0.saturating_sub(width), key.0),
+            };
+            // Events tied with this one come first; then the window.
+            let mut want = 8usize;
+            loop {
+                let page = self.by_time_range(t0, t1, want, order);
+                let hit = page.iter().find(|e| match order {
+                    Order::Asc => (e.timestamp, e.seq) > key,
+                    Order::Desc => (e.timestamp, e.seq) < key,
+                });
+                if let Some(e) = hit {
+                    return Some(*e);
+                }
+                if page.len() < want {
+                    break;
+                }
+                // Many events share the timestamp: look further.
+                want *= 8;
             }
-            if page.len() < want {
+            let covered = match order {
+                Order::Asc => t1 >= hi,
+                Order::Desc => t0 <= lo,
+            };
+            if covered {
                 return None;
             }
-            // Many events share the timestamp: look further.
-            want *= 4;
+            width = if width == 0 {
+                1_000
+            } else {
+                width.saturating_mul(16)
+            };
         }
     }
 

@@ -258,3 +258,57 @@ fn ana_select<'a>(
     });
     Ok((entries(env, &hits), next).encode(env))
 }
+
+/// One chunk of a filtered walk of the time window `t0..=t1` through the
+/// time index, in `(timestamp, seq)` order, after the event at
+/// `(after_ts, after_seq)` (`after_seq` -1: from `after_ts` on):
+/// `{entries, {last_ts, last_seq} | nil}`. Filters as `ana_select`.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_select_time<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    after_ts: i64,
+    after_seq: i64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t1: i64,
+) -> NifResult<Term<'a>> {
+    let nil = atoms::nil().encode(env).as_c_arg();
+    let key = |t: Term<'a>| (t.as_c_arg() != nil).then(|| term_key(t));
+    let (p, m, f) = (key(pid), key(module), key(function));
+    let store = s.lock(env)?;
+    let after = (after_ts, after_seq);
+    let mut want = SELECT_CHUNK;
+    let (page, full) = loop {
+        let page = store.by_time_range(after_ts, t1, want, Order::Asc);
+        let full = page.len() == want;
+        let fresh: Vec<StoredEvent> = page
+            .into_iter()
+            .filter(|e| (e.timestamp, e.seq as i64) > after)
+            .collect();
+        // A page of events all tied at or before the cursor: widen it.
+        if fresh.is_empty() && full {
+            want *= 4;
+            continue;
+        }
+        break (fresh, full);
+    };
+    let next = if full {
+        page.last().map(|e| (e.timestamp, e.seq as i64))
+    } else {
+        None
+    };
+    let hits: Vec<StoredEvent> = page
+        .into_iter()
+        .filter(|e| {
+            p.map_or(true, |p| e.pid == p)
+                && m.map_or(true, |m| e.module == m)
+                && f.map_or(true, |f| e.function == f)
+                && (kinds == 0 || kinds & (1 << (e.kind & 63)) != 0)
+        })
+        .collect();
+    Ok((entries(env, &hits), next).encode(env))
+}
