@@ -20,7 +20,7 @@ defmodule ElixirScope.Application do
         opts when is_list(opts) -> [pipeline_spec(opts)]
       end
 
-    children = [ElixirScope.Tracer | pipeline]
+    children = [ElixirScope.Telemetry.Registry, ElixirScope.Tracer | pipeline]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: ElixirScope.Supervisor)
   end

@@ -34,7 +34,9 @@ defmodule ElixirScope.Capture.Pipeline do
     max_events: 1_000_000,
     max_age_ms: nil,
     cleanup_interval_ms: 60_000,
-    correlation_enabled: true
+    correlation_enabled: true,
+    breaker_threshold: 5,
+    breaker_open_ms: 1000
   }
 
   def native_defaults, do: @native_defaults
@@ -73,6 +75,9 @@ defmodule ElixirScope.Capture.Pipeline do
 
     case result do
       {:ok, pipe, ring_ref, store_ref} ->
+        :ok = Native.pipe_configure(pipe, :breaker_threshold, c.breaker_threshold)
+        :ok = Native.pipe_configure(pipe, :breaker_open_ms, c.breaker_open_ms)
+
         ring =
           over ||
             %RingBuffer{
@@ -119,6 +124,8 @@ defmodule ElixirScope.Capture.Pipeline do
   defp check!(:max_age_ms, v), do: int!(:max_age_ms, v, 1, 1 <<< 40)
   defp check!(:cleanup_interval_ms, v), do: int!(:cleanup_interval_ms, v, 1, 1 <<< 40)
   defp check!(:correlation_enabled, v), do: bool!(:correlation_enabled, v)
+  defp check!(:breaker_threshold, v), do: int!(:breaker_threshold, v, 0, 1_000_000)
+  defp check!(:breaker_open_ms, v), do: int!(:breaker_open_ms, v, 1, 3_600_000)
 
   defp check!(:overflow_strategy, v) when v in [:drop_oldest, :drop_newest, :block], do: :ok
 
@@ -164,7 +171,7 @@ defmodule ElixirScope.Capture.Pipeline do
   @doc false
   # The seeds' pipeline statistics from the native metrics.
   def summarize(native, rate) do
-    acc = native.accounting
+    acc = Map.put(native.accounting, :shed, native.shedding.total)
     cor = native.correlator
     eng = native.engine
 
@@ -192,8 +199,13 @@ defmodule ElixirScope.Capture.Pipeline do
         evicted: acc.evicted,
         expired: acc.expired,
         duplicates: acc.duplicates,
-        store_rejected: acc.store_rejected
+        store_rejected: acc.store_rejected,
+        shed_sampled: native.shedding.sampled,
+        shed_low_priority: native.shedding.low_priority,
+        circuit_rejected: native.breaker.rejected_events
       },
+      circuit: native.breaker,
+      shedding: native.shedding,
       active_workers: native.pool.workers,
       correlation_success_rate: if(eligible == 0, do: 1.0, else: matched / eligible),
       orphaned: cor.orphaned_calls,
@@ -223,6 +235,7 @@ defmodule ElixirScope.Capture.Pipeline do
 
     "accepted #{acc.accepted} = " <>
       Enum.join(parts, " + ") <>
-      " (unaccounted #{acc.unaccounted}; refused as buffer_full #{acc.buffer_full})"
+      " (unaccounted #{acc.unaccounted}; refused as buffer_full #{acc.buffer_full}" <>
+      if(Map.has_key?(acc, :shed), do: "; shed #{acc.shed})", else: ")")
   end
 end

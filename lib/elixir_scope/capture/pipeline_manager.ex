@@ -31,8 +31,20 @@ defmodule ElixirScope.Capture.PipelineManager do
 
   with `in_flight` measured (events in the rings or in a worker's hands).
   Writes refused by a full ring under `:drop_newest` are counted in
-  `buffer_full` (they were never accepted). After `flush/2` returns `:ok`
-  with producers quiet, `in_flight` is 0 and `unaccounted` is 0.
+  `buffer_full`, and writes shed by the load-shedding policy
+  (`ElixirScope.Capture.BackpressureManager`) in `shed` (by reason under
+  `:shedding`); neither was accepted. After `flush/2` returns `:ok` with
+  producers quiet, `in_flight` is 0 and `unaccounted` is 0.
+
+  ## Circuit breaker
+
+  The correlate-and-store stage runs behind a circuit breaker: after
+  `:breaker_threshold` consecutive failed batches (each retried once) it
+  opens, and for `:breaker_open_ms` batches go straight to the bounded
+  dead-letter queue (counted in `dead_lettered` and
+  `circuit.rejected_events`); then one probe batch runs (half open), and
+  its success closes the breaker. `get_metrics/1` reports it under
+  `:circuit`.
 
   ## Options
 
@@ -55,6 +67,8 @@ defmodule ElixirScope.Capture.PipelineManager do
   | `:overflow_strategy` | `:drop_newest` | no | `:drop_oldest`, `:drop_newest`, `:block` |
   | `:max_event_bytes` | `4096` | no | payload cap per event (bigger fields truncated visibly) |
   | `:max_dead_letters` | `100` | no | failed batches kept for inspection |
+  | `:breaker_threshold` | `5` | yes | consecutive failed batches that open the circuit breaker (`0`: never) |
+  | `:breaker_open_ms` | `1000` | yes | how long an open breaker dead-letters batches before a probe |
   | `:shutdown_timeout_ms` | `5000` | yes | how long shutdown waits for the rings to drain |
 
   `update_config/2` applies the "live" options at once and refuses the
@@ -88,6 +102,8 @@ defmodule ElixirScope.Capture.PipelineManager do
     :max_correlations,
     :max_events,
     :max_age_ms,
+    :breaker_threshold,
+    :breaker_open_ms,
     :shutdown_timeout_ms
   ]
 
@@ -321,6 +337,8 @@ defmodule ElixirScope.Capture.PipelineManager do
         {:max_correlations, n} -> :ok = Native.pipe_configure(pipe, :max_correlations, n)
         {:max_events, n} -> :ok = Native.pipe_configure(pipe, :max_events, n)
         {:max_age_ms, n} -> :ok = Native.pipe_configure(pipe, :max_age_ms, n || 0)
+        {:breaker_threshold, n} -> :ok = Native.pipe_configure(pipe, :breaker_threshold, n)
+        {:breaker_open_ms, n} -> :ok = Native.pipe_configure(pipe, :breaker_open_ms, n)
         {_manager_only, _} -> :ok
       end)
 

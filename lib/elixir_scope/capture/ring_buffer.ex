@@ -284,7 +284,8 @@ defmodule ElixirScope.Capture.RingBuffer do
   `dropped_events` (all reasons), `dropped` (by reason: `:buffer_full`
   rejected writes, `:overflow` overwritten by `:drop_oldest`, `:failed`
   writes that raised, `:cleared`), `utilization` (available / size), `truncated_events`,
-  `max_event_bytes`, `overflow_strategy`.
+  `shed_events` (writes dropped by a pipeline's load shedding before reaching
+  the ring; they return `:ok`), `max_event_bytes`, `overflow_strategy`.
   """
   @spec stats(t()) :: map()
   def stats(%__MODULE__{ref: ref}), do: Native.rb_stats(ref)

@@ -70,6 +70,7 @@ fn end_to_end(c: &mut Criterion) {
                 batch_size: 1000,
                 flush_interval: Duration::from_micros(200),
                 max_dead_letters: 16,
+                ..PoolConfig::default()
             },
             store: StoreConfig {
                 max_events: 1_000_000,

@@ -35,7 +35,8 @@ pub use pipeline::{
     Histogram, Pipeline, PipelineConfig,
 };
 pub use pool::{
-    DeadLetter, PoolConfig, PoolMetrics, Stage, StageCtx, WorkerPool, SHUTDOWN_DRAIN_TIMEOUT,
+    BreakerMetrics, BreakerState, DeadLetter, PoolConfig, PoolMetrics, Stage, StageCtx, WorkerPool,
+    SHUTDOWN_DRAIN_TIMEOUT,
 };
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
 pub use store::{

@@ -20,6 +20,13 @@
 //!   be retried once (`retries`); if the retry fails too, the batch goes to a
 //!   bounded dead-letter queue (`dead_lettered_events`; batches evicted from
 //!   the full queue are counted in `dead_letter_overflow`).
+//! * **Circuit breaker.** After `breaker_threshold` consecutive batches
+//!   failed (retry included), the breaker *opens*: for `breaker_open_for`,
+//!   batches skip the stage and go straight to the dead-letter queue
+//!   (counted in `dead_lettered_events` and `circuit_rejected_events`).
+//!   Then it is *half open*: the next batch is a probe (other workers'
+//!   batches are still dead-lettered meanwhile); its success closes the
+//!   breaker, its failure opens it again. `breaker_threshold` 0 disables it.
 //! * **Accounting.** Every event a worker consumed is either processed
 //!   (`events_processed`) or dead-lettered (`dead_lettered_events`), so once
 //!   [`WorkerPool::flush`] has returned `true` and producers are quiet, the
@@ -32,7 +39,7 @@
 use crate::ring::Ring;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -76,6 +83,10 @@ pub struct PoolConfig {
     pub flush_interval: Duration,
     /// Capacity of the dead-letter queue, in batches.
     pub max_dead_letters: usize,
+    /// Consecutive failed batches that open the circuit breaker (0: never).
+    pub breaker_threshold: u32,
+    /// How long an open breaker rejects batches before probing.
+    pub breaker_open_for: Duration,
 }
 
 impl Default for PoolConfig {
@@ -85,8 +96,157 @@ impl Default for PoolConfig {
             batch_size: 256,
             flush_interval: Duration::from_millis(10),
             max_dead_letters: 64,
+            breaker_threshold: 5,
+            breaker_open_for: Duration::from_millis(1000),
         }
     }
+}
+
+/// State of the pool's circuit breaker.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum BreakerState {
+    /// Batches go to the stage.
+    #[default]
+    Closed,
+    /// Batches are dead-lettered without calling the stage.
+    Open,
+    /// One probe batch goes to the stage; the others are dead-lettered.
+    HalfOpen,
+}
+
+const B_CLOSED: u8 = 0;
+const B_OPEN: u8 = 1;
+const B_HALF_OPEN: u8 = 2;
+
+/// The circuit breaker around the stage (see the module docs).
+struct Breaker {
+    state: AtomicU8,
+    /// Live-tunable threshold (0: disabled).
+    threshold: AtomicU32,
+    open_for_us: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// When it opened, µs since the pool's epoch.
+    opened_at_us: AtomicU64,
+    probing: AtomicBool,
+    opens: AtomicU64,
+    probes: AtomicU64,
+    rejected_events: AtomicU64,
+    epoch: Instant,
+}
+
+/// What the breaker lets a batch do.
+enum Gate {
+    Run,
+    Probe,
+    Reject,
+}
+
+impl Breaker {
+    fn new(threshold: u32, open_for: Duration) -> Breaker {
+        Breaker {
+            state: AtomicU8::new(B_CLOSED),
+            threshold: AtomicU32::new(threshold),
+            open_for_us: AtomicU64::new(open_for.as_micros().min(u64::MAX as u128) as u64),
+            consecutive_failures: AtomicU32::new(0),
+            opened_at_us: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            opens: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+            rejected_events: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn state(&self) -> BreakerState {
+        match self.state.load(Ordering::Acquire) {
+            B_OPEN => BreakerState::Open,
+            B_HALF_OPEN => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    fn gate(&self) -> Gate {
+        match self.state.load(Ordering::Acquire) {
+            B_CLOSED => Gate::Run,
+            B_OPEN => {
+                let since = self
+                    .now_us()
+                    .saturating_sub(self.opened_at_us.load(Ordering::Acquire));
+                if since >= self.open_for_us.load(Ordering::Relaxed)
+                    && self
+                        .state
+                        .compare_exchange(B_OPEN, B_HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    self.claim_probe()
+                } else {
+                    Gate::Reject
+                }
+            }
+            _ => self.claim_probe(),
+        }
+    }
+
+    fn claim_probe(&self) -> Gate {
+        if self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.probes.fetch_add(1, Ordering::Relaxed);
+            Gate::Probe
+        } else {
+            Gate::Reject
+        }
+    }
+
+    fn open(&self) {
+        self.opened_at_us.store(self.now_us(), Ordering::Release);
+        if self.state.swap(B_OPEN, Ordering::AcqRel) != B_OPEN {
+            self.opens.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn record(&self, gate: &Gate, ok: bool) {
+        if ok {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            if matches!(gate, Gate::Probe) {
+                self.state.store(B_CLOSED, Ordering::Release);
+            }
+        } else {
+            let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let threshold = self.threshold.load(Ordering::Relaxed);
+            if matches!(gate, Gate::Probe) || (threshold > 0 && n >= threshold) {
+                self.open();
+            }
+        }
+        if matches!(gate, Gate::Probe) {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A snapshot of the circuit breaker.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BreakerMetrics {
+    /// Current state.
+    pub state: BreakerState,
+    /// Failed batches in a row.
+    pub consecutive_failures: u32,
+    /// Times it opened.
+    pub opens: u64,
+    /// Probe batches run while half open.
+    pub probes: u64,
+    /// Events dead-lettered without a stage call because it was open.
+    pub rejected_events: u64,
+    /// Threshold (0: disabled).
+    pub threshold: u32,
+    /// Open period.
+    pub open_for: Duration,
 }
 
 /// A batch whose stage failed twice.
@@ -165,6 +325,7 @@ struct Shared<T> {
     /// Park timeout in µs (see [`WorkerPool::set_flush_interval`]).
     flush_interval_us: AtomicU64,
     max_dead_letters: usize,
+    breaker: Breaker,
     /// Current worker count; worker `w` exits once `w >= active`.
     active: AtomicUsize,
     stop: AtomicBool,
@@ -315,12 +476,22 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
     }
 
     fn process(&self, mut ctx: StageCtx, stats: &WorkerStats, buf: &mut Vec<T>) {
-        let mut result = self.run_stage(&ctx, buf);
-        if result.is_err() {
-            self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            ctx.attempt = 1;
-            result = self.run_stage(&ctx, buf);
-        }
+        let gate = self.breaker.gate();
+        let result = if matches!(gate, Gate::Reject) {
+            self.breaker
+                .rejected_events
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Err("circuit open".to_string())
+        } else {
+            let mut result = self.run_stage(&ctx, buf);
+            if result.is_err() {
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                ctx.attempt = 1;
+                result = self.run_stage(&ctx, buf);
+            }
+            self.breaker.record(&gate, result.is_ok());
+            result
+        };
         let n = buf.len();
         match result {
             Ok(()) => {
@@ -402,6 +573,7 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             batch_size: AtomicUsize::new(config.batch_size.max(1)),
             flush_interval_us: AtomicU64::new(config.flush_interval.as_micros().max(1) as u64),
             max_dead_letters: config.max_dead_letters,
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_open_for),
             active: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
@@ -540,6 +712,31 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
     /// `max_dead_letters` batches).
     pub fn dead_letters(&self) -> Vec<DeadLetter<T>> {
         lock(&self.shared.dead).iter().cloned().collect()
+    }
+
+    /// The circuit breaker's state and counters.
+    pub fn breaker(&self) -> BreakerMetrics {
+        let b = &self.shared.breaker;
+        BreakerMetrics {
+            state: b.state(),
+            consecutive_failures: b.consecutive_failures.load(Ordering::Relaxed),
+            opens: b.opens.load(Ordering::Relaxed),
+            probes: b.probes.load(Ordering::Relaxed),
+            rejected_events: b.rejected_events.load(Ordering::Relaxed),
+            threshold: b.threshold.load(Ordering::Relaxed),
+            open_for: Duration::from_micros(b.open_for_us.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Changes the breaker's threshold (0 disables it: an open breaker
+    /// still finishes its open period and probe) and open period.
+    pub fn set_breaker(&self, threshold: u32, open_for: Duration) {
+        let b = &self.shared.breaker;
+        b.threshold.store(threshold, Ordering::Relaxed);
+        b.open_for_us.store(
+            open_for.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// A snapshot of the counters.

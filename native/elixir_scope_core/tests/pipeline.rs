@@ -28,6 +28,8 @@ fn config(shards: usize, cap: usize, workers: usize, batch: usize) -> PipelineCo
             batch_size: batch,
             flush_interval: Duration::from_millis(1),
             max_dead_letters: 16,
+            breaker_threshold: 0,
+            ..PoolConfig::default()
         },
         ..PipelineConfig::default()
     }

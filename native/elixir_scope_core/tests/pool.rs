@@ -28,6 +28,9 @@ fn config(workers: usize, batch_size: usize) -> PoolConfig {
         batch_size,
         flush_interval: Duration::from_millis(5),
         max_dead_letters: 16,
+        // Off: these tests count retries and dead letters per batch.
+        breaker_threshold: 0,
+        ..PoolConfig::default()
     }
 }
 
@@ -404,4 +407,74 @@ fn shutdown_drains_and_joins() {
     drop(pool);
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(ring_reads(&rings), 100);
+}
+
+#[test]
+fn circuit_breaker_opens_rejects_probes_and_closes() {
+    // Fails while `failing` is set; counts stage calls.
+    let failing = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (f, c) = (failing.clone(), calls.clone());
+    let stage: Stage<Ev> = Arc::new(move |_ctx: &StageCtx, _batch: &[Ev]| {
+        c.fetch_add(1, Ordering::SeqCst);
+        if f.load(Ordering::SeqCst) {
+            Err("store down".into())
+        } else {
+            Ok(())
+        }
+    });
+    let rings = shards(1, 1024);
+    let pool = WorkerPool::new(
+        rings.clone(),
+        PoolConfig {
+            workers: 1,
+            batch_size: 1,
+            flush_interval: Duration::from_millis(1),
+            max_dead_letters: 4,
+            breaker_threshold: 3,
+            breaker_open_for: Duration::from_millis(200),
+        },
+        stage,
+    );
+    let push_n = |from: u64, n: u64| {
+        for s in from..from + n {
+            push(&rings[0], Some(&pool), (0, 0, s));
+        }
+        assert!(pool.flush(Duration::from_secs(5)));
+    };
+    // 3 failing batches (each tried twice) open it; 10 more are rejected
+    // without a stage call.
+    push_n(0, 3);
+    assert_eq!(pool.breaker().state, elixir_scope_core::BreakerState::Open);
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    push_n(3, 10);
+    assert_eq!(calls.load(Ordering::SeqCst), 6, "open: no stage calls");
+    let b = pool.breaker();
+    assert_eq!((b.opens, b.rejected_events), (1, 10));
+    // After the open period a failing probe opens it again.
+    thread::sleep(Duration::from_millis(250));
+    push_n(13, 1);
+    let b = pool.breaker();
+    assert_eq!(b.state, elixir_scope_core::BreakerState::Open);
+    assert_eq!((b.opens, b.probes), (2, 1));
+    // The store is back: the next probe closes it and batches flow again.
+    failing.store(false, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(250));
+    push_n(14, 5);
+    let b = pool.breaker();
+    assert_eq!(b.state, elixir_scope_core::BreakerState::Closed);
+    assert_eq!(b.probes, 2);
+    let m = pool.metrics();
+    // Every event: processed or dead-lettered (rejected ones included).
+    assert_eq!(m.events_processed, 5);
+    assert_eq!(m.dead_lettered_events, 3 + 10 + 1);
+    assert_eq!(
+        ring_reads(&rings),
+        m.events_processed + m.dead_lettered_events
+    );
+    assert!(
+        m.dead_letter_overflow > 0,
+        "the dead-letter area is bounded"
+    );
+    assert_eq!(pool.dead_letters().len(), 4);
 }

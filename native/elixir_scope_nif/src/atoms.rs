@@ -3,6 +3,11 @@
 rustler::atoms! {
     state_change_type = "state_change",
     linked_pid,
+    shed_events,
+    shed,
+    closed,
+    open,
+    half_open,
     call_id,
     data,
     link_id,

@@ -10,14 +10,14 @@
 //! shutdown is waiting for a flush, and some the store or correlator lock.
 
 use elixir_scope_core::{
-    Accounting, CorrelatorConfig, Event, Overflow, Pipeline, PipelineConfig, PoolConfig,
-    StoreConfig,
+    Accounting, BreakerState, CorrelatorConfig, Event, Overflow, Pipeline, PipelineConfig,
+    PoolConfig, StoreConfig,
 };
 use rustler::sys::{ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::ffi::CStr;
-use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use crate::atoms;
 use crate::error::badarg;
 use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
-use crate::ring_nif::{monotonic_ns_passive, now_ns, RingRes};
+use crate::ring_nif::{monotonic_ns_passive, now_ns, RingRes, Shedder};
 use crate::store_nif::StoreRes;
 
 /// Longest wait of one `pipe_flush` / `pipe_shutdown` call.
@@ -43,6 +43,8 @@ pub struct PipeRes {
     /// shutdown, so later writes get `{:error, :destroyed}`); `None` when
     /// the pipeline drains a ring it does not own.
     ring_closed: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The load-shedding policy of the ring it drains.
+    shed: Arc<Shedder>,
 }
 
 static PIPE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
@@ -149,6 +151,8 @@ fn pipe_new<'a>(
             batch_size: batch_size.clamp(1, 1 << 20) as usize,
             flush_interval: Duration::from_micros(flush_interval_us.max(1)),
             max_dead_letters: max_dead_letters as usize,
+            // Set by `pipe_configure` (:breaker_threshold, :breaker_open_ms).
+            ..PoolConfig::default()
         },
         correlator: CorrelatorConfig {
             ttl_ns: (ttl_ms.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64,
@@ -174,11 +178,13 @@ fn pipe_new<'a>(
         Some(rb)
     };
     if let Some(rb) = existing {
+        let over_shed = Arc::clone(&rb.shed);
         let pipeline = Pipeline::with_shards(rb.shards.to_vec(), config, clock);
         let store = StoreRes::shared(Arc::clone(pipeline.engine().store()));
         let pipe = PipeRes {
             pipeline: RwLock::new(Some(pipeline)),
             ring_closed: None,
+            shed: Arc::clone(&over_shed),
         };
         return Ok((
             atoms::ok(),
@@ -206,6 +212,7 @@ fn pipe_new<'a>(
     let pipe = PipeRes {
         pipeline: RwLock::new(Some(pipeline)),
         ring_closed: Some(Arc::clone(&ring.destroyed)),
+        shed: Arc::clone(&ring.shed),
     };
     Ok((
         atoms::ok(),
@@ -284,6 +291,25 @@ fn pipe_configure<'a>(
                 (v > 0).then(|| (v.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64);
         }
         store.set_limits(cfg);
+    } else if name == key(env, "breaker_threshold") || name == key(env, "breaker_open_ms") {
+        let v = int(value)?;
+        let b = pipe.pool().breaker();
+        if name == key(env, "breaker_threshold") {
+            pipe.pool()
+                .set_breaker(v.min(u32::MAX as u64) as u32, b.open_for);
+        } else {
+            pipe.pool()
+                .set_breaker(b.threshold, Duration::from_millis(v.clamp(1, MAX_WAIT_MS)));
+        }
+    } else if name == key(env, "shed_keep_one_in") {
+        let (_, low) = p.shed.policy();
+        p.shed.set(int(value)?.min(u32::MAX as u64) as u32, low);
+    } else if name == key(env, "shed_low_priority") {
+        let on: bool = value
+            .decode()
+            .map_err(|_| crate::error::badarg_err(env, "expected a boolean"))?;
+        let (n, _) = p.shed.policy();
+        p.shed.set(n, on);
     } else if name == key(env, "correlation_enabled") {
         let on: bool = value
             .decode()
@@ -422,7 +448,38 @@ fn pipe_metrics<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
             avail as f64 / cap as f64
         },
     )?;
+    let br = pipe.pool().breaker();
+    let state = match br.state {
+        BreakerState::Closed => atoms::closed(),
+        BreakerState::Open => atoms::open(),
+        BreakerState::HalfOpen => atoms::half_open(),
+    };
+    let breaker_t = counters(
+        env,
+        &[
+            ("consecutive_failures", br.consecutive_failures as u64),
+            ("opens", br.opens),
+            ("probes", br.probes),
+            ("rejected_events", br.rejected_events),
+            ("threshold", br.threshold as u64),
+            ("open_ms", br.open_for.as_millis() as u64),
+        ],
+    )?
+    .map_put(key(env, "state"), state)?;
+    let (keep, low) = p.shed.policy();
+    let shed_t = counters(
+        env,
+        &[
+            ("keep_one_in", keep as u64),
+            ("sampled", p.shed.sampled.load(Ordering::Relaxed)),
+            ("low_priority", p.shed.low_priority.load(Ordering::Relaxed)),
+            ("total", p.shed.total()),
+        ],
+    )?
+    .map_put(key(env, "drop_low_priority"), low)?;
     map_new(env)
+        .map_put(key(env, "breaker"), breaker_t)?
+        .map_put(key(env, "shedding"), shed_t)?
         .map_put(atoms::accounting(), accounting_term(env, &acc)?)?
         .map_put(key(env, "pool"), pool_t)?
         .map_put(key(env, "engine"), eng_t)?

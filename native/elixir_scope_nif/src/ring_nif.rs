@@ -10,7 +10,7 @@ use rustler::sys::{
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::atoms;
@@ -35,6 +35,69 @@ fn chunk_for(max_event_bytes: usize) -> usize {
 /// Ring resources alive (created and not yet dropped), for leak tests.
 static LIVE_RINGS: AtomicU64 = AtomicU64::new(0);
 
+/// Load shedding at ingest (set by the BackpressureManager through the
+/// pipeline): keep one event in `keep_one_in` (0 or 1: all), and/or drop
+/// the low-priority kinds (generic terms, performance metrics). Exceptions,
+/// exits, errors, spawns and links are never shed. Shed events are
+/// counted by reason and never written.
+#[derive(Default)]
+pub struct Shedder {
+    keep_one_in: AtomicU32,
+    drop_low_priority: AtomicBool,
+    counter: AtomicU64,
+    pub sampled: AtomicU64,
+    pub low_priority: AtomicU64,
+}
+
+impl Shedder {
+    /// Should an event of `kind` be written?
+    #[inline]
+    pub fn admit(&self, kind: EventKind) -> bool {
+        let n = self.keep_one_in.load(Ordering::Relaxed);
+        let low = self.drop_low_priority.load(Ordering::Relaxed);
+        if n <= 1 && !low {
+            return true;
+        }
+        match kind {
+            EventKind::FunctionException
+            | EventKind::ProcessExit
+            | EventKind::Error
+            | EventKind::ProcessSpawn
+            | EventKind::ProcessLink => return true,
+            EventKind::Term | EventKind::PerformanceMetric if low => {
+                self.low_priority.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            _ => {}
+        }
+        if n > 1 && self.counter.fetch_add(1, Ordering::Relaxed) % n as u64 != 0 {
+            self.sampled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Sets the policy.
+    pub fn set(&self, keep_one_in: u32, drop_low_priority: bool) {
+        self.keep_one_in.store(keep_one_in, Ordering::Relaxed);
+        self.drop_low_priority
+            .store(drop_low_priority, Ordering::Relaxed);
+    }
+
+    /// `(keep_one_in, drop_low_priority)`.
+    pub fn policy(&self) -> (u32, bool) {
+        (
+            self.keep_one_in.load(Ordering::Relaxed),
+            self.drop_low_priority.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Events shed, all reasons.
+    pub fn total(&self) -> u64 {
+        self.sampled.load(Ordering::Relaxed) + self.low_priority.load(Ordering::Relaxed)
+    }
+}
+
 /// The ring resource behind `%RingBuffer{}`: one ring, or the shards of a
 /// pipeline (a writer's shard is chosen by its pid, see [`RingRes::shard`]).
 pub struct RingRes {
@@ -44,6 +107,8 @@ pub struct RingRes {
     /// Shared with the owning pipeline, which sets it on shutdown.
     pub destroyed: Arc<AtomicBool>,
     pub truncated: AtomicU64,
+    /// Load shedding, shared with the pipeline and tracers writing here.
+    pub shed: Arc<Shedder>,
 }
 
 impl Drop for RingRes {
@@ -153,6 +218,7 @@ impl RingRes {
             strategy,
             destroyed: Arc::new(AtomicBool::new(false)),
             truncated: AtomicU64::new(0),
+            shed: Arc::new(Shedder::default()),
         }
     }
 
@@ -191,6 +257,10 @@ impl RingRes {
     {
         if self.destroyed.load(Ordering::Relaxed) {
             return (atoms::error(), atoms::destroyed()).encode(env);
+        }
+        if !self.shed.admit(kind) {
+            // Shed by policy: counted, reported as written.
+            return atoms::ok().encode(env);
         }
         let now = now_ns();
         let limit = self.max_event_bytes;
@@ -293,6 +363,10 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     if !rest.is_list() {
         return badarg(env, "events must be a proper list");
     }
+    // Shed events count as accepted (they were handled by policy).
+    let offered = items.len();
+    items.retain(|_| rb.shed.admit(EventKind::Term));
+    let shed = offered - items.len();
     let now = now_ns();
     let limit = rb.max_event_bytes;
     let mut truncated = 0u64;
@@ -308,7 +382,7 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     if truncated > 0 {
         rb.truncated.fetch_add(truncated, Ordering::Relaxed);
     }
-    Ok((accepted, items.len() - accepted, rest).encode(env))
+    Ok((accepted + shed, items.len() - accepted, rest).encode(env))
 }
 
 /// Read up to `min(count, chunk)` events ([`chunk_for`]) from `pos`:
@@ -372,6 +446,7 @@ fn rb_stats<'a>(env: Env<'a>, rb: Ref<RingRes>) -> NifResult<Term<'a>> {
             atoms::truncated_events(),
             rb.truncated.load(Ordering::Relaxed),
         )?
+        .map_put(atoms::shed_events(), rb.shed.total())?
         .map_put(atoms::max_event_bytes(), rb.max_event_bytes as u64)?
         .map_put(atoms::overflow_strategy(), rb.strategy)?;
     Ok(m)

@@ -26,7 +26,7 @@ use crate::atoms;
 use crate::codec::{encode_into, hash_bytes, is_immediate, list_cells, word, TapeEncoder};
 use crate::error::badarg;
 use crate::handle::{self, Handle, Ref};
-use crate::ring_nif::{begin, now_ns, RingRes};
+use crate::ring_nif::{begin, now_ns, RingRes, Shedder};
 
 /// Why tracing stopped (0: it has not).
 #[repr(u8)]
@@ -68,6 +68,7 @@ impl Reason {
 pub struct TracerRes {
     shards: Box<[Arc<Ring<Event>>]>,
     ring_destroyed: Arc<AtomicBool>,
+    shed: Arc<Shedder>,
     owner: LocalPid,
     /// Record arities only: no arguments, return values or message contents.
     arity_only: bool,
@@ -83,12 +84,15 @@ pub struct TracerRes {
     active: AtomicBool,
     reason: AtomicU8,
     stopped_at: AtomicI64,
-    /// trace/5 calls while active (written + dropped_full + over_limit).
+    /// trace/5 calls while active (written + dropped_full + over_limit +
+    /// shed).
     offered: AtomicU64,
     written: AtomicU64,
     dropped_full: AtomicU64,
     /// Offered past a limit (not written).
     over_limit: AtomicU64,
+    /// Shed by the pipeline's load-shedding policy (not written).
+    shed_events: AtomicU64,
     /// trace/5 calls after the stop (the VM had not switched off yet).
     after_stop: AtomicU64,
     truncated: AtomicU64,
@@ -228,6 +232,7 @@ fn tracer_new<'a>(
     let t = TracerRes {
         shards: rb.shards.clone(),
         ring_destroyed: rb.destroyed.clone(),
+        shed: rb.shed.clone(),
         owner,
         arity_only,
         record,
@@ -243,6 +248,7 @@ fn tracer_new<'a>(
         written: AtomicU64::new(0),
         dropped_full: AtomicU64::new(0),
         over_limit: AtomicU64::new(0),
+        shed_events: AtomicU64::new(0),
         after_stop: AtomicU64::new(0),
         truncated: AtomicU64::new(0),
         window_start: AtomicI64::new(now),
@@ -347,6 +353,10 @@ fn trace<'a>(
     if t.ring_destroyed.load(Ordering::Relaxed) {
         t.over_limit.fetch_add(1, Ordering::Relaxed);
         t.trip(env, state, Reason::PipelineDown);
+        return ok;
+    }
+    if !t.shed.admit(kind) {
+        t.shed_events.fetch_add(1, Ordering::Relaxed);
         return ok;
     }
     let pid_w = word(pid);
@@ -531,6 +541,7 @@ fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
             t.dropped_full.load(Ordering::Relaxed),
         )?
         .map_put(atoms::over_limit(), t.over_limit.load(Ordering::Relaxed))?
+        .map_put(atoms::shed(), t.shed_events.load(Ordering::Relaxed))?
         .map_put(atoms::after_stop(), t.after_stop.load(Ordering::Relaxed))?
         .map_put(atoms::truncated(), t.truncated.load(Ordering::Relaxed))?;
     Ok(m)

@@ -707,7 +707,9 @@ defmodule ElixirScope.Capture.PipelineE2ETest do
           shards: 1,
           async_writer_pool_size: 1,
           batch_size: 2,
-          max_dead_letters: 2
+          max_dead_letters: 2,
+          # Every failing batch reaches the stage (the breaker has its own test).
+          breaker_threshold: 0
         )
 
       buf = PipelineManager.ring_buffer(pm)

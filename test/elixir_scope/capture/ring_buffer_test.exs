@@ -34,7 +34,8 @@ defmodule ElixirScope.Capture.RingBufferTest do
                total_reads: 0,
                dropped_events: 0,
                utilization: 0.0,
-               truncated_events: 0
+               truncated_events: 0,
+               shed_events: 0
              }
 
       assert stats.dropped == %{
