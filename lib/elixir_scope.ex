@@ -74,8 +74,9 @@ defmodule ElixirScope do
   The current or last trace: `%{state: :idle}` before any, else a map with
   `:state` (`:tracing` / `:stopped`), `:reason` (`:stopped`, `:max_events`,
   `:max_rate`, `:duration`, `:pipeline_down`), and the counters `:traced`
-  (events written), `:dropped` (ring full), `:over_limit` (offered past a
-  limit), `:after_stop`, `:truncated`, plus the pipeline and store.
+  (events written), `:dropped` (ring full), `:shed` (load shedding),
+  `:over_limit` (offered past a limit), `:after_stop`, `:truncated`, plus
+  the pipeline and store. `offered = traced + dropped + shed + over_limit`.
   """
   @spec trace_status() :: map()
   def trace_status, do: Tracer.status()

@@ -45,6 +45,7 @@ defmodule ElixirScope.Native do
   def rb_clear(_ref), do: nif_error()
   def rb_destroy(_ref), do: nif_error()
   def rb_live_count, do: nif_error()
+  def shard_of_pid(_pid, _shards), do: nif_error()
 
   # Ingestor
   def ing_function_call(_ref, _module, _function, _args, _caller_pid, _correlation_id),
@@ -108,11 +109,13 @@ defmodule ElixirScope.Native do
   def pipe_metrics(_ref), do: nif_error()
   def pipe_dead_letters(_ref, _limit), do: nif_error()
   def pipe_inject_failures(_ref, _n), do: nif_error()
+  def pipe_inject_delay(_ref, _us), do: nif_error()
   def pipe_process_ring(_ref, _ring, _max), do: nif_error()
   def pipe_sweep(_ref), do: nif_error()
   def pipe_reset_latency(_ref), do: nif_error()
   def pipe_shutdown(_ref, _timeout_ms), do: nif_error()
   def pipe_alive(_ref), do: nif_error()
+  def pipe_correlation_dump(_ref, _limit), do: nif_error()
 
   # Correlator (EventCorrelator)
   def corr_new(_ttl_ns, _max_correlations), do: nif_error()

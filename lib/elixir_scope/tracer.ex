@@ -476,6 +476,14 @@ defmodule ElixirScope.Tracer do
       _ = PipelineManager.flush(session.pm, 5000)
     end
 
+    st = Native.tracer_stats(session.tracer)
+
+    ElixirScope.Telemetry.execute(
+      [:elixir_scope, :tracer, :stopped],
+      %{traced: st.written, dropped: st.dropped_full, shed: st.shed},
+      %{reason: reason, pipeline: session.pm}
+    )
+
     %{
       session
       | active: false,
@@ -527,6 +535,7 @@ defmodule ElixirScope.Tracer do
       stopped_at: session.stopped_at,
       traced: st.written,
       dropped: st.dropped_full,
+      shed: st.shed,
       over_limit: st.over_limit,
       after_stop: st.after_stop,
       truncated: st.truncated,

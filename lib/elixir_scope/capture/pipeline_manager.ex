@@ -56,7 +56,8 @@ defmodule ElixirScope.Capture.PipelineManager do
   | `:flush_interval_us` | `1000` | yes | how long an idle worker parks |
   | `:max_backlog` | `5000` | yes | backlog above which health is `:degraded` |
   | `:correlation_enabled` | `true` | yes | correlate, or only store |
-  | `:backpressure_enabled` | `true` | yes | kept for the BackpressureManager |
+  | `:backpressure_enabled` | `true` | no | start a `BackpressureManager` for this pipeline |
+  | `:backpressure` | `[]` | no | its options (observing only unless `auto_scale: true` / `load_shedding: true`; `min_workers`..`max_workers` default to the pool size..twice it) |
   | `:cleanup_interval_ms` | `60_000` | yes | correlator TTL sweep period |
   | `:correlation_ttl_ms` | `300_000` | yes | unmatched sends/receives older than this are swept |
   | `:max_correlations` | `100_000` | yes | bound on correlator entries (lowering evicts at once, counted) |
@@ -79,7 +80,7 @@ defmodule ElixirScope.Capture.PipelineManager do
   """
   use Supervisor
 
-  alias ElixirScope.Capture.{AsyncWriterPool, Pipeline, RingBuffer}
+  alias ElixirScope.Capture.{AsyncWriterPool, BackpressureManager, Pipeline, RingBuffer}
   alias ElixirScope.Capture.PipelineManager.Server
   alias ElixirScope.Native
   alias ElixirScope.Storage.DataAccess
@@ -96,7 +97,6 @@ defmodule ElixirScope.Capture.PipelineManager do
     :flush_interval_us,
     :max_backlog,
     :correlation_enabled,
-    :backpressure_enabled,
     :cleanup_interval_ms,
     :correlation_ttl_ms,
     :max_correlations,
@@ -118,14 +118,16 @@ defmodule ElixirScope.Capture.PipelineManager do
   def start_link(opts \\ []) do
     opts = Pipeline.to_map!(opts, "PipelineManager")
     {name, opts} = Map.pop(opts, :name, __MODULE__)
+    {bp_opts, opts} = Map.pop(opts, :backpressure, [])
     config = Map.merge(Map.merge(Pipeline.native_defaults(), @manager_defaults), opts)
     Pipeline.validate!(config)
     check_manager!(config)
+    bp = backpressure_opts!(bp_opts, config, name)
 
     case Pipeline.start(config, nil, name) do
       {:ok, pipeline} ->
         sup_opts = if name, do: [name: name], else: []
-        Supervisor.start_link(__MODULE__, {pipeline, name}, sup_opts)
+        Supervisor.start_link(__MODULE__, {pipeline, name, bp}, sup_opts)
 
       {:error, _} = err ->
         err
@@ -133,11 +135,22 @@ defmodule ElixirScope.Capture.PipelineManager do
   end
 
   @impl Supervisor
-  def init({pipeline, name}) do
-    children = [
-      {Server, {pipeline, name}},
-      {AsyncWriterPool, [pipeline: pipeline]}
-    ]
+  def init({pipeline, name, bp}) do
+    backpressure =
+      case bp do
+        nil ->
+          []
+
+        opts ->
+          opts = Keyword.put_new(opts, :pipeline, name || self())
+          [{BackpressureManager, opts}]
+      end
+
+    children =
+      [
+        {Server, {pipeline, name}},
+        {AsyncWriterPool, [pipeline: pipeline]}
+      ] ++ backpressure
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
   end
@@ -246,6 +259,42 @@ defmodule ElixirScope.Capture.PipelineManager do
   @doc false
   # The native handles (`%Pipeline{}`).
   def handles(pm \\ __MODULE__), do: GenServer.call(server!(pm), :handles)
+
+  @doc """
+  The pipeline's `BackpressureManager` (nil when `:backpressure_enabled` is
+  false).
+  """
+  @spec backpressure_manager(server()) :: pid() | nil
+  def backpressure_manager(pm \\ __MODULE__) do
+    Supervisor.which_children(pm)
+    |> Enum.find_value(fn
+      {BackpressureManager, pid, _, _} when is_pid(pid) -> pid
+      _ -> nil
+    end)
+  end
+
+  # The BackpressureManager's options (validated here, so a bad option
+  # fails start_link with ArgumentError), or nil when disabled.
+  defp backpressure_opts!(opts, config, name) do
+    unless is_list(opts) and Keyword.keyword?(opts),
+      do:
+        raise(ArgumentError, "option :backpressure must be a keyword list, got: #{inspect(opts)}")
+
+    if config.backpressure_enabled do
+      # Observe only unless told otherwise; the default pipeline's manager
+      # is registered under BackpressureManager's name.
+      bp_name = if name == __MODULE__, do: BackpressureManager, else: nil
+
+      opts =
+        opts
+        |> Keyword.put_new(:name, bp_name)
+        |> Keyword.put_new(:min_workers, min(config.async_writer_pool_size, 64))
+        |> Keyword.put_new(:max_workers, min(max(config.async_writer_pool_size * 2, 1), 64))
+
+      _ = BackpressureManager.validate_opts!(Keyword.put_new(opts, :pipeline, self()))
+      opts
+    end
+  end
 
   defp server!(pm) do
     found =

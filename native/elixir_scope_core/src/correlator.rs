@@ -304,6 +304,42 @@ impl Default for CorrelatorConfig {
     }
 }
 
+/// One process's open calls in a [`CorrelatorDump`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackDump {
+    /// The process.
+    pub pid: u64,
+    /// Tracked open calls.
+    pub depth: usize,
+    /// Open calls above them that were not tracked (bound reached).
+    pub untracked: usize,
+    /// Ids of the innermost open calls, innermost first.
+    pub innermost: Vec<u64>,
+}
+
+/// [`Correlator::dump`]'s answer.
+#[derive(Clone, Debug)]
+pub struct CorrelatorDump {
+    /// Processes with open calls.
+    pub processes_with_open_calls: usize,
+    /// Open calls in all.
+    pub open_calls: usize,
+    /// The deepest stacks.
+    pub stacks: Vec<StackDump>,
+    /// Sends waiting for their receive.
+    pub queued_sends: usize,
+    /// Receives waiting for their send.
+    pub pending_receives: usize,
+    /// Calls remembered for late returns.
+    pub calls_indexed: usize,
+    /// Spawn-tree entries.
+    pub tree_entries: usize,
+    /// Counters.
+    pub metrics: CorrelatorMetrics,
+    /// Bounds.
+    pub config: CorrelatorConfig,
+}
+
 /// Counters. All are cumulative except [`CorrelatorMetrics::active`].
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct CorrelatorMetrics {
@@ -537,6 +573,37 @@ impl Correlator {
     /// The configuration.
     pub fn config(&self) -> CorrelatorConfig {
         self.config
+    }
+
+    /// A summary of the correlation state for debugging: the open call
+    /// stacks (deepest first, at most `limit`, each with its innermost
+    /// `limit` frame ids, innermost first) and the sizes of the message and
+    /// process-tree tables.
+    pub fn dump(&self, limit: usize) -> CorrelatorDump {
+        let mut stacks: Vec<StackDump> = self
+            .stacks
+            .iter()
+            .map(|(&pid, st)| StackDump {
+                pid,
+                depth: st.frames.len(),
+                untracked: st.untracked as usize,
+                innermost: st.frames.iter().rev().take(limit).map(|f| f.id).collect(),
+            })
+            .collect();
+        stacks.sort_by(|a, b| b.depth.cmp(&a.depth).then(a.pid.cmp(&b.pid)));
+        let processes = stacks.len();
+        stacks.truncate(limit);
+        CorrelatorDump {
+            processes_with_open_calls: processes,
+            open_calls: self.stacks.values().map(|s| s.frames.len()).sum(),
+            stacks,
+            queued_sends: self.sends.values().map(|q| q.items.len()).sum(),
+            pending_receives: self.pending.values().map(|q| q.len()).sum(),
+            calls_indexed: self.calls.len(),
+            tree_entries: self.tree.len(),
+            metrics: self.metrics,
+            config: self.config,
+        }
     }
 
     /// A snapshot of the counters.

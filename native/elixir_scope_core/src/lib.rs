@@ -25,8 +25,8 @@ pub mod store;
 mod sync;
 
 pub use correlator::{
-    CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorMetrics,
-    LateLink, Link, LinkKind, Links,
+    CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorDump,
+    CorrelatorMetrics, LateLink, Link, LinkKind, Links, StackDump,
 };
 pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
 pub use hash::hash_bytes;

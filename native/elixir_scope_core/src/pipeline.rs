@@ -234,6 +234,7 @@ pub struct Engine {
     sweeps: AtomicU64,
     busy_ns: AtomicU64,
     fail_next: AtomicU64,
+    delay_us: AtomicU64,
     sweep_interval_ns: AtomicI64,
     last_sweep: AtomicI64,
 }
@@ -271,6 +272,7 @@ impl Engine {
             sweeps: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
+            delay_us: AtomicU64::new(0),
             sweep_interval_ns: AtomicI64::new(
                 sweep_interval.as_nanos().min(i64::MAX as u128) as i64
             ),
@@ -311,6 +313,12 @@ impl Engine {
         self.fail_next.store(n, Ordering::SeqCst);
     }
 
+    /// Makes every batch take `us` µs longer (a slow store, before any
+    /// lock is taken): fault injection for overload tests. 0 turns it off.
+    pub fn inject_delay(&self, us: u64) {
+        self.delay_us.store(us, Ordering::SeqCst);
+    }
+
     /// Forgets the latency samples.
     pub fn reset_latency(&self) {
         self.latency.reset();
@@ -328,6 +336,10 @@ impl Engine {
         }
         if events.is_empty() {
             return Ok(());
+        }
+        let delay = self.delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
         }
         let started = (self.clock)();
         SCRATCH.with(|cell| {

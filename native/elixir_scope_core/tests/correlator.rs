@@ -761,3 +761,23 @@ fn config_changes_apply_live() {
     assert_eq!(c.pending_messages(), 0);
     consistent(&c);
 }
+
+#[test]
+fn dump_lists_the_deepest_open_stacks() {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    // pid 1: 3 open calls; pid 2: 1 open call; pid 3: closed.
+    for (id, pid) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 3)] {
+        c.correlate(&call(id, pid, id as i64));
+    }
+    c.correlate(&ret(6, 3, 6));
+    let d = c.dump(2);
+    assert_eq!(d.processes_with_open_calls, 2);
+    assert_eq!(d.open_calls, 4);
+    assert_eq!(d.stacks.len(), 2);
+    assert_eq!(d.stacks[0].pid, 1);
+    assert_eq!(d.stacks[0].depth, 3);
+    assert_eq!(d.stacks[0].innermost, vec![3, 2]);
+    assert_eq!(d.stacks[1].innermost, vec![4]);
+    assert_eq!(d.metrics.calls, 5);
+    assert_eq!(c.dump(1).stacks.len(), 1);
+}

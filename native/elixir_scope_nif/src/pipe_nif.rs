@@ -352,10 +352,12 @@ fn pipe_metrics<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
     let cor = pipe.engine().correlator_metrics();
     let store = elixir_scope_core::pipeline::lock(pipe.engine().store()).stats();
     let (mut cap, mut avail) = (0u64, 0u64);
+    let mut per_shard: Vec<Term> = Vec::with_capacity(pipe.shards().len());
     for r in pipe.shards() {
         let s = r.stats();
         cap += s.capacity;
         avail += s.available();
+        per_shard.push((s.write_position, s.read_position, s.available(), s.capacity).encode(env));
     }
     let per_worker: Vec<Term> = pool
         .per_worker
@@ -440,6 +442,7 @@ fn pipe_metrics<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
             ("shards", pipe.shards().len() as u64),
         ],
     )?
+    .map_put(key(env, "per_shard"), per_shard)?
     .map_put(
         atoms::utilization(),
         if cap == 0 {
@@ -516,6 +519,56 @@ fn pipe_dead_letters<'a>(env: Env<'a>, p: Ref<PipeRes>, limit: u64) -> NifResult
         })
         .collect();
     Ok(crate::codec::make_list(env, &out))
+}
+
+/// The correlator's state for debugging (see `Correlator::dump`):
+/// `%{stacks: [{pid, depth, untracked, innermost_ids}], open_calls: n, ...}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn pipe_correlation_dump<'a>(env: Env<'a>, p: Ref<PipeRes>, limit: u64) -> NifResult<Term<'a>> {
+    let pipe = p.get(env)?;
+    let d = pipe
+        .engine()
+        .with_correlator(|c| c.dump(limit.min(1 << 20) as usize));
+    let stacks: Vec<Term> = d
+        .stacks
+        .iter()
+        .map(|st| {
+            // SAFETY: pids in the correlator are raw words of local pids.
+            let pid = unsafe { Term::new(env, crate::codec::from_word(st.pid)) };
+            (
+                pid,
+                st.depth as u64,
+                st.untracked as u64,
+                st.innermost.clone(),
+            )
+                .encode(env)
+        })
+        .collect();
+    counters(
+        env,
+        &[
+            (
+                "processes_with_open_calls",
+                d.processes_with_open_calls as u64,
+            ),
+            ("open_calls", d.open_calls as u64),
+            ("queued_sends", d.queued_sends as u64),
+            ("pending_receives", d.pending_receives as u64),
+            ("calls_indexed", d.calls_indexed as u64),
+            ("tree_entries", d.tree_entries as u64),
+            ("active", d.metrics.active),
+            ("max_correlations", d.config.max_correlations as u64),
+            ("ttl_ms", (d.config.ttl_ns / 1_000_000) as u64),
+        ],
+    )?
+    .map_put(key(env, "stacks"), stacks)
+}
+
+/// Fault injection: every batch takes `us` µs longer (0: off).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn pipe_inject_delay(env: Env, p: Ref<PipeRes>, us: u64) -> NifResult<Atom> {
+    p.get(env)?.engine().inject_delay(us.min(10_000_000));
+    Ok(atoms::ok())
 }
 
 /// Fault injection: the next `n` batches fail before touching any state.

@@ -485,3 +485,16 @@ fn rb_live_count() -> u64 {
 fn next_event_id_nif() -> u64 {
     next_event_id()
 }
+
+/// The shard (of `shards`) a process's events are written to.
+#[rustler::nif]
+fn shard_of_pid(env: Env, pid: Term, shards: u64) -> NifResult<u64> {
+    if !(1..=1 << 16).contains(&shards) {
+        return badarg(env, "shards must be an integer in 1..65536");
+    }
+    if !pid.is_pid() || !crate::codec::is_immediate(pid.as_c_arg()) {
+        return badarg(env, "expected a local pid");
+    }
+    let w = crate::codec::word(pid.as_c_arg());
+    Ok(shard_of(w, shards as usize) as u64)
+}

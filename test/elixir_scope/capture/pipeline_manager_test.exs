@@ -64,11 +64,16 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
       assert_raise ArgumentError, fn -> PipelineManager.start_link([1, 2]) end
     end
 
-    test "it is a supervisor of the state server and the writer pool" do
+    test "it is a supervisor of the state server, the writer pool and the backpressure manager" do
       pm = start!()
       kids = Supervisor.which_children(pm)
-      assert length(kids) == 2
+      assert length(kids) == 3
       assert Enum.any?(kids, fn {id, _, _, _} -> id == AsyncWriterPool end)
+      assert is_pid(PipelineManager.backpressure_manager(pm))
+
+      quiet = start!(backpressure_enabled: false)
+      assert length(Supervisor.which_children(quiet)) == 2
+      assert PipelineManager.backpressure_manager(quiet) == nil
     end
   end
 
@@ -148,7 +153,7 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
       assert state.config.batch_size == 7
       assert state.status == :running
       assert is_integer(state.uptime_ms)
-      assert length(state.children) == 2
+      assert length(state.children) == 3
 
       calls(PipelineManager.ring_buffer(pm), 50)
       :ok = PipelineManager.flush(pm)
@@ -178,7 +183,7 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
 
       h = PipelineManager.health_check(pm)
       assert h.status == :healthy
-      assert h.children_count == 2
+      assert h.children_count == 3
       assert is_integer(h.uptime_ms)
     end
 
