@@ -29,9 +29,11 @@ defmodule ElixirScope.Capture.BackpressureManager do
   | `:error_rate` | failed batch attempts / attempts since the last check (1.0 while the circuit breaker is open) | `{0.01, 0.05, 0.2}` |
 
   The pressure is the highest level of any signal. It rises at once; it
-  falls only after `:cool_down_checks` (2) checks in a row in which every
-  signal is below the lower level's thresholds scaled by 0.8 (hysteresis),
-  so a transition takes at most 2 check intervals.
+  falls only when every signal is below the lower level's thresholds scaled
+  by 0.8 (hysteresis), for `:cool_down_checks` (1) checks in a row. As
+  refusals are counted per interval, the check after an overload ends may
+  still see its last refusals, so a fall takes up to `cool_down_checks + 1`
+  intervals: 2 by default.
 
   ## Actions
 
@@ -79,7 +81,7 @@ defmodule ElixirScope.Capture.BackpressureManager do
     pipeline: PipelineManager,
     check_interval_ms: 100,
     telemetry_interval_ms: 1000,
-    cool_down_checks: 2,
+    cool_down_checks: 1,
     auto_scale: false,
     min_workers: 1,
     max_workers: 8,
