@@ -25,12 +25,7 @@ defmodule ElixirScope.Bench.Pipeline do
   alias ElixirScope.Capture.{Ingestor, PipelineManager}
   alias ElixirScope.Storage.DataAccess
 
-  def env_int(name, default) do
-    case System.get_env(name) do
-      nil -> default
-      v -> String.to_integer(v)
-    end
-  end
+  defdelegate env_int(name, default), to: ElixirScope.Bench.Harness
 
   # ---- workloads -------------------------------------------------------------
 

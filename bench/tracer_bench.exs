@@ -50,12 +50,7 @@ defmodule TracerBench do
   @mfa {Work, :step, 1}
   @variants ~w(untraced null ours ours_full dbg doctor)
 
-  def env_int(name, default) do
-    case System.get_env(name) do
-      nil -> default
-      v -> String.to_integer(v)
-    end
-  end
+  defdelegate env_int(name, default), to: ElixirScope.Bench.Harness
 
   defp timeout_ms, do: env_int("TRACER_BENCH_TIMEOUT_MS", 30_000)
 

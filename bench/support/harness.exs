@@ -86,7 +86,8 @@ defmodule ElixirScope.Bench.Harness do
   def fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 1)
   def fmt(x), do: to_string(x)
 
-  defp env_int(name, default) do
+  @doc "The integer in environment variable `name`, or `default`."
+  def env_int(name, default) do
     case System.get_env(name) do
       nil -> default
       v -> String.to_integer(v)

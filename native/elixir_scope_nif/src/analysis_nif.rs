@@ -225,6 +225,41 @@ fn ana_messages<'a>(
     Ok((out, next).encode(env))
 }
 
+/// The filters of `ana_select` / `ana_select_time`: pid, module and
+/// function keys (nil: any) and a bit mask of event kind numbers (0: any).
+struct Filter {
+    pid: Option<u64>,
+    module: Option<u64>,
+    function: Option<u64>,
+    kinds: u64,
+}
+
+impl Filter {
+    fn new<'a>(
+        env: Env<'a>,
+        pid: Term<'a>,
+        module: Term<'a>,
+        function: Term<'a>,
+        kinds: u64,
+    ) -> Filter {
+        let nil = atoms::nil().encode(env).as_c_arg();
+        let key = |t: Term<'a>| (t.as_c_arg() != nil).then(|| term_key(t));
+        Filter {
+            pid: key(pid),
+            module: key(module),
+            function: key(function),
+            kinds,
+        }
+    }
+
+    fn matches(&self, e: &StoredEvent) -> bool {
+        self.pid.map_or(true, |p| e.pid == p)
+            && self.module.map_or(true, |m| e.module == m)
+            && self.function.map_or(true, |f| e.function == f)
+            && (self.kinds == 0 || self.kinds & (1 << (e.kind & 63)) != 0)
+    }
+}
+
 /// One chunk of a filtered scan: `{entries, next_cursor | nil}`. Filters
 /// (nil: any): `pid`, `module`, `function`; `kinds` a bit mask of event
 /// kind numbers (0: any); `t0..=t1` timestamps.
@@ -241,26 +276,19 @@ fn ana_select<'a>(
     t0: i64,
     t1: i64,
 ) -> NifResult<Term<'a>> {
-    let nil = atoms::nil().encode(env).as_c_arg();
-    let key = |t: Term<'a>| (t.as_c_arg() != nil).then(|| term_key(t));
-    let (p, m, f) = (key(pid), key(module), key(function));
+    let filter = Filter::new(env, pid, module, function, kinds);
     let store = s.lock(env)?;
     let mut hits: Vec<StoredEvent> = Vec::new();
     let next = store.scan(cursor, SELECT_CHUNK, |e| {
-        if p.map_or(true, |p| e.pid == p)
-            && m.map_or(true, |m| e.module == m)
-            && f.map_or(true, |f| e.function == f)
-            && (kinds == 0 || kinds & (1 << (e.kind & 63)) != 0)
-            && (t0..=t1).contains(&e.timestamp)
-        {
+        if filter.matches(e) && (t0..=t1).contains(&e.timestamp) {
             hits.push(*e);
         }
     });
     Ok((entries(env, &hits), next).encode(env))
 }
 
-/// One chunk of a filtered walk of the time window `t0..=t1` through the
-/// time index, in `(timestamp, seq)` order, after the event at
+/// One chunk of a filtered walk of the time window `after_ts..=t1`
+/// through the time index, in `(timestamp, seq)` order, after the event at
 /// `(after_ts, after_seq)` (`after_seq` -1: from `after_ts` on):
 /// `{entries, {last_ts, last_seq} | nil}`. Filters as `ana_select`.
 #[allow(clippy::too_many_arguments)]
@@ -276,9 +304,7 @@ fn ana_select_time<'a>(
     kinds: u64,
     t1: i64,
 ) -> NifResult<Term<'a>> {
-    let nil = atoms::nil().encode(env).as_c_arg();
-    let key = |t: Term<'a>| (t.as_c_arg() != nil).then(|| term_key(t));
-    let (p, m, f) = (key(pid), key(module), key(function));
+    let filter = Filter::new(env, pid, module, function, kinds);
     let store = s.lock(env)?;
     let after = (after_ts, after_seq);
     let mut want = SELECT_CHUNK;
@@ -301,14 +327,6 @@ fn ana_select_time<'a>(
     } else {
         None
     };
-    let hits: Vec<StoredEvent> = page
-        .into_iter()
-        .filter(|e| {
-            p.map_or(true, |p| e.pid == p)
-                && m.map_or(true, |m| e.module == m)
-                && f.map_or(true, |f| e.function == f)
-                && (kinds == 0 || kinds & (1 << (e.kind & 63)) != 0)
-        })
-        .collect();
+    let hits: Vec<StoredEvent> = page.into_iter().filter(|e| filter.matches(e)).collect();
     Ok((entries(env, &hits), next).encode(env))
 }
