@@ -61,6 +61,16 @@ defmodule ElixirScope.TracerTest do
     {worker, result, summary}
   end
 
+  defp run_shed_workload do
+    Target.loop(2000)
+
+    try do
+      Target.outer(-1)
+    rescue
+      ArgumentError -> :caught
+    end
+  end
+
   # {fun, arg} trees of a call tree (return values checked separately).
   defp shape(%{call: c, children: kids}) do
     {c.function, c.data, for(%{call: _} = k <- kids, do: shape(k))}
@@ -242,6 +252,27 @@ defmodule ElixirScope.TracerTest do
       assert m.accounting.accepted == s.traced
       assert m.accounting.unaccounted == 0
       assert length(Analysis.select(limit: 1_000_000)) == s.traced
+    end
+
+    test "the trace honours its pipeline's load shedding; exceptions are never shed" do
+      test = self()
+
+      worker =
+        spawn(fn -> receive(do: (:go -> send(test, {:result, self(), run_shed_workload()}))) end)
+
+      {:ok, _} = ElixirScope.trace(Target, pids: [worker], events: [:calls, :returns])
+      pipe = PipelineManager.handles(ElixirScope.trace_pipeline()).pipe
+      :ok = ElixirScope.Native.pipe_configure(pipe, :shed_keep_one_in, 4)
+      send(worker, :go)
+      assert_receive {:result, ^worker, :caught}, 5000
+      {:ok, s} = ElixirScope.stop_trace()
+
+      assert s.shed > 0
+      assert s.offered == s.traced + s.dropped + s.over_limit + s.shed
+      # The three exception frames of outer(-1) all survive the sampling.
+      assert length(Analysis.select(types: [:exception])) == 3
+      m = PipelineManager.get_metrics(ElixirScope.trace_pipeline())
+      assert m.shedding.sampled == s.shed and m.accounting.accepted == s.traced
     end
 
     test "everything captured before stop_trace/0 is kept and queryable" do
