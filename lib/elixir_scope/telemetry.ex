@@ -19,12 +19,12 @@ defmodule ElixirScope.Telemetry do
   | --- | --- | --- |
   | `[:elixir_scope, :layer2, :throughput]` | `events_per_second`, `batches_per_second` | `pipeline` |
   | `[:elixir_scope, :layer2, :latency]` | `p50`, `p95`, `p99` (ns) | `pipeline` |
-  | `[:elixir_scope, :layer2, :health]` | `buffer_utilization`, `correlation_success_rate`, `worker_utilization` | `pipeline` |
+  | `[:elixir_scope, :layer2, :health]` | `buffer_utilization`, `correlation_success_rate`, `worker_utilization` | `pipeline`, `level` (pressure) |
   | `[:elixir_scope, :layer2, :pressure]` | `level` (0..3) | `pipeline`, `from`, `to` (pressure levels, atoms) |
-  | `[:elixir_scope, :layer2, :shedding]` | `keep_one_in` | `pipeline`, `enabled` (boolean), `level` (atom) |
+  | `[:elixir_scope, :layer2, :shedding]` | `keep_one_in` | `pipeline`, `enabled` (boolean), `level` (atom), `drop_low_priority` (boolean) |
   | `[:elixir_scope, :layer2, :circuit]` | none (`%{}`) | `pipeline`, `from`, `to` (`:closed`, `:open` or `:half_open`) |
   | `[:elixir_scope, :layer2, :scaling]` | `workers` | `pipeline`, `from`, `to` (worker counts) |
-  | `[:elixir_scope, :tracer, :stopped]` | `traced` | `pipeline`, `reason` (atom) |
+  | `[:elixir_scope, :tracer, :stopped]` | `traced`, `dropped`, `shed` | `pipeline`, `reason` (`:stopped`, `:max_events`, `:max_rate`, `:duration`, `:pipeline_down`) |
 
   `events/0` lists these names.
 
