@@ -192,9 +192,13 @@ defmodule ElixirScope.Tracer do
 
     case Application.spec(app, :modules) do
       nil -> {:error, {:unknown_application, app}}
-      mods -> Enum.reduce_while(mods, {:ok, []}, &add_module/2)
+      mods -> Enum.reduce_while(mods -- [Native], {:ok, []}, &add_module/2)
     end
   end
+
+  # The tracer's own NIF module is never traced.
+  defp target({Native, _, _}), do: {:error, {:cannot_trace, Native}}
+  defp target(Native), do: {:error, {:cannot_trace, Native}}
 
   defp target({m, f, a} = mfa) when is_atom(m) and is_atom(f) and (a == :_ or is_integer(a)) do
     case Code.ensure_loaded(m) do

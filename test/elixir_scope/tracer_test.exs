@@ -309,6 +309,23 @@ defmodule ElixirScope.TracerTest do
       assert ElixirScope.trace_status().state in [:idle, :stopped]
     end
 
+    test "an OTP application's modules" do
+      {_pid, "1 + 1 = 2", _} =
+        traced({:app, :eex}, [events: [:calls, :returns]], fn ->
+          EEx.eval_string("1 + 1 = <%= 1 + 1 %>")
+        end)
+
+      calls = Analysis.select(types: [:call])
+      assert Enum.any?(calls, &(&1.module == EEx and &1.function == :eval_string))
+
+      assert Enum.all?(
+               calls,
+               &(&1.module |> Atom.to_string() |> String.starts_with?("Elixir.EEx"))
+             )
+
+      assert {:error, {:cannot_trace, ElixirScope.Native}} = ElixirScope.trace(ElixirScope.Native)
+    end
+
     test "malformed options raise ArgumentError" do
       bad = [
         [pids: :some],
