@@ -83,8 +83,8 @@ defmodule ElixirScope do
 
   @doc """
   Waits (up to `timeout_ms`) until every event captured so far by the
-  current or last trace is queryable. `:ok`, `{:error, :timeout}` or
-  `{:error, :no_trace}`.
+  current or last trace is queryable. `:ok`, `{:error, :timeout}`,
+  `{:error, :no_trace}` or `{:error, :pipeline_down}`.
   """
   @spec flush_trace(non_neg_integer()) :: :ok | {:error, term()}
   def flush_trace(timeout_ms \\ 5000), do: Tracer.flush(timeout_ms)

@@ -90,8 +90,13 @@ defmodule ElixirScope.Tracer do
   @doc false
   def flush(timeout_ms) when is_integer(timeout_ms) and timeout_ms >= 0 do
     case call(:session) do
-      nil -> {:error, :no_trace}
-      s -> PipelineManager.flush(s.pm, timeout_ms)
+      nil ->
+        {:error, :no_trace}
+
+      s ->
+        if Process.alive?(s.pm),
+          do: PipelineManager.flush(s.pm, timeout_ms),
+          else: {:error, :pipeline_down}
     end
   end
 
