@@ -66,11 +66,8 @@ defmodule ElixirScope.Debug do
   end
 
   defp storage_check(store) do
-    case DataAccess.get_stats(store) do
-      {:ok, _} -> :ok
-      %{} -> :ok
-      other -> {:error, "store: #{inspect(other)}"}
-    end
+    %{} = DataAccess.get_stats(store)
+    :ok
   rescue
     e -> {:error, "store: #{Exception.message(e)}"}
   end

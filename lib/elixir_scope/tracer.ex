@@ -262,10 +262,8 @@ defmodule ElixirScope.Tracer do
   end
 
   @impl true
-  def handle_call({:trace, patterns, pids, config}, _from, %{session: %{active: true}} = s) do
-    _ = {patterns, pids, config}
-    {:reply, {:error, :already_tracing}, s}
-  end
+  def handle_call({:trace, _patterns, _pids, _config}, _from, %{session: %{active: true}} = s),
+    do: {:reply, {:error, :already_tracing}, s}
 
   def handle_call({:trace, patterns, pids, config}, _from, s) do
     s = drop_session(s)

@@ -201,11 +201,7 @@ fn ana_messages<'a>(
     cursor: u64,
     limit: u64,
 ) -> NifResult<Term<'a>> {
-    let p = if pid.as_c_arg() == atoms::nil().encode(env).as_c_arg() {
-        0
-    } else {
-        term_key(pid)
-    };
+    let p = opt_key(env, pid).unwrap_or(0);
     let store: std::sync::MutexGuard<'_, EventStore> = s.lock(env)?;
     let (flows, next) = analysis::message_flow(&store, p, cursor, (limit as usize).max(1));
     let mut scratch: Scratch = Vec::with_capacity(32);
@@ -225,6 +221,11 @@ fn ana_messages<'a>(
     Ok((out, next).encode(env))
 }
 
+/// The index key of a filter term, `None` for nil (any).
+fn opt_key(env: Env, t: Term) -> Option<u64> {
+    (t.as_c_arg() != atoms::nil().encode(env).as_c_arg()).then(|| term_key(t))
+}
+
 /// The filters of `ana_select` / `ana_select_time`: pid, module and
 /// function keys (nil: any) and a bit mask of event kind numbers (0: any).
 struct Filter {
@@ -242,12 +243,10 @@ impl Filter {
         function: Term<'a>,
         kinds: u64,
     ) -> Filter {
-        let nil = atoms::nil().encode(env).as_c_arg();
-        let key = |t: Term<'a>| (t.as_c_arg() != nil).then(|| term_key(t));
         Filter {
-            pid: key(pid),
-            module: key(module),
-            function: key(function),
+            pid: opt_key(env, pid),
+            module: opt_key(env, module),
+            function: opt_key(env, function),
             kinds,
         }
     }

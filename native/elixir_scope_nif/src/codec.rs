@@ -138,6 +138,25 @@ pub fn encode_into(
     })
 }
 
+/// The raw word of an immediate term (local pid, atom, small integer),
+/// else 0 (the "none" header value).
+#[inline]
+pub fn imm_word(t: ERL_NIF_TERM) -> u64 {
+    if is_immediate(t) {
+        word(t)
+    } else {
+        0
+    }
+}
+
+/// The content hash of a term that is not encoded (whole, or because it
+/// was too big): its `phash2`, marked so it never equals the hash of an
+/// encoding. A send and its receive hash the same message alike.
+#[inline]
+pub fn phash_content(t: Term) -> u64 {
+    hash_bytes(&(t.hash_phash2() as u64 | 1 << 40).to_le_bytes())
+}
+
 /// Encodes terms into a tape under a byte budget (see [`encode_into`]).
 pub struct TapeEncoder {
     env: *mut ErlNifEnv,
@@ -196,7 +215,7 @@ impl TapeEncoder {
         let cut = self.truncated;
         self.truncated |= was;
         if cut {
-            return hash_bytes(&(t.hash_phash2() as u64 | 1 << 40).to_le_bytes());
+            return phash_content(t);
         }
         // SAFETY: bytes `mark..len` were just written by `field`.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr.add(mark), self.len - mark) };

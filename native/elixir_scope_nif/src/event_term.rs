@@ -52,6 +52,13 @@ fn function_execution_keys() -> [Atom; 13] {
     ]
 }
 
+/// `{a, b}` of two terms of `env`.
+fn pair(env: Env, a: ERL_NIF_TERM, b: ERL_NIF_TERM) -> ERL_NIF_TERM {
+    // SAFETY: the caller passes terms built in (or valid in) `env`.
+    unsafe { rustler::types::tuple::make_tuple(env, &[Term::new(env, a), Term::new(env, b)]) }
+        .as_c_arg()
+}
+
 #[inline]
 fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
     if w == 0 {
@@ -168,14 +175,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             let kind = next(scratch);
             let reason = next(scratch);
             let corr = next(scratch);
-            // SAFETY: both words are terms of `env`.
-            let value = unsafe {
-                rustler::types::tuple::make_tuple(
-                    env,
-                    &[Term::new(env, kind), Term::new(env, reason)],
-                )
-            }
-            .as_c_arg();
+            let value = pair(env, kind, reason);
             function_exit(env, atoms::exception(), id, value, ev.aux, corr, ts, wall)
         }
         EventKind::ProcessSpawn => {
@@ -487,14 +487,7 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
             data = if exception {
                 let class = next(scratch);
                 let reason = next(scratch);
-                // SAFETY: both are terms of `env`.
-                unsafe {
-                    rustler::types::tuple::make_tuple(
-                        env,
-                        &[Term::new(env, class), Term::new(env, reason)],
-                    )
-                }
-                .as_c_arg()
+                pair(env, class, reason)
             } else {
                 next(scratch)
             };
@@ -547,11 +540,7 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
             pid = next(scratch);
             let old = next(scratch);
             let new = next(scratch);
-            // SAFETY: both are terms of `env`.
-            data = unsafe {
-                rustler::types::tuple::make_tuple(env, &[Term::new(env, old), Term::new(env, new)])
-            }
-            .as_c_arg();
+            data = pair(env, old, new);
             atoms::state_change_type()
         }
         _ => {

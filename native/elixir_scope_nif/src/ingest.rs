@@ -7,7 +7,7 @@ use elixir_scope_core::EventKind;
 use rustler::sys::enif_compare;
 use rustler::{Encoder, Env, Term};
 
-use crate::codec::{is_immediate, list_cells, word};
+use crate::codec::{imm_word, is_immediate, list_cells, word};
 use crate::handle::Ref;
 use crate::ring_nif::RingRes;
 
@@ -30,16 +30,6 @@ fn self_word(env: Env) -> u64 {
     word(env.pid().encode(env).as_c_arg())
 }
 
-#[inline]
-fn atom_word(t: Term) -> u64 {
-    let w = t.as_c_arg();
-    if is_immediate(w) {
-        word(w)
-    } else {
-        0
-    }
-}
-
 /// Longest argument list whose length is counted exactly; longer lists
 /// (no real call has more than 255 arguments) record this value.
 const MAX_COUNTED_ARITY: i64 = 65_535;
@@ -55,9 +45,9 @@ fn ing_function_call<'a>(
     correlation_id: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::FunctionCall, |ev, enc| {
-        ev.module = atom_word(module);
-        ev.function = atom_word(function);
-        ev.pid = atom_word(caller_pid);
+        ev.module = imm_word(module.as_c_arg());
+        ev.function = imm_word(function.as_c_arg());
+        ev.pid = imm_word(caller_pid.as_c_arg());
         ev.peer = corr_key(correlation_id);
         ev.aux = list_cells(call_args, MAX_COUNTED_ARITY);
         enc.field(call_args);
@@ -92,8 +82,8 @@ fn ing_process_spawn<'a>(
     child_pid: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::ProcessSpawn, |ev, enc| {
-        ev.pid = atom_word(child_pid);
-        ev.peer = atom_word(parent_pid);
+        ev.pid = imm_word(child_pid.as_c_arg());
+        ev.peer = imm_word(parent_pid.as_c_arg());
         enc.field(child_pid);
         enc.field(parent_pid);
     })
@@ -108,8 +98,8 @@ fn ing_message_send<'a>(
     message: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::MessageSend, |ev, enc| {
-        ev.pid = atom_word(from_pid);
-        ev.peer = atom_word(to_pid);
+        ev.pid = imm_word(from_pid.as_c_arg());
+        ev.peer = imm_word(to_pid.as_c_arg());
         enc.field(from_pid);
         enc.field(to_pid);
         ev.aux = enc.field_hashed(message) as i64;
@@ -126,7 +116,7 @@ fn ing_message_receive<'a>(
     message: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::MessageReceive, |ev, enc| {
-        ev.pid = atom_word(receiver_pid);
+        ev.pid = imm_word(receiver_pid.as_c_arg());
         enc.field(receiver_pid);
         ev.aux = enc.field_hashed(message) as i64;
     })
@@ -140,7 +130,7 @@ fn ing_process_exit<'a>(
     reason: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::ProcessExit, |ev, enc| {
-        ev.pid = atom_word(pid);
+        ev.pid = imm_word(pid.as_c_arg());
         enc.field(pid);
         enc.field(reason);
     })
@@ -176,7 +166,7 @@ fn ing_state_change<'a>(
     new_state: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::StateChange, |ev, enc| {
-        ev.pid = atom_word(server_pid);
+        ev.pid = imm_word(server_pid.as_c_arg());
         // SAFETY: both terms belong to the calling env.
         let same = unsafe { enif_compare(old_state.as_c_arg(), new_state.as_c_arg()) } == 0;
         ev.aux = if same { 0 } else { 1 };

@@ -208,6 +208,23 @@ pub fn begin(ev: &mut Event, kind: EventKind, (mono, wall): (i64, i64)) {
     ev.aux = 0;
 }
 
+/// Encode `ev`'s payload with `fill` under `limit` bytes, reusing the
+/// slot's buffer; sets [`FLAG_TRUNCATED`] and returns true when a field was
+/// cut.
+#[inline]
+pub fn encode_payload<F>(env: Env, ev: &mut Event, limit: usize, fill: F) -> bool
+where
+    F: FnOnce(&mut Event, &mut TapeEncoder),
+{
+    let mut payload = std::mem::take(&mut ev.payload);
+    let cut = encode_into(env, &mut payload, limit, |enc| fill(ev, enc));
+    if cut {
+        ev.flags |= FLAG_TRUNCATED;
+    }
+    ev.payload = payload;
+    cut
+}
+
 impl RingRes {
     /// A resource over `shards` (at least one).
     pub fn new(shards: Vec<Arc<Ring<Event>>>, max_event_bytes: usize, strategy: Atom) -> RingRes {
@@ -266,12 +283,9 @@ impl RingRes {
         let limit = self.max_event_bytes;
         let res = self.shard(env).push_with(|ev| {
             begin(ev, kind, now);
-            let mut payload = std::mem::take(&mut ev.payload);
-            if encode_into(env, &mut payload, limit, |enc| fill(ev, enc)) {
-                ev.flags |= FLAG_TRUNCATED;
+            if encode_payload(env, ev, limit, fill) {
                 self.truncated.fetch_add(1, Ordering::Relaxed);
             }
-            ev.payload = payload;
         });
         match res {
             Ok(_) => atoms::ok().encode(env),
@@ -372,12 +386,9 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let mut truncated = 0u64;
     let accepted = rb.shard(env).push_batch_with(items.len(), |i, ev| {
         begin(ev, EventKind::Term, now);
-        let mut payload = std::mem::take(&mut ev.payload);
-        if encode_into(env, &mut payload, limit, |enc| enc.field(items[i])) {
-            ev.flags |= FLAG_TRUNCATED;
+        if encode_payload(env, ev, limit, |_, enc| enc.field(items[i])) {
             truncated += 1;
         }
-        ev.payload = payload;
     });
     if truncated > 0 {
         rb.truncated.fetch_add(truncated, Ordering::Relaxed);

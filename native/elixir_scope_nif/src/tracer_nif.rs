@@ -13,7 +13,7 @@
 //! `{:elixir_scope_trace_stopped, tracer, reason}` to switch the VM's trace
 //! flags off. A full ring drops the event (counted), never blocks.
 
-use elixir_scope_core::{shard_of, Event, EventKind, Ring, FLAG_TRUNCATED};
+use elixir_scope_core::{shard_of, Event, EventKind, Ring};
 use rustler::sys::{enif_get_map_value, enif_get_tuple, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::types::LocalPid;
@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, O
 use std::sync::Arc;
 
 use crate::atoms;
-use crate::codec::{encode_into, hash_bytes, is_immediate, list_cells, word, TapeEncoder};
+use crate::codec::{imm_word, is_immediate, list_cells, phash_content, word, TapeEncoder};
 use crate::error::badarg;
 use crate::handle::{self, Handle, Ref};
-use crate::ring_nif::{begin, now_ns, RingRes, Shedder};
+use crate::ring_nif::{begin, encode_payload, now_ns, RingRes, Shedder};
 
 /// Why tracing stopped (0: it has not).
 #[repr(u8)]
@@ -178,22 +178,6 @@ fn extra<'a>(env: Env<'a>, opts: Term<'a>) -> Option<Term<'a>> {
     };
     // SAFETY: a term of `env`.
     (ok != 0).then(|| unsafe { Term::new(env, v) })
-}
-
-#[inline]
-fn imm_word(w: ERL_NIF_TERM) -> u64 {
-    if is_immediate(w) {
-        word(w)
-    } else {
-        0
-    }
-}
-
-/// The content hash of a message recorded without its content (the same
-/// value a truncated field gets, so sends and receives agree).
-#[inline]
-fn phash_content(t: Term) -> u64 {
-    hash_bytes(&(t.hash_phash2() as u64 | 1 << 40).to_le_bytes())
 }
 
 /// `tracer_new(ring, owner, arity_only, record, max_payload_bytes,
@@ -362,31 +346,41 @@ fn trace<'a>(
     let pid_w = word(pid);
     let ring = &t.shards[shard_of(pid_w, t.shards.len())];
     let full = !t.arity_only;
+    // {M, F, Args | Arity} of a call, {M, F, Arity} of a return or exception.
+    let mfa = match kind {
+        EventKind::FunctionCall | EventKind::FunctionReturn | EventKind::FunctionException => {
+            tuple_items(term)
+        }
+        _ => &[],
+    };
     let res = ring.push_with(|ev| {
         begin(ev, kind, now);
         ev.pid = pid_w;
+        if let [m, f, a] = *mfa {
+            ev.module = imm_word(m);
+            ev.function = imm_word(f);
+            if kind == EventKind::FunctionCall {
+                // SAFETY: an element of a term of `env`.
+                ev.aux = call_arity(unsafe { Term::new(env, a) });
+            }
+        }
         if !full && matches!(kind, EventKind::FunctionCall | EventKind::FunctionReturn) {
             // Arity only: the header says it all (no payload to encode).
             ev.payload.clear();
-            if let [m, f, a] = *tuple_items(term) {
-                ev.module = imm_word(m);
-                ev.function = imm_word(f);
-                if kind == EventKind::FunctionCall {
-                    // SAFETY: an element of a term of `env`.
-                    ev.aux = unsafe { Term::new(env, a) }.decode::<i64>().unwrap_or(0);
-                }
-            }
             return;
         }
-        let mut payload = std::mem::take(&mut ev.payload);
-        let cut = encode_into(env, &mut payload, t.limit, |enc| {
-            fill(env, ev, enc, kind, tracee, term, opts, full)
-        });
-        if cut {
-            ev.flags |= FLAG_TRUNCATED;
+        let args = match *mfa {
+            // SAFETY: an element of a term of `env`.
+            [_, _, a] if full && kind == EventKind::FunctionCall => {
+                Some(unsafe { Term::new(env, a) })
+            }
+            _ => None,
+        };
+        if encode_payload(env, ev, t.limit, |ev, enc| {
+            fill(env, ev, enc, kind, tracee, term, opts, full, args)
+        }) {
             t.truncated.fetch_add(1, Ordering::Relaxed);
         }
-        ev.payload = payload;
     });
     match res {
         Ok(_) => t.written.fetch_add(1, Ordering::Relaxed),
@@ -395,8 +389,16 @@ fn trace<'a>(
     ok
 }
 
-/// Header fields and payload of one trace event, in the layouts of the
-/// Ingestor's events (see `ingest.rs`), with nil for what is not captured.
+/// The arity in a call's trace term: the integer under the `arity` flag,
+/// else the length of the argument list.
+#[inline]
+fn call_arity(a: Term) -> i64 {
+    a.decode::<i64>().unwrap_or_else(|_| list_cells(a, 65_535))
+}
+
+/// Header fields beyond the function and payload of one trace event, in
+/// the layouts of the Ingestor's events (see `ingest.rs`), with nil for
+/// what is not captured; `args` is a call's argument list when captured.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn fill<'a>(
@@ -408,43 +410,21 @@ fn fill<'a>(
     term: Term<'a>,
     opts: Term<'a>,
     full: bool,
+    args: Option<Term<'a>>,
 ) {
     let nil = atoms::nil().encode(env);
     match kind {
         EventKind::FunctionCall => {
-            // {M, F, Args} (or {M, F, Arity} under the `arity` flag).
-            if let [m, f, a] = *tuple_items(term) {
-                ev.module = imm_word(m);
-                ev.function = imm_word(f);
-                // SAFETY: an element of a term of `env`.
-                let a = unsafe { Term::new(env, a) };
-                if let Ok(arity) = a.decode::<i64>() {
-                    ev.aux = arity;
-                    enc.field(nil);
-                } else {
-                    ev.aux = list_cells(a, 65_535);
-                    enc.field(if full { a } else { nil });
-                }
-            } else {
-                enc.field(nil);
-            }
+            enc.field(args.filter(|a| a.is_list()).unwrap_or(nil));
             enc.field(tracee);
             enc.field(nil);
         }
         EventKind::FunctionReturn => {
-            if let [m, f, _] = *tuple_items(term) {
-                ev.module = imm_word(m);
-                ev.function = imm_word(f);
-            }
             let value = if full { extra(env, opts) } else { None };
             enc.field(value.unwrap_or(nil));
             enc.field(nil);
         }
         EventKind::FunctionException => {
-            if let [m, f, _] = *tuple_items(term) {
-                ev.module = imm_word(m);
-                ev.function = imm_word(f);
-            }
             // {Class, Value}: kept in both modes (a crash's reason).
             match extra(env, opts).map(tuple_items) {
                 // SAFETY: elements of a term of `env`.
@@ -471,21 +451,11 @@ fn fill<'a>(
             };
             enc.field(tracee);
             enc.field(to);
-            ev.aux = if full {
-                enc.field_hashed(term) as i64
-            } else {
-                enc.field(nil);
-                phash_content(term) as i64
-            };
+            ev.aux = message_field(enc, term, full, nil);
         }
         EventKind::MessageReceive => {
             enc.field(tracee);
-            ev.aux = if full {
-                enc.field_hashed(term) as i64
-            } else {
-                enc.field(nil);
-                phash_content(term) as i64
-            };
+            ev.aux = message_field(enc, term, full, nil);
         }
         EventKind::ProcessSpawn => {
             // The tracee is the parent; the term is the child.
@@ -505,6 +475,18 @@ fn fill<'a>(
             enc.field(term);
         }
         _ => {}
+    }
+}
+
+/// Encode a message (or nil when contents are not captured) and return
+/// its content hash, the same for its send and its receive.
+#[inline]
+fn message_field(enc: &mut TapeEncoder, msg: Term, full: bool, nil: Term) -> i64 {
+    if full {
+        enc.field_hashed(msg) as i64
+    } else {
+        enc.field(nil);
+        phash_content(msg) as i64
     }
 }
 
