@@ -184,7 +184,11 @@ defmodule ElixirScope.TracerTest do
 
       {sender, :sent, _} =
         traced(Target, [pids: :all, events: [:calls, :returns, :messages]], fn ->
-          Target.ping(receiver, :hello)
+          # The VM may emit the receive event in the receiver, after the send
+          # returned: wait until it has the message before the trace stops.
+          ref = Process.monitor(receiver)
+          sent = Target.ping(receiver, :hello)
+          receive(do: ({:DOWN, ^ref, _, _, _} -> sent))
         end)
 
       flows = Analysis.messages(pid: sender)
