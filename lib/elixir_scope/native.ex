@@ -6,7 +6,8 @@ defmodule ElixirScope.Native do
   # `store_*` event store (DataAccess), `pipe_*` native pipeline, `corr_*`
   # correlator (EventCorrelator), `tracer_*` plus `enabled/3` and `trace/5`
   # (this module is the erl_tracer module of `ElixirScope.trace/2`), `ana_*`
-  # trace analysis (ElixirScope.Analysis). No logic
+  # trace analysis (ElixirScope.Analysis), `utils_*` clocks and time ids
+  # (ElixirScope.Utils). No logic
   # lives here.
 
   @on_load :load_nif
@@ -34,6 +35,12 @@ defmodule ElixirScope.Native do
 
   # Ids
   def next_event_id, do: nif_error()
+
+  # Utils (ElixirScope.Utils): native clocks and time ids
+  def utils_monotonic_ns, do: nif_error()
+  def utils_wall_ns, do: nif_error()
+  def utils_generate_id, do: nif_error()
+  def utils_id_timestamp(_id), do: nif_error()
 
   # Ring buffer
   def rb_new(_size, _strategy, _max_event_bytes), do: nif_error()

@@ -12,12 +12,15 @@ defmodule ElixirScope.BadInputTest do
   import ElixirScope.RingTestHelpers
 
   alias ElixirScope.Capture.{EventCorrelator, Ingestor, RingBuffer}
-  alias ElixirScope.{Events, Native}
+  alias ElixirScope.{Events, Native, Utils}
   alias ElixirScope.Storage.DataAccess
 
   @moduletag timeout: 300_000
 
   @buffer_key {Ingestor, :buffer}
+
+  # Modules whose every public function the sweep calls with bad input.
+  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils]
 
   setup do
     previous = :persistent_term.get(@buffer_key, :__unset__)
@@ -308,7 +311,32 @@ defmodule ElixirScope.BadInputTest do
       {EventCorrelator, :get_metrics, fn _ -> [corr!()] end, &is_map/1},
       {EventCorrelator, :health_check, fn _ -> [corr!()] end, &is_map/1},
       {EventCorrelator, :get_state, fn _ -> [corr!()] end, &is_map/1},
-      {EventCorrelator, :stop, fn _ -> [new_corr!()] end, &(&1 == :ok)}
+      {EventCorrelator, :stop, fn _ -> [new_corr!()] end, &(&1 == :ok)},
+      # Utils
+      {Utils, :monotonic_timestamp, fn _ -> [] end, &is_integer/1},
+      {Utils, :wall_timestamp, fn _ -> [] end, &is_integer/1},
+      {Utils, :format_timestamp, fn _ -> [0] end, &is_binary/1},
+      {Utils, :measure, fn _ -> [fn -> :ok end] end, &match?({:ok, ns} when is_integer(ns), &1)},
+      {Utils, :generate_id, fn _ -> [] end, &(is_integer(&1) and &1 > 0)},
+      {Utils, :id_to_timestamp, fn _ -> [Utils.generate_id()] end, &is_integer/1},
+      {Utils, :generate_correlation_id, fn _ -> [] end, &(is_binary(&1) and byte_size(&1) == 36)},
+      {Utils, :safe_inspect, fn _ -> [:term] end, &is_binary/1},
+      {Utils, :safe_inspect, fn _ -> [:term, [limit: 5]] end, &is_binary/1},
+      {Utils, :truncate_if_large, fn _ -> [:term] end, &any?/1},
+      {Utils, :truncate_if_large, fn _ -> [:term, 100] end, &any?/1},
+      {Utils, :truncate_data, fn _ -> [:term] end, &any?/1},
+      {Utils, :truncate_data, fn _ -> [:term, 100] end, &any?/1},
+      {Utils, :term_size, fn _ -> [:term] end, &(is_integer(&1) and &1 >= 0)},
+      {Utils, :measure_memory, fn _ -> [fn -> :ok end] end,
+       &match?({:ok, {b, a, d}} when is_integer(b) and is_integer(a) and is_integer(d), &1)},
+      {Utils, :process_stats, fn _ -> [] end, &is_map/1},
+      {Utils, :process_stats, fn _ -> [me] end, &is_map/1},
+      {Utils, :system_stats, fn _ -> [] end, &is_map/1},
+      {Utils, :format_bytes, fn _ -> [10] end, &is_binary/1},
+      {Utils, :format_duration, fn _ -> [10] end, &is_binary/1},
+      {Utils, :valid_positive_integer?, fn _ -> [1] end, &is_boolean/1},
+      {Utils, :valid_percentage?, fn _ -> [0.5] end, &is_boolean/1},
+      {Utils, :valid_pid?, fn _ -> [me] end, &is_boolean/1}
     ]
   end
 
@@ -395,14 +423,14 @@ defmodule ElixirScope.BadInputTest do
   # ---------------------------------------------------------------------------
 
   describe "coverage" do
-    test "the sweep covers every public function of RingBuffer, Ingestor, Events and DataAccess" do
+    test "the sweep covers every public function of the swept modules" do
       covered =
         for {mod, fun, args_fun, _} <- specs(), into: MapSet.new() do
           {mod, fun, length(args_fun.(nil))}
         end
 
       exported =
-        for mod <- [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator],
+        for mod <- @swept,
             {fun, arity} <- mod.__info__(:functions),
             into: MapSet.new(),
             do: {mod, fun, arity}
@@ -421,7 +449,7 @@ defmodule ElixirScope.BadInputTest do
   end
 
   describe "wrong-type sweep" do
-    for mod <- [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator] do
+    for mod <- @swept do
       test "#{inspect(mod)}: every argument x every bad value -> documented result or ArgumentError" do
         exported = unquote(mod).__info__(:functions)
 
@@ -480,6 +508,10 @@ defmodule ElixirScope.BadInputTest do
 
       calls = [
         {:next_event_id, []},
+        {:utils_monotonic_ns, []},
+        {:utils_wall_ns, []},
+        {:utils_generate_id, []},
+        {:utils_id_timestamp, [Native.utils_generate_id()]},
         {:rb_live_count, []},
         {:shard_of_pid, [me, 4]},
         {:rb_new, [8, :drop_oldest, 8192]},

@@ -131,3 +131,40 @@ pub fn next_event_id() -> u64 {
 pub fn reserve_event_ids(n: u64) -> u64 {
     NEXT_ID.fetch_add(n, Ordering::Relaxed)
 }
+
+/// Time ids ([`next_time_id`]) are `TIME_ID_BASE + t`, `t` in nanoseconds
+/// since an origin chosen by the caller. The base keeps them apart from the
+/// event-id counter ([`next_event_id`] would need 2^58 ids to reach it) and,
+/// for the first 2^58 ns (9 years) after the origin, below 2^59: small
+/// integers on the BEAM.
+pub const TIME_ID_BASE: u64 = 1 << 58;
+/// `TIME_ID_BASE + t` is capped just below this (146 years after the
+/// origin); ids past the cap still come out unique, from the counter step.
+pub const TIME_ID_LIMIT: u64 = 1 << 62;
+
+static LAST_TIME_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A process-wide unique id that is also a timestamp: `TIME_ID_BASE +
+/// since_origin_ns`, or, when that value was already handed out (two calls
+/// in the same nanosecond, or a clock reading behind an earlier one), one
+/// more than the largest id handed out so far. So ids are unique under any
+/// concurrency, increase along each thread, and read back
+/// (`id - TIME_ID_BASE`) as their time of creation, ahead of it only by
+/// the number of ids created within the same nanoseconds.
+///
+/// Wait-free: one `fetch_max`, plus one `fetch_add` on a collision.
+#[inline]
+pub fn next_time_id(since_origin_ns: u64) -> u64 {
+    let now = TIME_ID_BASE + since_origin_ns.min(TIME_ID_LIMIT - TIME_ID_BASE - 1);
+    // Every value returned is either `now` for the one caller whose
+    // `fetch_max` raised the maximum to it, or `v + 1` for a `fetch_add`
+    // that moved the maximum from `v`: an increment never re-creates a
+    // value a `fetch_max` raised to (the maximum only grows, and a
+    // `fetch_max` winner returns a value above every earlier maximum).
+    let prev = LAST_TIME_ID.fetch_max(now, Ordering::Relaxed);
+    if prev < now {
+        now
+    } else {
+        LAST_TIME_ID.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}

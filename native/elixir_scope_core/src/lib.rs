@@ -28,7 +28,10 @@ pub use correlator::{
     CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorDump,
     CorrelatorMetrics, LateLink, Link, LinkKind, Links, StackDump,
 };
-pub use event::{next_event_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED};
+pub use event::{
+    next_event_id, next_time_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED, TIME_ID_BASE,
+    TIME_ID_LIMIT,
+};
 pub use hash::hash_bytes;
 pub use pipeline::{
     call_contents, corr_type_of, links_of, shard_of, Accounting, Clock, Engine, EngineMetrics,

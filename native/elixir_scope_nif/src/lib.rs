@@ -16,6 +16,7 @@ mod pipe_nif;
 mod ring_nif;
 mod store_nif;
 mod tracer_nif;
+mod utils_nif;
 
 use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
 use rustler::{Encoder, Env, Term};
@@ -59,6 +60,7 @@ fn load(env: Env, _info: Term) -> bool {
         return false;
     }
     codec::probe_layout(env);
+    utils_nif::init();
     NIL_WORD.store(codec::word(nil) as usize, Ordering::Relaxed);
     true
 }

@@ -162,26 +162,45 @@ fn os_monotonic_ns() -> i64 {
 /// that much).
 #[inline]
 pub fn now_ns() -> (i64, i64) {
-    let os = os_monotonic_ns();
-    let at = DELTAS_AT.load(Ordering::Relaxed);
-    if at == i64::MIN || os.wrapping_sub(at) > DELTAS_TTL_NS {
-        // SAFETY: plain reads of the VM clocks (we are on a scheduler).
-        let (mono, offset) = unsafe {
-            (
-                enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC),
-                enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC),
-            )
-        };
-        // Pair the VM reading with the midpoint of two OS readings.
-        let mid = os + (os_monotonic_ns() - os) / 2;
-        MONO_DELTA.fetch_max(mono - mid, Ordering::Relaxed);
-        WALL_DELTA.store(mono + offset - mid, Ordering::Relaxed);
-        DELTAS_AT.store(mid, Ordering::Relaxed);
-    }
+    let os = os_monotonic_ns_fresh();
     (
         os + MONO_DELTA.load(Ordering::Relaxed),
         os + WALL_DELTA.load(Ordering::Relaxed),
     )
+}
+
+/// The VM's monotonic time alone (ns), as in [`now_ns`].
+#[inline]
+pub fn monotonic_now_ns() -> i64 {
+    os_monotonic_ns_fresh() + MONO_DELTA.load(Ordering::Relaxed)
+}
+
+/// The OS monotonic clock, after refreshing the offsets to the VM clocks
+/// if they are over [`DELTAS_TTL_NS`] old. Call on a scheduler thread.
+#[inline]
+fn os_monotonic_ns_fresh() -> i64 {
+    let os = os_monotonic_ns();
+    let at = DELTAS_AT.load(Ordering::Relaxed);
+    if at == i64::MIN || os.wrapping_sub(at) > DELTAS_TTL_NS {
+        refresh_deltas(os);
+    }
+    os
+}
+
+#[cold]
+fn refresh_deltas(os: i64) {
+    // SAFETY: plain reads of the VM clocks (we are on a scheduler).
+    let (mono, offset) = unsafe {
+        (
+            enif_monotonic_time(ErlNifTimeUnit::ERL_NIF_NSEC),
+            enif_time_offset(ErlNifTimeUnit::ERL_NIF_NSEC),
+        )
+    };
+    // Pair the VM reading with the midpoint of two OS readings.
+    let mid = os + (os_monotonic_ns() - os) / 2;
+    MONO_DELTA.fetch_max(mono - mid, Ordering::Relaxed);
+    WALL_DELTA.store(mono + offset - mid, Ordering::Relaxed);
+    DELTAS_AT.store(mid, Ordering::Relaxed);
 }
 
 /// The VM's monotonic time (ns) for threads that are not schedulers (the
