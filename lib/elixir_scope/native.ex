@@ -7,8 +7,8 @@ defmodule ElixirScope.Native do
   # correlator (EventCorrelator), `tracer_*` plus `enabled/3` and `trace/5`
   # (this module is the erl_tracer module of `ElixirScope.trace/2`), `ana_*`
   # trace analysis (ElixirScope.Analysis), `utils_*` clocks and time ids
-  # (ElixirScope.Utils). No logic
-  # lives here.
+  # (ElixirScope.Utils), `sub_*` live subscriptions (QueryCoordinator). No
+  # logic lives here.
 
   @on_load :load_nif
   @compile {:autoload, true}
@@ -123,6 +123,16 @@ defmodule ElixirScope.Native do
   def pipe_shutdown(_ref, _timeout_ms), do: nif_error()
   def pipe_alive(_ref), do: nif_error()
   def pipe_correlation_dump(_ref, _limit), do: nif_error()
+
+  # Live subscriptions (QueryCoordinator)
+  def sub_new(_pipe, _pid, _filter, _max_queue), do: nif_error()
+  def sub_cancel(_sub), do: nif_error()
+  def sub_cancel_id(_pipe, _id), do: nif_error()
+  def sub_backlog(_sub, _sent, _len), do: nif_error()
+  def sub_stats(_sub), do: nif_error()
+  def sub_list(_pipe), do: nif_error()
+  def sub_set_watcher(_pipe, _pid), do: nif_error()
+  def sub_flush(_pipe, _timeout_ms), do: nif_error()
 
   # Correlator (EventCorrelator)
   def corr_new(_ttl_ns, _max_correlations), do: nif_error()

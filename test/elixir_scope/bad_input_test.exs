@@ -506,6 +506,8 @@ defmodule ElixirScope.BadInputTest do
           true
         )
 
+      {:ok, sub_ref, sub_id} = Native.sub_new(pipe_ref, me, %{}, 10)
+
       calls = [
         {:next_event_id, []},
         {:utils_monotonic_ns, []},
@@ -593,6 +595,14 @@ defmodule ElixirScope.BadInputTest do
         {:ana_messages, [store_ref, nil, 0, 10]},
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
+        {:sub_new, [pipe_ref, me, %{types: 4, pid: me}, 10]},
+        {:sub_stats, [sub_ref]},
+        {:sub_list, [pipe_ref]},
+        {:sub_backlog, [sub_ref, 1, 0]},
+        {:sub_flush, [pipe_ref, 10]},
+        {:sub_set_watcher, [pipe_ref, me]},
+        {:sub_cancel_id, [pipe_ref, sub_id + 1_000_000]},
+        {:sub_cancel, [sub_ref]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]
@@ -630,6 +640,87 @@ defmodule ElixirScope.BadInputTest do
 
       assert violations == [], format_violations(violations)
       assert_fresh_ring_works()
+    end
+  end
+
+  describe "QueryCoordinator" do
+    alias ElixirScope.Capture.PipelineManager
+    alias ElixirScope.Storage.QueryCoordinator
+
+    setup do
+      pm = start_supervised!({PipelineManager, name: nil, shards: 1, async_writer_pool_size: 1})
+      %{pm: pm}
+    end
+
+    test "bad filters raise ArgumentError naming the key", %{pm: pm} do
+      bad = [
+        [pid: :not_a_pid],
+        [module: "Mod"],
+        [function: 1],
+        [arity: -1],
+        [arity: 1000],
+        [types: [:call, :bogus]],
+        [types: []],
+        [types: :call],
+        [correlation_id: -5],
+        [correlation_id: :c],
+        [node: "n@h"],
+        [args: {:x}],
+        [args: [:not_a_clause]],
+        [message: [{:_, :not_a_list, []}]],
+        [bogus: 1],
+        :not_a_keyword,
+        [{"pid", self()}]
+      ]
+
+      for f <- bad do
+        e = assert_raise ArgumentError, fn -> QueryCoordinator.subscribe(pm, f) end
+        assert e.message =~ ~r/filter|unknown|keyword/, "#{inspect(f)}: #{e.message}"
+      end
+
+      # Match specifications the native compiler refuses come back as errors.
+      for spec <- [
+            [{:_, [{:no_such_guard, :"$1"}], [true]}],
+            [{:"$1", [{:>, :"$2", 1}], [true]}],
+            [{:"$99", [], [true]}],
+            [{%{:"$1" => 1}, [], [true]}]
+          ] do
+        assert {:error, {:bad_filter, msg}} = QueryCoordinator.subscribe(pm, message: spec)
+        assert msg =~ "message"
+      end
+
+      assert QueryCoordinator.subscriptions(pm) == []
+    end
+
+    test "a non-pid or remote subscriber and bad options raise", %{pm: pm} do
+      for bad <- [:me, "pid", 1, make_ref(), {self()}] do
+        assert_raise ArgumentError, ~r/subscriber/, fn ->
+          QueryCoordinator.subscribe(pm, [], subscriber: bad)
+        end
+      end
+
+      assert_raise ArgumentError, ~r/max_queue/, fn ->
+        QueryCoordinator.subscribe(pm, [], max_queue: 0)
+      end
+
+      assert_raise ArgumentError, ~r/unknown subscribe option/, fn ->
+        QueryCoordinator.subscribe(pm, [], bogus: 1)
+      end
+
+      assert_raise ArgumentError, fn -> QueryCoordinator.unsubscribe(make_ref()) end
+      assert_raise ArgumentError, fn -> QueryCoordinator.stats(:nope) end
+    end
+
+    test "an unknown pipeline is {:error, :unknown_pipeline}" do
+      dead = spawn(fn -> :ok end)
+      ref = Process.monitor(dead)
+      assert_receive {:DOWN, ^ref, _, _, _}
+
+      for p <- [:no_such_pipeline, dead, self(), "x", nil, {:via, :nope, 1}] do
+        assert QueryCoordinator.subscribe(p, []) == {:error, :unknown_pipeline}
+        assert QueryCoordinator.subscriptions(p) == {:error, :unknown_pipeline}
+        assert QueryCoordinator.flush(p, 10) == {:error, :unknown_pipeline}
+      end
     end
   end
 

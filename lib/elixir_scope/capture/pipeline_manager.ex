@@ -1,7 +1,9 @@
 defmodule ElixirScope.Capture.PipelineManager do
   @moduledoc """
   Runs one native capture pipeline: sharded ring buffer → native worker
-  pool → correlator → indexed store. A supervisor.
+  pool → correlator → indexed store. A supervisor (of its state server,
+  the `AsyncWriterPool`, the pipeline's `QueryCoordinator` server for live
+  subscriptions, and its `BackpressureManager`).
 
       {:ok, pm} = PipelineManager.start_link(name: :my_pipeline)
       buf = PipelineManager.ring_buffer(pm)        # write here (Ingestor, RingBuffer.write)
@@ -149,7 +151,8 @@ defmodule ElixirScope.Capture.PipelineManager do
     children =
       [
         {Server, {pipeline, name}},
-        {AsyncWriterPool, [pipeline: pipeline]}
+        {AsyncWriterPool, [pipeline: pipeline]},
+        {ElixirScope.Storage.QueryCoordinator.Server, pipeline}
       ] ++ backpressure
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)

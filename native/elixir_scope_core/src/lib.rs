@@ -11,17 +11,23 @@
 //! * [`pipeline`] — sharded rings, pool, correlator and store put together,
 //!   with the accounting identity;
 //! * [`analysis`] — whole-trace questions over a store: call statistics,
-//!   repeated call trees, message flow.
+//!   repeated call trees, message flow;
+//! * [`filter`] — the event filter shared by subscriptions and queries;
+//! * [`subscribe`] — live subscriptions to a pipeline's stored events;
+//! * [`query`] — multi-dimensional queries planned on the most selective
+//!   index, and correlation search.
 #![deny(missing_docs)]
 
 pub mod analysis;
 pub mod correlator;
 pub mod event;
+pub mod filter;
 mod hash;
 pub mod pipeline;
 pub mod pool;
 pub mod ring;
 pub mod store;
+pub mod subscribe;
 mod sync;
 
 pub use correlator::{

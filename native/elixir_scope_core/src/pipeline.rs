@@ -38,7 +38,10 @@ use crate::correlator::{
 use crate::event::{Event, EventKind};
 use crate::pool::{PoolConfig, PoolMetrics, Stage, WorkerPool};
 use crate::ring::{Overflow, Ring, RingError};
-use crate::store::{CorrelationFields, EventStore, Order, StoreConfig, StoreStats, StoredEvent};
+use crate::store::{
+    CorrelationFields, EventStore, InsertOutcome, Order, StoreConfig, StoreStats, StoredEvent,
+};
+use crate::subscribe::{view_with_aux, Hub};
 use crate::CorrelatorMetrics;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -237,14 +240,32 @@ pub struct Engine {
     delay_us: AtomicU64,
     sweep_interval_ns: AtomicI64,
     last_sweep: AtomicI64,
+    hub: Arc<Hub>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.hub.shutdown();
+    }
 }
 
 /// A batch's correlation fields, each with the `aux` to store.
 type BatchFields = Vec<(CorrelationFields, i64)>;
 
+/// Store sequence numbers of a batch's events (`u64::MAX`: not stored).
+type BatchSeqs = Vec<u64>;
+
 thread_local! {
-    static SCRATCH: std::cell::RefCell<(BatchFields, Vec<u32>)> =
-        std::cell::RefCell::new((Vec::new(), Histogram::local()));
+    static SCRATCH: std::cell::RefCell<(BatchFields, Vec<u32>, BatchSeqs)> =
+        std::cell::RefCell::new((Vec::new(), Histogram::local(), Vec::new()));
+}
+
+#[inline]
+fn seq_of(o: InsertOutcome) -> u64 {
+    match o {
+        InsertOutcome::Stored { seq } => seq,
+        _ => u64::MAX,
+    }
 }
 
 impl Engine {
@@ -277,7 +298,13 @@ impl Engine {
                 sweep_interval.as_nanos().min(i64::MAX as u128) as i64
             ),
             last_sweep: AtomicI64::new(clock()),
+            hub: Hub::new(clock),
         }
+    }
+
+    /// The live subscribers of the stored events.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     /// The store the engine writes to.
@@ -344,8 +371,10 @@ impl Engine {
         let started = (self.clock)();
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
-            let (fields, local) = &mut *scratch;
+            let (fields, local, seqs) = &mut *scratch;
             fields.clear();
+            seqs.clear();
+            let subscribed = !self.hub.is_empty();
             let (mut hits, mut misses) = (0, 0);
             if self.correlation_enabled() {
                 let mut corr = lock(&self.correlator);
@@ -385,7 +414,10 @@ impl Engine {
                 let mut store = lock(&self.store);
                 drop(corr);
                 for (ev, (f, aux)) in events.iter().zip(fields.iter()) {
-                    store.insert_with_aux(ev, *f, *aux);
+                    let out = store.insert_with_aux(ev, *f, *aux);
+                    if subscribed {
+                        seqs.push(seq_of(out));
+                    }
                 }
                 for l in &late {
                     if store.relink(l.event, l.link.target) {
@@ -393,6 +425,18 @@ impl Engine {
                     } else {
                         misses += 1;
                     }
+                }
+                if subscribed {
+                    // Still under the store lock: subscribers see batches in
+                    // store order, whichever worker stored them.
+                    self.hub.dispatch(
+                        events
+                            .iter()
+                            .zip(fields.iter())
+                            .zip(seqs.iter())
+                            .filter(|(_, &seq)| seq != u64::MAX)
+                            .map(|((ev, (f, aux)), &seq)| view_with_aux(ev, f, *aux, seq)),
+                    );
                 }
             } else {
                 let mut store = lock(&self.store);
@@ -402,7 +446,21 @@ impl Engine {
                         parent_id: 0,
                         root_id: 0,
                     };
-                    store.insert(ev, f);
+                    let out = store.insert(ev, f);
+                    if subscribed {
+                        seqs.push(seq_of(out));
+                        fields.push((f, ev.aux));
+                    }
+                }
+                if subscribed {
+                    self.hub.dispatch(
+                        events
+                            .iter()
+                            .zip(fields.iter())
+                            .zip(seqs.iter())
+                            .filter(|(_, &seq)| seq != u64::MAX)
+                            .map(|((ev, (f, aux)), &seq)| view_with_aux(ev, f, *aux, seq)),
+                    );
                 }
             }
             let now = (self.clock)();

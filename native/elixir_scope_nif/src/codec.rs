@@ -743,6 +743,52 @@ impl<'t> TapeDecoder<'t> {
         }
     }
 
+    /// Decode the next term; `None` if the tape is exhausted or malformed.
+    pub fn try_next<'a>(&mut self, env: Env<'a>, scratch: &mut Scratch) -> Option<Term<'a>> {
+        // SAFETY: built in `env` (or an immediate valid in any env).
+        self.child(env, scratch)
+            .map(|t| unsafe { Term::new(env, t) })
+    }
+
+    /// Skip the next term; the bytes it spans, `None` at the end.
+    pub fn skip(&mut self) -> Option<&'t [u8]> {
+        let start = self.pos;
+        self.skip_one()?;
+        Some(&self.tape[start..self.pos])
+    }
+
+    fn skip_one(&mut self) -> Option<()> {
+        match self.u8()? {
+            T_IMM | T_FLOAT | T_I64 | T_U64 => {
+                self.bytes(8)?;
+            }
+            T_BIN | T_ETF => {
+                let n = self.u32()? as usize;
+                self.bytes(n)?;
+            }
+            T_TUPLE => {
+                for _ in 0..self.u32()? {
+                    self.skip_one()?;
+                }
+            }
+            T_LIST => {
+                for _ in 0..=self.u32()? {
+                    self.skip_one()?;
+                }
+            }
+            T_MAP => {
+                for _ in 0..2 * self.u32()? as u64 {
+                    self.skip_one()?;
+                }
+            }
+            T_TRUNC => {
+                self.bytes(9)?;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
     /// Decode a nested term; immediates without a recursive call.
     #[inline(always)]
     fn child(&mut self, e: Env, scratch: &mut Scratch) -> Option<ERL_NIF_TERM> {

@@ -108,3 +108,50 @@ impl<'a, T: Handle> Decoder<'a> for Ref<'a, T> {
         }
     }
 }
+
+/// An extra reference to a resource object, so a Rust thread can keep it
+/// alive and put it in messages (as the same term `make` returned).
+/// Released when dropped (from any thread).
+pub struct Kept<T: Handle> {
+    obj: *const c_void,
+    _t: std::marker::PhantomData<T>,
+}
+
+// SAFETY: the object is reference counted by the VM (keep/release are
+// thread-safe) and `T: Send + Sync`.
+unsafe impl<T: Handle> Send for Kept<T> {}
+unsafe impl<T: Handle> Sync for Kept<T> {}
+
+impl<T: Handle> Kept<T> {
+    /// The resource term, in `env`.
+    pub fn term<'a>(&self, env: Env<'a>) -> Term<'a> {
+        // SAFETY: `obj` is a live resource object (we hold a reference).
+        unsafe { Term::new(env, enif_make_resource(env.as_c_arg(), self.obj)) }
+    }
+}
+
+impl<T: Handle> Drop for Kept<T> {
+    fn drop(&mut self) {
+        // SAFETY: balances the `enif_keep_resource` of `keep`.
+        unsafe { enif_release_resource(self.obj) };
+    }
+}
+
+/// Keep the resource behind `term` (a `T` handle) alive: `None` if it is
+/// not one.
+pub fn keep<T: Handle>(term: Term) -> Option<Kept<T>> {
+    let typ = T::type_slot().load(Ordering::Relaxed);
+    let mut obj: *const c_void = std::ptr::null();
+    // SAFETY: valid env/term; on success `obj` is a live resource object of
+    // type `T`, and `enif_keep_resource` adds the reference `Kept` releases.
+    unsafe {
+        if enif_get_resource(term.get_env().as_c_arg(), term.as_c_arg(), typ, &mut obj) == 0 {
+            return None;
+        }
+        rustler::sys::enif_keep_resource(obj);
+    }
+    Some(Kept {
+        obj,
+        _t: std::marker::PhantomData,
+    })
+}

@@ -12,9 +12,11 @@ mod error;
 mod event_term;
 mod handle;
 mod ingest;
+mod match_spec;
 mod pipe_nif;
 mod ring_nif;
 mod store_nif;
+mod sub_nif;
 mod tracer_nif;
 mod utils_nif;
 
@@ -56,6 +58,7 @@ fn load(env: Env, _info: Term) -> bool {
         || !handle::open::<pipe_nif::PipeRes>(env)
         || !handle::open::<corr_nif::CorrRes>(env)
         || !handle::open::<tracer_nif::TracerRes>(env)
+        || !handle::open::<sub_nif::SubRes>(env)
     {
         return false;
     }

@@ -45,6 +45,8 @@ pub struct PipeRes {
     ring_closed: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The load-shedding policy of the ring it drains.
     shed: Arc<Shedder>,
+    /// The pipeline's `QueryCoordinator` server (see `sub_nif`).
+    watcher: crate::sub_nif::WatcherCell,
 }
 
 static PIPE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
@@ -61,6 +63,18 @@ impl Handle for PipeRes {
 }
 
 impl PipeRes {
+    /// The subscription hub of a running pipeline, and its watcher cell.
+    pub fn subscription_hub(
+        &self,
+        env: Env,
+    ) -> NifResult<(
+        Arc<elixir_scope_core::subscribe::Hub>,
+        crate::sub_nif::WatcherCell,
+    )> {
+        let pipe = self.get(env)?;
+        Ok((Arc::clone(pipe.engine().hub()), Arc::clone(&self.watcher)))
+    }
+
     fn get<'s>(&'s self, env: Env) -> NifResult<PipeGuard<'s>> {
         let g = self.pipeline.read().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
@@ -185,6 +199,7 @@ fn pipe_new<'a>(
             pipeline: RwLock::new(Some(pipeline)),
             ring_closed: None,
             shed: Arc::clone(&over_shed),
+            watcher: Default::default(),
         };
         return Ok((
             atoms::ok(),
@@ -213,6 +228,7 @@ fn pipe_new<'a>(
         pipeline: RwLock::new(Some(pipeline)),
         ring_closed: Some(Arc::clone(&ring.destroyed)),
         shed: Arc::clone(&ring.shed),
+        watcher: Default::default(),
     };
     Ok((
         atoms::ok(),

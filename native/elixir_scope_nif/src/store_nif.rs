@@ -103,7 +103,7 @@ pub(crate) fn term_key(t: Term) -> u64 {
     }
 }
 
-fn order_of(desc: bool) -> Order {
+pub(crate) fn order_of(desc: bool) -> Order {
     if desc {
         Order::Desc
     } else {
@@ -160,7 +160,7 @@ pub fn stored_term<'a>(env: Env<'a>, e: &StoredEvent, scratch: &mut Scratch) -> 
 }
 
 /// Decode stored events into a list term.
-fn to_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
+pub(crate) fn to_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
     let mut scratch: Scratch = Vec::with_capacity(32);
     let out: Vec<ERL_NIF_TERM> = evs
         .iter()
@@ -213,7 +213,7 @@ fn corr_type_atom(kind: u8) -> Atom {
 
 /// `%{event, correlation_id, parent_id, root_id, links, correlation_type}`
 /// (`parent_id`/`root_id` `nil` when none).
-fn correlated_term<'a>(
+pub(crate) fn correlated_term<'a>(
     env: Env<'a>,
     e: &StoredEvent,
     scratch: &mut Scratch,
@@ -231,7 +231,7 @@ fn correlated_term<'a>(
         .map_put(atoms::timestamp(), e.timestamp)
 }
 
-fn correlated_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> NifResult<Term<'a>> {
+pub(crate) fn correlated_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> NifResult<Term<'a>> {
     let mut scratch: Scratch = Vec::with_capacity(32);
     let mut out = Vec::with_capacity(evs.len());
     for e in evs {

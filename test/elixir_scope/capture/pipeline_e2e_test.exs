@@ -788,8 +788,8 @@ defmodule ElixirScope.Capture.PipelineE2ETest do
       assert total > 0
 
       health = PipelineManager.health_check(pm)
-      # Server, AsyncWriterPool, BackpressureManager.
-      assert health.children_alive == 3
+      # Server, AsyncWriterPool, QueryCoordinator.Server, BackpressureManager.
+      assert health.children_alive == 4
       assert health.active_workers == 2
     end
   end

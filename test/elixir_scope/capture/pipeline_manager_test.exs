@@ -64,15 +64,20 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
       assert_raise ArgumentError, fn -> PipelineManager.start_link([1, 2]) end
     end
 
-    test "it is a supervisor of the state server, the writer pool and the backpressure manager" do
+    test "it is a supervisor of the state server, the writer pool, the query coordinator and the backpressure manager" do
       pm = start!()
       kids = Supervisor.which_children(pm)
-      assert length(kids) == 3
+      assert length(kids) == 4
       assert Enum.any?(kids, fn {id, _, _, _} -> id == AsyncWriterPool end)
+
+      assert Enum.any?(kids, fn {id, _, _, _} ->
+               id == ElixirScope.Storage.QueryCoordinator.Server
+             end)
+
       assert is_pid(PipelineManager.backpressure_manager(pm))
 
       quiet = start!(backpressure_enabled: false)
-      assert length(Supervisor.which_children(quiet)) == 2
+      assert length(Supervisor.which_children(quiet)) == 3
       assert PipelineManager.backpressure_manager(quiet) == nil
     end
   end
@@ -153,7 +158,7 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
       assert state.config.batch_size == 7
       assert state.status == :running
       assert is_integer(state.uptime_ms)
-      assert length(state.children) == 3
+      assert length(state.children) == 4
 
       calls(PipelineManager.ring_buffer(pm), 50)
       :ok = PipelineManager.flush(pm)
@@ -183,7 +188,7 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
 
       h = PipelineManager.health_check(pm)
       assert h.status == :healthy
-      assert h.children_count == 3
+      assert h.children_count == 4
       assert is_integer(h.uptime_ms)
     end
 
