@@ -7,8 +7,8 @@ defmodule ElixirScope.Native do
   # correlator (EventCorrelator), `tracer_*` plus `enabled/3` and `trace/5`
   # (this module is the erl_tracer module of `ElixirScope.trace/2`), `ana_*`
   # trace analysis (ElixirScope.Analysis), `utils_*` clocks and time ids
-  # (ElixirScope.Utils), `sub_*` live subscriptions (QueryCoordinator). No
-  # logic lives here.
+  # (ElixirScope.Utils), `sub_*` live subscriptions (QueryCoordinator),
+  # `tf_*` trace files (ElixirScope.TraceFile). No logic lives here.
 
   @on_load :load_nif
   @compile {:autoload, true}
@@ -161,6 +161,16 @@ defmodule ElixirScope.Native do
   def tracer_stats(_tracer), do: nif_error()
   def enabled(_tag, _tracer_state, _tracee), do: nif_error()
   def trace(_tag, _tracer_state, _tracee, _trace_term, _opts), do: nif_error()
+
+  # Trace files (ElixirScope.TraceFile)
+  def tf_save(_store, _path, _header, _names, _compression, _level, _block_events, _sync),
+    do: nif_error()
+
+  def tf_info(_path, _max_new_atoms), do: nif_error()
+  def tf_load(_paths, _max_events, _strict, _max_new_atoms), do: nif_error()
+  def tf_names(_store), do: nif_error()
+  def tf_store_pids(_store), do: nif_error()
+  def tf_limits, do: nif_error()
 
   # Trace analysis (ElixirScope.Analysis)
   def ana_get(_store, _id), do: nif_error()

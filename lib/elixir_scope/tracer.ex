@@ -537,6 +537,7 @@ defmodule ElixirScope.Tracer do
       store: session.store,
       functions: session.functions,
       pids: session.pids,
+      options: Map.drop(session.config, [:dry_run]),
       flags: session.flags,
       started_at: session.started_at,
       stopped_at: session.stopped_at,

@@ -12,7 +12,7 @@ defmodule ElixirScope.BadInputTest do
   import ElixirScope.RingTestHelpers
 
   alias ElixirScope.Capture.{EventCorrelator, Ingestor, RingBuffer}
-  alias ElixirScope.{Events, Native, Utils}
+  alias ElixirScope.{Events, Native, TraceFile, Utils}
   alias ElixirScope.Storage.DataAccess
 
   @moduletag timeout: 300_000
@@ -20,7 +20,7 @@ defmodule ElixirScope.BadInputTest do
   @buffer_key {Ingestor, :buffer}
 
   # Modules whose every public function the sweep calls with bad input.
-  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils]
+  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils, TraceFile]
 
   setup do
     previous = :persistent_term.get(@buffer_key, :__unset__)
@@ -56,6 +56,22 @@ defmodule ElixirScope.BadInputTest do
     store = new_store!()
     :ok = DataAccess.destroy(store)
     store
+  end
+
+  # A directory for files the sweep writes (it runs there: bad values such
+  # as "string" are valid relative paths).
+  defp sweep_dir do
+    dir = Path.join(System.tmp_dir!(), "es_bad_input_#{System.pid()}")
+    File.mkdir_p!(dir)
+    dir
+  end
+
+  defp tmp_path, do: Path.join(sweep_dir(), "t#{System.unique_integer([:positive])}.estrace")
+
+  defp saved_file! do
+    path = tmp_path()
+    {:ok, _} = TraceFile.save(new_store!(), path, sync: false)
+    path
   end
 
   defp fake_ring, do: %RingBuffer{ref: make_ref(), size: 8, overflow_strategy: :drop_oldest}
@@ -198,6 +214,18 @@ defmodule ElixirScope.BadInputTest do
 
   defp fast_ingestor_result?(_), do: false
 
+  defp save_result?({:ok, %{events: n}}), do: is_integer(n)
+  defp save_result?({:error, {r, %{offset: _}}}), do: is_atom(r)
+  defp save_result?({:error, r}), do: r in [:no_pipeline, :no_trace, :metadata_too_large]
+  defp save_result?(_), do: false
+
+  defp load_result?({:ok, %DataAccess{source: %{files: _}}}), do: true
+  defp load_result?({:error, {r, %{offset: _}}}), do: is_atom(r)
+  defp load_result?(_), do: false
+
+  defp info_result?({:ok, %{version: 1}}), do: true
+  defp info_result?(other), do: load_result?(other)
+
   defp any?(_), do: true
   defp never?(_), do: false
 
@@ -295,6 +323,16 @@ defmodule ElixirScope.BadInputTest do
       {DataAccess, :children, fn _ -> [new_store!(), 1, [limit: 5]] end, &query_result?/1},
       # bad_store!/1 (public, @doc false) always raises.
       {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1},
+      # TraceFile (paths under the sweep's own directory)
+      {TraceFile, :save, fn _ -> [new_store!(), tmp_path()] end, &save_result?/1},
+      {TraceFile, :save, fn _ -> [new_store!(), tmp_path(), [compression: :lz4]] end,
+       &save_result?/1},
+      {TraceFile, :load, fn _ -> [saved_file!()] end, &load_result?/1},
+      {TraceFile, :load, fn _ -> [saved_file!(), [max_new_atoms: 0]] end, &load_result?/1},
+      {TraceFile, :info, fn _ -> [saved_file!()] end, &info_result?/1},
+      {TraceFile, :info, fn _ -> [saved_file!(), []] end, &info_result?/1},
+      {TraceFile, :atom_budget, fn _ -> [] end, &match?({c, b} when c <= b, &1)},
+      {TraceFile, :process_names, fn _ -> [new_store!()] end, &is_list/1},
       # EventCorrelator (one shared correlator per test process; stop/1 gets
       # a fresh one)
       {EventCorrelator, :start_link, fn _ -> [] end, &corr_started?/1},
@@ -454,11 +492,13 @@ defmodule ElixirScope.BadInputTest do
         exported = unquote(mod).__info__(:functions)
 
         violations =
-          specs()
-          |> Enum.filter(fn {m, f, args_fun, _} ->
-            m == unquote(mod) and {f, length(args_fun.(nil))} in exported
+          File.cd!(sweep_dir(), fn ->
+            specs()
+            |> Enum.filter(fn {m, f, args_fun, _} ->
+              m == unquote(mod) and {f, length(args_fun.(nil))} in exported
+            end)
+            |> Enum.flat_map(&sweep/1)
           end)
-          |> Enum.flat_map(&sweep/1)
 
         assert violations == [],
                "#{length(violations)} call(s) broke the contract:\n" <>
@@ -486,6 +526,7 @@ defmodule ElixirScope.BadInputTest do
       tracer_ref = Native.tracer_new(ring_ref, self(), false, true, 64, 1000, 1000, 60_000)
       corr_ref = Native.corr_new(1_000_000, 16)
       me = self()
+      saved = saved_file!()
 
       {:ok, pipe_ref, _, _} =
         Native.pipe_new(
@@ -603,6 +644,22 @@ defmodule ElixirScope.BadInputTest do
         {:sub_set_watcher, [pipe_ref, me]},
         {:sub_cancel_id, [pipe_ref, sub_id + 1_000_000]},
         {:sub_cancel, [sub_ref]},
+        {:tf_save,
+         [
+           store_ref,
+           tmp_path(),
+           {"n@h", 0, 0, "w", "25", %{m: 1}},
+           [{me, "me"}],
+           :zstd,
+           1,
+           16,
+           false
+         ]},
+        {:tf_info, [saved, 10]},
+        {:tf_load, [[saved], 0, false, 10]},
+        {:tf_names, [store_ref]},
+        {:tf_store_pids, [store_ref]},
+        {:tf_limits, []},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]
@@ -616,6 +673,8 @@ defmodule ElixirScope.BadInputTest do
             bad <- bad_values(),
             # rb_new with a valid-looking huge size would really allocate.
             not (fun == :rb_new and pos == 0),
+            # Any binary is a valid path: tf_save's are swept in TraceFile's.
+            not (fun == :tf_save and pos == 1),
             reduce: [] do
           acc ->
             args = List.replace_at(args, pos, bad)

@@ -69,6 +69,12 @@ defmodule ElixirScope.Storage.DataAccess do
   (the pipeline owns its store; it is freed once the pipeline and every
   handle are gone).
 
+  ## Stores loaded from trace files
+
+  `ElixirScope.TraceFile.load/2` returns a read-only store holding the
+  events of one or several files: every query works on it as on the store
+  they were saved from. `destroy/1` frees it.
+
   ## Destroyed stores
 
   After `destroy/1`, `store_event/2` and `store_events/2` return
@@ -102,10 +108,19 @@ defmodule ElixirScope.Storage.DataAccess do
   }
 
   @enforce_keys [:ref, :max_events]
-  defstruct [:ref, :max_events, :name]
+  defstruct [:ref, :max_events, :name, :source]
 
-  @typedoc "A store handle. `ref` is the native resource."
-  @type t :: %__MODULE__{ref: reference(), max_events: pos_integer(), name: term()}
+  @typedoc """
+  A store handle. `ref` is the native resource; `source` is nil, or for a
+  store loaded by `ElixirScope.TraceFile.load/2` what was loaded (files,
+  their headers, whether each was complete, notes).
+  """
+  @type t :: %__MODULE__{
+          ref: reference(),
+          max_events: pos_integer(),
+          name: term(),
+          source: map() | nil
+        }
   @type query_opts :: [limit: non_neg_integer(), order: :asc | :desc]
 
   @max_events_limit 1 <<< 29

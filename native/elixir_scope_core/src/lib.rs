@@ -15,7 +15,10 @@
 //! * [`filter`] — the event filter shared by subscriptions and queries;
 //! * [`subscribe`] — live subscriptions to a pipeline's stored events;
 //! * [`query`] — multi-dimensional queries planned on the most selective
-//!   index, and correlation search.
+//!   index, and correlation search;
+//! * [`tape`] — the grammar of the term tapes stored in payloads;
+//! * [`tracefile`] — the versioned, portable trace file format: saving a
+//!   store, reading, validating and merging files.
 #![deny(missing_docs)]
 
 pub mod analysis;
@@ -29,6 +32,8 @@ pub mod ring;
 pub mod store;
 pub mod subscribe;
 mod sync;
+pub mod tape;
+pub mod tracefile;
 
 pub use correlator::{
     CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, CorrelatorDump,

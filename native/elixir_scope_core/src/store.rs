@@ -802,6 +802,18 @@ impl EventStore {
         n + self.expire()
     }
 
+    /// The sequence number the next insert will get: every record stored
+    /// so far has a smaller one (a scan from 0 to here sees them all).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The processes of the pid index, each once (it may still hold a
+    /// process whose events were all evicted since its last sweep).
+    pub fn pids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pids.keys().copied()
+    }
+
     /// Records per segment of this store.
     pub fn segment_capacity(&self) -> usize {
         self.seg_cap

@@ -101,13 +101,8 @@ fn ana_step<'a>(
 }
 
 fn word_term<'a>(env: Env<'a>, w: u64) -> Term<'a> {
-    if w == 0 {
-        atoms::nil().encode(env)
-    } else {
-        // SAFETY: stored module/function/pid words are immediates (atoms,
-        // local pids) valid in every env.
-        unsafe { Term::new(env, codec::from_word(w)) }
-    }
+    // SAFETY: `portable::word_term` returns a term valid in `env`.
+    unsafe { Term::new(env, crate::portable::word_term(env, w)) }
 }
 
 /// `{stats, scanned, untracked}`; each stat `{key, count, acc_ns, own_ns}`

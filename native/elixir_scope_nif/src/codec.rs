@@ -28,19 +28,11 @@ use std::mem::MaybeUninit;
 use crate::atoms;
 pub use elixir_scope_core::hash_bytes;
 
-const T_IMM: u8 = 0;
-const T_BIN: u8 = 1;
-const T_TUPLE: u8 = 2;
-const T_LIST: u8 = 3;
-const T_MAP: u8 = 4;
-const T_FLOAT: u8 = 5;
-const T_ETF: u8 = 6;
-const T_TRUNC: u8 = 7;
-const T_I64: u8 = 8;
-const T_U64: u8 = 9;
+pub use elixir_scope_core::tape::MAX_DEPTH;
+use elixir_scope_core::tape::{
+    hint, T_BIN, T_ETF, T_FLOAT, T_I64, T_IMM, T_LIST, T_MAP, T_TRUNC, T_TUPLE, T_U64,
+};
 
-/// Deepest nesting that is encoded; deeper subterms are truncated.
-pub const MAX_DEPTH: u32 = 100;
 /// Maps with at most this many entries (structs) are truncated per value
 /// rather than as a whole, at the top level and one level down.
 const FIELD_MAP_MAX: usize = 32;
@@ -51,12 +43,12 @@ const MARKER_BYTES: usize = 10;
 #[derive(Copy, Clone)]
 #[repr(u8)]
 enum Hint {
-    Binary = 0,
-    List = 1,
-    Map = 2,
-    Tuple = 3,
-    Term = 4,
-    Depth = 5,
+    Binary = hint::BINARY,
+    List = hint::LIST,
+    Map = hint::MAP,
+    Tuple = hint::TUPLE,
+    Term = hint::TERM,
+    Depth = hint::DEPTH,
 }
 
 /// The raw word of a term.
@@ -899,14 +891,14 @@ impl<'t> TapeDecoder<'t> {
                 Some(out)
             }
             T_TRUNC => {
-                let hint = self.u8()?;
+                let h = self.u8()?;
                 let at_least = self.u64()?;
-                let kind = match hint {
-                    0 => atoms::binary(),
-                    1 => atoms::list(),
-                    2 => atoms::map(),
-                    3 => atoms::tuple(),
-                    5 => atoms::depth(),
+                let kind = match h {
+                    hint::BINARY => atoms::binary(),
+                    hint::LIST => atoms::list(),
+                    hint::MAP => atoms::map(),
+                    hint::TUPLE => atoms::tuple(),
+                    hint::DEPTH => atoms::depth(),
                     _ => atoms::term(),
                 };
                 Some((atoms::truncated(), at_least, kind).encode(e).as_c_arg())

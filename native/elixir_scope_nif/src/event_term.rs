@@ -59,13 +59,11 @@ fn pair(env: Env, a: ERL_NIF_TERM, b: ERL_NIF_TERM) -> ERL_NIF_TERM {
         .as_c_arg()
 }
 
+/// The term of a stored header word (nil for none; see
+/// `portable::word_term` for keys of foreign pids).
 #[inline]
 fn word_or_nil(env: Env, w: u64) -> ERL_NIF_TERM {
-    if w == 0 {
-        atoms::nil().encode(env).as_c_arg()
-    } else {
-        crate::codec::from_word(w)
-    }
+    crate::portable::word_term(env, w)
 }
 
 /// The fields of an event that its term is built from, borrowed from a

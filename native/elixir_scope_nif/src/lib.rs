@@ -14,9 +14,11 @@ mod handle;
 mod ingest;
 mod match_spec;
 mod pipe_nif;
+mod portable;
 mod ring_nif;
 mod store_nif;
 mod sub_nif;
+mod tracefile_nif;
 mod tracer_nif;
 mod utils_nif;
 

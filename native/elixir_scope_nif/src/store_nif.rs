@@ -44,6 +44,19 @@ pub struct StoreRes {
     destroyed: AtomicBool,
     /// Wall time (ms) of the last `store_evict`, or [`NEVER`].
     last_cleanup: AtomicI64,
+    /// A store loaded from trace files: the foreign pids and ports its
+    /// words refer to, and the process names the files held.
+    loaded: Option<Loaded>,
+}
+
+/// What a store loaded from trace files keeps besides its events.
+pub struct Loaded {
+    /// Registry entries of its foreign pids and ports, held (and released
+    /// when the store is dropped) for the words that refer to them.
+    #[allow(dead_code)]
+    pub foreign: crate::portable::ForeignGuard,
+    /// Process names (header word, name).
+    pub names: Vec<(u64, String)>,
 }
 
 static STORE_TYPE: AtomicPtr<ErlNifResourceType> = AtomicPtr::new(std::ptr::null_mut());
@@ -66,7 +79,30 @@ impl StoreRes {
             read_only: true,
             destroyed: AtomicBool::new(false),
             last_cleanup: AtomicI64::new(NEVER),
+            loaded: None,
         }
+    }
+
+    /// A read-only store loaded from trace files.
+    pub fn loaded(store: EventStore, loaded: Loaded) -> StoreRes {
+        StoreRes {
+            loaded: Some(loaded),
+            ..StoreRes::shared(Arc::new(Mutex::new(store)))
+        }
+    }
+
+    /// The store behind the handle (for scans that take its lock in
+    /// chunks), or an `ArgumentError` if destroyed.
+    pub(crate) fn shared_store(&self, env: Env) -> NifResult<&Arc<Mutex<EventStore>>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return badarg(env, "the data access store has been destroyed");
+        }
+        Ok(&self.store)
+    }
+
+    /// Process names of a store loaded from files.
+    pub(crate) fn names(&self) -> &[(u64, String)] {
+        self.loaded.as_ref().map_or(&[], |l| l.names.as_slice())
     }
 
     /// `Some({:error, reason})` when writes are refused.
@@ -92,15 +128,24 @@ impl StoreRes {
 }
 
 /// The index key of a pid/module/function term: the raw word of an
-/// immediate (local pid, atom, small integer), else `phash2 << 2` (low tag
-/// bits `00`, so it never equals an immediate's word).
+/// immediate (local pid, atom, small integer); for a remote or foreign pid
+/// or port, a 62-bit hash of its external form (the key a loaded trace
+/// file gives it, see `portable`); else `phash2 << 2`. Non-immediate keys
+/// have low tag bits `00`, so they never equal an immediate's word.
 pub(crate) fn term_key(t: Term) -> u64 {
     let raw = t.as_c_arg();
     if codec::is_immediate(raw) {
-        codec::word(raw)
-    } else {
-        (t.hash_phash2() as u64) << 2
+        return codec::word(raw);
     }
+    if matches!(
+        t.get_type(),
+        rustler::TermType::Pid | rustler::TermType::Port
+    ) {
+        if let Some(k) = crate::portable::foreign_key(t.get_env(), raw) {
+            return k;
+        }
+    }
+    (t.hash_phash2() as u64) << 2
 }
 
 pub(crate) fn order_of(desc: bool) -> Order {
@@ -182,7 +227,8 @@ fn link_terms<'a>(env: Env<'a>, e: &StoredEvent) -> Term<'a> {
                 LinkKind::StateIn => atoms::state_in(),
             };
             let target = if l.kind == LinkKind::SpawnedBy {
-                unsafe_word_term(env, l.target)
+                // SAFETY: a term valid in `env` (see `word_term`).
+                unsafe { Term::new(env, crate::portable::word_term(env, l.target)) }
             } else {
                 l.target.encode(env)
             };
@@ -190,12 +236,6 @@ fn link_terms<'a>(env: Env<'a>, e: &StoredEvent) -> Term<'a> {
         })
         .collect();
     codec::make_list(env, &terms)
-}
-
-/// The term of an opaque word that was an immediate (a local pid).
-fn unsafe_word_term(env: Env, w: u64) -> Term {
-    // SAFETY: pid words stored by the ingest path are immediates of this VM.
-    unsafe { Term::new(env, codec::from_word(w)) }
 }
 
 fn corr_type_atom(kind: u8) -> Atom {
@@ -262,6 +302,7 @@ fn store_new(env: Env, max_events: i64) -> NifResult<Term> {
             read_only: false,
             destroyed: AtomicBool::new(false),
             last_cleanup: AtomicI64::new(NEVER),
+            loaded: None,
         },
     );
     Ok((atoms::ok(), res).encode(env))
@@ -482,12 +523,13 @@ fn store_children<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64, limit: u64) -> Ni
     correlated_list(env, &evs)
 }
 
-/// Mark destroyed and free the store's memory now. Idempotent. A no-op on
-/// a pipeline's store: the pipeline owns it (it is freed with the pipeline
-/// and the last handle).
+/// Mark destroyed and free the store's memory now (also for a store
+/// loaded from trace files). Idempotent. A no-op on a pipeline's store:
+/// the pipeline owns it (it is freed with the pipeline and the last
+/// handle).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn store_destroy(s: Ref<StoreRes>) -> Atom {
-    if !s.read_only && !s.destroyed.swap(true, Ordering::AcqRel) {
+    if (!s.read_only || s.loaded.is_some()) && !s.destroyed.swap(true, Ordering::AcqRel) {
         let empty = EventStore::new(StoreConfig {
             max_events: 1,
             max_age_ns: None,

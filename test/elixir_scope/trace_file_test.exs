@@ -1,0 +1,421 @@
+defmodule ElixirScope.TraceFileTest do
+  # Traces are node-wide (one at a time).
+  use ExUnit.Case, async: false
+
+  import Bitwise
+  import ElixirScope.TraceFileHelpers
+
+  alias ElixirScope.{Analysis, TraceFile}
+  alias ElixirScope.Capture.{Ingestor, PipelineManager}
+  alias ElixirScope.Storage.DataAccess
+
+  @moduletag timeout: 300_000
+
+  setup do
+    on_exit(fn ->
+      ElixirScope.stop_trace()
+      if Code.ensure_loaded?(ElixirScope.SampleApp), do: apply(ElixirScope.SampleApp, :stop, [])
+    end)
+
+    {:ok, dir: tmp_dir!("tf")}
+  end
+
+  describe "round trips" do
+    test "the demo app's trace: every query answers alike after save and load", %{dir: dir} do
+      {store, truth} = demo_trace()
+      path = Path.join(dir, "demo.estrace")
+      assert {:ok, saved} = TraceFile.save(:trace, path)
+      assert saved.events == DataAccess.get_stats(store).total_events
+      assert saved.skipped == 0
+
+      {:ok, loaded} = TraceFile.load(path)
+      assert [%{complete: true, events: n}] = loaded.source.files
+      assert n == saved.events
+      assert loaded.source.notes == []
+      assert loaded.source.atoms_created == 0
+      assert assert_same_answers(store, loaded) == saved.events
+
+      # The crash is still the crash, with its traceback.
+      [crash | _] =
+        Analysis.select(types: [:exception], pid: truth.bank_pid_before, store: loaded)
+
+      assert %{function: :handle_call} = List.last(Analysis.traceback(crash, store: loaded))
+
+      # The trace's options and counters and the process names travel along.
+      {:ok, info} = TraceFile.info(path)
+      assert info.metadata.trace.traced == saved.events
+      assert info.metadata.trace.options.calls == true
+      assert info.complete and info.events == saved.events and info.node == "#{node()}"
+      names = Map.new(TraceFile.process_names(loaded))
+      assert names[truth.auditor_pid] == "ElixirScope.SampleApp.Auditor"
+    end
+
+    test "a seeded random workload through a pipeline, each codec", %{dir: dir} do
+      {pm, store} = random_pipeline(1234, 20_000)
+
+      for codec <- [:zstd, :lz4, :none] do
+        path = Path.join(dir, "random_#{codec}.estrace")
+
+        assert {:ok, %{events: n}} =
+                 TraceFile.save(pm, path, compression: codec, block_events: 999)
+
+        assert n == DataAccess.get_stats(store).total_events
+        {:ok, loaded} = TraceFile.load(path)
+        assert assert_same_answers(store, loaded, 7) == n
+        assert {:ok, ^codec} = {:ok, elem(TraceFile.info(path), 1).compression}
+        :ok = DataAccess.destroy(loaded)
+      end
+
+      PipelineManager.shutdown(pm)
+    end
+
+    test "a plain DataAccess store of arbitrary terms", %{dir: dir} do
+      {:ok, store} = DataAccess.new(max_events: 1000)
+
+      events = [
+        %{id: 1, timestamp: 10, pid: self(), module: M, function: :f, data: "x"},
+        %{id: 2, timestamp: 11, pid: "not a pid", correlation_id: {:ref, make_ref()}},
+        {:tuple, 3, [1.5, <<1, 2, 3>>, fn -> :ok end, 1 <<< 80]},
+        %{event_id: :an_atom_id, timestamp: 12, pid: hd(Port.list())}
+      ]
+
+      {:ok, 4} = DataAccess.store_events(store, events)
+      path = Path.join(dir, "plain.estrace")
+      assert {:ok, %{events: 4}} = TraceFile.save(store, path)
+      {:ok, loaded} = TraceFile.load(path)
+      {:ok, a} = DataAccess.query_by_time_range(store, -(1 <<< 62), 1 <<< 62)
+      {:ok, b} = DataAccess.query_by_time_range(loaded, -(1 <<< 62), 1 <<< 62)
+      assert a == b
+      assert DataAccess.get_event(loaded, 1) == DataAccess.get_event(store, 1)
+
+      assert DataAccess.query_by_process(loaded, self()) ==
+               DataAccess.query_by_process(store, self())
+
+      assert DataAccess.store_event(loaded, %{id: 9}) == {:error, :read_only}
+    end
+
+    test "a store that evicted keeps what it holds and its counters", %{dir: dir} do
+      {pm, store} = random_pipeline(7, 5_000, max_events: 1_000)
+      path = Path.join(dir, "evicted.estrace")
+      {:ok, %{events: 1_000}} = TraceFile.save(pm, path)
+      {:ok, info} = TraceFile.info(path)
+      stats = DataAccess.get_stats(store)
+      assert info.store.max_events == 1_000
+      assert info.store.evicted == stats.evicted and stats.evicted > 0
+      {:ok, loaded} = TraceFile.load(path)
+      assert_same_answers(store, loaded, 5)
+      PipelineManager.shutdown(pm)
+    end
+
+    test "saving while the pipeline keeps storing", %{dir: dir} do
+      {pm, store} = random_pipeline(99, 20_000)
+      buf = PipelineManager.ring_buffer(pm)
+      before = DataAccess.get_stats(store).total_events
+
+      writer =
+        Task.async(fn ->
+          for i <- 1..50_000, do: Ingestor.ingest_message_send(buf, self(), self(), {:more, i})
+        end)
+
+      path = Path.join(dir, "live.estrace")
+      {:ok, saved} = TraceFile.save(pm, path, block_events: 512)
+      Task.await(writer, 60_000)
+      # What was stored when the save began, minus what was evicted since.
+      {:ok, info} = TraceFile.info(path)
+      assert info.store.live >= before
+      assert saved.events + saved.skipped == info.store.live
+      {:ok, loaded} = TraceFile.load(path)
+      assert DataAccess.get_stats(loaded).total_events == saved.events
+      PipelineManager.shutdown(pm)
+    end
+  end
+
+  describe "merging" do
+    test "two traces of one node merge into what one store of both answers", %{dir: dir} do
+      {first, _} = demo_trace()
+      a = Analysis.select(store: first)
+      stats_a = Analysis.call_stat(store: first)
+      p1 = Path.join(dir, "one.estrace")
+      {:ok, _} = TraceFile.save(first, p1)
+
+      {second, _} = demo_trace(payload: :arity)
+      b = Analysis.select(store: second)
+      p2 = Path.join(dir, "two.estrace")
+      {:ok, _} = TraceFile.save(second, p2)
+
+      {:ok, merged} = TraceFile.load([p1, p2])
+      assert Enum.map(merged.source.files, & &1.id_shift) == [0, 0]
+      assert Analysis.select(store: merged, limit: 1_000_000) == a ++ b
+
+      # Call statistics of the merge add up those of each trace.
+      sum =
+        (stats_a ++ Analysis.call_stat(store: second))
+        |> Enum.group_by(& &1.key)
+        |> Map.new(fn {k, v} -> {k, Enum.sum(Enum.map(v, & &1.count))} end)
+
+      assert Map.new(Analysis.call_stat(store: merged), &{&1.key, &1.count}) == sum
+
+      for e <- Enum.take_every(a ++ b, 5) do
+        store = if e in a, do: first, else: second
+        assert Analysis.traceback(e, store: merged) == Analysis.traceback(e, store: store)
+        assert Analysis.range(e, store: merged) == Analysis.range(e, store: store)
+      end
+    end
+
+    test "one file loaded twice gets fresh ids for its copy, links intact", %{dir: dir} do
+      {store, _} = demo_trace()
+      path = Path.join(dir, "twice.estrace")
+      {:ok, %{events: n}} = TraceFile.save(store, path)
+      {:ok, both} = TraceFile.load([path, path])
+      [f1, f2] = both.source.files
+      assert f1.id_shift == 0 and f2.id_shift > 0
+      assert DataAccess.get_stats(both).total_events == 2 * n
+      assert [_ | _] = both.source.notes
+
+      for e <- Analysis.select(store: store, types: [:call]) |> Enum.take(20) do
+        copy = Analysis.get(e.id + f2.id_shift, store: both)
+        assert copy.function == e.function and copy.data == e.data
+
+        assert Enum.map(Analysis.traceback(copy, store: both), & &1.id) ==
+                 Enum.map(Analysis.traceback(e, store: store), &(&1.id + f2.id_shift))
+      end
+    end
+  end
+
+  describe "another VM" do
+    test "a file from another VM: atoms by name, pids foreign but faithful", %{dir: dir} do
+      path = Path.join(dir, "child.estrace")
+      atom = "tf_child_only_#{System.unique_integer([:positive])}"
+
+      out =
+        child_vm("""
+        {:ok, _} = Application.ensure_all_started(:elixir_scope)
+        alias ElixirScope.Capture.{Ingestor, PipelineManager}
+        {:ok, pm} = PipelineManager.start_link(name: :child, backpressure_enabled: false)
+        buf = PipelineManager.ring_buffer(pm)
+        other = spawn(fn -> Process.sleep(:infinity) end)
+        f = String.to_atom("#{atom}")
+        for i <- 1..100 do
+          :ok = Ingestor.ingest_function_call(buf, ChildMod, f, [i, other], self(), i)
+          :ok = Ingestor.ingest_message_send(buf, self(), other, {f, i})
+          :ok = Ingestor.ingest_function_return(buf, {:ok, other}, 10, i)
+        end
+        :ok = PipelineManager.flush(pm)
+        {:ok, _} = ElixirScope.TraceFile.save(pm, "#{path}")
+        IO.puts("PIDS " <> Base.encode64(:erlang.term_to_binary({self(), other})))
+        """)
+
+      [_, b64] = Regex.run(~r/PIDS (\S+)/, out)
+      {child_self, child_other} = :erlang.binary_to_term(Base.decode64!(b64))
+      for m <- [TraceFile, Analysis, DataAccess, Analysis.Entry], do: Code.ensure_loaded!(m)
+
+      # Existing atoms only: the child's function name does not exist here.
+      before = :erlang.system_info(:atom_count)
+
+      assert {:error, {:too_many_atoms, %{path: ^path, detail: detail}}} =
+               TraceFile.load(path, max_new_atoms: 0)
+
+      assert detail =~ atom
+      assert :erlang.system_info(:atom_count) == before
+
+      {:ok, store} = TraceFile.load(path)
+      # The function's name (ChildMod exists here: this test names it).
+      assert store.source.atoms_created == 1
+      assert :erlang.system_info(:atom_count) == before + 1
+      assert store.source.foreign_processes == 2
+      {:ok, _} = TraceFile.load(path)
+      assert :erlang.system_info(:atom_count) == before + 1
+
+      calls = Analysis.select(store: store, types: [:call])
+      assert length(calls) == 100
+      fun = String.to_existing_atom(atom)
+      assert Enum.all?(calls, &(&1.function == fun and &1.module == ChildMod))
+      [pid] = calls |> Enum.map(& &1.pid) |> Enum.uniq()
+
+      # Not one of this VM's processes, though it prints like one: the
+      # child's (another VM instance of nonode@nohost) pid with creation + 1.
+      assert is_pid(pid) and pid not in Process.list()
+      assert pid != child_self
+      assert inspect(pid) == inspect(child_self)
+      assert creation(pid) == creation(child_self) + 1
+      [_, other] = hd(calls).data
+      assert inspect(other) == inspect(child_other) and other != pid
+
+      # Queries by a foreign pid work, and results carry it.
+      assert length(Analysis.select(store: store, pid: pid)) == 300
+      {:ok, evs} = DataAccess.query_by_process(store, pid)
+      assert length(evs) == 300
+      assert [%{from: ^pid, to: ^other} | _] = Analysis.messages(store: store)
+      assert [%{key: ^pid, count: 100}] = Analysis.call_stat(store: store, by: :process)
+    end
+
+    test "a save killed midway leaves a partial file that loads its complete blocks", %{
+      dir: dir
+    } do
+      path = Path.join(dir, "killed.estrace")
+
+      port =
+        child_vm_port("""
+        {:ok, _} = Application.ensure_all_started(:elixir_scope)
+        alias ElixirScope.Storage.DataAccess
+        {:ok, s} = DataAccess.new(max_events: 40_000)
+        evs = for i <- 1..40_000, do: %{id: i, timestamp: i, data: :crypto.strong_rand_bytes(2048)}
+        {:ok, _} = DataAccess.store_events(s, evs)
+        IO.puts("READY")
+        ElixirScope.TraceFile.save(s, "#{path}", compression: :none, block_events: 64)
+        IO.puts("DONE")
+        """)
+
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      partial = wait_for_partial(dir, 4_000_000, 30_000)
+      System.cmd("kill", ["-9", "#{os_pid}"])
+      Port.close(port)
+      assert partial, "the child never wrote a large enough partial file"
+      refute File.exists?(path), "the save finished before it was killed"
+      [file] = Path.wildcard(Path.join(dir, "killed.estrace.partial-*"))
+
+      {:ok, store} = TraceFile.load(file)
+      [f] = store.source.files
+      refute f.complete
+      assert f.events > 0 and f.events < 40_000, inspect(f)
+      assert [note] = store.source.notes
+      assert note =~ "cut short"
+      # What loaded is the first events, complete and in order.
+      {:ok, evs} = DataAccess.query_by_time_range(store, 0, 1 <<< 40, limit: 100_000)
+      assert Enum.map(evs, & &1.id) == Enum.to_list(1..f.events)
+      assert Enum.all?(evs, &(byte_size(&1.data) == 2048))
+      assert {:error, {:incomplete, _}} = TraceFile.load(file, strict: true)
+    end
+  end
+
+  describe "bad input" do
+    setup %{dir: dir} do
+      {:ok, store} = DataAccess.new(max_events: 100)
+      :ok = DataAccess.store_event(store, %{id: 1, timestamp: 1, pid: self()})
+      {:ok, store: store, path: Path.join(dir, "x.estrace")}
+    end
+
+    test "a path in a missing directory, a directory, a file as directory", %{
+      store: store,
+      dir: dir
+    } do
+      assert {:error, {:enoent, %{path: _}}} = TraceFile.save(store, Path.join(dir, "no/x"))
+      assert {:error, {:eisdir, _}} = TraceFile.save(store, dir)
+      File.write!(Path.join(dir, "file"), "x")
+      assert {:error, {:enotdir, _}} = TraceFile.save(store, Path.join(dir, "file/x"))
+      assert {:error, {:eisdir, _}} = TraceFile.load(dir)
+      assert {:error, {:enoent, _}} = TraceFile.load(Path.join(dir, "missing"))
+      assert {:error, {:enoent, _}} = TraceFile.info(Path.join(dir, "missing"))
+      assert Path.wildcard(Path.join(dir, "*partial*")) == []
+    end
+
+    @tag :tmpfs
+    test "an unwritable place and a full disk (tiny tmpfs mounts)", %{store: store, dir: dir} do
+      ro = Path.join(dir, "ro")
+      full = Path.join(dir, "full")
+      File.mkdir_p!(ro)
+      File.mkdir_p!(full)
+
+      case {mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", ro]),
+            mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", full])} do
+        {:ok, :ok} ->
+          on_exit(fn ->
+            System.cmd("umount", [ro])
+            System.cmd("umount", [full])
+          end)
+
+          assert {:error, {:erofs, _}} = TraceFile.save(store, Path.join(ro, "x.estrace"))
+
+          # 64 KiB cannot hold a trace of incompressible payloads.
+          {:ok, big} = DataAccess.new(max_events: 100)
+
+          for i <- 1..40,
+              do:
+                :ok = DataAccess.store_event(big, %{id: i, data: :crypto.strong_rand_bytes(4096)})
+
+          target = Path.join(full, "x.estrace")
+          assert {:error, {:enospc, _}} = TraceFile.save(big, target)
+          # Nothing is left behind: neither the target nor a partial file.
+          assert File.ls!(full) == []
+          # And the small store still fits.
+          assert {:ok, _} = TraceFile.save(store, target)
+
+        other ->
+          IO.puts("skipped: cannot mount a tmpfs here (#{inspect(other)})")
+      end
+    end
+
+    test "unknown compression, bad options and sources raise or answer", %{
+      store: store,
+      path: path
+    } do
+      assert_raise ArgumentError, ~r/compression/, fn ->
+        TraceFile.save(store, path, compression: :gzip)
+      end
+
+      assert_raise ArgumentError, ~r/unknown/, fn -> TraceFile.save(store, path, bogus: 1) end
+      assert_raise ArgumentError, ~r/level/, fn -> TraceFile.save(store, path, level: 99) end
+      assert_raise ArgumentError, ~r/path/, fn -> TraceFile.save(store, "") end
+      assert_raise ArgumentError, ~r/source/, fn -> TraceFile.save("store", path) end
+      assert TraceFile.save(:no_such_pipeline, path) == {:error, :no_pipeline}
+      assert TraceFile.save(self(), path) == {:error, :no_pipeline}
+
+      assert_raise ArgumentError, ~r/max_new_atoms/, fn ->
+        TraceFile.load(path, max_new_atoms: -1)
+      end
+
+      assert_raise ArgumentError, ~r/at least one/, fn -> TraceFile.load([]) end
+      :ok = DataAccess.destroy(store)
+      assert_raise ArgumentError, fn -> TraceFile.save(store, path) end
+    end
+  end
+
+  # The creation field of a pid's external form (NEW_PID_EXT).
+  defp creation(pid) do
+    bin = :erlang.term_to_binary(pid)
+    <<_::binary-size(byte_size(bin) - 4), c::32>> = bin
+    c
+  end
+
+  defp child_args(code) do
+    ebin = :code.lib_dir(:elixir_scope, :ebin) |> to_string()
+    ["-pa", ebin, "-e", code]
+  end
+
+  defp child_vm(code) do
+    {out, 0} =
+      System.cmd(System.find_executable("elixir"), child_args(code), stderr_to_stdout: true)
+
+    out
+  end
+
+  defp child_vm_port(code) do
+    Port.open({:spawn_executable, System.find_executable("elixir")}, [
+      :binary,
+      :exit_status,
+      :stderr_to_stdout,
+      args: child_args(code)
+    ])
+  end
+
+  defp wait_for_partial(dir, bytes, timeout) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+
+    Stream.repeatedly(fn ->
+      Path.wildcard(Path.join(dir, "*.partial-*"))
+      |> Enum.any?(fn f -> match?({:ok, %{size: s}} when s >= bytes, File.stat(f)) end)
+    end)
+    |> Enum.find(fn found ->
+      found or System.monotonic_time(:millisecond) > deadline or (Process.sleep(1) && false)
+    end)
+  end
+
+  defp mount(args) do
+    case System.cmd("mount", args, stderr_to_stdout: true) do
+      {_, 0} -> :ok
+      {out, code} -> {:error, code, out}
+    end
+  rescue
+    e -> {:error, e}
+  end
+end
