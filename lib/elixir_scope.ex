@@ -42,6 +42,15 @@ defmodule ElixirScope do
       no arguments, return values or message contents; exception reasons and
       exit reasons are kept) [`:full`]
     * `:max_payload_bytes` — cap per event [512]
+    * `:state` — capture OTP states: `:snapshot` (every traced OTP
+      callback's return is a state record, and each traced OTP process of a
+      target module records its current state when the trace starts),
+      `:callbacks` (no snapshot), `false` [`:snapshot` when a target
+      implements `GenServer`, `:gen_server` or `:gen_statem` callbacks,
+      else `false`]. See `ElixirScope.Analysis.state_at/3`.
+    * `:max_state_bytes` — cap for what matters most: states, exception
+      values and exit reasons [65_536; with `pipeline:`, at most its
+      `max_event_bytes`]
     * `:max_events` — stop after this many events [1_000_000]
     * `:max_rate` — stop when more events than this arrive within one
       second [500_000]

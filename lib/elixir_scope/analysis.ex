@@ -31,6 +31,24 @@ defmodule ElixirScope.Analysis do
   | count, accumulated and own time per function | `call_stat/1` | one pass |
   | the next / previous event of a process or overall | `next/2`, `prev/2` | a few index steps; overall: a growing time window |
   | who sent what to whom, from which call | `messages/1` | a scan of the store |
+  | a process's state at any moment | `state_at/3`, `state_at/2` | a binary search in the process's state index |
+  | every state of a process, in order | `state_history/2` | the states returned |
+  | what changed between two states | `state_diff/3` | the terms' size |
+  | why a state (or any event) happened, back to the root | `why/2` | one or two lookups per step |
+  | run a recorded call again and compare | `replay/2` | the call |
+
+  ## Time travel
+
+  When the trace's targets implement OTP callbacks, every callback's
+  return is a *state record* (see `ElixirScope.Analysis.State`), linked to
+  the callback's call and to what triggered it, and with `state:
+  :snapshot` (the default then) each traced OTP process's state is taken
+  when the trace starts:
+
+      {:ok, st} = Analysis.state_at(pid, System.monotonic_time(:nanosecond) - 1_000_000)
+      st.state                                  # the state 1 ms ago
+      Analysis.state_history(pid) |> Format.print_state_history()
+      Analysis.why(st) |> Format.print_why()    # callback ← message ← sender's call ← ...
 
   The one-pass queries run on a dirty scheduler and hold the store's lock
   for the pass (about 45 ns per stored event): a pipeline still writing
@@ -38,7 +56,7 @@ defmodule ElixirScope.Analysis do
   order across traces (a trace's first id is not 1).
   """
 
-  alias ElixirScope.Analysis.Entry
+  alias ElixirScope.Analysis.{Diff, Entry, State}
   alias ElixirScope.Native
   alias ElixirScope.Storage.DataAccess
 
@@ -52,7 +70,8 @@ defmodule ElixirScope.Analysis do
     exit: 10,
     exception: 11,
     link: 12,
-    unlink: 12
+    unlink: 12,
+    state_snapshot: 20
   }
 
   @type entry_ref :: Entry.t() | pos_integer()
@@ -381,6 +400,315 @@ defmodule ElixirScope.Analysis do
 
     collect_messages(ref, pid, next, left - length(rows), [rows | acc])
   end
+
+  # ---- states ----------------------------------------------------------------------
+
+  @i64_min -0x8000000000000000
+  @i64_max 0x7FFFFFFFFFFFFFFF
+
+  @typedoc "Why there is no state to show."
+  @type state_error ::
+          :not_traced
+          | :no_state
+          | :outside_trace
+          | :before_first_state
+          | :exited
+          | :evicted
+
+  @doc """
+  The state of `pid` in force at `time`: `{:ok, %State{}}` (the state and
+  the record that set it, see `ElixirScope.Analysis.State`), or
+  `{:error, reason}`:
+
+    * `:not_traced` — no event of `pid` in the store;
+    * `:no_state` — events, but no state record (not an OTP process of a
+      traced callback module, or states were not captured);
+    * `:outside_trace` — `time` is before the first or after the last
+      stored event;
+    * `:before_first_state` — before the process's first state record
+      (before its `init/1` returned, or before the snapshot);
+    * `:exited` — after the process exited;
+    * `:evicted` — the record in force then has been evicted from the
+      bounded store.
+
+  `time` is monotonic nanoseconds (`System.monotonic_time(:nanosecond)`,
+  the events' `timestamp`) or a `DateTime` (converted with the VM's
+  current time offset). A state that keeps the previous one
+  (`:keep_state_and_data`, `terminate/2`) shows the state it keeps. Cost:
+  a binary search in the process's state index, no scan.
+  Options: `:store`.
+  """
+  @spec state_at(pid(), integer() | DateTime.t(), keyword()) ::
+          {:ok, State.t()} | {:error, state_error()}
+  def state_at(pid, time, opts) when is_list(opts) do
+    unless is_pid(pid),
+      do: raise(ArgumentError, "state_at/3 expects a pid, got: #{inspect(pid)}")
+
+    Native.ana_state_at(store!(opts).ref, pid, mono!(time))
+  end
+
+  @doc """
+  `state_at(pid, time)` (see `state_at/3`), or `state_at(event, opts)`:
+  the state of the event's process when the event happened (for a state
+  record, the state it set).
+  """
+  @spec state_at(pid() | Entry.t() | State.t(), integer() | DateTime.t() | keyword()) ::
+          {:ok, State.t()} | {:error, state_error()}
+  def state_at(%Entry{pid: pid, timestamp: t}, opts) when is_list(opts),
+    do: state_at(pid, t, opts)
+
+  def state_at(%State{pid: pid, timestamp: t}, opts) when is_list(opts),
+    do: state_at(pid, t, opts)
+
+  def state_at(pid, time), do: state_at(pid, time, [])
+
+  @doc "`state_at(event, [])`: the state of the event's process when it happened."
+  @spec state_at(Entry.t() | State.t()) :: {:ok, State.t()} | {:error, state_error()}
+  def state_at(%Entry{} = e), do: state_at(e, [])
+  def state_at(%State{} = s), do: state_at(s, [])
+
+  def state_at(other),
+    do:
+      raise(ArgumentError, "state_at/1 expects an event (Entry or State), got: #{inspect(other)}")
+
+  @doc """
+  Every state of `pid`, oldest first: `[%State{}]` (see
+  `ElixirScope.Analysis.State`: the time, the callback, its triggering
+  message, the state in force from then on), or `{:error, :not_traced |
+  :no_state}`. Options: `:from` / `:to` (monotonic ns or `DateTime`,
+  inclusive), `:limit` (default 10_000), `:store`.
+  `ElixirScope.Analysis.Format.print_state_history/2` prints it as a
+  sequence of diffs.
+  """
+  @spec state_history(pid(), keyword()) :: [State.t()] | {:error, :not_traced | :no_state}
+  def state_history(pid, opts \\ []) do
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [from: nil, to: nil, limit: 10_000, store: nil],
+        "ElixirScope.Analysis.state_history"
+      )
+
+    unless is_pid(pid),
+      do: raise(ArgumentError, "state_history/2 expects a pid, got: #{inspect(pid)}")
+
+    t0 = if o[:from] == nil, do: @i64_min, else: mono!(o[:from])
+    t1 = if o[:to] == nil, do: @i64_max, else: mono!(o[:to])
+
+    case Native.ana_state_history(store!(o).ref, pid, t0, t1, pos_int!(o[:limit], :limit)) do
+      {:ok, states} -> states
+      {:error, _} = err -> err
+    end
+  end
+
+  @doc """
+  The processes with state records in the store and how many each has:
+  `[{pid, count}]`. Options: `:store`.
+  """
+  @spec state_processes(keyword()) :: [{pid(), non_neg_integer()}]
+  def state_processes(opts \\ []), do: Native.ana_state_processes(store!(opts).ref)
+
+  @doc """
+  The structural differences between two states (`%State{}`) or any two
+  terms: `[{:added, path, value} | {:removed, path, value} | {:changed,
+  path, old, new} | {:cut, path}]` (see `ElixirScope.Analysis.Diff`).
+  For gen_statem states a changed state name comes first, under the path
+  `[:state_name]`. Parts cut at the state cap of a truncated state are
+  reported as `{:cut, path}`, never as changes. Options: `:cut` (treat
+  `{:truncated, _, _}` markers as unknown; default: true when either
+  state is truncated).
+  """
+  @spec state_diff(State.t() | term(), State.t() | term(), keyword()) :: [Diff.change()]
+  def state_diff(a, b, opts \\ [])
+
+  def state_diff(%State{} = a, %State{} = b, opts) do
+    cut = Keyword.get(opts, :cut, a.truncated == true or b.truncated == true)
+
+    names =
+      if a.name != nil or b.name != nil do
+        Diff.diff(a.name, b.name, cut: cut) |> Enum.map(&prefix(&1, :state_name))
+      else
+        []
+      end
+
+    names ++ Diff.diff(a.state, b.state, cut: cut)
+  end
+
+  def state_diff(a, b, opts), do: Diff.diff(a, b, cut: Keyword.get(opts, :cut, false))
+
+  defp prefix({:changed, p, x, y}, k), do: {:changed, [k | p], x, y}
+  defp prefix({:added, p, x}, k), do: {:added, [k | p], x}
+  defp prefix({:removed, p, x}, k), do: {:removed, [k | p], x}
+  defp prefix({:cut, p}, k), do: {:cut, [k | p]}
+
+  @doc """
+  Why an event happened: the causal chain from it back to the root, as
+  `[{role, %Entry{}}]`, across processes. For a state (`%State{}` or its
+  record): the state record (`:state`) ← the callback's call
+  (`:callback`) ← the receive of the message that triggered it
+  (`:received`) ← that message's send (`:sent`) ← the call it was sent
+  from and its callers (`:call`) ← if the outermost of those is itself an
+  OTP callback, what triggered it ← ... A callback no message triggered
+  leads to the previous state record (`:previous_state`: the `{:continue,
+  _}`, the timeout or the internal event it set up), an `init/1` to the
+  process's spawn (`:spawned`) and the spawning call. Works for any event
+  (a call leads to its callers, a receive to its send). nil for an
+  unknown id. `ElixirScope.Analysis.Format.print_why/1` prints it.
+  Options: `:store`.
+  """
+  @spec why(State.t() | entry_ref(), keyword()) :: [{atom(), Entry.t()}] | nil
+  def why(ref, opts \\ []) do
+    id =
+      case ref do
+        %State{id: id} -> id
+        other -> id!(other)
+      end
+
+    case Native.ana_why(store!(opts).ref, id) do
+      [] -> nil
+      chain -> chain
+    end
+  end
+
+  @doc """
+  Runs a recorded call again — `apply(module, function, recorded_args)`
+  in the current code, in a fresh process — and compares the result with
+  the recorded return (Erlang Doctor's `do/1`, plus the comparison).
+
+  `ref`: the call (or its return or exception). `{:ok, result}` with
+  `result` a map: `:call` (the entry), `:mfa`, `:args`, `:recorded`
+  (`{:return, value}`, `{:exception, {class, reason}}` or nil when the
+  trace has no result), `:replayed` (`{:return, value}`, `{:exception,
+  {class, reason}}` or `{:timeout, ms}`), `:match` (true / false; nil when
+  there is nothing to compare or the recorded value was cut) and `:diff`
+  (`state_diff/3` of the two values, `[]` when they match).
+  `{:error, reason}`: `:not_found`, `:not_a_call`, `:no_arguments` (traced
+  with `payload: :arity`), `:arguments_truncated`, `{:not_exported, mfa}`
+  (private functions cannot be called from outside their module).
+  Options: `:timeout` (ms, default 5_000), `:store`.
+  """
+  @spec replay(entry_ref(), keyword()) :: {:ok, map()} | {:error, term()}
+  def replay(ref, opts \\ []) do
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [timeout: 5_000, store: nil],
+        "ElixirScope.Analysis.replay"
+      )
+
+    s = store!(o)
+    timeout = pos_int!(o[:timeout], :timeout)
+
+    with {:ok, call} <- replay_call(s, ref),
+         {:ok, mfa} <- replayable(call) do
+      recorded = recorded_result(s, call)
+      replayed = run_isolated(call.module, call.function, call.data, timeout)
+      {match, diff} = compare(recorded, replayed)
+
+      {:ok,
+       %{
+         call: call,
+         mfa: mfa,
+         args: call.data,
+         recorded: recorded && elem(recorded, 0),
+         replayed: replayed,
+         match: match,
+         diff: diff
+       }}
+    end
+  end
+
+  defp replay_call(s, ref) do
+    case Native.ana_get(s.ref, id!(ref)) do
+      nil ->
+        {:error, :not_found}
+
+      %Entry{type: :call} = c ->
+        {:ok, c}
+
+      %Entry{type: t, call_id: cid} when t in [:return, :exception] and is_integer(cid) ->
+        case Native.ana_get(s.ref, cid) do
+          %Entry{type: :call} = c -> {:ok, c}
+          _ -> {:error, :not_found}
+        end
+
+      _ ->
+        {:error, :not_a_call}
+    end
+  end
+
+  defp replayable(%Entry{data: nil}), do: {:error, :no_arguments}
+
+  defp replayable(%Entry{truncated: true}), do: {:error, :arguments_truncated}
+
+  defp replayable(%Entry{module: m, function: f, data: args}) when is_list(args) do
+    mfa = {m, f, length(args)}
+
+    if Code.ensure_loaded?(m) and function_exported?(m, f, length(args)),
+      do: {:ok, mfa},
+      else: {:error, {:not_exported, mfa}}
+  end
+
+  defp replayable(_), do: {:error, :no_arguments}
+
+  # `{{:return, v} | {:exception, {class, reason}}, truncated?}` or nil.
+  defp recorded_result(s, call) do
+    case Native.ana_result(s.ref, call.id) do
+      %Entry{type: :return, data: v, truncated: t} -> {{:return, v}, t}
+      %Entry{type: :exception, data: cr, truncated: t} -> {{:exception, cr}, t}
+      nil -> nil
+    end
+  end
+
+  defp run_isolated(m, f, args, timeout) do
+    {pid, mon} =
+      spawn_monitor(fn ->
+        result =
+          try do
+            {:return, apply(m, f, args)}
+          catch
+            class, reason -> {:exception, {class, reason}}
+          end
+
+        exit({:elixir_scope_replay, result})
+      end)
+
+    receive do
+      {:DOWN, ^mon, :process, ^pid, {:elixir_scope_replay, result}} -> result
+      {:DOWN, ^mon, :process, ^pid, reason} -> {:exception, {:exit, reason}}
+    after
+      timeout ->
+        Process.exit(pid, :kill)
+
+        receive do
+          {:DOWN, ^mon, :process, ^pid, _} -> :ok
+        end
+
+        {:timeout, timeout}
+    end
+  end
+
+  defp compare(nil, _replayed), do: {nil, []}
+
+  defp compare({recorded, truncated?}, replayed) do
+    cond do
+      recorded === replayed -> {true, []}
+      truncated? -> {nil, state_diff(recorded, replayed, cut: true)}
+      true -> {false, state_diff(recorded, replayed)}
+    end
+  end
+
+  defp mono!(t) when is_integer(t), do: t
+
+  defp mono!(%DateTime{} = dt),
+    do: DateTime.to_unix(dt, :nanosecond) - System.time_offset(:nanosecond)
+
+  defp mono!(other),
+    do:
+      raise(
+        ArgumentError,
+        "a time is monotonic nanoseconds (an integer) or a DateTime, got: #{inspect(other)}"
+      )
 
   # ---- arguments ---------------------------------------------------------------
 

@@ -62,6 +62,7 @@ defmodule ElixirScope.Native do
   def ing_process_spawn(_ref, _parent_pid, _child_pid), do: nif_error()
   def ing_message_send(_ref, _from_pid, _to_pid, _message), do: nif_error()
   def ing_state_change(_ref, _server_pid, _old_state, _new_state), do: nif_error()
+  def ing_state_snapshot(_ref, _server_pid, _state, _reason, _sequence_number), do: nif_error()
   def ing_performance_metric(_ref, _name, _value, _metadata), do: nif_error()
   def ing_error(_ref, _error_type, _message, _stacktrace), do: nif_error()
   def ing_message_receive(_ref, _receiver_pid, _message), do: nif_error()
@@ -151,14 +152,19 @@ defmodule ElixirScope.Native do
         _arity_only,
         _record,
         _max_payload_bytes,
+        _max_state_bytes,
         _max_events,
         _max_rate,
-        _duration_ms
+        _duration_ms,
+        _callbacks,
+        _only
       ),
       do: nif_error()
 
   def tracer_stop(_tracer, _why), do: nif_error()
   def tracer_stats(_tracer), do: nif_error()
+  def tracer_snapshotting(_tracer, _on), do: nif_error()
+  def tracer_snapshot(_tracer, _state, _module, _statem), do: nif_error()
   def enabled(_tag, _tracer_state, _tracee), do: nif_error()
   def trace(_tag, _tracer_state, _tracee, _trace_term, _opts), do: nif_error()
 
@@ -184,4 +190,10 @@ defmodule ElixirScope.Native do
 
   def ana_select_time(_store, _after_ts, _after_seq, _pid, _module, _function, _kinds, _t1),
     do: nif_error()
+
+  def ana_state_at(_store, _pid, _ts), do: nif_error()
+  def ana_state_history(_store, _pid, _t0, _t1, _limit), do: nif_error()
+  def ana_state_processes(_store), do: nif_error()
+  def ana_why(_store, _id), do: nif_error()
+  def ana_result(_store, _call_id), do: nif_error()
 end

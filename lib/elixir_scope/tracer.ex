@@ -26,6 +26,7 @@ defmodule ElixirScope.Tracer do
   alias ElixirScope.Args
   alias ElixirScope.Capture.PipelineManager
   alias ElixirScope.Native
+  alias ElixirScope.Tracer.Callbacks
 
   @events [:calls, :returns, :messages, :send, :receive, :procs]
 
@@ -34,6 +35,8 @@ defmodule ElixirScope.Tracer do
     events: [:calls, :returns, :messages, :procs],
     payload: :full,
     max_payload_bytes: 512,
+    max_state_bytes: 65_536,
+    state: :auto,
     max_events: 1_000_000,
     max_rate: 500_000,
     duration: 60_000,
@@ -59,14 +62,68 @@ defmodule ElixirScope.Tracer do
 
   @doc false
   def trace(targets, opts) do
+    explicit_msb? = is_list(opts) and Keyword.has_key?(opts, :max_state_bytes)
     opts = Args.keyword_opts!(opts, @defaults, "ElixirScope.trace/2")
-    config = validate!(opts)
+    config = validate!(opts) |> Map.put(:explicit_msb, explicit_msb?)
 
     with {:ok, patterns} <- resolve_targets(targets, config),
          {:ok, pids} <- resolve_pids(opts[:pids]) do
-      call({:trace, patterns, pids, config})
+      call({:trace, patterns, pids, with_callbacks(config, patterns)})
     end
   end
+
+  @scoped_defaults [
+    pids: [],
+    events: [:calls, :returns, :messages, :procs],
+    payload: :full,
+    max_payload_bytes: 512,
+    max_state_bytes: 65_536,
+    state: :auto,
+    max_events: 200_000,
+    max_rate: 1_000_000,
+    duration: 300_000,
+    ring_size: 16_384
+  ]
+
+  @doc false
+  # A scoped session (see the moduledoc) tracing `targets` in `root` and
+  # the processes it spawns, plus `opts[:pids]`. `{:ok, session}` with
+  # `:id` and `:store`, or `{:error, reason}`.
+  def start_scoped(targets, root, opts) when is_pid(root) do
+    opts = Args.keyword_opts!(opts, @scoped_defaults, "ElixirScope.ExUnit.trace_block/3")
+
+    config =
+      opts
+      |> Keyword.merge(max_stored: nil, pipeline: nil, dry_run: false, pids: :all)
+      |> validate!()
+      |> Map.put(:explicit_msb, true)
+
+    extra =
+      case opts[:pids] do
+        pids when is_list(pids) ->
+          pids
+
+        pid when is_pid(pid) ->
+          [pid]
+
+        other ->
+          raise ArgumentError, "pids must be a pid or a list of pids, got: #{inspect(other)}"
+      end
+
+    with {:ok, patterns} <- resolve_targets(targets, config),
+         {:ok, extra} <- resolve_extra(extra) do
+      call({:scoped_start, patterns, root, extra, with_callbacks(config, patterns)})
+    end
+  end
+
+  defp resolve_extra([]), do: {:ok, []}
+  defp resolve_extra(list), do: resolve_pids(list)
+
+  @doc false
+  # Stops a scoped session, waits until its events are stored, frees its
+  # pipeline (its store stays readable through the handle) and returns
+  # `{:ok, summary}`.
+  def stop_scoped(id), do: call({:scoped_stop, id})
 
   @doc false
   def stop_trace, do: call(:stop_trace)
@@ -134,7 +191,7 @@ defmodule ElixirScope.Tracer do
     unless payload in [:full, :arity],
       do: raise(ArgumentError, "payload must be :full or :arity, got: #{inspect(payload)}")
 
-    for k <- [:max_payload_bytes, :max_events, :max_rate, :duration, :ring_size] do
+    for k <- [:max_payload_bytes, :max_state_bytes, :max_events, :max_rate, :duration, :ring_size] do
       v = opts[k]
 
       unless is_integer(v) and v > 0,
@@ -145,6 +202,20 @@ defmodule ElixirScope.Tracer do
 
     unless mpb in 64..1_048_576,
       do: raise(ArgumentError, "max_payload_bytes must be in 64..1048576, got: #{mpb}")
+
+    msb = opts[:max_state_bytes]
+
+    unless msb in 64..1_048_576,
+      do: raise(ArgumentError, "max_state_bytes must be in 64..1048576, got: #{msb}")
+
+    state = opts[:state]
+
+    unless state in [:auto, :snapshot, :callbacks, true, false],
+      do:
+        raise(
+          ArgumentError,
+          "state must be :snapshot, :callbacks, false (or true for :snapshot), got: #{inspect(state)}"
+        )
 
     rs = opts[:ring_size]
 
@@ -167,6 +238,8 @@ defmodule ElixirScope.Tracer do
       procs: :procs in events,
       arity_only: payload == :arity,
       max_payload_bytes: mpb,
+      max_state_bytes: msb,
+      state: state,
       max_events: opts[:max_events],
       max_rate: opts[:max_rate],
       duration: opts[:duration],
@@ -190,6 +263,24 @@ defmodule ElixirScope.Tracer do
         {:error, _} = err -> {:halt, err}
       end
     end)
+  end
+
+  # The OTP callbacks whose returns become state records (none with
+  # `state: false`, or when no call is traced); `state: :auto` captures
+  # them, with snapshots, when a target has any.
+  defp with_callbacks(config, patterns) do
+    callbacks =
+      if config.state == false or not config.calls do
+        []
+      else
+        patterns
+        |> Enum.map(&elem(&1, 0))
+        |> Enum.uniq()
+        |> Enum.flat_map(&Callbacks.of_module(&1, patterns))
+      end
+
+    snapshot? = callbacks != [] and config.state in [:auto, :snapshot, true]
+    Map.merge(config, %{callbacks: callbacks, snapshot: snapshot?})
   end
 
   defp target({:app, app}) when is_atom(app) do
@@ -258,12 +349,16 @@ defmodule ElixirScope.Tracer do
   @impl true
   def init(:ok) do
     Process.flag(:trap_exit, true)
-    {:ok, %{session: nil}}
+    {:ok, %{session: nil, scoped: %{}, patterns: %{}}}
   end
 
   @impl true
   def handle_call({:trace, _patterns, _pids, _config}, _from, %{session: %{active: true}} = s),
     do: {:reply, {:error, :already_tracing}, s}
+
+  def handle_call({:trace, _patterns, _pids, _config}, _from, %{scoped: scoped} = s)
+      when map_size(scoped) > 0,
+      do: {:reply, {:error, :already_tracing}, s}
 
   def handle_call({:trace, patterns, pids, config}, _from, s) do
     s = drop_session(s)
@@ -293,6 +388,36 @@ defmodule ElixirScope.Tracer do
 
   def handle_call(:session, _from, s), do: {:reply, s.session, s}
 
+  def handle_call({:scoped_start, _, _, _, _}, _from, %{session: %{active: true}} = s),
+    do: {:reply, {:error, :already_tracing}, s}
+
+  def handle_call({:scoped_start, patterns, root, extra, config}, _from, s) do
+    case start_scoped_session(patterns, root, extra, config, s) do
+      {:ok, session, s} ->
+        id = make_ref()
+        mon = Process.monitor(root)
+        session = Map.merge(session, %{id: id, monitor: mon})
+        {:reply, {:ok, scoped_info(session)}, put_in(s.scoped[id], session)}
+
+      {:error, reason, s} ->
+        {:reply, {:error, reason}, s}
+
+      {:error, _} = err ->
+        {:reply, err, s}
+    end
+  end
+
+  def handle_call({:scoped_stop, id}, _from, s) do
+    case Map.pop(s.scoped, id) do
+      {nil, _} ->
+        {:reply, {:error, :not_tracing}, s}
+
+      {session, scoped} ->
+        {summary, s} = end_scoped(session, %{s | scoped: scoped})
+        {:reply, {:ok, summary}, s}
+    end
+  end
+
   @impl true
   def handle_info(
         {:elixir_scope_trace_stopped, tracer, _reason},
@@ -311,15 +436,30 @@ defmodule ElixirScope.Tracer do
     {:noreply, %{s | session: %{session | pm_down: reason}}}
   end
 
+  # The process that opened a scoped session is gone: end the session.
+  def handle_info({:DOWN, mon, :process, _, _}, s) do
+    case Enum.find(s.scoped, fn {_, sess} -> sess.monitor == mon end) do
+      {id, session} ->
+        {_, s} = end_scoped(session, %{s | scoped: Map.delete(s.scoped, id)})
+        {:noreply, s}
+
+      nil ->
+        {:noreply, s}
+    end
+  end
+
   def handle_info(_other, s), do: {:noreply, s}
 
   @impl true
-  def terminate(_reason, %{session: %{active: true} = session}) do
-    _ = finish(session, :stopped, false)
+  def terminate(_reason, s) do
+    case s.session do
+      %{active: true} = session -> _ = finish(session, :stopped, false)
+      _ -> :ok
+    end
+
+    Enum.each(s.scoped, fn {_, session} -> end_scoped(session, %{s | scoped: %{}}) end)
     :ok
   end
-
-  def terminate(_reason, _s), do: :ok
 
   # ---- sessions ---------------------------------------------------------------
 
@@ -328,49 +468,25 @@ defmodule ElixirScope.Tracer do
       ring = PipelineManager.ring_buffer(pm)
       store = PipelineManager.data_access(pm)
 
-      if c.max_payload_bytes > ring.max_event_bytes do
+      mpb = c.max_payload_bytes
+      msb = state_cap(c, ring)
+
+      if mpb > ring.max_event_bytes or msb > ring.max_event_bytes do
         if own?, do: PipelineManager.shutdown(pm)
 
         raise ArgumentError,
-              "max_payload_bytes (#{c.max_payload_bytes}) is above the pipeline's " <>
-                "max_event_bytes (#{ring.max_event_bytes})"
+              "max_payload_bytes (#{mpb}) and max_state_bytes (#{msb}) must not exceed " <>
+                "the pipeline's max_event_bytes (#{ring.max_event_bytes})"
       end
 
-      tracer =
-        Native.tracer_new(
-          ring.ref,
-          self(),
-          c.arity_only,
-          not c.dry_run,
-          c.max_payload_bytes,
-          c.max_events,
-          c.max_rate,
-          c.duration
-        )
-
-      session = %{
-        active: true,
-        tracer: tracer,
-        pm: pm,
-        own_pipeline: own?,
-        ring: ring,
-        store: store,
-        patterns: patterns,
-        pids: pids,
-        config: c,
-        flags: flags(c),
-        started_at: System.monotonic_time(:millisecond),
-        stopped_at: nil,
-        reason: nil,
-        timer: nil,
-        pm_down: nil,
-        functions: 0
-      }
+      tracer = new_tracer(ring, c, msb, nil)
+      session = new_session(tracer, pm, own?, ring, store, patterns, pids, c)
 
       case enable(session) do
         {:ok, functions} ->
           timer = Process.send_after(self(), {:duration, tracer}, c.duration)
-          {:ok, %{session | timer: timer, functions: functions}}
+          snapshots = if c.snapshot, do: snapshot(session, pids), else: %{taken: 0, failed: 0}
+          {:ok, %{session | timer: timer, functions: functions, snapshots: snapshots}}
 
         {:error, _} = err ->
           Native.tracer_stop(tracer, :stopped)
@@ -379,6 +495,49 @@ defmodule ElixirScope.Tracer do
           err
       end
     end
+  end
+
+  # The state cap: as asked, or (a pipeline given, the cap not asked for)
+  # the default up to what that pipeline's ring holds.
+  defp state_cap(%{explicit_msb: true} = c, _ring), do: c.max_state_bytes
+  defp state_cap(c, ring), do: min(c.max_state_bytes, ring.max_event_bytes)
+
+  defp new_tracer(ring, c, msb, only) do
+    Native.tracer_new(
+      ring.ref,
+      self(),
+      c.arity_only,
+      not c.dry_run,
+      c.max_payload_bytes,
+      msb,
+      c.max_events,
+      c.max_rate,
+      c.duration,
+      c.callbacks,
+      only
+    )
+  end
+
+  defp new_session(tracer, pm, own?, ring, store, patterns, pids, c) do
+    %{
+      active: true,
+      tracer: tracer,
+      pm: pm,
+      own_pipeline: own?,
+      ring: ring,
+      store: store,
+      patterns: patterns,
+      pids: pids,
+      config: c,
+      flags: flags(c),
+      started_at: System.monotonic_time(:millisecond),
+      stopped_at: nil,
+      reason: nil,
+      timer: nil,
+      pm_down: nil,
+      functions: 0,
+      snapshots: %{taken: 0, failed: 0}
+    }
   end
 
   defp pipeline_for(%{pipeline: nil} = c) do
@@ -390,7 +549,7 @@ defmodule ElixirScope.Tracer do
       batch_size: 1000,
       flush_interval_us: 1000,
       max_events: c.max_stored,
-      max_event_bytes: max(c.max_payload_bytes, 4096),
+      max_event_bytes: Enum.max([c.max_payload_bytes, c.max_state_bytes, 4096]),
       overflow_strategy: :drop_newest
     ]
 
@@ -407,23 +566,34 @@ defmodule ElixirScope.Tracer do
     end
   end
 
+  # `:arity` keeps argument lists out of the VM's trace messages; with
+  # states captured the callbacks' arguments are needed (their trigger), so
+  # the NIF counts the arity itself.
   defp flags(c) do
     Enum.concat([
       if(c.calls, do: [:call], else: []),
-      if(c.calls and c.arity_only, do: [:arity], else: []),
+      if(c.calls and c.arity_only and c.callbacks == [], do: [:arity], else: []),
       if(c.send, do: [:send], else: []),
       if(c.receive, do: [:receive], else: []),
       if(c.procs, do: [:procs], else: [])
     ])
   end
 
+  @match_spec [{:_, [], [{:exception_trace}]}]
+
+  defp match_spec(c), do: if(c.returns, do: @match_spec, else: true)
+
   defp enable(session) do
     c = session.config
-    ms = if c.returns, do: [{:_, [], [{:exception_trace}]}], else: true
 
     functions =
       if c.calls,
-        do: Enum.reduce(session.patterns, 0, &(:erlang.trace_pattern(&1, ms, [:local]) + &2)),
+        do:
+          Enum.reduce(
+            session.patterns,
+            0,
+            &(:erlang.trace_pattern(&1, match_spec(c), [:local]) + &2)
+          ),
         else: 0
 
     tracer = {:tracer, Native, session.tracer}
@@ -468,6 +638,52 @@ defmodule ElixirScope.Tracer do
     case session.pids do
       spec when spec in [:all, :new] -> :erlang.trace(:all, false, session.flags)
       list -> Enum.each(list, &safe_untrace(&1, session.flags))
+    end
+  end
+
+  # Every traced OTP process of a target module records its state now, from
+  # inside itself (see the moduledoc). A `:sys` request sent by hand with a
+  # plain `{pid, ref}` from, so the reply comes to this process's pid (which
+  # the NIF recognizes and leaves out), not to an alias.
+  @snapshot_timeout 1_000
+
+  defp snapshot(session, pids) do
+    modules = session.config.callbacks |> Enum.map(&elem(&1, 0)) |> Enum.uniq()
+
+    candidates =
+      case pids do
+        :all -> :all
+        :new -> []
+        list -> list
+      end
+
+    procs = if candidates == [], do: [], else: Callbacks.processes(modules, candidates)
+    # A process handling its first system message may load `:sys` (a
+    # call to the code server, recorded): load it here first.
+    _ = Code.ensure_loaded(:sys)
+    tracer = session.tracer
+    Native.tracer_snapshotting(tracer, true)
+
+    try do
+      Enum.reduce(procs, %{taken: 0, failed: 0}, fn {pid, m, b}, acc ->
+        statem = b == :gen_statem
+
+        fun = fn st ->
+          _ = Native.tracer_snapshot(tracer, st, m, statem)
+          st
+        end
+
+        ref = make_ref()
+        send(pid, {:system, {self(), ref}, {:replace_state, fun}})
+
+        receive do
+          {^ref, _} -> %{acc | taken: acc.taken + 1}
+        after
+          @snapshot_timeout -> %{acc | failed: acc.failed + 1}
+        end
+      end)
+    after
+      Native.tracer_snapshotting(tracer, false)
     end
   end
 
@@ -517,13 +733,142 @@ defmodule ElixirScope.Tracer do
     end
   end
 
+  # ---- scoped sessions ----------------------------------------------------------
+
+  defp start_scoped_session(patterns, root, extra, c, s) do
+    traced = [root | extra]
+
+    with :ok <- check_free(traced),
+         {:ok, pm, true} <- pipeline_for(%{c | max_stored: c.max_events}) do
+      ring = PipelineManager.ring_buffer(pm)
+      store = PipelineManager.data_access(pm)
+      tracer = new_tracer(ring, c, c.max_state_bytes, patterns)
+      session = new_session(tracer, pm, true, ring, store, patterns, traced, c)
+      s = if c.calls, do: patterns_on(s, patterns, match_spec(c)), else: s
+      flags = [:set_on_spawn | session.flags]
+
+      try do
+        Enum.each(traced, fn pid ->
+          clear_stale(pid)
+          :erlang.trace(pid, true, [{:tracer, Native, tracer} | flags])
+        end)
+
+        snapshots = if c.snapshot, do: snapshot(session, extra), else: %{taken: 0, failed: 0}
+        {:ok, %{session | flags: flags, snapshots: snapshots}, s}
+      rescue
+        ArgumentError ->
+          Native.tracer_stop(tracer, :stopped)
+          Enum.each(traced, &safe_untrace(&1, flags))
+          s = if c.calls, do: patterns_off(s, patterns), else: s
+          PipelineManager.shutdown(pm)
+          flush_exit(pm)
+          {:error, :trace_failed, s}
+      end
+    end
+  end
+
+  # A process has one tracer: refuse one that an active session traces.
+  defp check_free(pids) do
+    Enum.reduce_while(pids, :ok, fn pid, :ok ->
+      case :erlang.trace_info(pid, :tracer) do
+        {:tracer, {Native, t}} ->
+          if Native.tracer_stats(t).active,
+            do: {:halt, {:error, {:already_traced, pid}}},
+            else: {:cont, :ok}
+
+        {:tracer, []} ->
+          {:cont, :ok}
+
+        {:tracer, _other} ->
+          {:halt, {:error, {:already_traced, pid}}}
+
+        :undefined ->
+          {:halt, {:error, {:dead_pid, pid}}}
+      end
+    end)
+  end
+
+  # A process still carrying a stopped session's tracer (the VM drops it
+  # lazily) takes a new one only once its flags are cleared.
+  defp clear_stale(pid) do
+    case :erlang.trace_info(pid, :tracer) do
+      {:tracer, {Native, _}} -> safe_untrace(pid, [:all])
+      _ -> 0
+    end
+  end
+
+  defp patterns_on(s, patterns, ms) do
+    counts =
+      Enum.reduce(patterns, s.patterns, fn p, acc ->
+        n = Map.get(acc, p, 0)
+        if n == 0, do: :erlang.trace_pattern(p, ms, [:local])
+        Map.put(acc, p, n + 1)
+      end)
+
+    %{s | patterns: counts}
+  end
+
+  defp patterns_off(s, patterns) do
+    counts =
+      Enum.reduce(patterns, s.patterns, fn p, acc ->
+        case Map.get(acc, p, 0) do
+          n when n <= 1 ->
+            :erlang.trace_pattern(p, false, [:local])
+            Map.delete(acc, p)
+
+          n ->
+            Map.put(acc, p, n - 1)
+        end
+      end)
+
+    %{s | patterns: counts}
+  end
+
+  defp end_scoped(session, s) do
+    Process.demonitor(session.monitor, [:flush])
+    reason = Native.tracer_stop(session.tracer, :stopped)
+
+    Enum.each(session.pids, fn pid ->
+      case :erlang.trace_info(pid, :tracer) do
+        {:tracer, {Native, t}} when t == session.tracer -> safe_untrace(pid, [:all])
+        _ -> 0
+      end
+    end)
+
+    s = if session.config.calls, do: patterns_off(s, session.patterns), else: s
+
+    if Process.alive?(session.pm) do
+      _ = PipelineManager.flush(session.pm, 5000)
+      PipelineManager.shutdown(session.pm)
+    end
+
+    flush_exit(session.pm)
+
+    summary =
+      session
+      |> Map.merge(%{
+        active: false,
+        reason: reason,
+        stopped_at: System.monotonic_time(:millisecond)
+      })
+      |> summary()
+
+    {summary, s}
+  end
+
+  defp scoped_info(session) do
+    %{id: session.id, store: session.store, snapshots: session.snapshots, flags: session.flags}
+  end
+
   defp info(session) do
     %{
       pipeline: session.pm,
       store: session.store,
       functions: session.functions,
       flags: session.flags,
-      pids: session.pids
+      pids: session.pids,
+      states: session.config.callbacks != [],
+      snapshots: session.snapshots
     }
   end
 
@@ -548,6 +893,8 @@ defmodule ElixirScope.Tracer do
       after_stop: st.after_stop,
       truncated: st.truncated,
       offered: st.offered,
+      states: st.states,
+      snapshots: session.snapshots,
       pipeline_down: session.pm_down
     }
   end

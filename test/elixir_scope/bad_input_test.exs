@@ -261,6 +261,8 @@ defmodule ElixirScope.BadInputTest do
       {Ingestor, :ingest_process_spawn, fn b -> [b, me, me] end, ok_write},
       {Ingestor, :ingest_message_send, fn b -> [b, me, me, :msg] end, ok_write},
       {Ingestor, :ingest_state_change, fn b -> [b, me, 1, 2] end, ok_write},
+      {Ingestor, :ingest_state_snapshot, fn b -> [b, me, %{n: 1}] end, ok_write},
+      {Ingestor, :ingest_state_snapshot, fn b -> [b, me, %{n: 1}, :why] end, ok_write},
       {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1] end, ok_write},
       {Ingestor, :ingest_performance_metric, fn b -> [b, :m, 1, %{}] end, ok_write},
       {Ingestor, :ingest_error, fn b -> [b, :error, "msg", []] end, ok_write},
@@ -523,7 +525,23 @@ defmodule ElixirScope.BadInputTest do
     test "raw NIFs with garbage arguments never crash the VM" do
       ring_ref = new_ring!(size: 16).ref
       store_ref = new_store!().ref
-      tracer_ref = Native.tracer_new(ring_ref, self(), false, true, 64, 1000, 1000, 60_000)
+      callbacks = [{M, :handle_call, 3, 4}, {M, :init, 1, 2}]
+
+      tracer_ref =
+        Native.tracer_new(
+          ring_ref,
+          self(),
+          false,
+          true,
+          64,
+          64,
+          1000,
+          1000,
+          60_000,
+          callbacks,
+          nil
+        )
+
       corr_ref = Native.corr_new(1_000_000, 16)
       me = self()
       saved = saved_file!()
@@ -574,6 +592,7 @@ defmodule ElixirScope.BadInputTest do
         {:ing_message_receive, [ring_ref, me, :m]},
         {:ing_process_exit, [ring_ref, me, :normal]},
         {:ing_function_exception, [ring_ref, :error, :r, 1, nil]},
+        {:ing_state_snapshot, [ring_ref, me, %{n: 1}, :why, nil]},
         {:store_new, [8]},
         {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
         {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
@@ -613,8 +632,9 @@ defmodule ElixirScope.BadInputTest do
         {:corr_chain, [corr_ref, 1]},
         {:corr_sweep, [corr_ref]},
         {:corr_metrics, [corr_ref]},
-        {:tracer_new, [ring_ref, me, true, true, 64, 10, 10, 1000]},
-        {:tracer_new, [ring_ref, me, false, true, 64, 10, 10, 1000]},
+        {:tracer_new, [ring_ref, me, true, true, 64, 64, 10, 10, 1000, [], nil]},
+        {:tracer_new,
+         [ring_ref, me, false, true, 64, 128, 10, 10, 1000, callbacks, [{M, :_, :_}]]},
         {:enabled, [:call, tracer_ref, me]},
         {:enabled, [:trace_status, tracer_ref, me]},
         {:trace, [:call, tracer_ref, me, {M, :f, [1]}, %{}]},
@@ -624,6 +644,13 @@ defmodule ElixirScope.BadInputTest do
         {:trace, [:receive, tracer_ref, me, :m, %{}]},
         {:trace, [:spawn, tracer_ref, me, me, %{extra: {M, :f, []}}]},
         {:trace, [:link, tracer_ref, me, me, %{}]},
+        {:trace, [:call, tracer_ref, me, {M, :handle_call, [:req, {me, make_ref()}, %{}]}, %{}]},
+        {:trace, [:return_from, tracer_ref, me, {M, :handle_call, 3}, %{extra: {:reply, 1, 2}}]},
+        {:trace, [:return_from, tracer_ref, me, {M, :init, 1}, %{extra: :bad_shape}]},
+        {:tracer_snapshotting, [tracer_ref, true]},
+        {:trace, [:receive, tracer_ref, me, {:system, {me, make_ref()}, :x}, %{}]},
+        {:tracer_snapshotting, [tracer_ref, false]},
+        {:tracer_snapshot, [tracer_ref, %{n: 1}, M, false]},
         {:tracer_stats, [tracer_ref]},
         {:tracer_stop, [tracer_ref, :stopped]},
         {:ana_get, [store_ref, 1]},
@@ -660,6 +687,11 @@ defmodule ElixirScope.BadInputTest do
         {:tf_names, [store_ref]},
         {:tf_store_pids, [store_ref]},
         {:tf_limits, []},
+        {:ana_state_at, [store_ref, me, 10]},
+        {:ana_state_history, [store_ref, me, 0, 10, 10]},
+        {:ana_state_processes, [store_ref]},
+        {:ana_why, [store_ref, 1]},
+        {:ana_result, [store_ref, 1]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]

@@ -371,4 +371,89 @@ defmodule ElixirScope.TracerTest do
       assert Analysis.call_tree(10_000_000_000) == nil
     end
   end
+
+  describe "scoped sessions" do
+    alias ElixirScope.Tracer
+
+    # Runs `fun` in a fresh process under its own scoped session.
+    defp scoped(targets, opts, fun) do
+      test = self()
+
+      spawn(fn ->
+        {:ok, sess} = Tracer.start_scoped(targets, self(), opts)
+        send(test, {:started, self()})
+        receive(do: (:go -> :ok))
+        result = fun.()
+        {:ok, summary} = Tracer.stop_scoped(sess.id)
+        send(test, {:done, self(), sess.store, result, summary})
+        receive(do: (:exit -> :ok))
+      end)
+    end
+
+    test "side by side, each session sees only its processes and its targets" do
+      a = scoped(Target, [], fn -> Target.fib(5) end)
+      b = scoped({Target, :loop, 1}, [], fn -> {Target.loop(3), Target.fib(2)} end)
+      assert_receive {:started, ^a}
+      assert_receive {:started, ^b}
+      # A global trace cannot start while scoped sessions run.
+      assert {:error, :already_tracing} = ElixirScope.trace(Target, pids: :new)
+      send(a, :go)
+      send(b, :go)
+      assert_receive {:done, ^a, store_a, 5, sum_a}, 5000
+      assert_receive {:done, ^b, store_b, {:done, 1}, sum_b}, 5000
+
+      calls_a = Analysis.select(types: [:call], store: store_a)
+      calls_b = Analysis.select(types: [:call], store: store_b)
+      assert length(calls_a) == 15 and Enum.all?(calls_a, &(&1.pid == a and &1.function == :fib))
+      # b traced only loop/1: its fib calls are not recorded.
+      assert length(calls_b) == 4 and Enum.all?(calls_b, &(&1.pid == b and &1.function == :loop))
+      assert sum_a.traced == length(Analysis.select(store: store_a))
+      assert sum_b.dropped == 0
+      # The patterns are off again once both ended.
+      assert :erlang.trace_info({Target, :fib, 1}, :traced) == {:traced, false}
+      send(a, :exit)
+      send(b, :exit)
+    end
+
+    test "a pid already traced by another active session is refused" do
+      test = self()
+      other = spawn(fn -> receive(do: (:stop -> :ok)) end)
+
+      holder =
+        spawn(fn ->
+          {:ok, sess} = Tracer.start_scoped(Target, self(), pids: [other])
+          send(test, :held)
+          receive(do: (:stop -> Tracer.stop_scoped(sess.id)))
+          send(test, :released)
+        end)
+
+      assert_receive :held
+
+      assert {:error, {:already_traced, ^other}} =
+               Tracer.start_scoped(Target, self(), pids: [other])
+
+      send(holder, :stop)
+      assert_receive :released
+      assert {:ok, sess} = Tracer.start_scoped(Target, self(), pids: [other])
+      assert {:ok, _} = Tracer.stop_scoped(sess.id)
+      assert {:error, :not_tracing} = Tracer.stop_scoped(sess.id)
+      send(other, :stop)
+    end
+
+    test "a session whose process dies ends by itself" do
+      test = self()
+
+      pid =
+        spawn(fn ->
+          {:ok, sess} = Tracer.start_scoped(Target, self(), [])
+          send(test, {:id, sess.id})
+        end)
+
+      assert_receive {:id, id}
+      ref = Process.monitor(pid)
+      assert_receive {:DOWN, ^ref, _, _, _}
+      # The Tracer has handled the DOWN before this call.
+      assert {:error, :not_tracing} = Tracer.stop_scoped(id)
+    end
+  end
 end

@@ -5,7 +5,8 @@ defmodule ElixirScope.Analysis.Format do
   `format_*` functions return the text.
   """
 
-  alias ElixirScope.Analysis.Entry
+  alias ElixirScope.Analysis
+  alias ElixirScope.Analysis.{Entry, State}
 
   @doc "One event on one line."
   @spec format_entry(Entry.t()) :: String.t()
@@ -18,6 +19,7 @@ defmodule ElixirScope.Analysis.Format do
       :receive -> "#{inspect(e.pid)} ← #{short(e.data)}"
       :spawn -> "#{inspect(e.peer)} spawned #{inspect(e.pid)}"
       :exit -> "#{inspect(e.pid)} exited: #{short(e.data)}"
+      :state_snapshot -> "snapshot of #{inspect(e.pid)}: #{short(e.data)}"
       t when t in [:link, :unlink] -> "#{inspect(e.pid)} #{t} #{inspect(e.peer)}"
       other -> "#{other} #{short(e.data)}"
     end
@@ -134,6 +136,163 @@ defmodule ElixirScope.Analysis.Format do
         format_tree(t.tree, max_depth: 2)
     end)
   end
+
+  @doc """
+  One state (`%State{}`) on one line: when, what set it (the callback and
+  its triggering message, a snapshot or a state change) and the state.
+  """
+  @spec format_state(State.t()) :: String.t()
+  def format_state(%State{} = st) do
+    name = if st.name != nil, do: "#{short(st.name)} ", else: ""
+    cut = if st.truncated, do: " (cut at the state cap)", else: ""
+
+    "#{clock(st.wall_time)}  #{inspect(st.pid)}  #{origin(st)}\n    #{name}#{short(st.state)}#{cut}"
+  end
+
+  @doc "Prints `format_state/1`."
+  @spec print_state(State.t() | {:ok, State.t()} | {:error, atom()}) :: :ok
+  def print_state({:ok, st}), do: print_state(st)
+  def print_state({:error, reason}), do: IO.puts("(no state: #{reason})")
+  def print_state(%State{} = st), do: IO.puts(format_state(st))
+
+  @doc """
+  A state history (from `Analysis.state_history/2`) as a sequence of
+  diffs: the first state whole, then for each later state its time since
+  the first, what set it (the callback and its triggering message), and
+  what changed (`Analysis.state_diff/3`: `+` added, `-` removed, `~`
+  changed, `?` cut at the state cap). `max_changes:` (default 10) per
+  state.
+  """
+  @spec format_state_history([State.t()] | {:error, atom()}, keyword()) :: String.t()
+  def format_state_history(history, opts \\ [])
+  def format_state_history({:error, reason}, _opts), do: "(no states: #{reason})"
+  def format_state_history([], _opts), do: "(no states)"
+
+  def format_state_history([first | _] = history, opts) do
+    max = Keyword.get(opts, :max_changes, 10)
+    who = if first.module, do: " (#{inspect(first.module)})", else: ""
+
+    head = [
+      "#{inspect(first.pid)}#{who}: #{length(history)} states from #{clock(first.wall_time)}",
+      "  +0.000 ms  #{origin(first)}",
+      "      #{state_text(first)}"
+    ]
+
+    rest =
+      history
+      |> Enum.chunk_every(2, 1, :discard)
+      |> Enum.flat_map(fn [prev, st] ->
+        changes = Analysis.state_diff(prev, st)
+        at = ms(st.timestamp - first.timestamp)
+
+        lines =
+          case changes do
+            [] -> ["      (unchanged)"]
+            cs -> Enum.map(Enum.take(cs, max), &("      " <> format_change(&1))) ++ more(cs, max)
+          end
+
+        ["  +#{at} ms  #{origin(st)}" | lines]
+      end)
+
+    Enum.join(head ++ rest, "\n")
+  end
+
+  @doc "Prints `format_state_history/2`."
+  @spec print_state_history([State.t()] | {:error, atom()}, keyword()) :: :ok
+  def print_state_history(history, opts \\ []), do: IO.puts(format_state_history(history, opts))
+
+  @doc "One difference of `Analysis.state_diff/3` on one line."
+  @spec format_change(ElixirScope.Analysis.Diff.change()) :: String.t()
+  def format_change({:added, path, v}), do: "+ #{path(path)} #{short(v)}"
+  def format_change({:removed, path, v}), do: "- #{path(path)} #{short(v)}"
+  def format_change({:changed, path, a, b}), do: "~ #{path(path)} #{short(a)} → #{short(b)}"
+  def format_change({:cut, path}), do: "? #{path(path)} (cut at the state cap: unknown)"
+
+  @doc "The differences of `Analysis.state_diff/3`, one per line."
+  @spec format_diff([ElixirScope.Analysis.Diff.change()]) :: String.t()
+  def format_diff([]), do: "(no differences)"
+  def format_diff(changes), do: Enum.map_join(changes, "\n", &format_change/1)
+
+  @doc "Prints `format_diff/1`."
+  @spec print_diff([ElixirScope.Analysis.Diff.change()]) :: :ok
+  def print_diff(changes), do: IO.puts(format_diff(changes))
+
+  @doc """
+  A causal chain (from `Analysis.why/2`), the event first and the root
+  last, one step per line with its process: the state, the callback, the
+  message received and sent, the calls.
+  """
+  @spec format_why([{atom(), Entry.t()}] | nil) :: String.t()
+  def format_why(nil), do: "(unknown event)"
+
+  def format_why(chain) do
+    chain
+    |> Enum.with_index()
+    |> Enum.map_join("\n", fn {{role, e}, i} ->
+      arrow = if i == 0, do: "   ", else: "←  "
+
+      "#{arrow}#{String.pad_trailing(Atom.to_string(role), 14)} #{inspect(e.pid)}  #{why_text(role, e)}"
+    end)
+  end
+
+  @doc "Prints `format_why/1`."
+  @spec print_why([{atom(), Entry.t()}] | nil) :: :ok
+  def print_why(chain), do: IO.puts(format_why(chain))
+
+  defp why_text(role, %Entry{type: :return} = e) when role in [:state, :previous_state],
+    do: "#{mf(e)} returned #{short(e.data)}"
+
+  defp why_text(_role, e), do: format_entry(e)
+
+  # What set a state.
+  defp origin(%State{kind: :snapshot}), do: "snapshot"
+  defp origin(%State{kind: :state_change}), do: "state change"
+
+  defp origin(%State{callback: {m, f, a}} = st) do
+    ret = if st.returned, do: " → #{st.returned}", else: ""
+    reply = if st.reply != nil, do: " #{short(st.reply)}", else: ""
+    stop = if st.stop != nil, do: " (stop: #{short(st.stop)})", else: ""
+    "#{inspect(m)}.#{f}/#{a}#{trigger_text(st.trigger)}#{ret}#{reply}#{stop}"
+  end
+
+  defp trigger_text({:"$gen_call", {from, _}, req}),
+    do: " call #{short(req)} from #{inspect(from)}"
+
+  defp trigger_text({:"$gen_cast", req}), do: " cast #{short(req)}"
+  defp trigger_text(nil), do: ""
+  defp trigger_text(msg), do: " message #{short(msg)}"
+
+  defp state_text(%State{} = st) do
+    name = if st.name != nil, do: "#{short(st.name)} ", else: ""
+    cut = if st.truncated, do: " (cut at the state cap)", else: ""
+    "#{name}#{short(st.state)}#{cut}"
+  end
+
+  defp more(cs, max) when length(cs) > max, do: ["      … #{length(cs) - max} more changes"]
+  defp more(_cs, _max), do: []
+
+  defp path([]), do: "(whole)"
+
+  defp path(steps) do
+    Enum.map_join(steps, "", fn
+      {:at, i} -> "[#{i}]"
+      {:elem, i} -> "{#{i}}"
+      k when is_atom(k) -> ".#{k}"
+      k -> "[#{inspect(k)}]"
+    end)
+  end
+
+  defp ms(ns), do: :erlang.float_to_binary(ns / 1_000_000, decimals: 3)
+
+  # Wall-clock ns as HH:MM:SS.micro (UTC).
+  defp clock(ns) when is_integer(ns) and ns > 0 do
+    case DateTime.from_unix(div(ns, 1000), :microsecond) do
+      {:ok, dt} -> dt |> DateTime.to_time() |> Time.to_string()
+      _ -> "?"
+    end
+  end
+
+  defp clock(_), do: "?"
 
   # ---- helpers ------------------------------------------------------------------
 

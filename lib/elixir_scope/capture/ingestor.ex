@@ -162,7 +162,12 @@ defmodule ElixirScope.Capture.Ingestor do
     check!(false, "duration_ns must be a non-negative 64-bit integer", duration_ns)
   end
 
-  @doc "Records a state change (`%StateChange{}`; `state_diff` is `:no_change` or `:changed`)."
+  @doc """
+  Records a state change (`%StateChange{}`; `state_diff` is `:no_change`
+  or `:changed`). In a pipeline it is a *state record* of `server_pid`:
+  `ElixirScope.Analysis.state_at/3` and `state_history/2` show
+  `new_state` from then on.
+  """
   @spec ingest_state_change(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
   def ingest_state_change(%RingBuffer{ref: ref}, server_pid, old_state, new_state)
       when is_pid(server_pid) do
@@ -170,6 +175,26 @@ defmodule ElixirScope.Capture.Ingestor do
   end
 
   def ingest_state_change(buffer, server_pid, _old_state, _new_state) do
+    check_buffer!(buffer)
+    check!(false, "server_pid must be a pid", server_pid)
+  end
+
+  @doc """
+  Records the state of `server_pid` now (`%StateSnapshot{}`, with
+  `snapshot_reason: reason`). In a pipeline it is a *state record* (see
+  `ingest_state_change/4`). For a gen_statem pass `{state_name, data}`,
+  as `:sys.get_state/1` returns it. A `%StateSnapshot{}` written with
+  `RingBuffer.write/2` is stored the same way.
+  """
+  @spec ingest_state_snapshot(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
+  def ingest_state_snapshot(buffer, server_pid, state, reason \\ nil)
+
+  def ingest_state_snapshot(%RingBuffer{ref: ref}, server_pid, state, reason)
+      when is_pid(server_pid) do
+    Native.ing_state_snapshot(ref, server_pid, state, reason, nil)
+  end
+
+  def ingest_state_snapshot(buffer, server_pid, _state, _reason) do
     check_buffer!(buffer)
     check!(false, "server_pid must be a pid", server_pid)
   end

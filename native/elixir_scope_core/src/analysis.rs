@@ -523,3 +523,106 @@ mod tests {
         assert_eq!(rest[0].send.id, s2);
     }
 }
+
+/// The part one event plays in a [`why`] chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhyRole {
+    /// The state record asked about.
+    State,
+    /// An OTP callback's call (what produced a state record).
+    Callback,
+    /// The receive of the message that triggered a callback.
+    Received,
+    /// The send of a message.
+    Sent,
+    /// A call (the caller of a call, the call a message was sent from).
+    Call,
+    /// The spawn of the process whose `init/1` ran.
+    Spawned,
+    /// An earlier state record that triggered a callback (a continue, a
+    /// timeout or internal event it set up, the stop it returned).
+    PreviousState,
+    /// Any other event.
+    Event,
+}
+
+/// How far before an `init/1` call [`why`] looks for its process's spawn
+/// when the correlator did not link it (ns).
+const SPAWN_WINDOW_NS: i64 = 1_000_000_000;
+
+/// The causal chain that produced event `id`, from the event back to the
+/// root, across processes: a state record ← its callback's call ← the
+/// receive of the message that triggered it ← that message's send ← the
+/// call it was sent from ← that call's callers ← (if the outermost is itself
+/// an OTP callback) its trigger ← ... A callback without a message trigger
+/// leads to the previous state record (a `{:continue, _}`, a timeout), and
+/// `init/1` to its process's spawn and from there to the spawning call. At
+/// most [`crate::store::MAX_CHAIN_DEPTH`] events; empty if `id` is not
+/// stored. Cost: one or two id lookups per step.
+pub fn why(store: &EventStore, id: u64) -> Vec<(WhyRole, StoredEvent<'_>)> {
+    use crate::event::{is_state_record, Callback, CALLBACK_MASK};
+    let mut out: Vec<(WhyRole, StoredEvent<'_>)> = Vec::new();
+    let mut cur = store.get(id);
+    while let Some(e) = cur {
+        if out.len() >= crate::store::MAX_CHAIN_DEPTH {
+            break;
+        }
+        let kind = EventKind::from_u8(e.kind);
+        let callback = e.flags & CALLBACK_MASK != 0;
+        let role = if is_state_record(e.kind, e.flags) {
+            if out.is_empty() {
+                WhyRole::State
+            } else {
+                WhyRole::PreviousState
+            }
+        } else {
+            match kind {
+                EventKind::FunctionCall if callback => WhyRole::Callback,
+                EventKind::FunctionCall => WhyRole::Call,
+                EventKind::MessageReceive => WhyRole::Received,
+                EventKind::MessageSend => WhyRole::Sent,
+                EventKind::ProcessSpawn => WhyRole::Spawned,
+                _ => WhyRole::Event,
+            }
+        };
+        out.push((role, e));
+        let next = match kind {
+            EventKind::FunctionReturn | EventKind::FunctionException
+                if e.correlation_id != e.id =>
+            {
+                e.correlation_id
+            }
+            EventKind::FunctionCall if callback && e.peer != 0 => e.peer,
+            EventKind::FunctionCall
+                if callback
+                    && e.parent_id == 0
+                    && Callback::of_flags(e.flags) == Some(Callback::Init) =>
+            {
+                spawn_of(store, e.pid, e.timestamp).unwrap_or(0)
+            }
+            EventKind::MessageReceive if e.correlation_id != e.id => e.correlation_id,
+            EventKind::MessageReceive => 0,
+            _ => e.parent_id,
+        };
+        if next == 0 || out.iter().any(|(_, x)| x.id == next) {
+            break;
+        }
+        cur = store.get(next);
+    }
+    out
+}
+
+/// The id of the spawn of `pid` stored within [`SPAWN_WINDOW_NS`] before
+/// `ts`, newest first.
+fn spawn_of(store: &EventStore, pid: u64, ts: i64) -> Option<u64> {
+    store
+        .by_time_range(
+            ts.saturating_sub(SPAWN_WINDOW_NS),
+            ts,
+            4096,
+            crate::store::Order::Desc,
+        )
+        .into_iter()
+        .find(|e| e.kind == EventKind::ProcessSpawn as u8 && e.pid == pid)
+        .map(|e| e.id)
+}

@@ -22,6 +22,18 @@
 //! * **Spawn** records child → parent; **Exit** clears the stack (open frames
 //!   are orphaned) and forgets the process.
 //! * **StateChange** links the call in progress.
+//! * **OTP callbacks** (inputs with a [`CorrInput::callback`] class): the
+//!   correlator keeps, per server process (one that has had a callback call
+//!   or a state record), the receives it has not yet matched to a callback
+//!   (at most [`MAILBOX_MAX`], oldest dropped). A callback call carrying the
+//!   hash of its triggering message takes the oldest receive of that hash as
+//!   its trigger; a callback call without one (`handle_continue/2`,
+//!   timeouts, internal events) or whose message was not seen takes the
+//!   server's previous state record, and `init/1` the spawn of its process
+//!   when that was correlated first. The call's frame keeps the trigger, so
+//!   its return (the state record) reports it too ([`Correlation::trigger`]).
+//!   At most `max(1024, max_correlations / 8)` servers are tracked (oldest
+//!   first out, counted in [`CorrelatorMetrics::servers_evicted`]).
 //!
 //! # Bounds
 //!
@@ -97,6 +109,10 @@ pub struct CorrInput {
     /// return without `call_id` but with a key completes the innermost
     /// open call of its process that carries the same key.
     pub key: u64,
+    /// Calls and returns of OTP callbacks: the event's callback flags (see
+    /// [`crate::event::Callback`]; 0: not a callback). A callback call's
+    /// `msg_hash` is the content hash of its triggering message (0: none).
+    pub callback: u8,
 }
 
 impl CorrInput {
@@ -111,6 +127,7 @@ impl CorrInput {
             call_id: None,
             msg_hash: 0,
             key: 0,
+            callback: 0,
         }
     }
 }
@@ -252,6 +269,9 @@ pub struct Correlation {
     pub confidence: f32,
     /// For a matched return/exception: return timestamp − call timestamp.
     pub duration_ns: Option<i64>,
+    /// OTP callback calls and their returns: the event that triggered the
+    /// callback (see the module docs), if known.
+    pub trigger: Option<u64>,
 }
 
 impl Correlation {
@@ -264,6 +284,7 @@ impl Correlation {
             ctype,
             confidence: 1.0,
             duration_ns: None,
+            trigger: None,
         }
     }
 
@@ -368,6 +389,18 @@ pub struct CorrelatorMetrics {
     /// Tracked entries now (stack frames + queued sends + pending receives +
     /// tree entries).
     pub active: u64,
+    /// OTP callback calls whose trigger was found.
+    pub triggers_found: u64,
+    /// OTP callback calls whose trigger was not found.
+    pub triggers_unknown: u64,
+    /// Server processes tracked now (see the module docs).
+    pub servers: u64,
+    /// Servers forgotten to stay within the bound.
+    pub servers_evicted: u64,
+    /// Receives dropped from a server's mailbox model to stay within
+    /// [`MAILBOX_MAX`] (messages the server consumed without a callback,
+    /// such as system messages or replies taken by a selective receive).
+    pub mailbox_dropped: u64,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -377,6 +410,23 @@ struct Frame {
     ts: i64,
     parent: Option<u64>,
     root: u64,
+    /// OTP callback calls: what triggered it (0: unknown).
+    trigger: u64,
+}
+
+/// Receives a server keeps for matching to callbacks, at most.
+pub const MAILBOX_MAX: usize = 32;
+
+/// A process known to run OTP callbacks.
+#[derive(Default, Debug)]
+struct Server {
+    /// `(message hash, receive id)` of receives not yet matched to a
+    /// callback, oldest first.
+    mailbox: VecDeque<(u64, u64)>,
+    /// Its newest state record (0: none).
+    last_state: u64,
+    /// Arrival number (for eviction order).
+    seq: u64,
 }
 
 #[derive(Default, Debug)]
@@ -475,8 +525,8 @@ pub struct Correlator {
     msg_order: VecDeque<(u64, MsgSide, MsgKey)>,
     /// Queued sends + pending receives.
     msg_live: usize,
-    /// child → (parent, seq).
-    tree: FastMap<u64, (u64, u64)>,
+    /// child → (parent, seq, spawn event id).
+    tree: FastMap<u64, (u64, u64, u64)>,
     /// seq → child, arrival order of tree entries.
     tree_order: BTreeMap<u64, u64>,
     late: Vec<LateLink>,
@@ -484,6 +534,10 @@ pub struct Correlator {
     metrics: CorrelatorMetrics,
     /// key → (pid, its open frames with that key), when enabled.
     key_index: Option<FastMap<u64, (u64, u32)>>,
+    /// Server processes (see the module docs).
+    servers: FastMap<u64, Server>,
+    /// `(seq, pid)` of servers in arrival order (lazy deletion).
+    server_order: VecDeque<(u64, u64)>,
 }
 
 impl Correlator {
@@ -505,6 +559,8 @@ impl Correlator {
             seq: 0,
             metrics: CorrelatorMetrics::default(),
             key_index: None,
+            servers: FastMap::default(),
+            server_order: VecDeque::new(),
         }
     }
 
@@ -635,7 +691,7 @@ impl Correlator {
 
     /// The parent of a live process, if its spawn was seen.
     pub fn parent_of(&self, pid: u64) -> Option<u64> {
-        self.tree.get(&pid).map(|&(p, _)| p)
+        self.tree.get(&pid).map(|&(p, _, _)| p)
     }
 
     /// Queued (unreceived) sends plus pending (unsent) receives.
@@ -715,7 +771,14 @@ impl Correlator {
             + recvs
             // BTreeMap nodes: roughly 1.5x the payload.
             + self.msg_order.capacity() * size_of::<(u64, MsgSide, MsgKey)>()
-            + self.tree.capacity() * slot(8, 16)
+            + self.tree.capacity() * slot(8, 24)
+            + self.servers.capacity() * slot(8, size_of::<Server>())
+            + self
+                .servers
+                .values()
+                .map(|s| s.mailbox.capacity() * 16)
+                .sum::<usize>()
+            + self.server_order.capacity() * 16
             + self.tree_order.len() * 16 * 3 / 2
             + self.late.capacity() * size_of::<LateLink>()
             + self.key_index.as_ref().map_or(0, |k| k.capacity() * slot(8, 12))
@@ -893,6 +956,9 @@ impl Correlator {
         let mut c = Correlation::plain(ev.id, CorrType::FunctionCall);
         if untracked > 0 {
             // Parent is an untracked (refused) call: unknown.
+            if ev.callback != 0 {
+                c.trigger = self.callback_trigger(ev);
+            }
             c.root_id = bottom;
             c.confidence = 0.0;
             self.stacks.entry(ev.pid).or_default().untracked += 1;
@@ -900,6 +966,13 @@ impl Correlator {
             return c;
         }
         let root = bottom.unwrap_or(ev.id);
+        let trigger = if ev.callback != 0 {
+            let t = self.callback_trigger(ev);
+            c.trigger = t;
+            t.unwrap_or(0)
+        } else {
+            0
+        };
         c.parent_id = top;
         c.root_id = Some(root);
         if let Some(p) = top {
@@ -922,6 +995,7 @@ impl Correlator {
                 ts: ev.timestamp,
                 parent: top,
                 root,
+                trigger,
             });
             self.metrics.active += 1;
             if let Some(idx) = self.key_index.as_mut() {
@@ -964,6 +1038,7 @@ impl Correlator {
             c.root_id = Some(f.root);
             c.links.push(Link::new(LinkKind::Completes, f.id));
             c.duration_ns = Some(ev.timestamp - f.ts);
+            c.trigger = (f.trigger != 0).then_some(f.trigger);
         } else if st.untracked > 0 {
             // Completes the innermost refused call.
             st.untracked -= 1;
@@ -980,6 +1055,10 @@ impl Correlator {
             self.metrics.unmatched_returns += 1;
         }
         self.drop_empty_stack(ev.pid);
+        if ev.callback != 0 && ev.kind == CorrKind::Return {
+            // A callback's return is a state record of its server.
+            self.server(ev.pid).last_state = ev.id;
+        }
         c
     }
 
@@ -1029,6 +1108,13 @@ impl Correlator {
 
     fn on_receive(&mut self, ev: &CorrInput) -> Correlation {
         self.metrics.receives += 1;
+        if let Some(srv) = self.servers.get_mut(&ev.pid) {
+            srv.mailbox.push_back((ev.msg_hash, ev.id));
+            if srv.mailbox.len() > MAILBOX_MAX {
+                srv.mailbox.pop_front();
+                self.metrics.mailbox_dropped += 1;
+            }
+        }
         let (top, root) = self.context(ev.pid);
         let mut c = Correlation::plain(ev.id, CorrType::MessageReceive);
         c.parent_id = top;
@@ -1067,7 +1153,7 @@ impl Correlator {
         c.parent_id = top;
         c.root_id = root;
         c.links.push(Link::new(LinkKind::SpawnedBy, ev.pid));
-        if let Some(&(_, old_seq)) = self.tree.get(&ev.peer) {
+        if let Some(&(_, old_seq, _)) = self.tree.get(&ev.peer) {
             // Pid reuse: replace the entry in place.
             self.tree_order.remove(&old_seq);
             self.tree.remove(&ev.peer);
@@ -1075,7 +1161,7 @@ impl Correlator {
         }
         if self.make_room() {
             let seq = self.next_seq();
-            self.tree.insert(ev.peer, (ev.pid, seq));
+            self.tree.insert(ev.peer, (ev.pid, seq, ev.id));
             self.tree_order.insert(seq, ev.peer);
             self.metrics.active += 1;
         }
@@ -1093,7 +1179,10 @@ impl Correlator {
             self.metrics.orphaned_calls += st.frames.len() as u64 + st.untracked;
             self.metrics.active -= st.frames.len() as u64;
         }
-        if let Some((parent, seq)) = self.tree.remove(&ev.pid) {
+        if self.servers.remove(&ev.pid).is_some() {
+            self.metrics.servers -= 1;
+        }
+        if let Some((parent, seq, _)) = self.tree.remove(&ev.pid) {
             self.tree_order.remove(&seq);
             self.metrics.active -= 1;
             c.links.push(Link::new(LinkKind::SpawnedBy, parent));
@@ -1102,6 +1191,7 @@ impl Correlator {
     }
 
     fn on_state_change(&mut self, ev: &CorrInput) -> Correlation {
+        self.server(ev.pid).last_state = ev.id;
         let (top, root) = self.context(ev.pid);
         let mut c = Correlation::plain(ev.id, CorrType::StateChange);
         c.parent_id = top;
@@ -1110,6 +1200,70 @@ impl Correlator {
             c.links.push(Link::new(LinkKind::StateIn, t));
         }
         c
+    }
+}
+
+impl Correlator {
+    /// The server entry of `pid`, created (and the oldest evicted beyond
+    /// the bound) if new.
+    fn server(&mut self, pid: u64) -> &mut Server {
+        if !self.servers.contains_key(&pid) {
+            let max = (self.config.max_correlations / 8).max(1024);
+            while self.servers.len() >= max {
+                let Some((seq, old)) = self.server_order.pop_front() else {
+                    break;
+                };
+                if self.servers.get(&old).is_some_and(|s| s.seq == seq) {
+                    self.servers.remove(&old);
+                    self.metrics.servers -= 1;
+                    self.metrics.servers_evicted += 1;
+                }
+            }
+            if self.server_order.len() > 2 * self.servers.len() + 64 {
+                let servers = &self.servers;
+                self.server_order
+                    .retain(|&(seq, p)| servers.get(&p).is_some_and(|s| s.seq == seq));
+            }
+            let seq = self.next_seq();
+            self.server_order.push_back((seq, pid));
+            self.metrics.servers += 1;
+            self.servers.insert(
+                pid,
+                Server {
+                    seq,
+                    ..Server::default()
+                },
+            );
+        }
+        self.servers.get_mut(&pid).expect("inserted above")
+    }
+
+    /// The trigger of an OTP callback call (see the module docs).
+    fn callback_trigger(&mut self, ev: &CorrInput) -> Option<u64> {
+        let init =
+            crate::event::Callback::of_flags(ev.callback) == Some(crate::event::Callback::Init);
+        let spawn = init
+            .then(|| self.tree.get(&ev.pid).map(|&(_, _, id)| id))
+            .flatten();
+        let hash = ev.msg_hash;
+        let srv = self.server(ev.pid);
+        let found = if hash != 0 {
+            srv.mailbox
+                .iter()
+                .position(|&(h, _)| h == hash)
+                .and_then(|i| srv.mailbox.remove(i))
+                .map(|(_, id)| id)
+        } else {
+            None
+        };
+        let last = (srv.last_state != 0).then_some(srv.last_state);
+        let t = found.or(if init { spawn } else { last });
+        if t.is_some() {
+            self.metrics.triggers_found += 1;
+        } else {
+            self.metrics.triggers_unknown += 1;
+        }
+        t
     }
 }
 

@@ -17,6 +17,23 @@
 //! | spawn | child | parent | 0 |
 //! | exit / state change | the process | 0 | kind specific |
 //! | link / unlink | the process | the other process | 1 link, 0 unlink |
+//! | state snapshot | the process | 0 | 0 |
+//!
+//! OTP callbacks (see [`Callback`]): a call or return whose `flags` carry a
+//! callback class is an invocation of an OTP callback (`handle_call/3`, a
+//! gen_statem state function, ...). Such a *call* is written with `peer` =
+//! the content hash of the message that triggered it (0: none, e.g.
+//! `init/1` or `handle_continue/2`), the same hash a receive of that message
+//! carries in `aux`; the pipeline stores it with `peer` = the id of the
+//! event that triggered it (the receive of that message, else the previous
+//! state record of the process, or its spawn for `init/1`; 0 when unknown).
+//! Such a *return* is a **state record**: its payload holds the callback's
+//! return value, from which the new state is read, and the pipeline stores
+//! it with the same `peer` as its call. The flags tell which parts of the
+//! state it sets ([`FLAG_SETS_DATA`], [`FLAG_SETS_NAME`]): a record that
+//! sets neither keeps the state in force (`:keep_state_and_data`,
+//! `terminate/2`). State changes and state snapshots are state records too
+//! (see [`is_state_record`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -53,6 +70,10 @@ pub enum EventKind {
     /// A link or unlink between two processes (`ProcessEvent`,
     /// `event_type: :link | :unlink`).
     ProcessLink = 12,
+    /// A process's state taken at one moment (`StateSnapshot`): a state
+    /// record that sets the whole state (name and data for a gen_statem,
+    /// [`FLAG_STATEM`]).
+    StateSnapshot = 20,
 }
 
 impl EventKind {
@@ -71,6 +92,7 @@ impl EventKind {
             10 => EventKind::ProcessExit,
             11 => EventKind::FunctionException,
             12 => EventKind::ProcessLink,
+            20 => EventKind::StateSnapshot,
             _ => EventKind::Empty,
         }
     }
@@ -78,6 +100,94 @@ impl EventKind {
 
 /// Flag: some part of the payload was replaced by a truncation marker.
 pub const FLAG_TRUNCATED: u8 = 1;
+
+/// Flag bits 1..=3: the [`Callback`] class of an OTP callback's call or
+/// return (0: not a callback).
+pub const CALLBACK_MASK: u8 = 0b1110;
+const CALLBACK_SHIFT: u8 = 1;
+/// Flag: the process is a gen_statem (its state is a name and data).
+pub const FLAG_STATEM: u8 = 1 << 4;
+/// Flag (state records): the record sets the state's data (a gen_server's
+/// whole state).
+pub const FLAG_SETS_DATA: u8 = 1 << 5;
+/// Flag (state records): the record sets a gen_statem's state name.
+pub const FLAG_SETS_NAME: u8 = 1 << 6;
+/// Flag (state records): the callback asked the process to stop.
+pub const FLAG_STOP: u8 = 1 << 7;
+
+/// The OTP callback classes a call or return can be flagged with; the
+/// class and [`FLAG_STATEM`] tell where a return value holds the state.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Callback {
+    /// `init/1` (gen_server and gen_statem).
+    Init = 1,
+    /// gen_server `handle_call/3`.
+    HandleCall = 2,
+    /// gen_server `handle_cast/2`, `handle_info/2`, `handle_continue/2`.
+    HandleNoreply = 3,
+    /// `code_change/3` (gen_server) or `code_change/4` (gen_statem).
+    CodeChange = 4,
+    /// `terminate/2` (gen_server) or `terminate/3` (gen_statem).
+    Terminate = 5,
+    /// A gen_statem state function (`state_name/3`) or `handle_event/4`.
+    StatemEvent = 6,
+}
+
+impl Callback {
+    /// The callback class in `flags`, if any.
+    #[inline]
+    pub fn of_flags(flags: u8) -> Option<Callback> {
+        match (flags & CALLBACK_MASK) >> CALLBACK_SHIFT {
+            1 => Some(Callback::Init),
+            2 => Some(Callback::HandleCall),
+            3 => Some(Callback::HandleNoreply),
+            4 => Some(Callback::CodeChange),
+            5 => Some(Callback::Terminate),
+            6 => Some(Callback::StatemEvent),
+            _ => None,
+        }
+    }
+
+    /// The flag bits of this class.
+    #[inline]
+    pub fn flags(self) -> u8 {
+        (self as u8) << CALLBACK_SHIFT
+    }
+}
+
+/// Is a stored record of `kind` with `flags` a state record (a state
+/// change, a snapshot, or the return of an OTP callback)?
+#[inline]
+pub fn is_state_record(kind: u8, flags: u8) -> bool {
+    kind == EventKind::StateChange as u8
+        || kind == EventKind::StateSnapshot as u8
+        || (kind == EventKind::FunctionReturn as u8 && flags & CALLBACK_MASK != 0)
+}
+
+/// Does a stored record of `kind` with `flags` hold an *event id* in
+/// `peer` (an OTP callback's call or return: the event that triggered it)
+/// rather than a process word? Trace files keep such a `peer` as a number
+/// and shift it with the ids when files are merged.
+#[inline]
+pub fn peer_is_event(kind: u8, flags: u8) -> bool {
+    flags & CALLBACK_MASK != 0
+        && (kind == EventKind::FunctionCall as u8 || kind == EventKind::FunctionReturn as u8)
+}
+
+/// Which parts of the state a state record sets: `(data, name)`. A state
+/// change sets the data, a snapshot the data (and the name of a
+/// gen_statem), a callback's return what its flags say.
+#[inline]
+pub fn state_sets(kind: u8, flags: u8) -> (bool, bool) {
+    if kind == EventKind::StateChange as u8 {
+        (true, false)
+    } else if kind == EventKind::StateSnapshot as u8 {
+        (true, flags & FLAG_STATEM != 0)
+    } else {
+        (flags & FLAG_SETS_DATA != 0, flags & FLAG_SETS_NAME != 0)
+    }
+}
 
 /// One captured event: a fixed header plus an opaque payload tape.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

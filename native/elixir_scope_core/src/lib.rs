@@ -40,8 +40,9 @@ pub use correlator::{
     CorrelatorMetrics, LateLink, Link, LinkKind, Links, StackDump,
 };
 pub use event::{
-    next_event_id, next_time_id, reserve_event_ids, Event, EventKind, FLAG_TRUNCATED, TIME_ID_BASE,
-    TIME_ID_LIMIT,
+    is_state_record, next_event_id, next_time_id, peer_is_event, reserve_event_ids, state_sets,
+    Callback, Event, EventKind, CALLBACK_MASK, FLAG_SETS_DATA, FLAG_SETS_NAME, FLAG_STATEM,
+    FLAG_STOP, FLAG_TRUNCATED, TIME_ID_BASE, TIME_ID_LIMIT,
 };
 pub use hash::hash_bytes;
 pub use pipeline::{
@@ -54,5 +55,6 @@ pub use pool::{
 };
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
 pub use store::{
-    CorrelationFields, EventStore, InsertOutcome, Order, StoreConfig, StoreStats, StoredEvent,
+    CorrelationFields, EventStore, InsertOutcome, Order, StateAt, StateView, StoreConfig,
+    StoreStats, StoredEvent,
 };

@@ -35,7 +35,7 @@
 use crate::correlator::{
     CorrInput, CorrKind, CorrType, Correlation, Correlator, CorrelatorConfig, Link, LinkKind,
 };
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, CALLBACK_MASK};
 use crate::pool::{PoolConfig, PoolMetrics, Stage, WorkerPool};
 use crate::ring::{Overflow, Ring, RingError};
 use crate::store::{
@@ -177,11 +177,19 @@ pub fn corr_input(ev: &Event) -> CorrInput {
         EventKind::MessageReceive => CorrKind::Receive,
         EventKind::ProcessSpawn => CorrKind::Spawn,
         EventKind::ProcessExit => CorrKind::Exit,
-        EventKind::StateChange => CorrKind::StateChange,
+        EventKind::StateChange | EventKind::StateSnapshot => CorrKind::StateChange,
         _ => CorrKind::Other,
     };
     let mut c = CorrInput::new(ev.id, kind, ev.pid, ev.timestamp);
+    let callback = ev.flags & CALLBACK_MASK;
     match kind {
+        // An OTP callback's call carries its trigger's hash in `peer`.
+        CorrKind::Call | CorrKind::Return if callback != 0 => {
+            c.callback = ev.flags;
+            if kind == CorrKind::Call {
+                c.msg_hash = ev.peer;
+            }
+        }
         CorrKind::Call | CorrKind::Return | CorrKind::Exception => c.key = ev.peer,
         CorrKind::Send => {
             c.peer = ev.peer;
@@ -249,8 +257,8 @@ impl Drop for Engine {
     }
 }
 
-/// A batch's correlation fields, each with the `aux` to store.
-type BatchFields = Vec<(CorrelationFields, i64)>;
+/// A batch's correlation fields, each with the `aux` and `peer` to store.
+type BatchFields = Vec<(CorrelationFields, i64, u64)>;
 
 /// Store sequence numbers of a batch's events (`u64::MAX`: not stored).
 type BatchSeqs = Vec<u64>;
@@ -391,6 +399,17 @@ impl Engine {
                         }
                         _ => ev.aux,
                     };
+                    // An OTP callback's call and return are stored with the
+                    // event that triggered the callback in `peer`.
+                    let peer = if ev.flags & CALLBACK_MASK != 0
+                        && matches!(
+                            ev.kind(),
+                            EventKind::FunctionCall | EventKind::FunctionReturn
+                        ) {
+                        c.trigger.unwrap_or(0)
+                    } else {
+                        ev.peer
+                    };
                     fields.push((
                         CorrelationFields {
                             correlation_id: c.correlation_id,
@@ -398,6 +417,7 @@ impl Engine {
                             root_id: c.root_id.unwrap_or(0),
                         },
                         aux,
+                        peer,
                     ));
                 }
                 let late = corr.take_late_links();
@@ -413,8 +433,8 @@ impl Engine {
                 // stored when this batch's late links reach it.
                 let mut store = lock(&self.store);
                 drop(corr);
-                for (ev, (f, aux)) in events.iter().zip(fields.iter()) {
-                    let out = store.insert_with_aux(ev, *f, *aux);
+                for (ev, (f, aux, peer)) in events.iter().zip(fields.iter()) {
+                    let out = store.insert_with_header(ev, *f, *aux, *peer);
                     if subscribed {
                         seqs.push(seq_of(out));
                     }
@@ -435,7 +455,10 @@ impl Engine {
                             .zip(fields.iter())
                             .zip(seqs.iter())
                             .filter(|(_, &seq)| seq != u64::MAX)
-                            .map(|((ev, (f, aux)), &seq)| view_with_aux(ev, f, *aux, seq)),
+                            .map(|((ev, (f, aux, peer)), &seq)| StoredEvent {
+                                peer: *peer,
+                                ..view_with_aux(ev, f, *aux, seq)
+                            }),
                     );
                 }
             } else {
@@ -449,7 +472,7 @@ impl Engine {
                     let out = store.insert(ev, f);
                     if subscribed {
                         seqs.push(seq_of(out));
-                        fields.push((f, ev.aux));
+                        fields.push((f, ev.aux, ev.peer));
                     }
                 }
                 if subscribed {
@@ -459,7 +482,7 @@ impl Engine {
                             .zip(fields.iter())
                             .zip(seqs.iter())
                             .filter(|(_, &seq)| seq != u64::MAX)
-                            .map(|((ev, (f, aux)), &seq)| view_with_aux(ev, f, *aux, seq)),
+                            .map(|((ev, (f, aux, _)), &seq)| view_with_aux(ev, f, *aux, seq)),
                     );
                 }
             }
@@ -746,7 +769,7 @@ pub fn corr_type_of(kind: EventKind) -> CorrType {
         EventKind::MessageReceive => CorrType::MessageReceive,
         EventKind::ProcessSpawn => CorrType::ProcessSpawn,
         EventKind::ProcessExit => CorrType::ProcessExit,
-        EventKind::StateChange => CorrType::StateChange,
+        EventKind::StateChange | EventKind::StateSnapshot => CorrType::StateChange,
         _ => CorrType::Unknown,
     }
 }
@@ -769,7 +792,7 @@ pub fn links_of(e: &StoredEvent<'_>) -> Vec<Link> {
             out.push(Link::new(LinkKind::Receives, e.correlation_id))
         }
         EventKind::ProcessSpawn if e.peer != 0 => out.push(Link::new(LinkKind::SpawnedBy, e.peer)),
-        EventKind::StateChange if e.parent_id != 0 => {
+        EventKind::StateChange | EventKind::StateSnapshot if e.parent_id != 0 => {
             out.push(Link::new(LinkKind::StateIn, e.parent_id))
         }
         _ => {}

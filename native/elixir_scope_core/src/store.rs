@@ -48,6 +48,18 @@
 //!   is correct for any arrival order; it is cheapest when arrival is roughly
 //!   in time order (few segments overlap a window).
 //!
+//! * state: per process, the `(timestamp, seq)` of its state records (see
+//!   [`crate::event::is_state_record`]) in time order, kept at insert (an
+//!   append, or a short insertion from the back for a record that arrives
+//!   out of time order, such as a snapshot written by another process). It
+//!   answers "the state record in force at time t" with a binary search
+//!   ([`EventStore::state_at`]) and a process's history with a range
+//!   ([`EventStore::state_history`]). Entries of freed records are dropped
+//!   from the front on insert and by the pid sweep, so the index holds the
+//!   state records in memory plus those popped since the last sweep (16
+//!   bytes each, counted in [`EventStore::memory_bytes`]); it is rebuilt by
+//!   inserting the records again, nothing else feeds it.
+//!
 //! Chain queries cost the number of matching records (for `Desc` with a
 //! limit: the number returned); `Asc` collects all live matches of the key
 //! first. Results of key queries are in store (`seq`) order; results of
@@ -94,7 +106,7 @@
 //! * Always: `inserted = live + evicted + expired + duplicates + rejected`
 //!   (`rejected`: a payload that does not fit a `u32` arena offset).
 
-use crate::event::Event;
+use crate::event::{is_state_record, state_sets, Event, FLAG_STATEM};
 use crate::hash::{mix, FastMap};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::mem::size_of;
@@ -688,6 +700,70 @@ fn delta(seq: u64, prev: Option<u64>) -> u32 {
     }
 }
 
+/// One process's entry in the state index.
+#[derive(Default)]
+struct StateIndex {
+    /// `(timestamp, seq)` of its state records, in that order.
+    recs: VecDeque<(i64, u64)>,
+    /// Smallest and largest timestamps of the entries dropped with their
+    /// freed records (`i64::MAX`, `i64::MIN`: none), so a time whose record
+    /// is gone is answered "evicted" rather than with an older record or
+    /// "before the first state".
+    dropped_from: i64,
+    dropped_until: i64,
+}
+
+impl StateIndex {
+    fn drop_freed(&mut self, base: u64) -> usize {
+        let before = self.recs.len();
+        let (mut from, mut until) = (self.dropped_from, self.dropped_until);
+        self.recs.retain(|&(ts, seq)| {
+            let keep = seq >= base;
+            if !keep {
+                from = from.min(ts);
+                until = until.max(ts);
+            }
+            keep
+        });
+        (self.dropped_from, self.dropped_until) = (from, until);
+        before - self.recs.len()
+    }
+}
+
+/// Records a state query walks back at most to find the record that set
+/// the state a later record keeps.
+pub const MAX_STATE_WALK: usize = 4096;
+
+/// One state record with the records its state comes from (see
+/// [`EventStore::state_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateView<'a> {
+    /// The state record.
+    pub record: StoredEvent<'a>,
+    /// The record that set the data in force (the record itself when it
+    /// sets it); `None` when unknown (evicted, or more than
+    /// [`MAX_STATE_WALK`] records back).
+    pub data: Option<StoredEvent<'a>>,
+    /// gen_statem records: the record that set the state name in force.
+    pub name: Option<StoredEvent<'a>>,
+}
+
+/// [`EventStore::state_at`]'s answer.
+// Returned by value and matched at once: boxing the view would only add
+// an allocation per query.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateAt<'a> {
+    /// The state record in force at that time.
+    Found(StateView<'a>),
+    /// The process has no state record in the store.
+    NoRecords,
+    /// The time is before the process's first stored state record.
+    Before,
+    /// The record in force at that time has been evicted.
+    Evicted,
+}
+
 fn map_bytes<K, V, S>(m: &HashMap<K, V, S>) -> usize {
     if m.capacity() == 0 {
         return 0;
@@ -718,6 +794,10 @@ pub struct EventStore {
     fresh: FreshIds,
     /// Late links (see [`EventStore::relink`]).
     relinks: Relinks,
+    /// pid → its state records' `(timestamp, seq)`, in that order.
+    states: FastMap<u64, StateIndex>,
+    /// Entries in `states`.
+    state_entries: usize,
     popped_since_sweep: usize,
     /// Records to pop before the next sweep of stale pid heads and late
     /// links: the number of keys left by the previous sweep (at least a
@@ -762,6 +842,8 @@ impl EventStore {
             newest_seen: None,
             fresh: FreshIds::new((max_events / 64).next_power_of_two().clamp(16, 1024)),
             relinks: Relinks::default(),
+            states: FastMap::default(),
+            state_entries: 0,
             popped_since_sweep: 0,
             sweep_every: seg_cap,
             since_age_check: 0,
@@ -980,6 +1062,19 @@ impl EventStore {
         corr: CorrelationFields,
         aux: i64,
     ) -> InsertOutcome {
+        self.insert_with_header(event, corr, aux, event.peer)
+    }
+
+    /// Stores `event` with its correlation fields, recording `aux` and
+    /// `peer` in place of the event's (the pipeline stores what it learnt:
+    /// a measured duration, the event that triggered an OTP callback).
+    pub fn insert_with_header(
+        &mut self,
+        event: &Event,
+        corr: CorrelationFields,
+        aux: i64,
+        peer: u64,
+    ) -> InsertOutcome {
         self.inserted += 1;
         if self.live > 0 && !self.fresh.is_fresh(event.id) && self.find(event.id).is_some() {
             self.duplicates += 1;
@@ -1063,7 +1158,7 @@ impl EventStore {
             timestamp: event.timestamp,
             wall_time: event.wall_time,
             pid: event.pid,
-            peer: event.peer,
+            peer,
             aux,
             correlation_id: corr.correlation_id,
             parent_id: corr.parent_id,
@@ -1091,6 +1186,9 @@ impl EventStore {
         }
         self.live += 1;
         self.fresh.add(event.id);
+        if is_state_record(event.kind, event.flags) {
+            self.index_state(event.pid, event.timestamp, seq, min_valid);
+        }
         self.newest_seen = Some(
             self.newest_seen
                 .map_or(event.timestamp, |t| t.max(event.timestamp)),
@@ -1103,6 +1201,175 @@ impl EventStore {
             }
         }
         InsertOutcome::Stored { seq }
+    }
+
+    /// Adds state record `seq` of `pid` at `ts` to the state index (in
+    /// `(timestamp, seq)` order), dropping entries of freed records from the
+    /// front first.
+    fn index_state(&mut self, pid: u64, ts: i64, seq: u64, min_valid: u64) {
+        let idx = self.states.entry(pid).or_insert_with(|| StateIndex {
+            dropped_from: i64::MAX,
+            dropped_until: i64::MIN,
+            ..StateIndex::default()
+        });
+        if idx.recs.front().is_some_and(|&(_, s)| s < min_valid) {
+            self.state_entries -= idx.drop_freed(min_valid);
+        }
+        let v = &mut idx.recs;
+        let key = (ts, seq);
+        let at = v.len() - v.iter().rev().take_while(|&&e| e > key).count();
+        v.insert(at, key);
+        self.state_entries += 1;
+    }
+
+    /// The live record at `seq`, if it is still in memory and not dead.
+    fn live_at(&self, seq: u64) -> Option<StoredEvent<'_>> {
+        let (si, i) = self.locate(seq)?;
+        let seg = &self.segments[si];
+        (!seg.is_dead(i)).then(|| self.view(seg, i))
+    }
+
+    /// The state records of `pid`, oldest first (entries of freed records
+    /// may remain at the front until the next sweep).
+    fn state_index(&self, pid: u64) -> Option<&StateIndex> {
+        self.states.get(&pid).filter(|v| !v.recs.is_empty())
+    }
+
+    /// The state record at index position `k` of `idx` with the records
+    /// its data (and gen_statem name) come from, walking back at most
+    /// [`MAX_STATE_WALK`] records. `None` if the record itself is gone.
+    fn resolve_state(&self, si: &StateIndex, k: usize) -> Option<StateView<'_>> {
+        let idx = &si.recs;
+        let record = self.live_at(idx[k].1)?;
+        let statem = record.flags & FLAG_STATEM != 0;
+        let (mut data, mut name) = (None, None);
+        for j in (k.saturating_sub(MAX_STATE_WALK - 1)..=k).rev() {
+            if j < k && idx[j].0 < si.dropped_until {
+                // A dropped record may lie in between: unknown.
+                break;
+            }
+            let Some(r) = (if j == k {
+                Some(record)
+            } else {
+                self.live_at(idx[j].1)
+            }) else {
+                break;
+            };
+            let (d, n) = state_sets(r.kind, r.flags);
+            if d && data.is_none() {
+                data = Some(r);
+            }
+            if n && name.is_none() {
+                name = Some(r);
+            }
+            if data.is_some() && (!statem || name.is_some()) {
+                break;
+            }
+        }
+        Some(StateView {
+            record,
+            data,
+            name: if statem { name } else { None },
+        })
+    }
+
+    /// The state record of `pid` in force at `ts` (the last one with
+    /// `timestamp <= ts`), with the records that set the data and name it
+    /// keeps. Cost: a binary search in the process's state index and, for
+    /// a record that keeps the state, a walk back to the one that set it.
+    pub fn state_at(&self, pid: u64, ts: i64) -> StateAt<'_> {
+        let Some(si) = self.state_index(pid) else {
+            return StateAt::NoRecords;
+        };
+        let idx = &si.recs;
+        let k = idx.partition_point(|&(t, _)| t <= ts);
+        if k == 0 {
+            return if ts >= si.dropped_from {
+                StateAt::Evicted
+            } else {
+                StateAt::Before
+            };
+        }
+        match self.resolve_state(si, k - 1) {
+            // A dropped record may have been in force after this one (it
+            // arrived earlier but is stamped later): unknown.
+            Some(v) if ts >= si.dropped_from && v.record.timestamp < si.dropped_until => {
+                StateAt::Evicted
+            }
+            Some(v) => StateAt::Found(v),
+            None => StateAt::Evicted,
+        }
+    }
+
+    /// The state records of `pid` with `t0 <= timestamp <= t1`, oldest
+    /// first, at most `limit`, each with the records its state comes from.
+    /// Cost: a binary search, the records returned, and one walk back for
+    /// the first one.
+    pub fn state_history(&self, pid: u64, t0: i64, t1: i64, limit: usize) -> Vec<StateView<'_>> {
+        let mut out = Vec::new();
+        let Some(si) = self.state_index(pid) else {
+            return out;
+        };
+        let idx = &si.recs;
+        let start = idx.partition_point(|&(t, _)| t < t0);
+        let mut prev: Option<StateView<'_>> = None;
+        for (k, &(ts, seq)) in idx.iter().enumerate().skip(start) {
+            if out.len() >= limit || ts > t1 {
+                break;
+            }
+            let view = match prev {
+                Some(p) if p.record.timestamp >= si.dropped_until => {
+                    self.live_at(seq).map(|record| {
+                        let (d, n) = state_sets(record.kind, record.flags);
+                        let statem = record.flags & FLAG_STATEM != 0;
+                        StateView {
+                            record,
+                            data: if d { Some(record) } else { p.data },
+                            name: match (statem, n) {
+                                (false, _) => None,
+                                (true, true) => Some(record),
+                                (true, false) => p.name,
+                            },
+                        }
+                    })
+                }
+                _ => self.resolve_state(si, k),
+            };
+            // A freed record in between: what it set is unknown, so the next
+            // record resolves (and stops) on its own.
+            prev = view;
+            out.extend(view);
+        }
+        out
+    }
+
+    /// The time span of the live events, from their segments' bounds (it
+    /// may reach out to dead records of a segment that still holds live
+    /// ones). Cost: one check per segment.
+    pub fn time_span(&self) -> Option<(i64, i64)> {
+        self.segments
+            .iter()
+            .filter(|s| s.live > 0)
+            .fold(None, |acc, s| {
+                let lo = s.live_min_ts.max(s.min_ts);
+                Some(match acc {
+                    None => (lo, s.max_ts),
+                    Some((a, b)) => (a.min(lo), b.max(s.max_ts)),
+                })
+            })
+    }
+
+    /// Processes with state records in the store and how many each has
+    /// (entries of records freed since the last sweep included).
+    pub fn state_processes(&self) -> Vec<(u64, usize)> {
+        let mut v: Vec<(u64, usize)> = self
+            .states
+            .iter()
+            .filter(|(_, v)| !v.recs.is_empty())
+            .map(|(&p, v)| (p, v.recs.len()))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Moves `oldest` past dead records.
@@ -1156,7 +1423,18 @@ impl EventStore {
                 self.pids.shrink_to_fit();
             }
             self.relinks.prune(base);
-            self.sweep_every = (self.pids.len() + self.relinks.len()).max(self.seg_cap);
+            let mut left = 0;
+            self.states.retain(|_, v| {
+                v.drop_freed(base);
+                left += v.recs.len();
+                !v.recs.is_empty()
+            });
+            self.state_entries = left;
+            if self.states.capacity() > 4 * (self.states.len() + 16) {
+                self.states.shrink_to_fit();
+            }
+            self.sweep_every =
+                (self.pids.len() + self.relinks.len() + self.state_entries).max(self.seg_cap);
         }
         if self.segments.capacity() > 4 * (self.segments.len() + 8) {
             self.segments.shrink_to_fit();
@@ -1627,6 +1905,12 @@ impl EventStore {
             + self.mfs.capacity() * size_of::<(u64, u64, u64)>()
             + self.fresh.words.capacity() * 16
             + self.relinks.bytes()
+            + map_bytes(&self.states)
+            + self
+                .states
+                .values()
+                .map(|v| v.recs.capacity() * size_of::<(i64, u64)>())
+                .sum::<usize>()
     }
 
     /// Counters, bounds, live timestamp range and memory. Cost: one check

@@ -6,7 +6,11 @@
 //! `ana_messages` work in resumable chunks.
 
 use elixir_scope_core::analysis::{self, StatKey};
-use elixir_scope_core::{call_contents, EventKind, EventStore, Order, StoredEvent};
+use elixir_scope_core::{
+    call_contents, Callback, EventKind, EventStore, Order, StateAt, StateView, StoredEvent,
+    FLAG_STATEM, FLAG_TRUNCATED,
+};
+use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 
 use crate::atoms;
@@ -14,6 +18,7 @@ use crate::codec::{self, Scratch};
 use crate::error::badarg;
 use crate::event_term::entry_term;
 use crate::handle::Ref;
+use crate::otp;
 use crate::store_nif::{term_key, StoreRes};
 
 /// Records one `ana_select` call visits at most (Elixir loops on the cursor).
@@ -323,4 +328,366 @@ fn ana_select_time<'a>(
     };
     let hits: Vec<StoredEvent> = page.into_iter().filter(|e| filter.matches(e)).collect();
     Ok((entries(env, &hits), next).encode(env))
+}
+
+// ---- states ---------------------------------------------------------------------
+
+/// The arity of a callback of class `flags` named `function`.
+fn callback_arity(env: Env, flags: u8, function: u64) -> i64 {
+    let statem = flags & FLAG_STATEM != 0;
+    match Callback::of_flags(flags) {
+        Some(Callback::Init) => 1,
+        Some(Callback::HandleCall) => 3,
+        Some(Callback::HandleNoreply) => 2,
+        Some(Callback::CodeChange) => 3 + statem as i64,
+        Some(Callback::Terminate) => 2 + statem as i64,
+        Some(Callback::StatemEvent) => {
+            if function == codec::word(atoms::handle_event().encode(env).as_c_arg()) {
+                4
+            } else {
+                3
+            }
+        }
+        None => 0,
+    }
+}
+
+/// The state (data, name) a state record sets, decoded from its payload:
+/// a state change's new state, a snapshot's state (`{name, data}` of a
+/// gen_statem), a callback return's [`otp::shape`].
+fn record_state<'a>(
+    env: Env<'a>,
+    e: &StoredEvent,
+    scratch: &mut Scratch,
+) -> (Option<ERL_NIF_TERM>, Option<ERL_NIF_TERM>) {
+    let mut d = codec::TapeDecoder::new(e.payload);
+    match EventKind::from_u8(e.kind) {
+        EventKind::StateChange => {
+            d.skip();
+            d.skip();
+            (Some(d.next(env, scratch).as_c_arg()), None)
+        }
+        EventKind::StateSnapshot => {
+            d.skip();
+            let st = d.next(env, scratch);
+            if e.flags & FLAG_STATEM != 0 {
+                match codec::tuple_items(st) {
+                    &[name, data] => (Some(data), Some(name)),
+                    _ => (Some(st.as_c_arg()), None),
+                }
+            } else {
+                (Some(st.as_c_arg()), None)
+            }
+        }
+        _ => {
+            let v = d.next(env, scratch);
+            let s = otp::shape(env, e.flags, v);
+            (s.data, s.name)
+        }
+    }
+}
+
+/// Decoded states by source record seq, for a history whose records keep
+/// the same state.
+type StateCache = Vec<(u64, (Option<ERL_NIF_TERM>, Option<ERL_NIF_TERM>))>;
+
+fn cached_state<'a>(
+    env: Env<'a>,
+    e: &StoredEvent,
+    scratch: &mut Scratch,
+    cache: &mut StateCache,
+) -> (Option<ERL_NIF_TERM>, Option<ERL_NIF_TERM>) {
+    if let Some(&(_, v)) = cache.iter().find(|(seq, _)| *seq == e.seq) {
+        return v;
+    }
+    let v = record_state(env, e, scratch);
+    if cache.len() >= 4 {
+        cache.remove(0);
+    }
+    cache.push((e.seq, v));
+    v
+}
+
+/// The message that triggered a callback record: the message of its
+/// trigger receive when that was recorded with its content, else rebuilt
+/// from the callback call's arguments.
+fn trigger_message<'a>(
+    env: Env<'a>,
+    store: &EventStore,
+    e: &StoredEvent,
+    scratch: &mut Scratch,
+) -> ERL_NIF_TERM {
+    let nil = atoms::nil().encode(env).as_c_arg();
+    if e.peer != 0 {
+        if let Some(r) = store.get(e.peer) {
+            if r.kind == EventKind::MessageReceive as u8 {
+                let mut d = codec::TapeDecoder::new(r.payload);
+                d.skip();
+                let m = d.next(env, scratch);
+                if m.as_c_arg() != nil {
+                    return m.as_c_arg();
+                }
+            } else {
+                // Not a message (a previous state, a spawn).
+                return nil;
+            }
+        }
+    }
+    let call = if e.kind == EventKind::FunctionCall as u8 {
+        Some(*e)
+    } else if e.correlation_id != e.id {
+        store.get(e.correlation_id)
+    } else {
+        None
+    };
+    match call {
+        Some(c) if c.kind == EventKind::FunctionCall as u8 => {
+            let args = codec::TapeDecoder::new(c.payload).next(env, scratch);
+            otp::trigger(env, e.flags, e.function, args).map_or(nil, |t| t.as_c_arg())
+        }
+        _ => nil,
+    }
+}
+
+/// `%ElixirScope.Analysis.State{}` of one state record (see that module).
+fn state_term<'a>(
+    env: Env<'a>,
+    store: &EventStore,
+    v: &StateView,
+    scratch: &mut Scratch,
+    cache: &mut StateCache,
+) -> Term<'a> {
+    let r = &v.record;
+    let nil = atoms::nil().encode(env).as_c_arg();
+    let e = |t: Term<'a>| t.as_c_arg();
+    let kind = EventKind::from_u8(r.kind);
+    let callback = r.flags & elixir_scope_core::CALLBACK_MASK != 0;
+    let (data, _) = v
+        .data
+        .map_or((None, None), |s| cached_state(env, &s, scratch, cache));
+    let name = v.name.and_then(|s| cached_state(env, &s, scratch, cache).1);
+    let (sets_data, sets_name) = elixir_scope_core::state_sets(r.kind, r.flags);
+    let statem = r.flags & FLAG_STATEM != 0;
+    let kept = !(sets_data || (statem && sets_name));
+    let (mut returned, mut reply, mut actions, mut stop) = (nil, nil, nil, nil);
+    let (kind_atom, cb, call_id, trigger_id, trigger) = if callback {
+        let value = codec::TapeDecoder::new(r.payload).next(env, scratch);
+        let s = otp::shape(env, r.flags, value);
+        returned = s.tag.unwrap_or(nil);
+        reply = s.reply.unwrap_or(nil);
+        actions = s.actions.unwrap_or(nil);
+        stop = s.stop.unwrap_or(nil);
+        let arity = callback_arity(env, r.flags, r.function);
+        let mfa = (word_term(env, r.module), word_term(env, r.function), arity).encode(env);
+        let call = if r.correlation_id != r.id {
+            e(r.correlation_id.encode(env))
+        } else {
+            nil
+        };
+        let tid = if r.peer != 0 {
+            e(r.peer.encode(env))
+        } else {
+            nil
+        };
+        (
+            atoms::callback(),
+            e(mfa),
+            call,
+            tid,
+            trigger_message(env, store, r, scratch),
+        )
+    } else {
+        let call = if r.parent_id != 0 {
+            e(r.parent_id.encode(env))
+        } else {
+            nil
+        };
+        let k = if kind == EventKind::StateSnapshot {
+            atoms::snapshot()
+        } else {
+            atoms::state_change_type()
+        };
+        (k, nil, call, nil, nil)
+    };
+    let truncated = [Some(*r), v.data, v.name]
+        .iter()
+        .flatten()
+        .any(|x| x.flags & FLAG_TRUNCATED != 0);
+    let opt_id = |x: Option<StoredEvent>| x.map_or(nil, |x| e(x.id.encode(env)));
+    crate::event_term::make_struct(
+        env,
+        &[
+            atoms::struct_(),
+            atoms::actions(),
+            atoms::call_id(),
+            atoms::callback(),
+            atoms::id(),
+            atoms::kept(),
+            atoms::kind(),
+            atoms::module(),
+            atoms::name(),
+            atoms::pid(),
+            atoms::reply(),
+            atoms::returned(),
+            atoms::source_id(),
+            atoms::state(),
+            atoms::stop(),
+            atoms::timestamp(),
+            atoms::trigger(),
+            atoms::trigger_id(),
+            atoms::truncated(),
+            atoms::wall_time(),
+        ],
+        &[
+            e(atoms::analysis_state().encode(env)),
+            actions,
+            call_id,
+            cb,
+            e(r.id.encode(env)),
+            e(kept.encode(env)),
+            e(kind_atom.encode(env)),
+            if r.module == 0 {
+                nil
+            } else {
+                e(word_term(env, r.module))
+            },
+            name.unwrap_or(nil),
+            e(word_term(env, r.pid)),
+            reply,
+            returned,
+            opt_id(v.data),
+            data.unwrap_or(nil),
+            stop,
+            e(r.timestamp.encode(env)),
+            trigger,
+            trigger_id,
+            e(truncated.encode(env)),
+            e(r.wall_time.encode(env)),
+        ],
+    )
+}
+
+/// Why a process has no state to report: `:not_traced` (no event of it
+/// in the store) or `:no_state` (events, but no state record).
+fn no_state_reason(store: &EventStore, pid: u64) -> Atom {
+    if store.by_pid(pid, 1, Order::Desc).is_empty() {
+        atoms::not_traced()
+    } else {
+        atoms::no_state()
+    }
+}
+
+/// `ana_state_at(store, pid, ts)`: `{:ok, %State{}}` for the state of
+/// `pid` in force at `ts`, or `{:error, reason}`: `:not_traced`,
+/// `:no_state`, `:outside_trace` (before the first or after the last
+/// stored event), `:before_first_state`, `:exited` (after the process's
+/// exit), `:evicted`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_state_at<'a>(env: Env<'a>, s: Ref<StoreRes>, pid: Term<'a>, ts: i64) -> NifResult<Term<'a>> {
+    let p = term_key(pid);
+    let store = s.lock(env)?;
+    let err = |a: Atom| Ok((atoms::error(), a).encode(env));
+    match store.time_span() {
+        Some((lo, hi)) if ts >= lo && ts <= hi => {}
+        Some(_) => return err(atoms::outside_trace()),
+        None => return err(atoms::not_traced()),
+    }
+    match store.state_at(p, ts) {
+        StateAt::NoRecords => err(no_state_reason(&store, p)),
+        StateAt::Before => err(atoms::before_first_state()),
+        StateAt::Evicted => err(atoms::evicted()),
+        StateAt::Found(v) => {
+            if let Some(last) = store.by_pid(p, 1, Order::Desc).first() {
+                if last.kind == EventKind::ProcessExit as u8 && last.timestamp < ts {
+                    return err(atoms::exited());
+                }
+            }
+            let mut scratch: Scratch = Vec::with_capacity(32);
+            let t = state_term(env, &store, &v, &mut scratch, &mut Vec::new());
+            Ok((atoms::ok(), t).encode(env))
+        }
+    }
+}
+
+/// `ana_state_history(store, pid, t0, t1, limit)`: `{:ok, [%State{}]}`
+/// oldest first, or `{:error, :not_traced | :no_state}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_state_history<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    pid: Term<'a>,
+    t0: i64,
+    t1: i64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let p = term_key(pid);
+    let store = s.lock(env)?;
+    let views = store.state_history(p, t0, t1, limit as usize);
+    if views.is_empty() && store.state_processes().iter().all(|&(q, _)| q != p) {
+        return Ok((atoms::error(), no_state_reason(&store, p)).encode(env));
+    }
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut cache = StateCache::new();
+    let out: Vec<ERL_NIF_TERM> = views
+        .iter()
+        .map(|v| state_term(env, &store, v, &mut scratch, &mut cache).as_c_arg())
+        .collect();
+    Ok((atoms::ok(), codec::make_list(env, &out)).encode(env))
+}
+
+/// `ana_state_processes(store)`: `[{pid, state_records}]`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_state_processes<'a>(env: Env<'a>, s: Ref<StoreRes>) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let out: Vec<Term> = store
+        .state_processes()
+        .iter()
+        .map(|&(p, n)| (word_term(env, p), n).encode(env))
+        .collect();
+    Ok(out.encode(env))
+}
+
+/// `ana_why(store, id)`: `[{role, %Entry{}}]` from the event back to the
+/// root (see `elixir_scope_core::analysis::why`); `[]` for an unknown id.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_why<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
+    use elixir_scope_core::analysis::WhyRole;
+    let store = s.lock(env)?;
+    let chain = analysis::why(&store, id);
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let out: Vec<ERL_NIF_TERM> = chain
+        .iter()
+        .map(|(role, e)| {
+            let r = match role {
+                WhyRole::State => atoms::state(),
+                WhyRole::Callback => atoms::callback(),
+                WhyRole::Received => atoms::received(),
+                WhyRole::Sent => atoms::sent(),
+                WhyRole::Call => atoms::call(),
+                WhyRole::Spawned => atoms::spawned(),
+                WhyRole::PreviousState => atoms::previous_state(),
+                WhyRole::Event => atoms::event(),
+            };
+            (r, entry_term(env, e, &mut scratch)).encode(env).as_c_arg()
+        })
+        .collect();
+    Ok(codec::make_list(env, &out))
+}
+
+/// `ana_result(store, call_id)`: the return or exception that completed
+/// call `call_id` (an `%Entry{}`), or nil.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_result<'a>(env: Env<'a>, s: Ref<StoreRes>, call_id: u64) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let done = store
+        .by_correlation(call_id, 16, Order::Asc)
+        .into_iter()
+        .find(|e| {
+            e.id != call_id
+                && matches!(
+                    EventKind::from_u8(e.kind),
+                    EventKind::FunctionReturn | EventKind::FunctionException
+                )
+        });
+    Ok(entry_or_nil(env, done))
 }

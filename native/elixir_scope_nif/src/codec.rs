@@ -91,6 +91,31 @@ const SLACK: usize = MAX_FIELDS * MARKER_BYTES + 16;
 std::thread_local! {
     /// Per-thread encoding scratch, at least `limit + SLACK` bytes.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch of [`content_hash`] (used while `SCRATCH` may be
+    /// borrowed).
+    static HASH_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The content hash [`TapeEncoder::field_hashed`] gives `msg` when it is
+/// encoded with `budget` bytes left: what a send or receive of `msg`
+/// written under that budget carries. The tracer uses it for the message
+/// that triggered an OTP callback, rebuilt from the callback's arguments.
+pub fn content_hash(env: Env, msg: Term, budget: usize) -> u64 {
+    HASH_SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let need = budget + SLACK;
+        if scratch.capacity() < need {
+            scratch.reserve_exact(need);
+        }
+        let mut enc = TapeEncoder {
+            env: env.as_c_arg(),
+            ptr: scratch.as_mut_ptr(),
+            len: 0,
+            limit: budget,
+            truncated: false,
+        };
+        enc.field_hashed(msg)
+    })
 }
 
 /// Encode into `payload` (replacing its contents) with `f`, under `limit`
@@ -192,6 +217,116 @@ impl TapeEncoder {
             self.marker(hint, o.reached.saturating_sub(mark) as u64);
             self.truncated = true;
         }
+    }
+
+    /// Encode one top-level field like [`TapeEncoder::field`], except that
+    /// a tuple or a proper list is cut element by element: an element that
+    /// does not fit becomes a truncation marker in its place, so the shape
+    /// survives (an OTP callback's `{:reply, reply, state}` whose state is
+    /// too big, a call's arguments with one big argument). Struct-like
+    /// maps among the elements are cut value by value.
+    pub fn field_elems(&mut self, t: Term) {
+        let t = t.as_c_arg();
+        let mark = self.len;
+        if let Err(o) = self.elems(t) {
+            self.len = mark;
+            let hint = if o.deep { Hint::Depth } else { self.hint(t) };
+            self.marker(hint, o.reached.saturating_sub(mark) as u64);
+            self.truncated = true;
+        }
+    }
+
+    fn elems(&mut self, t: ERL_NIF_TERM) -> Result<(), Overflow> {
+        if is_immediate(t) {
+            return self.put_imm(t);
+        }
+        let env = self.env;
+        // SAFETY (whole match): `env` and terms of it; out-pointers are
+        // live locals.
+        match unsafe { enif_term_type(env, t) } {
+            ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE => {
+                for &e in self.tuple_header(t)? {
+                    self.elem(e)?;
+                }
+                Ok(())
+            }
+            ErlNifTermType::ERL_NIF_TERM_TYPE_LIST => {
+                // Short proper lists only (others are encoded whole).
+                let mut items = [ERL_NIF_TERM::default(); 16];
+                let mut n = 0;
+                let mut head = ERL_NIF_TERM::default();
+                let mut tail = ERL_NIF_TERM::default();
+                let mut cur = t;
+                while unsafe { enif_get_list_cell(env, cur, &mut head, &mut tail) } != 0 {
+                    if n == items.len() {
+                        return self.enc(t, 0, true);
+                    }
+                    items[n] = head;
+                    n += 1;
+                    cur = tail;
+                }
+                if cur != crate::nil_word() {
+                    return self.enc(t, 0, true);
+                }
+                self.room(5)?;
+                self.put_byte(T_LIST);
+                self.put_u32(n as u32);
+                for &e in &items[..n] {
+                    self.elem(e)?;
+                }
+                self.put_imm(cur)
+            }
+            _ => self.enc(t, 0, true),
+        }
+    }
+
+    /// Writes a tuple's header; returns its elements.
+    #[inline(always)]
+    fn tuple_header<'t>(&mut self, t: ERL_NIF_TERM) -> Result<&'t [ERL_NIF_TERM], Overflow> {
+        let mut arity: i32 = 0;
+        let mut elems: *const ERL_NIF_TERM = std::ptr::null();
+        // SAFETY: `t` is a tuple term of `self.env`; on success `elems`
+        // points at `arity` terms that live as long as the term.
+        let items = unsafe {
+            enif_get_tuple(self.env, t, &mut arity, &mut elems);
+            std::slice::from_raw_parts(elems, arity as usize)
+        };
+        self.room(5)?;
+        self.put_byte(T_TUPLE);
+        self.put_u32(arity as u32);
+        Ok(items)
+    }
+
+    /// One element of [`TapeEncoder::field_elems`]'s container.
+    fn elem(&mut self, e: ERL_NIF_TERM) -> Result<(), Overflow> {
+        let mark = self.len;
+        let r = if is_immediate(e) {
+            self.put_imm(e)
+        } else {
+            self.enc(e, 1, true)
+        };
+        self.cut_in_place(mark, e, r)
+    }
+
+    /// After encoding `t` from `mark` failed with `r`: a marker in its
+    /// place, if one fits under the limit (else the failure goes up).
+    #[inline]
+    fn cut_in_place(
+        &mut self,
+        mark: usize,
+        t: ERL_NIF_TERM,
+        r: Result<(), Overflow>,
+    ) -> Result<(), Overflow> {
+        if let Err(o) = r {
+            self.len = mark;
+            if mark + MARKER_BYTES > self.limit {
+                return Err(o);
+            }
+            let hint = if o.deep { Hint::Depth } else { self.hint(t) };
+            self.marker(hint, o.reached.saturating_sub(mark) as u64);
+            self.truncated = true;
+        }
+        Ok(())
     }
 
     /// Encode one top-level field like [`TapeEncoder::field`] and return a
@@ -303,16 +438,7 @@ impl TapeEncoder {
         } else {
             self.enc(v, depth + 1, depth == 0)
         };
-        if let Err(o) = r {
-            self.len = mark;
-            if mark + MARKER_BYTES > self.limit {
-                return Err(o);
-            }
-            let hint = if o.deep { Hint::Depth } else { self.hint(v) };
-            self.marker(hint, o.reached.saturating_sub(mark) as u64);
-            self.truncated = true;
-        }
-        Ok(())
+        self.cut_in_place(mark, v, r)
     }
 
     fn enc(&mut self, t: ERL_NIF_TERM, depth: u32, fields: bool) -> Result<(), Overflow> {
@@ -330,14 +456,7 @@ impl TapeEncoder {
         // that belongs to it; out-pointers point to live locals.
         match unsafe { enif_term_type(env, t) } {
             ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE => {
-                let mut arity: i32 = 0;
-                let mut elems: *const ERL_NIF_TERM = std::ptr::null();
-                unsafe { enif_get_tuple(env, t, &mut arity, &mut elems) };
-                self.room(5)?;
-                self.put_byte(T_TUPLE);
-                self.put_u32(arity as u32);
-                for i in 0..arity as usize {
-                    let e = unsafe { *elems.add(i) };
+                for &e in self.tuple_header(t)? {
                     self.child(e, depth + 1)?;
                 }
                 Ok(())
@@ -545,6 +664,19 @@ fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
     }
 }
 
+/// Is `t` a struct of module `name` (a flatmap whose first key is
+/// `__struct__`)? Two word compares; false for anything else.
+#[inline]
+pub fn is_struct(t: ERL_NIF_TERM, name: ERL_NIF_TERM, struct_key: ERL_NIF_TERM) -> bool {
+    match flatmap_parts(t) {
+        // SAFETY: `flatmap_parts` returned `size` keys and values.
+        Some((size, keys, values)) if size > 0 => unsafe {
+            *keys == word(struct_key) && *values == word(name)
+        },
+        _ => false,
+    }
+}
+
 /// `map[key]` for an atom (or other immediate) `key`: a scan of the
 /// flatmap's keys read straight from the heap when the probed layout allows
 /// it (struct-sized maps), else `enif_get_map_value`. `None` if `m` is not
@@ -569,6 +701,33 @@ pub fn map_get_immediate(env: Env, m: ERL_NIF_TERM, key: ERL_NIF_TERM) -> Option
     // `m` makes the call return 0.
     let found = unsafe { rustler::sys::enif_get_map_value(env.as_c_arg(), m, key, &mut out) };
     (found != 0).then_some(out)
+}
+
+/// Elements of a tuple term (empty if not a tuple).
+#[inline]
+pub fn tuple_items<'a>(t: Term<'a>) -> &'a [ERL_NIF_TERM] {
+    let mut arity: i32 = 0;
+    let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+    // SAFETY: valid env and term; on success `arr` points at `arity` terms
+    // that live as long as the term.
+    unsafe {
+        if enif_get_tuple(t.get_env().as_c_arg(), t.as_c_arg(), &mut arity, &mut arr) == 0 {
+            return &[];
+        }
+        std::slice::from_raw_parts(arr, arity as usize)
+    }
+}
+
+/// The elements of a proper list (`None` for anything else: rustler's own
+/// list decoding panics on an improper list).
+pub fn proper_list(t: Term) -> Option<Vec<Term>> {
+    let mut out = Vec::new();
+    let mut cur = t;
+    while let Ok((h, tail)) = cur.list_get_cell() {
+        out.push(h);
+        cur = tail;
+    }
+    cur.is_empty_list().then_some(out)
 }
 
 /// Number of cells of a (possibly improper) list, counting at most `cap`.

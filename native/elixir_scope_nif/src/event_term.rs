@@ -1,7 +1,7 @@
 //! Native event -> Elixir term. Generic events decode their stored term;
 //! events built by the Ingestor become the `ElixirScope.Events` structs.
 
-use elixir_scope_core::{Event, EventKind, StoredEvent};
+use elixir_scope_core::{Event, EventKind, StoredEvent, CALLBACK_MASK, FLAG_TRUNCATED};
 use rustler::sys::{enif_make_map_from_arrays, ErlNifTerm as ERL_NIF_TERM};
 use rustler::{Atom, Encoder, Env, Term};
 
@@ -9,9 +9,9 @@ use crate::atoms;
 use crate::codec::{Scratch, TapeDecoder};
 
 /// Build a struct map from `(key, value)` pairs sorted by key.
-fn make_struct<'a>(env: Env<'a>, keys: &[Atom], values: &[ERL_NIF_TERM]) -> Term<'a> {
+pub(crate) fn make_struct<'a>(env: Env<'a>, keys: &[Atom], values: &[ERL_NIF_TERM]) -> Term<'a> {
     debug_assert_eq!(keys.len(), values.len());
-    let mut k: [ERL_NIF_TERM; 16] = [ERL_NIF_TERM::default(); 16];
+    let mut k: [ERL_NIF_TERM; 24] = [ERL_NIF_TERM::default(); 24];
     for (i, a) in keys.iter().enumerate() {
         k[i] = a.encode(env).as_c_arg();
     }
@@ -316,6 +316,30 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
                 ],
             )
         }
+        EventKind::StateSnapshot => {
+            let server = next(scratch);
+            let state = next(scratch);
+            let reason = next(scratch);
+            let seq = next(scratch);
+            // __struct__ sequence_number server_pid snapshot_reason state
+            make_struct(
+                env,
+                &[
+                    atoms::struct_(),
+                    atoms::sequence_number(),
+                    atoms::server_pid(),
+                    atoms::snapshot_reason(),
+                    atoms::state(),
+                ],
+                &[
+                    e(atoms::state_snapshot().encode(env)),
+                    seq,
+                    server,
+                    reason,
+                    state,
+                ],
+            )
+        }
         EventKind::Empty => atoms::undefined().encode(env),
     }
 }
@@ -541,6 +565,11 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
             data = pair(env, old, new);
             atoms::state_change_type()
         }
+        EventKind::StateSnapshot => {
+            pid = next(scratch);
+            data = next(scratch);
+            atoms::state_snapshot_type()
+        }
         _ => {
             data = view_to_term(env, &EvView::from(ev), scratch).as_c_arg();
             atoms::event()
@@ -551,6 +580,17 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
     } else {
         e(ev.parent_id.encode(env))
     };
+    // An OTP callback's call and return: the event that triggered it.
+    if ev.flags & CALLBACK_MASK != 0
+        && ev.peer != 0
+        && matches!(
+            EventKind::from_u8(ev.kind),
+            EventKind::FunctionCall | EventKind::FunctionReturn
+        )
+    {
+        link_id = e(ev.peer.encode(env));
+    }
+    let truncated = e((ev.flags & FLAG_TRUNCATED != 0).encode(env));
     // Keys in term (alphabetical) order.
     make_struct(
         env,
@@ -568,6 +608,7 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
             atoms::peer(),
             atoms::pid(),
             atoms::timestamp(),
+            atoms::truncated(),
             atoms::type_(),
         ],
         &[
@@ -584,6 +625,7 @@ pub fn entry_term<'a>(env: Env<'a>, ev: &StoredEvent, scratch: &mut Scratch) -> 
             peer,
             pid,
             e(ev.timestamp.encode(env)),
+            truncated,
             e(typ.encode(env)),
         ],
     )

@@ -205,3 +205,18 @@ fn ing_error<'a>(
         enc.field(stacktrace);
     })
 }
+
+/// A process's state taken now (`%StateSnapshot{}`): a state record.
+#[rustler::nif]
+fn ing_state_snapshot<'a>(
+    env: Env<'a>,
+    rb: Ref<RingRes>,
+    server_pid: Term<'a>,
+    state: Term<'a>,
+    reason: Term<'a>,
+    sequence_number: Term<'a>,
+) -> Term<'a> {
+    rb.push(env, EventKind::StateSnapshot, |ev, enc| {
+        crate::ring_nif::fill_snapshot(ev, enc, [server_pid, state, reason, sequence_number])
+    })
+}

@@ -13,6 +13,7 @@ mod event_term;
 mod handle;
 mod ingest;
 mod match_spec;
+mod otp;
 mod pipe_nif;
 mod portable;
 mod ring_nif;

@@ -38,7 +38,8 @@ static LIVE_RINGS: AtomicU64 = AtomicU64::new(0);
 /// Load shedding at ingest (set by the BackpressureManager through the
 /// pipeline): keep one event in `keep_one_in` (0 or 1: all), and/or drop
 /// the low-priority kinds (generic terms, performance metrics). Exceptions,
-/// exits, errors, spawns and links are never shed. Shed events are
+/// exits, errors, spawns, links and state records (state changes,
+/// snapshots, and the tracer's OTP callback returns) are never shed. Shed events are
 /// counted by reason and never written.
 #[derive(Default)]
 pub struct Shedder {
@@ -63,7 +64,9 @@ impl Shedder {
             | EventKind::ProcessExit
             | EventKind::Error
             | EventKind::ProcessSpawn
-            | EventKind::ProcessLink => return true,
+            | EventKind::ProcessLink
+            | EventKind::StateChange
+            | EventKind::StateSnapshot => return true,
             EventKind::Term | EventKind::PerformanceMetric if low => {
                 self.low_priority.fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -370,7 +373,46 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
 
 #[rustler::nif]
 fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
+    if let Some(parts) = snapshot_parts(env, event) {
+        return rb.push(env, EventKind::StateSnapshot, |ev, enc| {
+            fill_snapshot(ev, enc, parts)
+        });
+    }
     rb.push(env, EventKind::Term, |_, enc| enc.field(event))
+}
+
+/// The fields of a `%ElixirScope.Events.StateSnapshot{}` of a local
+/// process, which is stored as a state record (read back as the same
+/// struct); `None` for any other term.
+fn snapshot_parts<'a>(env: Env<'a>, t: Term<'a>) -> Option<[Term<'a>; 4]> {
+    let raw = t.as_c_arg();
+    let name = atoms::state_snapshot().encode(env).as_c_arg();
+    if !crate::codec::is_struct(raw, name, atoms::struct_().encode(env).as_c_arg()) {
+        return None;
+    }
+    let get = |k: Atom| {
+        crate::codec::map_get_immediate(env, raw, k.encode(env).as_c_arg())
+            // SAFETY: a value of a map of `env`.
+            .map(|v| unsafe { Term::new(env, v) })
+    };
+    let server = get(atoms::server_pid())?;
+    if !server.is_pid() || !crate::codec::is_immediate(server.as_c_arg()) {
+        return None;
+    }
+    Some([
+        server,
+        get(atoms::state())?,
+        get(atoms::snapshot_reason())?,
+        get(atoms::sequence_number())?,
+    ])
+}
+
+/// A snapshot's header and payload (`[server_pid, state, reason, seq]`).
+pub fn fill_snapshot(ev: &mut Event, enc: &mut TapeEncoder, parts: [Term; 4]) {
+    ev.pid = crate::codec::imm_word(parts[0].as_c_arg());
+    for p in parts {
+        enc.field(p);
+    }
 }
 
 /// Write up to one chunk ([`chunk_for`]) of `list` with one claim; returns
@@ -404,8 +446,20 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let limit = rb.max_event_bytes;
     let mut truncated = 0u64;
     let accepted = rb.shard(env).push_batch_with(items.len(), |i, ev| {
-        begin(ev, EventKind::Term, now);
-        if encode_payload(env, ev, limit, |_, enc| enc.field(items[i])) {
+        let snapshot = snapshot_parts(env, items[i]);
+        begin(
+            ev,
+            if snapshot.is_some() {
+                EventKind::StateSnapshot
+            } else {
+                EventKind::Term
+            },
+            now,
+        );
+        if encode_payload(env, ev, limit, |ev, enc| match snapshot {
+            Some(parts) => fill_snapshot(ev, enc, parts),
+            None => enc.field(items[i]),
+        }) {
             truncated += 1;
         }
     });

@@ -13,8 +13,8 @@
 //! `{:elixir_scope_trace_stopped, tracer, reason}` to switch the VM's trace
 //! flags off. A full ring drops the event (counted), never blocks.
 
-use elixir_scope_core::{shard_of, Event, EventKind, Ring};
-use rustler::sys::{enif_get_map_value, enif_get_tuple, ErlNifTerm as ERL_NIF_TERM};
+use elixir_scope_core::{shard_of, Event, EventKind, Ring, CALLBACK_MASK, FLAG_STATEM};
+use rustler::sys::{enif_get_map_value, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
@@ -23,9 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, O
 use std::sync::Arc;
 
 use crate::atoms;
-use crate::codec::{imm_word, is_immediate, list_cells, phash_content, word, TapeEncoder};
+use crate::codec::{
+    content_hash, imm_word, is_immediate, list_cells, phash_content, tuple_items, word, TapeEncoder,
+};
 use crate::error::badarg;
 use crate::handle::{self, Handle, Ref};
+use crate::otp::{self, CallbackTable};
 use crate::ring_nif::{begin, encode_payload, now_ns, RingRes, Shedder};
 
 /// Why tracing stopped (0: it has not).
@@ -76,6 +79,22 @@ pub struct TracerRes {
     record: bool,
     /// Payload cap per event, bytes.
     limit: usize,
+    /// Cap for what matters most: states (OTP callback returns,
+    /// snapshots), exception values and exit reasons, bytes.
+    state_limit: usize,
+    /// OTP callbacks whose returns are recorded as state records (empty:
+    /// states are not captured).
+    callbacks: CallbackTable,
+    /// Scoped traces (ExUnit): only calls of these `(module, function,
+    /// arity)` patterns (`0` / `-1`: any) are recorded; `None`: all.
+    only: Option<Vec<(u64, u64, i64)>>,
+    /// The owner's pid word.
+    owner_word: u64,
+    /// While the owner takes snapshots, its system messages (and the
+    /// replies to them) are not recorded.
+    snapshotting: AtomicBool,
+    /// State records written: callback returns and snapshots.
+    states: AtomicU64,
     max_events: u64,
     max_rate: u64,
     check_mask: u64,
@@ -148,21 +167,6 @@ fn same(t: Term, a: Atom) -> bool {
     t.as_c_arg() == a.as_c_arg()
 }
 
-/// Elements of a tuple term (empty if not a tuple).
-#[inline]
-fn tuple_items<'a>(t: Term<'a>) -> &'a [ERL_NIF_TERM] {
-    let mut arity: i32 = 0;
-    let mut arr: *const ERL_NIF_TERM = std::ptr::null();
-    // SAFETY: valid env and term; on success `arr` points at `arity` terms
-    // that live as long as the term.
-    unsafe {
-        if enif_get_tuple(t.get_env().as_c_arg(), t.as_c_arg(), &mut arity, &mut arr) == 0 {
-            return &[];
-        }
-        std::slice::from_raw_parts(arr, arity as usize)
-    }
-}
-
 /// `opts.extra` of a trace/5 call.
 #[inline]
 fn extra<'a>(env: Env<'a>, opts: Term<'a>) -> Option<Term<'a>> {
@@ -181,8 +185,11 @@ fn extra<'a>(env: Env<'a>, opts: Term<'a>) -> Option<Term<'a>> {
 }
 
 /// `tracer_new(ring, owner, arity_only, record, max_payload_bytes,
-/// max_events, max_rate, duration_ms)`: a tracer writing into `ring`'s
-/// shards (`record` false: a dry run that writes nothing).
+/// max_state_bytes, max_events, max_rate, duration_ms, callbacks, only)`: a
+/// tracer writing into `ring`'s shards (`record` false: a dry run that
+/// writes nothing). `callbacks`: `[{module, function, arity, flags}]`, the
+/// OTP callbacks whose returns become state records; `only`: nil, or
+/// `[{module, function | :_, arity | :_}]` patterns calls must match.
 #[allow(clippy::too_many_arguments)]
 #[rustler::nif]
 fn tracer_new<'a>(
@@ -192,9 +199,12 @@ fn tracer_new<'a>(
     arity_only: bool,
     record: bool,
     max_payload_bytes: i64,
+    max_state_bytes: i64,
     max_events: i64,
     max_rate: i64,
     duration_ms: i64,
+    callbacks: Term<'a>,
+    only: Term<'a>,
 ) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     if !(64..=rb.max_event_bytes as i64).contains(&max_payload_bytes) {
@@ -203,16 +213,42 @@ fn tracer_new<'a>(
             "max_payload_bytes must be at least 64 and at most the ring's max_event_bytes",
         );
     }
+    if !(64..=rb.max_event_bytes as i64).contains(&max_state_bytes) {
+        return badarg(
+            env,
+            "max_state_bytes must be at least 64 and at most the ring's max_event_bytes",
+        );
+    }
     if max_events < 1 || max_rate < 1 || duration_ms < 1 {
         return badarg(
             env,
             "max_events, max_rate and duration must be positive integers",
         );
     }
+    let Ok(callbacks) = CallbackTable::from_term(callbacks) else {
+        return badarg(
+            env,
+            "callbacks must be a list of {module, function, arity, flags}",
+        );
+    };
+    let only = if only.as_c_arg() == atoms::nil().encode(env).as_c_arg() {
+        None
+    } else {
+        match only_patterns(env, only) {
+            Some(v) => Some(v),
+            None => {
+                return badarg(
+                    env,
+                    "only must be nil or a list of {module, function | :_, arity | :_}",
+                )
+            }
+        }
+    };
     let now = now_ns().0;
     // Check the rate every 2^k events, 2^k <= min(1024, max_rate / 16).
     let every = (max_rate as u64 / 16).clamp(1, 1024);
     let check_every = 1u64 << (63 - every.leading_zeros());
+    let owner_word = word(owner.encode(env).as_c_arg());
     let t = TracerRes {
         shards: rb.shards.clone(),
         ring_destroyed: rb.destroyed.clone(),
@@ -221,6 +257,12 @@ fn tracer_new<'a>(
         arity_only,
         record,
         limit: max_payload_bytes as usize,
+        state_limit: max_state_bytes as usize,
+        callbacks,
+        only,
+        owner_word,
+        snapshotting: AtomicBool::new(false),
+        states: AtomicU64::new(0),
         max_events: max_events as u64,
         max_rate: max_rate as u64,
         check_mask: check_every - 1,
@@ -239,6 +281,31 @@ fn tracer_new<'a>(
         window_base: AtomicU64::new(0),
     };
     Ok(handle::make(env, t))
+}
+
+/// `[{module, function | :_, arity | :_}]` as `(module, function or 0,
+/// arity or -1)`; `None` if malformed.
+fn only_patterns(env: Env, list: Term) -> Option<Vec<(u64, u64, i64)>> {
+    let any = atoms::underscore().encode(env).as_c_arg();
+    let mut out = Vec::new();
+    for item in crate::codec::proper_list(list)? {
+        let (m, f, a): (Term, Term, Term) = item.decode().ok()?;
+        if !m.is_atom() || !f.is_atom() {
+            return None;
+        }
+        let f = if f.as_c_arg() == any {
+            0
+        } else {
+            word(f.as_c_arg())
+        };
+        let a = if a.as_c_arg() == any {
+            -1
+        } else {
+            a.decode::<i64>().ok()?
+        };
+        out.push((word(m.as_c_arg()), f, a));
+    }
+    Some(out)
 }
 
 /// erl_tracer `enabled/3`.
@@ -317,6 +384,34 @@ fn trace<'a>(
     } else {
         return ok;
     };
+    // {M, F, Args | Arity} of a call, {M, F, Arity} of a return or exception.
+    let mfa = match kind {
+        EventKind::FunctionCall | EventKind::FunctionReturn | EventKind::FunctionException => {
+            tuple_items(term)
+        }
+        _ => &[],
+    };
+    let (mut module, mut function, mut arity, mut args) = (0, 0, 0, None);
+    if let [m, f, a] = *mfa {
+        module = imm_word(m);
+        function = imm_word(f);
+        // SAFETY: an element of a term of `env`.
+        let a = unsafe { Term::new(env, a) };
+        arity = call_arity(a);
+        args = a.is_list().then_some(a);
+    }
+    if let Some(only) = &t.only {
+        if !mfa.is_empty()
+            && !only
+                .iter()
+                .any(|&(m, f, a)| m == module && (f == 0 || f == function) && (a < 0 || a == arity))
+        {
+            return ok;
+        }
+    }
+    if t.snapshotting.load(Ordering::Relaxed) && is_snapshot_traffic(env, &t, kind, term, opts) {
+        return ok;
+    }
     let n = t.offered.fetch_add(1, Ordering::Relaxed) + 1;
     if n > t.max_events {
         t.over_limit.fetch_add(1, Ordering::Relaxed);
@@ -339,54 +434,118 @@ fn trace<'a>(
         t.trip(env, state, Reason::PipelineDown);
         return ok;
     }
-    if !t.shed.admit(kind) {
+    // OTP callbacks of the targets (a binary search, only when states are
+    // captured): their calls carry the trigger's hash, their returns are
+    // state records (never shed).
+    let callback = if !t.callbacks.is_empty()
+        && matches!(kind, EventKind::FunctionCall | EventKind::FunctionReturn)
+    {
+        t.callbacks.lookup(module, function, arity)
+    } else {
+        0
+    };
+    let state_record = callback != 0 && kind == EventKind::FunctionReturn;
+    if !state_record && !t.shed.admit(kind) {
         t.shed_events.fetch_add(1, Ordering::Relaxed);
         return ok;
     }
     let pid_w = word(pid);
     let ring = &t.shards[shard_of(pid_w, t.shards.len())];
     let full = !t.arity_only;
-    // {M, F, Args | Arity} of a call, {M, F, Arity} of a return or exception.
-    let mfa = match kind {
-        EventKind::FunctionCall | EventKind::FunctionReturn | EventKind::FunctionException => {
-            tuple_items(term)
-        }
-        _ => &[],
+    let limit = match kind {
+        EventKind::FunctionException | EventKind::ProcessExit => t.state_limit,
+        EventKind::FunctionReturn if callback != 0 => t.state_limit,
+        _ => t.limit,
     };
+    let trigger = if callback != 0 && kind == EventKind::FunctionCall {
+        args.and_then(|a| otp::trigger(env, callback, function, a))
+            .map_or(0, |msg| {
+                // The hash a receive of that message carries: after the
+                // receiver's pid (9 bytes) under the payload cap, or the
+                // phash of the whole message when contents are not kept.
+                if full {
+                    content_hash(env, msg, t.limit.saturating_sub(9))
+                } else {
+                    phash_content(msg)
+                }
+            })
+    } else {
+        0
+    };
+    let mut recorded_state = false;
     let res = ring.push_with(|ev| {
         begin(ev, kind, now);
         ev.pid = pid_w;
-        if let [m, f, a] = *mfa {
-            ev.module = imm_word(m);
-            ev.function = imm_word(f);
+        if !mfa.is_empty() {
+            ev.module = module;
+            ev.function = function;
             if kind == EventKind::FunctionCall {
-                // SAFETY: an element of a term of `env`.
-                ev.aux = call_arity(unsafe { Term::new(env, a) });
+                ev.aux = arity;
             }
         }
-        if !full && matches!(kind, EventKind::FunctionCall | EventKind::FunctionReturn) {
+        if callback != 0 {
+            ev.flags = callback;
+            ev.peer = trigger;
+        }
+        if !full
+            && callback == 0
+            && matches!(kind, EventKind::FunctionCall | EventKind::FunctionReturn)
+        {
             // Arity only: the header says it all (no payload to encode).
             ev.payload.clear();
             return;
         }
-        let args = match *mfa {
-            // SAFETY: an element of a term of `env`.
-            [_, _, a] if full && kind == EventKind::FunctionCall => {
-                Some(unsafe { Term::new(env, a) })
-            }
-            _ => None,
+        let call_args = if kind == EventKind::FunctionCall && (full || callback != 0) {
+            args
+        } else {
+            None
         };
-        if encode_payload(env, ev, t.limit, |ev, enc| {
-            fill(env, ev, enc, kind, tracee, term, opts, full, args)
+        if encode_payload(env, ev, limit, |ev, enc| {
+            fill(
+                env, ev, enc, kind, tracee, term, opts, full, call_args, callback,
+            )
         }) {
             t.truncated.fetch_add(1, Ordering::Relaxed);
         }
+        recorded_state = state_record && ev.flags & CALLBACK_MASK != 0;
     });
     match res {
-        Ok(_) => t.written.fetch_add(1, Ordering::Relaxed),
+        Ok(_) => {
+            if recorded_state {
+                t.states.fetch_add(1, Ordering::Relaxed);
+            }
+            t.written.fetch_add(1, Ordering::Relaxed)
+        }
         Err(_) => t.dropped_full.fetch_add(1, Ordering::Relaxed),
     };
     ok
+}
+
+/// While the owner takes snapshots: is this the owner's system message
+/// arriving at a traced process, or the reply to it?
+fn is_snapshot_traffic<'a>(
+    env: Env<'a>,
+    t: &TracerRes,
+    kind: EventKind,
+    term: Term<'a>,
+    opts: Term<'a>,
+) -> bool {
+    match kind {
+        EventKind::MessageSend => {
+            extra(env, opts).is_some_and(|to| word(to.as_c_arg()) == t.owner_word)
+        }
+        EventKind::MessageReceive => match tuple_items(term) {
+            &[tag, from, _] if word(tag) == word(atoms::system().encode(env).as_c_arg()) => {
+                // SAFETY: an element of a term of `env`.
+                match tuple_items(unsafe { Term::new(env, from) }) {
+                    &[p, _] => word(p) == t.owner_word,
+                    _ => false,
+                }
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// The arity in a call's trace term: the integer under the `arity` flag,
@@ -399,6 +558,9 @@ fn call_arity(a: Term) -> i64 {
 /// Header fields beyond the function and payload of one trace event, in
 /// the layouts of the Ingestor's events (see `ingest.rs`), with nil for
 /// what is not captured; `args` is a call's argument list when captured.
+/// An OTP callback's (`callback` != 0) arguments and return value are cut
+/// element by element, and its return value is kept in both payload modes
+/// (it holds the state), with the parts of the state it sets in the flags.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn fill<'a>(
@@ -411,12 +573,31 @@ fn fill<'a>(
     opts: Term<'a>,
     full: bool,
     args: Option<Term<'a>>,
+    callback: u8,
 ) {
     let nil = atoms::nil().encode(env);
     match kind {
         EventKind::FunctionCall => {
-            enc.field(args.filter(|a| a.is_list()).unwrap_or(nil));
+            match args {
+                Some(a) if callback != 0 => enc.field_elems(a),
+                Some(a) => enc.field(a),
+                None => enc.field(nil),
+            }
             enc.field(tracee);
+            enc.field(nil);
+        }
+        EventKind::FunctionReturn if callback != 0 => {
+            let value = extra(env, opts).unwrap_or(nil);
+            let shape = otp::shape(env, callback, value);
+            if shape.matched {
+                ev.flags |= shape.flags;
+            } else {
+                // Not a result this callback returns to OTP (a helper of the
+                // same name and arity): a plain return.
+                ev.flags &= !CALLBACK_MASK;
+                ev.peer = 0;
+            }
+            enc.field_elems(value);
             enc.field(nil);
         }
         EventKind::FunctionReturn => {
@@ -525,6 +706,73 @@ fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
         .map_put(atoms::over_limit(), t.over_limit.load(Ordering::Relaxed))?
         .map_put(atoms::shed(), t.shed_events.load(Ordering::Relaxed))?
         .map_put(atoms::after_stop(), t.after_stop.load(Ordering::Relaxed))?
-        .map_put(atoms::truncated(), t.truncated.load(Ordering::Relaxed))?;
+        .map_put(atoms::truncated(), t.truncated.load(Ordering::Relaxed))?
+        .map_put(atoms::states(), t.states.load(Ordering::Relaxed))?;
     Ok(m)
+}
+
+/// `tracer_snapshotting(tracer, on)`: while on, the owner's system
+/// messages to traced processes (and their replies) are not recorded.
+#[rustler::nif]
+fn tracer_snapshotting(t: Ref<TracerRes>, on: bool) -> Atom {
+    t.snapshotting.store(on, Ordering::Release);
+    atoms::ok()
+}
+
+/// `tracer_snapshot(tracer, state, module, statem)`: called *in* a traced
+/// OTP process (from a `:sys.replace_state/2` function, between two of its
+/// callbacks), records its state now as a state snapshot (under
+/// `max_state_bytes`), in its own ring shard so it takes its place among
+/// the process's events. Counted like a traced event; `:ok`, or
+/// `{:error, :not_tracing}` once the trace stopped.
+#[rustler::nif]
+fn tracer_snapshot<'a>(
+    env: Env<'a>,
+    tracer: Term<'a>,
+    state: Term<'a>,
+    module: Atom,
+    statem: bool,
+) -> NifResult<Term<'a>> {
+    let t: Ref<TracerRes> = tracer.decode()?;
+    if !t.active.load(Ordering::Relaxed) || !t.record {
+        return Ok((atoms::error(), atoms::not_tracing()).encode(env));
+    }
+    let n = t.offered.fetch_add(1, Ordering::Relaxed) + 1;
+    if n > t.max_events {
+        t.over_limit.fetch_add(1, Ordering::Relaxed);
+        t.trip(env, tracer, Reason::MaxEvents);
+        return Ok((atoms::error(), atoms::not_tracing()).encode(env));
+    }
+    let me = env.pid().encode(env);
+    let pid_w = word(me.as_c_arg());
+    let ring = &t.shards[shard_of(pid_w, t.shards.len())];
+    let now = now_ns();
+    let nil = atoms::nil().encode(env);
+    let res = ring.push_with(|ev| {
+        begin(ev, EventKind::StateSnapshot, now);
+        ev.pid = pid_w;
+        ev.module = word(module.encode(env).as_c_arg());
+        if statem {
+            ev.flags = FLAG_STATEM;
+        }
+        if encode_payload(env, ev, t.state_limit, |_, enc| {
+            enc.field(me);
+            enc.field(state);
+            enc.field(atoms::trace_start().encode(env));
+            enc.field(nil);
+        }) {
+            t.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Ok(match res {
+        Ok(_) => {
+            t.states.fetch_add(1, Ordering::Relaxed);
+            t.written.fetch_add(1, Ordering::Relaxed);
+            atoms::ok().encode(env)
+        }
+        Err(_) => {
+            t.dropped_full.fetch_add(1, Ordering::Relaxed);
+            (atoms::error(), atoms::buffer_full()).encode(env)
+        }
+    })
 }

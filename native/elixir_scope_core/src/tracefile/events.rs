@@ -159,9 +159,13 @@ impl BlockEncoder {
         }
         if e.peer != 0 {
             shape |= S_PEER;
-            syms.header_word(e.peer, sym)
-                .map_err(bad)?
-                .put(&mut cols[C_PEER]);
+            // An OTP callback's trigger is an event id, kept as a number.
+            if crate::event::peer_is_event(e.kind, e.flags) {
+                WordCode::Raw(e.peer)
+            } else {
+                syms.header_word(e.peer, sym).map_err(bad)?
+            }
+            .put(&mut cols[C_PEER]);
         }
         let mf = syms.pair(e.module, e.function, sym).map_err(bad)?;
         put_varint(&mut cols[C_MF], mf as u64);

@@ -142,7 +142,17 @@ impl FileState {
             detail: format!("event {}: {d}", e.id),
         };
         let pid = self.word(e.pid, r).map_err(sym)?;
-        let peer = self.word(e.peer, r).map_err(sym)?;
+        let peer = if crate::event::peer_is_event(e.kind, e.flags) {
+            // The event that triggered an OTP callback: an id, shifted
+            // with the others.
+            match e.peer {
+                WordCode::None => 0,
+                WordCode::Raw(id) => self.shift(id),
+                WordCode::Sym(_) => return Err(sym("a callback's trigger is not an id".into())),
+            }
+        } else {
+            self.word(e.peer, r).map_err(sym)?
+        };
         let (module, function) = if e.mf == 0 {
             (0, 0)
         } else {
