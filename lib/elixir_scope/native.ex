@@ -7,8 +7,9 @@ defmodule ElixirScope.Native do
   # correlator (EventCorrelator), `tracer_*` plus `enabled/3` and `trace/5`
   # (this module is the erl_tracer module of `ElixirScope.trace/2`), `ana_*`
   # trace analysis (ElixirScope.Analysis), `utils_*` clocks and time ids
-  # (ElixirScope.Utils), `sub_*` live subscriptions (QueryCoordinator),
-  # `tf_*` trace files (ElixirScope.TraceFile). No logic lives here.
+  # (ElixirScope.Utils), `sub_*` live subscriptions and `qry_*` queries
+  # (QueryCoordinator), `tf_*` trace files (ElixirScope.TraceFile). No logic
+  # lives here.
 
   @on_load :load_nif
   @compile {:autoload, true}
@@ -134,6 +135,10 @@ defmodule ElixirScope.Native do
   def sub_list(_pipe), do: nif_error()
   def sub_set_watcher(_pipe, _pid), do: nif_error()
   def sub_flush(_pipe, _timeout_ms), do: nif_error()
+
+  # Queries (QueryCoordinator)
+  def qry_query(_store, _filter, _desc, _limit, _cursor, _as), do: nif_error()
+  def qry_related(_store, _id, _depth, _limit), do: nif_error()
 
   # Correlator (EventCorrelator)
   def corr_new(_ttl_ns, _max_correlations), do: nif_error()

@@ -663,6 +663,8 @@ defmodule ElixirScope.BadInputTest do
         {:ana_messages, [store_ref, nil, 0, 10]},
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
+        {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
+        {:qry_related, [store_ref, 1, 3, 100]},
         {:sub_new, [pipe_ref, me, %{types: 4, pid: me}, 10]},
         {:sub_stats, [sub_ref]},
         {:sub_list, [pipe_ref]},
@@ -800,6 +802,49 @@ defmodule ElixirScope.BadInputTest do
 
       assert_raise ArgumentError, fn -> QueryCoordinator.unsubscribe(make_ref()) end
       assert_raise ArgumentError, fn -> QueryCoordinator.stats(:nope) end
+    end
+
+    test "query/2 and correlation_search/3: bad specs raise, unknown pipelines are errors",
+         %{pm: pm} do
+      store = PipelineManager.data_access(pm)
+
+      for spec <- [
+            [pid: 1],
+            [from: :yesterday],
+            [to: 1.5],
+            [linked_to: "x"],
+            [limit: -1],
+            [order: :up],
+            [as: :json],
+            [cursor: -3],
+            [cursor: "next"],
+            [bogus: 1],
+            :not_a_list,
+            [args: [:bad]]
+          ] do
+        assert_raise ArgumentError, fn -> QueryCoordinator.query(store, spec) end
+      end
+
+      assert QueryCoordinator.query(:no_such_pipeline, []) == {:error, :unknown_pipeline}
+      assert QueryCoordinator.query("store", []) == {:error, :unknown_pipeline}
+      assert_raise ArgumentError, fn -> QueryCoordinator.correlation_search(store, -1) end
+      assert_raise ArgumentError, fn -> QueryCoordinator.correlation_search(store, :id) end
+
+      assert_raise ArgumentError, fn ->
+        QueryCoordinator.correlation_search(store, 1, depth: 0)
+      end
+
+      assert_raise ArgumentError, fn ->
+        QueryCoordinator.correlation_search(store, 1, bogus: 1)
+      end
+
+      assert QueryCoordinator.correlation_search(:no_such_pipeline, 1) ==
+               {:error, :unknown_pipeline}
+
+      {:ok, destroyed} = DataAccess.new(max_events: 4)
+      :ok = DataAccess.destroy(destroyed)
+      assert_raise ArgumentError, fn -> QueryCoordinator.query(destroyed, []) end
+      assert_raise ArgumentError, fn -> QueryCoordinator.correlation_search(destroyed, 1) end
     end
 
     test "an unknown pipeline is {:error, :unknown_pipeline}" do

@@ -65,12 +65,22 @@ defmodule ElixirScope.Storage.QueryCoordinator do
 
   `stats/1` gives a subscription's counters (`matched = delivered +
   dropped + queued events`), `subscriptions/1` the pipeline's.
+
+  ## Queries
+
+  `query/2` answers one multi-dimensional question (any combination of the
+  filter keys above plus `:linked_to` and a `:from`/`:to` time window) on
+  the most selective index, with `:limit`, `:order` and a `:cursor` to
+  page; `correlation_search/3` gathers everything related to one event.
+  Both work on any `%DataAccess{}` (a pipeline's or one filled by hand) or
+  on a pipeline.
   """
 
   import Bitwise, only: [bor: 2, bsl: 2]
 
   alias ElixirScope.Capture.PipelineManager
   alias ElixirScope.Native
+  alias ElixirScope.Storage.DataAccess
 
   @type_bits %{
     event: 1,
@@ -263,6 +273,157 @@ defmodule ElixirScope.Storage.QueryCoordinator do
     {head, vars} = ms_pattern(pat, %{})
     guards = Enum.map(guards, &ms_guard(&1, vars))
     quote do: [{unquote(head), unquote(guards), [true]}]
+  end
+
+  # ---- queries -------------------------------------------------------------------
+
+  @query_keys [:linked_to, :from, :to, :limit, :order, :cursor, :as]
+
+  @doc """
+  One query over a store (a `%DataAccess{}` or a `PipelineManager`):
+
+      {:ok, %{events: events, cursor: next, plan: :pid}} =
+        QueryCoordinator.query(store, pid: pid, types: [:call], from: t0, to: t1, limit: 100)
+      {:ok, page2} = QueryCoordinator.query(store, pid: pid, types: [:call], from: t0, to: t1,
+                                            limit: 100, cursor: next)
+
+  Filters: every subscription filter key (see "Filters"), `:linked_to`
+  (events with a link to this event id: calls made inside it, its return,
+  the receive of a send, state changes inside a call) and `:from`/`:to`
+  (timestamps, inclusive). Options: `:limit` (1,000), `:order` (`:asc` or
+  `:desc`, in store order: each process's event order), `:cursor` (the
+  `cursor` of the previous page; `nil` when there is no more), `:as`
+  (`:correlated`, default: `DataAccess.get_correlated/2` maps; `:event`:
+  the stored events; `:entry`: `ElixirScope.Analysis.Entry` records).
+
+  The plan is reported (`:correlation`, `:linked_to`, `:pid`, `:function`,
+  `:time` or `:scan`) with its `estimate` of the records it visits: the
+  planner estimates each usable index and walks the smallest; an index
+  that would visit more than a quarter of the store is replaced by a scan
+  in chunks of 50,000 records (each chunk one dirty-scheduler call holding
+  the store lock).
+  """
+  @spec query(DataAccess.t() | pipeline(), keyword()) :: {:ok, map()} | {:error, term()}
+  def query(store, spec) do
+    unless is_list(spec) and Keyword.keyword?(spec),
+      do: raise(ArgumentError, "a query must be a keyword list, got: #{inspect(spec, limit: 5)}")
+
+    {opts, filter} = Keyword.split(spec, @query_keys)
+
+    o =
+      ElixirScope.Args.keyword_opts!(
+        opts,
+        [
+          linked_to: nil,
+          from: nil,
+          to: nil,
+          limit: 1000,
+          order: :asc,
+          cursor: nil,
+          as: :correlated
+        ],
+        "query"
+      )
+
+    f = compile_filter!(filter)
+
+    for k <- [:linked_to, :from, :to], v = o[k], v != nil do
+      unless is_integer(v), do: bad_filter!(k, v, "an integer")
+    end
+
+    limit = o[:limit]
+
+    unless is_integer(limit) and limit >= 0,
+      do: bad_filter!(:limit, limit, "a non-negative integer")
+
+    unless o[:order] in [:asc, :desc], do: bad_filter!(:order, o[:order], ":asc or :desc")
+
+    unless o[:as] in [:correlated, :event, :entry],
+      do: bad_filter!(:as, o[:as], ":correlated, :event or :entry")
+
+    cursor = o[:cursor]
+
+    unless cursor == nil or (is_integer(cursor) and cursor >= 0),
+      do: bad_filter!(:cursor, cursor, "nil or the cursor of a previous page")
+
+    f = Map.merge(f, %{linked_to: o[:linked_to], from: o[:from], to: o[:to]})
+
+    with {:ok, s} <- store(store) do
+      {:ok, run_query(s.ref, f, o[:order] == :desc, min(limit, 16_777_216), cursor, o[:as], [])}
+    end
+  end
+
+  defp run_query(ref, f, desc, limit, cursor, as, acc) do
+    {events, next, plan, estimate} = Native.qry_query(ref, f, desc, limit, cursor, as)
+    acc = [events | acc]
+    left = limit - length(events)
+
+    # A scan stops after a chunk of records: continue until the page is full.
+    if plan == :scan and next != nil and left > 0 do
+      run_query(ref, f, desc, left, next, as, acc)
+    else
+      %{
+        events: acc |> Enum.reverse() |> Enum.concat(),
+        cursor: next,
+        plan: plan,
+        estimate: estimate
+      }
+    end
+  end
+
+  @doc """
+  Everything related to event `id`, in one call:
+
+    * `event` — the event; `call` — the call it belongs to (itself for a
+      call, the call a return or exception completes, else the enclosing
+      call); `return` — that call's return or exception;
+    * `ancestors` — the callers, nearest first (at most `depth`);
+    * `inside` — what happened inside the call, `depth` levels of nested
+      calls down (calls and their returns, sends, receives, spawns, state
+      changes), in store order;
+    * `messages` — each message sent by the event or inside the call:
+      `%{send, receive, receiver_call}` (the receive, when matched, and
+      the call the receiving process was in);
+    * `state_changes` — the state changes made inside the call;
+    * `truncated` — whether `limit` cut `inside` short.
+
+  All events are `DataAccess.get_correlated/2` maps. Options: `:depth`
+  (default 3), `:limit` (10,000). `{:ok, map}` or `{:error, :not_found}`.
+  Cost: the size of the answer (index walks).
+  """
+  @spec correlation_search(DataAccess.t() | pipeline(), non_neg_integer(), keyword()) ::
+          {:ok, map()} | {:error, term()}
+  def correlation_search(store, id, opts \\ [])
+
+  def correlation_search(store, id, opts) when is_integer(id) and id >= 0 do
+    o = ElixirScope.Args.keyword_opts!(opts, [depth: 3, limit: 10_000], "correlation_search")
+
+    for k <- [:depth, :limit] do
+      v = o[k]
+
+      unless is_integer(v) and v >= 1,
+        do:
+          raise(
+            ArgumentError,
+            "correlation_search option #{inspect(k)} must be a positive integer, got: #{inspect(v)}"
+          )
+    end
+
+    with {:ok, s} <- store(store), do: Native.qry_related(s.ref, id, o[:depth], o[:limit])
+  end
+
+  def correlation_search(_store, id, _opts),
+    do: raise(ArgumentError, "event id must be a non-negative integer, got: #{inspect(id)}")
+
+  defp store(%DataAccess{} = s), do: {:ok, s}
+
+  defp store(pipeline) do
+    case server(pipeline) do
+      {:ok, _} -> {:ok, PipelineManager.data_access(pipeline)}
+      err -> err
+    end
+  catch
+    :exit, _ -> {:error, :unknown_pipeline}
   end
 
   # ---- match/1 compilation -----------------------------------------------------

@@ -28,6 +28,7 @@ pub mod filter;
 mod hash;
 pub mod pipeline;
 pub mod pool;
+pub mod query;
 pub mod ring;
 pub mod store;
 pub mod subscribe;

@@ -1887,6 +1887,133 @@ impl EventStore {
         out
     }
 
+    /// First sequence number in memory and the next one to be assigned.
+    pub fn seq_range(&self) -> (u64, u64) {
+        (self.base_seq(), self.next_seq)
+    }
+
+    /// Calls `f` on the live events of process `pid`, newest first, while
+    /// it returns true.
+    pub fn walk_pid<'a>(&'a self, pid: u64, mut f: impl FnMut(StoredEvent<'a>) -> bool) {
+        let head = self.pids.get(&pid).copied();
+        self.walk(
+            head,
+            |r| r.link_pid,
+            |_, seg, i| seg.is_dead(i) || seg.recs[i].pid != pid || f(self.view(seg, i)),
+        );
+    }
+
+    /// Calls `f` on the live events of `module.function`, newest first,
+    /// while it returns true.
+    pub fn walk_function<'a>(
+        &'a self,
+        module: u64,
+        function: u64,
+        mut f: impl FnMut(StoredEvent<'a>) -> bool,
+    ) {
+        let head = self
+            .mf_ids
+            .get(&(module, function))
+            .map(|&m| self.mfs[m as usize].2)
+            .filter(|&h| h != u64::MAX);
+        self.walk(
+            head,
+            |r| r.link_mf,
+            |_, seg, i| seg.is_dead(i) || f(self.view(seg, i)),
+        );
+    }
+
+    /// Records (live or dead) with `t0 <= timestamp <= t1`: an upper bound
+    /// of the live ones, from the segments' time marks (binary searches;
+    /// the open segment is counted).
+    pub fn count_time_range(&self, t0: i64, t1: i64) -> usize {
+        if t0 > t1 {
+            return 0;
+        }
+        let mut n = 0;
+        for seg in &self.segments {
+            if seg.live == 0 || seg.max_ts < t0 || seg.min_ts > t1 {
+                continue;
+            }
+            if seg.sealed {
+                let lo = seg.time_partition(|ts| ts < t0);
+                let hi = seg.time_partition(|ts| ts <= t1);
+                n += hi.saturating_sub(lo);
+            } else {
+                n += seg
+                    .recs
+                    .iter()
+                    .filter(|r| t0 <= r.timestamp && r.timestamp <= t1)
+                    .count();
+            }
+        }
+        n
+    }
+
+    /// Calls `f` on live events in store order from sequence number `from`
+    /// on, visiting at most `max`, until `f` returns false. Returns the
+    /// last visited seq when `max` stopped it, `None` when it reached the
+    /// newest event or `f` stopped it.
+    pub fn scan_from<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        mut f: impl FnMut(&StoredEvent<'a>) -> bool,
+    ) -> Option<u64> {
+        let mut seen = 0usize;
+        let mut last = None;
+        let from = from.max(self.base_seq());
+        let start = self.locate(from).map_or(self.segments.len(), |(si, _)| si);
+        for seg in self.segments.iter().skip(start) {
+            for i in from.saturating_sub(seg.base) as usize..seg.recs.len() {
+                if seg.is_dead(i) {
+                    continue;
+                }
+                if seen >= max {
+                    return last;
+                }
+                seen += 1;
+                last = Some(seg.base + i as u64);
+                if !f(&self.view(seg, i)) {
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// [`EventStore::scan_from`] backwards: live events with `seq <
+    /// before`, newest first.
+    pub fn scan_back<'a>(
+        &'a self,
+        before: u64,
+        max: usize,
+        mut f: impl FnMut(&StoredEvent<'a>) -> bool,
+    ) -> Option<u64> {
+        let mut seen = 0usize;
+        let mut last = None;
+        for seg in self.segments.iter().rev() {
+            if seg.base >= before {
+                continue;
+            }
+            let end = (before - seg.base).min(seg.recs.len() as u64) as usize;
+            for i in (0..end).rev() {
+                if seg.is_dead(i) {
+                    continue;
+                }
+                if seen >= max {
+                    return last;
+                }
+                seen += 1;
+                last = Some(seg.base + i as u64);
+                if !f(&self.view(seg, i)) {
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
     /// Bytes used by the store: the struct itself, every segment (header
     /// vector, payload arena and dead bitset capacities), the index tables,
     /// the recent-id filter, the late links and the hash maps (estimated

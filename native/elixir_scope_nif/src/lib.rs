@@ -16,6 +16,7 @@ mod match_spec;
 mod otp;
 mod pipe_nif;
 mod portable;
+mod query_nif;
 mod ring_nif;
 mod store_nif;
 mod sub_nif;

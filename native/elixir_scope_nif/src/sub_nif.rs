@@ -196,23 +196,29 @@ fn spec(env: Env, m: Term, k: &str) -> NifResult<Option<MatchSpec>> {
     }
 }
 
+/// Integer field `k` of filter map `m` (nil or absent: `None`).
+pub(crate) fn int_field(env: Env, m: Term, k: &str) -> NifResult<Option<i64>> {
+    get(m, k)
+        .map(|t| {
+            t.decode::<i64>()
+                .map_err(|_| badarg_err(env, format!("filter :{k} must be an integer")))
+        })
+        .transpose()
+}
+
 /// The filter map built by `QueryCoordinator` (validated there): `pid`,
 /// `module`, `function` (terms or nil), `arity` (integer or nil), `types`
 /// (a type-bit mask, 0: any), `correlation_id` (integer or nil),
 /// `local_node` (boolean), `remote_node` (binary or nil), `args`,
 /// `message` (match specifications or nil).
-fn decode_filter(env: Env, m: Term) -> NifResult<(EventFilter, Option<Arc<dyn Matcher>>)> {
+pub(crate) fn decode_filter(
+    env: Env,
+    m: Term,
+) -> NifResult<(EventFilter, Option<Arc<dyn Matcher>>)> {
     if !m.is_map() {
         return badarg(env, "the filter must be a map");
     }
-    let int = |k: &str| -> NifResult<Option<i64>> {
-        get(m, k)
-            .map(|t| {
-                t.decode::<i64>()
-                    .map_err(|_| badarg_err(env, format!("filter :{k} must be an integer")))
-            })
-            .transpose()
-    };
+    let int = |k: &str| int_field(env, m, k);
     let mut f = EventFilter {
         pid: get(m, "pid").map(term_key),
         module: get(m, "module").map(term_key),

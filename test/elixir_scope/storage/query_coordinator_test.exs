@@ -317,6 +317,197 @@ defmodule ElixirScope.Storage.QueryCoordinatorTest do
     end
   end
 
+  describe "query/2" do
+    test "equals a brute-force filter of select on random combinations (seeded)" do
+      pm = start_pipeline!(shards: 4, async_writer_pool_size: 2, batch_size: 11)
+      store = PipelineManager.data_access(pm)
+      procs = mixed_workload(pm, 5, 30)
+      :ok = PipelineManager.flush(pm)
+      entries = all_entries(store)
+
+      corr =
+        Map.new(entries, fn e ->
+          {:ok, c} = DataAccess.get_correlated(store, e.id)
+          {e.id, c.correlation_id}
+        end)
+
+      linked? = fn e, t ->
+        e.id != t and
+          case e.type do
+            t2 when t2 in [:call, :state_change] -> e.parent_id == t
+            t2 when t2 in [:return, :exception, :receive] -> corr[e.id] == t
+            _ -> false
+          end
+      end
+
+      ts = Enum.map(entries, & &1.timestamp)
+      {t_min, t_max} = Enum.min_max(ts)
+      types = [:call, :return, :send, :receive, :state_change, :spawn]
+      seed = ExUnit.configuration()[:seed] || 0
+      :rand.seed(:exsss, {seed, 14, 2})
+
+      plans =
+        for _ <- 1..300, reduce: MapSet.new() do
+          seen ->
+            pick = fn -> :rand.uniform() < 0.35 end
+            ev = Enum.random(entries)
+            t0 = t_min + :rand.uniform(max(t_max - t_min, 1))
+            t1 = t0 + :rand.uniform(max(div(t_max - t_min, 3), 1))
+
+            spec =
+              [
+                pick.() && {:pid, Enum.random(procs)},
+                pick.() && {:module, Enum.random([ModA, ModB])},
+                pick.() && {:function, Enum.random([:f, :g])},
+                pick.() && {:arity, Enum.random([2, 3])},
+                pick.() && {:types, Enum.take_random(types, 1 + :rand.uniform(2))},
+                :rand.uniform() < 0.1 && {:correlation_id, corr[ev.id]},
+                :rand.uniform() < 0.1 && {:linked_to, ev.call_id || ev.id},
+                pick.() && {:from, t0},
+                pick.() && {:to, t1}
+              ]
+              |> Enum.filter(& &1)
+
+            order = Enum.random([:asc, :desc])
+            limit = Enum.random([1, 7, 50, 1000])
+
+            want =
+              entries
+              |> Enum.filter(fn e ->
+                Enum.all?(spec, fn
+                  {:pid, p} -> e.pid == p
+                  {:module, m} -> e.module == m
+                  {:function, f} -> e.function == f
+                  {:arity, a} -> e.type == :call and e.arity == a
+                  {:types, ts} -> e.type in ts
+                  {:correlation_id, c} -> corr[e.id] == c
+                  {:linked_to, t} -> linked?.(e, t)
+                  {:from, t} -> e.timestamp >= t
+                  {:to, t} -> e.timestamp <= t
+                end)
+              end)
+              |> Enum.map(& &1.id)
+              |> then(&if order == :desc, do: Enum.reverse(&1), else: &1)
+
+            {got, plan} = all_pages(store, spec ++ [order: order, limit: limit, as: :entry])
+            assert got == want, "query #{inspect(spec)} #{order} limit #{limit}"
+            MapSet.put(seen, plan)
+        end
+
+      # The random filters exercised every plan.
+      assert MapSet.subset?(
+               MapSet.new([:correlation, :linked_to, :pid, :function, :time, :scan]),
+               plans
+             ),
+             inspect(plans)
+
+      # The same query on the pipeline itself, as correlated maps.
+      {:ok, %{events: [first | _]}} = QueryCoordinator.query(pm, types: [:receive], limit: 1)
+      assert {:ok, first} == DataAccess.get_correlated(store, first.id)
+      assert [{:receives, _}] = first.links
+    end
+
+    test "works on a store filled by hand" do
+      {:ok, s} = DataAccess.new(max_events: 100)
+      me = self()
+
+      for i <- 1..20,
+          do: :ok = DataAccess.store_event(s, %{id: i, timestamp: i * 10, pid: me, module: M})
+
+      assert {:ok, %{events: evs, cursor: c, plan: :time}} =
+               QueryCoordinator.query(s, pid: me, from: 50, limit: 11, as: :event)
+
+      assert Enum.map(evs, & &1.id) == Enum.to_list(5..15)
+
+      assert {:ok, %{events: rest, cursor: nil}} =
+               QueryCoordinator.query(s, pid: me, from: 50, cursor: c, as: :event)
+
+      assert Enum.map(rest, & &1.id) == Enum.to_list(16..20)
+
+      assert {:ok, %{events: [], plan: :pid}} =
+               QueryCoordinator.query(s, pid: spawn(fn -> :ok end))
+
+      assert {:ok, %{events: [%{id: 3}], plan: :time}} =
+               QueryCoordinator.query(s, pid: me, from: 25, to: 35)
+
+      assert {:ok, %{plan: :scan}} = QueryCoordinator.query(s, module: M)
+    end
+  end
+
+  describe "correlation_search/3" do
+    test "gathers the call, its return, callers, what happened inside, messages and state" do
+      pm = start_pipeline!(shards: 2, async_writer_pool_size: 1)
+      buf = PipelineManager.ring_buffer(pm)
+      store = PipelineManager.data_access(pm)
+      me = self()
+      other = spawn(fn -> Process.sleep(:infinity) end)
+      :ok = Ingestor.ingest_function_call(buf, ModA, :outer, [], me, :o)
+      :ok = Ingestor.ingest_function_call(buf, ModA, :mid, [1], me, :m)
+      :ok = Ingestor.ingest_function_call(buf, ModB, :inner, [2], me, :i)
+      :ok = Ingestor.ingest_message_send(buf, me, other, {:hello, 1})
+      :ok = Ingestor.ingest_function_return(buf, :ok, 10, :i)
+      :ok = Ingestor.ingest_state_change(buf, me, 1, 2)
+      :ok = Ingestor.ingest_function_return(buf, :mid_done, 20, :m)
+      :ok = Ingestor.ingest_function_return(buf, :outer_done, 30, :o)
+      :ok = PipelineManager.flush(pm)
+
+      ingest_in(other, fn ->
+        :ok = Ingestor.ingest_function_call(buf, ModB, :handle, [], other, :h)
+        :ok = Ingestor.ingest_message_receive(buf, other, {:hello, 1})
+        :ok = Ingestor.ingest_function_return(buf, :handled, 5, :h)
+      end)
+
+      :ok = PipelineManager.flush(pm)
+      {:ok, [mid]} = DataAccess.query_by_function(store, ModA, :mid)
+      {:ok, r} = QueryCoordinator.correlation_search(pm, mid.id)
+
+      assert r.event.id == mid.id and r.call.id == mid.id
+      assert r.return.event.return_value == :mid_done
+      assert [%{event: %{function: :outer}}] = r.ancestors
+
+      assert Enum.map(r.inside, & &1.correlation_type) ==
+               [:function_call, :message_send, :function_return, :state_change]
+
+      assert [%{send: s, receive: rcv, receiver_call: h}] = r.messages
+      assert s.event.message == {:hello, 1}
+      assert rcv.links == [{:receives, s.id}]
+      assert h.event.function == :handle
+      assert [%{event: %{new_state: 2}}] = r.state_changes
+
+      # From the return, the same call; depth 1 stays at the first level.
+      {:ok, r2} = QueryCoordinator.correlation_search(store, r.return.id, depth: 1)
+      assert r2.call.id == mid.id
+
+      assert Enum.map(r2.inside, & &1.correlation_type) ==
+               [:function_call, :function_return, :state_change]
+
+      assert r2.messages == []
+      assert QueryCoordinator.correlation_search(store, 2_000_000_000_000) == {:error, :not_found}
+    end
+  end
+
+  defp ingest_in(pid, fun) do
+    parent = self()
+    ref = make_ref()
+    # Ingest from `pid`'s point of view: the events name it explicitly.
+    _ = pid
+
+    spawn(fn ->
+      fun.()
+      send(parent, ref)
+    end)
+
+    assert_receive ^ref, 5000
+  end
+
+  # Every page of a query, concatenated, and the plan of the first.
+  defp all_pages(store, spec, acc \\ [], plan \\ nil) do
+    {:ok, %{events: evs, cursor: c, plan: p}} = QueryCoordinator.query(store, spec)
+    acc = acc ++ Enum.map(evs, & &1.id)
+    plan = plan || p
+    if c, do: all_pages(store, Keyword.put(spec, :cursor, c), acc, plan), else: {acc, plan}
+  end
+
   defp drain_all_from(entries, type), do: Enum.filter(entries, &(&1.type == type))
 
   defp consume_all(acc) do

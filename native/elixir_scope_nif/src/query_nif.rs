@@ -1,0 +1,175 @@
+//! `qry_*` NIFs: `QueryCoordinator.query/2` and `correlation_search/3`
+//! over any store (`elixir_scope_core::query`). Both take the store lock
+//! and run on a dirty CPU scheduler; a query that scans visits at most
+//! [`SCAN_BUDGET`] records per call (Elixir continues from the cursor).
+
+use elixir_scope_core::query::{self, Plan, Query};
+use elixir_scope_core::subscribe::Matcher;
+use elixir_scope_core::StoredEvent;
+use rustler::types::map::map_new;
+use rustler::{Atom, Encoder, Env, NifResult, Term};
+
+use crate::atoms;
+use crate::codec::{self, Scratch};
+use crate::error::badarg;
+use crate::event_term::entry_term;
+use crate::handle::Ref;
+use crate::store_nif::{correlated_term, order_of, stored_term, StoreRes};
+use crate::sub_nif::decode_filter;
+
+/// Records one scanning call visits at most.
+pub const SCAN_BUDGET: usize = 50_000;
+
+/// How results are returned.
+#[derive(Clone, Copy)]
+enum As {
+    Correlated,
+    Event,
+    Entry,
+}
+
+fn as_of(env: Env, a: Atom) -> NifResult<As> {
+    if a == atoms::correlated() {
+        Ok(As::Correlated)
+    } else if a == atoms::event() {
+        Ok(As::Event)
+    } else if a == atoms::entry() {
+        Ok(As::Entry)
+    } else {
+        badarg(env, "as must be :correlated, :event or :entry")
+    }
+}
+
+fn term_of<'a>(
+    env: Env<'a>,
+    e: &StoredEvent,
+    how: As,
+    scratch: &mut Scratch,
+) -> NifResult<Term<'a>> {
+    Ok(match how {
+        As::Correlated => correlated_term(env, e, scratch)?,
+        As::Event => stored_term(env, e, scratch),
+        As::Entry => entry_term(env, e, scratch),
+    })
+}
+
+fn plan_atom(p: Plan) -> Atom {
+    match p {
+        Plan::Correlation => atoms::correlation(),
+        Plan::LinkedTo => atoms::linked_to(),
+        Plan::Pid => atoms::pid(),
+        Plan::Function => atoms::function(),
+        Plan::Time => atoms::time(),
+        Plan::Scan => atoms::scan(),
+    }
+}
+
+/// One page: `{results, next_cursor | nil, plan, estimate}`. The filter map
+/// is the subscription filter's (see `sub_nif`) plus `linked_to`, `from`,
+/// `to` (integers or nil).
+#[rustler::nif(schedule = "DirtyCpu")]
+#[allow(clippy::too_many_arguments)]
+fn qry_query<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    filter: Term<'a>,
+    desc: bool,
+    limit: u64,
+    cursor: Term<'a>,
+    how: Atom,
+) -> NifResult<Term<'a>> {
+    let how = as_of(env, how)?;
+    let (mut f, matcher) = decode_filter(env, filter)?;
+    let int = |k: &str| -> NifResult<Option<i64>> { crate::sub_nif::int_field(env, filter, k) };
+    f.linked_to = int("linked_to")?.map(|v| v as u64);
+    f.from_ts = int("from")?;
+    f.to_ts = int("to")?;
+    let cursor = if cursor.is_atom() {
+        None
+    } else {
+        Some(cursor.decode::<u64>().map_err(|_| {
+            crate::error::badarg_err(env, "cursor must be nil or a cursor from a previous page")
+        })?)
+    };
+    let q = Query {
+        filter: f,
+        order: order_of(desc),
+        limit: limit.min(1 << 24) as usize,
+        cursor,
+        budget: SCAN_BUDGET,
+    };
+    let store = s.lock(env)?;
+    let m: Option<&dyn Matcher> = matcher.as_deref();
+    let page = query::query(&store, &q, m);
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut out = Vec::with_capacity(page.events.len());
+    for e in &page.events {
+        out.push(term_of(env, e, how, &mut scratch)?.as_c_arg());
+    }
+    let list = codec::make_list(env, &out);
+    let next = match page.next {
+        Some(n) => n.encode(env),
+        None => atoms::nil().encode(env),
+    };
+    Ok((list, next, plan_atom(page.plan), page.estimate as u64).encode(env))
+}
+
+/// `correlation_search`: a map of correlated maps (see `Related`).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn qry_related<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    id: u64,
+    depth: u64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let r = query::correlation_search(
+        &store,
+        id,
+        depth.min(4096) as usize,
+        limit.min(1 << 24) as usize,
+    );
+    let Some(ev) = r.event else {
+        return Ok((atoms::error(), atoms::not_found()).encode(env));
+    };
+    let mut scratch: Scratch = Vec::with_capacity(32);
+    let nil = atoms::nil().encode(env);
+    let one = |e: Option<StoredEvent>, scratch: &mut Scratch| -> NifResult<Term<'a>> {
+        match e {
+            Some(e) => correlated_term(env, &e, scratch),
+            None => Ok(nil),
+        }
+    };
+    let list = |v: &[StoredEvent], scratch: &mut Scratch| -> NifResult<Term<'a>> {
+        let mut out = Vec::with_capacity(v.len());
+        for e in v {
+            out.push(correlated_term(env, e, scratch)?.as_c_arg());
+        }
+        Ok(codec::make_list(env, &out))
+    };
+    let event = one(Some(ev), &mut scratch)?;
+    let call = one(r.call, &mut scratch)?;
+    let ret = one(r.ret, &mut scratch)?;
+    let ancestors = list(&r.ancestors, &mut scratch)?;
+    let inside = list(&r.inside, &mut scratch)?;
+    let states = list(&r.state_changes, &mut scratch)?;
+    let mut msgs = Vec::with_capacity(r.messages.len());
+    for (snd, rcv, in_call) in &r.messages {
+        let m = map_new(env)
+            .map_put(atoms::send(), one(Some(*snd), &mut scratch)?)?
+            .map_put(atoms::receive(), one(*rcv, &mut scratch)?)?
+            .map_put(atoms::receiver_call(), one(*in_call, &mut scratch)?)?;
+        msgs.push(m.as_c_arg());
+    }
+    let m = map_new(env)
+        .map_put(atoms::event(), event)?
+        .map_put(atoms::call(), call)?
+        .map_put(atoms::return_(), ret)?
+        .map_put(atoms::ancestors(), ancestors)?
+        .map_put(atoms::inside(), inside)?
+        .map_put(atoms::messages(), codec::make_list(env, &msgs))?
+        .map_put(atoms::state_changes(), states)?
+        .map_put(atoms::truncated(), r.truncated)?;
+    Ok((atoms::ok(), m).encode(env))
+}
