@@ -489,9 +489,29 @@ fn saving_while_the_store_grows_writes_what_it_held_at_the_start() {
     let path = temp("growing");
     let header = vm.header();
     let names: Vec<(u64, Vec<u8>)> = Vec::new();
-    // A writer thread keeps inserting (and evicting) while the save runs.
+    // A writer thread keeps inserting (and evicting) while the save runs,
+    // from the moment the save has taken its starting point (its first
+    // write to the file comes after), so what the store held then is known.
+    let started = std::sync::atomic::AtomicBool::new(false);
+    struct Signal<'a, W> {
+        w: W,
+        started: &'a std::sync::atomic::AtomicBool,
+    }
+    impl<W: std::io::Write> std::io::Write for Signal<'_, W> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.started
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.w.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.w.flush()
+        }
+    }
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
+            while !started.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::yield_now();
+            }
             for i in 0..20_000u64 {
                 let ev = Event {
                     id: 100_000 + i,
@@ -503,9 +523,13 @@ fn saving_while_the_store_grows_writes_what_it_held_at_the_start() {
                 s.lock().unwrap().insert(&ev, CorrelationFields::default());
             }
         });
-        let summary = save_to_path(
+        let file = std::fs::File::create(&path).unwrap();
+        let summary = tracefile::save(
             &s,
-            &path,
+            Signal {
+                w: std::io::BufWriter::new(file),
+                started: &started,
+            },
             &header,
             &names,
             &mut vm,
