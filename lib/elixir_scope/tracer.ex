@@ -111,8 +111,12 @@ defmodule ElixirScope.Tracer do
       end
 
     with {:ok, patterns} <- resolve_targets(targets, config),
-         {:ok, extra} <- resolve_extra(extra) do
-      call({:scoped_start, patterns, root, extra, with_callbacks(config, patterns)})
+         {:ok, extra} <- resolve_extra(extra),
+         {:ok, info} <-
+           call({:scoped_start, patterns, root, extra, with_callbacks(config, patterns)}) do
+      clear_stale(root)
+      :erlang.trace(root, true, [{:tracer, Native, info.tracer} | info.flags])
+      {:ok, Map.put(info, :root, root)}
     end
   end
 
@@ -120,10 +124,24 @@ defmodule ElixirScope.Tracer do
   defp resolve_extra(list), do: resolve_pids(list)
 
   @doc false
-  # Stops a scoped session, waits until its events are stored, frees its
-  # pipeline (its store stays readable through the handle) and returns
-  # `{:ok, summary}`.
+  # Stops a scoped session (its id, or the map start_scoped/3 returned:
+  # then a caller the session traces is untraced first), waits until its
+  # events are stored, frees its pipeline (its store stays readable
+  # through the handle) and returns `{:ok, summary}`.
+  def stop_scoped(%{id: id, tracer: tracer}) do
+    # Untraced first, so this call and its reply are not recorded.
+    untrace_own(self(), tracer)
+    call({:scoped_stop, id})
+  end
+
   def stop_scoped(id), do: call({:scoped_stop, id})
+
+  defp untrace_own(pid, tracer) do
+    case :erlang.trace_info(pid, :tracer) do
+      {:tracer, {Native, ^tracer}} -> safe_untrace(pid, [:all])
+      _ -> 0
+    end
+  end
 
   @doc false
   def stop_trace, do: call(:stop_trace)
@@ -748,7 +766,9 @@ defmodule ElixirScope.Tracer do
       flags = [:set_on_spawn | session.flags]
 
       try do
-        Enum.each(traced, fn pid ->
+        # The root sets its own flags once this call returned (see
+        # start_scoped/3), so the reply is not recorded.
+        Enum.each(extra, fn pid ->
           clear_stale(pid)
           :erlang.trace(pid, true, [{:tracer, Native, tracer} | flags])
         end)
@@ -857,7 +877,13 @@ defmodule ElixirScope.Tracer do
   end
 
   defp scoped_info(session) do
-    %{id: session.id, store: session.store, snapshots: session.snapshots, flags: session.flags}
+    %{
+      id: session.id,
+      store: session.store,
+      snapshots: session.snapshots,
+      flags: session.flags,
+      tracer: session.tracer
+    }
   end
 
   defp info(session) do
