@@ -43,7 +43,7 @@ defmodule ElixirScope.TraceFile do
   size, every field, term and symbol) before it is used: a truncated,
   corrupted, wrong-version or hostile file gives `{:error, {reason,
   details}}` naming the problem and the block's byte offset, never a
-  crash. Memory: a block never decompresses beyond 16 MiB or 255× its
+  crash. Memory: a block never decompresses beyond 16 MiB or 64× its
   stored size. Words are mapped back by name: atoms that exist are used,
   missing ones are created — at most `:max_new_atoms` per load (default
   #{10_000}) and #{100_000} over the life of the VM (then

@@ -288,6 +288,254 @@ defmodule ElixirScope.TraceFileTest do
     end
   end
 
+  describe "bad files" do
+    # Block layout: (offset, length, tag) of each block.
+    defp blocks(bin), do: blocks(bin, 16, [])
+
+    defp blocks(bin, at, acc) when at + 40 <= byte_size(bin) do
+      <<_::binary-size(at), tag, _codec, 0::16, stored::32-little, _::binary>> = bin
+      blocks(bin, at + 40 + stored, [{at, 40 + stored, tag} | acc])
+    end
+
+    defp blocks(_bin, _at, acc), do: Enum.reverse(acc)
+
+    defp flip(bin, at, x) do
+      <<a::binary-size(at), b, c::binary>> = bin
+      <<a::binary, Bitwise.bxor(b, x), c::binary>>
+    end
+
+    # Recomputes a block's payload and header checksums after an edit.
+    defp reseal(bin, at) do
+      <<pre::binary-size(at), h::binary-size(32), _pcrc::32, _hcrc::32, rest::binary>> = bin
+      <<_::binary-size(4), stored::32-little, _::binary>> = h
+      payload = binary_part(rest, 0, min(stored, byte_size(rest)))
+      h36 = h <> <<:erlang.crc32(payload)::32-little>>
+      pre <> h36 <> <<:erlang.crc32(h36)::32-little>> <> rest
+    end
+
+    defp sealed_block(tag, raw, count, a \\ 0, b \\ 0) do
+      h36 =
+        <<tag, 0, 0::16, byte_size(raw)::32-little, byte_size(raw)::32-little, count::32-little,
+          a::64-little, b::64-little, :erlang.crc32(raw)::32-little>>
+
+      h36 <> <<:erlang.crc32(h36)::32-little>> <> raw
+    end
+
+    # Loads `bin`; every answer must be {:ok, store} or {:error, {reason,
+    # %{offset: _}}}; a loaded store must answer every query.
+    defp load_case(bin, dir, opts \\ []) do
+      path = Path.join(dir, "case.estrace")
+      File.write!(path, bin)
+
+      assert match?({:ok, %{version: 1}}, TraceFile.info(path, opts)) or
+               match?({:error, {r, %{offset: _}}} when is_atom(r), TraceFile.info(path, opts))
+
+      case TraceFile.load(path, opts) do
+        {:ok, store} ->
+          _ = Analysis.select(store: store)
+          _ = Analysis.messages(store: store)
+          _ = Analysis.call_stat(store: store, by: :process)
+          _ = Analysis.top_call_trees(store: store)
+          {:ok, _} = DataAccess.query_by_time_range(store, -(1 <<< 62), 1 <<< 62)
+          :ok = DataAccess.destroy(store)
+          {:ok, store.source}
+
+        {:error, {reason, %{offset: o, path: ^path}}} = e when is_atom(reason) ->
+          assert o <= byte_size(bin)
+          e
+      end
+    end
+
+    setup %{dir: dir} do
+      for m <- [TraceFile, Analysis, Analysis.Entry, DataAccess], do: Code.ensure_loaded!(m)
+      {store, _} = demo_trace()
+      zstd = Path.join(dir, "z.estrace")
+      none = Path.join(dir, "n.estrace")
+      {:ok, _} = TraceFile.save(store, zstd, block_events: 40)
+      {:ok, _} = TraceFile.save(store, none, block_events: 40, compression: :none)
+      {:ok, zstd: File.read!(zstd), none: File.read!(none)}
+    end
+
+    test "cuts at every block boundary and inside every block", %{zstd: bin, dir: dir} do
+      bl = blocks(bin)
+      [{_, hlen, ?H} | _] = bl
+
+      inside =
+        for {at, len, _} <- bl, d <- [1, 17, 39, 40, div(len, 2), len - 1], d < len, do: at + d
+
+      cuts = Enum.uniq(Enum.map(bl, &elem(&1, 0)) ++ inside ++ [byte_size(bin)])
+
+      for cut <- cuts do
+        expected =
+          for {at, len, ?E} <- bl, at + len <= cut, reduce: 0 do
+            n -> n + (binary_part(bin, at + 12, 4) |> :binary.decode_unsigned(:little))
+          end
+
+        case load_case(binary_part(bin, 0, cut), dir) do
+          {:ok, %{files: [f], events: n}} ->
+            assert n == expected, "cut at #{cut}"
+            assert f.complete == (cut == byte_size(bin))
+            unless f.complete, do: assert(f.truncated_at + f.lost_bytes == cut)
+
+          {:error, {reason, _}} ->
+            assert cut < 16 + hlen, "cut at #{cut} refused: #{reason}"
+            assert reason in [:truncated, :not_a_trace_file]
+        end
+      end
+    end
+
+    test "3,000 seeded byte flips: caught by the checksums", %{zstd: zstd, none: none, dir: dir} do
+      :rand.seed(:exsss, {1, 2, 3})
+
+      counts =
+        for bin <- [zstd, none], _ <- 1..1500, reduce: %{} do
+          acc ->
+            at = :rand.uniform(byte_size(bin)) - 1
+            case_bin = flip(bin, at, :rand.uniform(255))
+
+            key =
+              case load_case(case_bin, dir) do
+                {:ok, %{files: [%{complete: true}]}} ->
+                  assert at in 10..11, "a flip at #{at} went unnoticed"
+                  :ok
+
+                {:error, {reason, _}} ->
+                  reason
+              end
+
+            Map.update(acc, key, 1, &(&1 + 1))
+        end
+
+      assert counts[:checksum_mismatch] > 1000
+      refute Map.has_key?(counts, :ok) and counts[:ok] > 20
+    end
+
+    test "flips behind valid checksums: caught by the structural checks; atoms bounded", %{
+      none: bin,
+      dir: dir
+    } do
+      :rand.seed(:exsss, {4, 5, 6})
+      bl = for {_, len, _} = b <- blocks(bin), len > 40, do: b
+      # Warm up: the code an accepted load and its queries run is loaded
+      # (loading modules creates atoms too).
+      {:ok, _} = load_case(bin, dir)
+      {created0, bound} = TraceFile.atom_budget()
+      atoms0 = :erlang.system_info(:atom_count)
+      n = 1500
+
+      results =
+        for _ <- 1..n do
+          {at, len, _} = Enum.random(bl)
+
+          edited =
+            Enum.reduce(1..:rand.uniform(3), bin, fn _, b ->
+              flip(b, at + 40 + :rand.uniform(len - 40) - 1, :rand.uniform(255))
+            end)
+
+          case load_case(reseal(edited, at), dir, max_new_atoms: 2) do
+            {:ok, _} -> :ok
+            {:error, {reason, %{offset: ^at}}} -> reason
+          end
+        end
+
+      freq = Enum.frequencies(results)
+      assert freq[:ok] > 0 and map_size(freq) > 3
+      {created1, ^bound} = TraceFile.atom_budget()
+      # Every atom the loads created is counted, each load made at most 2.
+      assert :erlang.system_info(:atom_count) - atoms0 == created1 - created0
+      assert created1 - created0 <= 2 * n
+      assert created1 <= bound
+    end
+
+    test "hostile lengths, nesting and atoms", %{none: bin, dir: dir} do
+      [{_, _, ?H} = h | _] = blocks(bin)
+      header = binary_part(bin, 0, 16 + elem(h, 1))
+
+      gigabytes = fn stored, raw, count ->
+        h36 =
+          <<?E, 2, 0::16, stored::32-little, raw::32-little, count::32-little, 0::64, 0::64,
+            0::32>>
+
+        header <> h36 <> <<:erlang.crc32(h36)::32-little>> <> :binary.copy(<<0>>, 64)
+      end
+
+      for {stored, raw, count} <- [
+            {0xFFFFFFF0, 64, 0},
+            {64, 0x80000000, 0},
+            {64, 64 * 65, 0},
+            {64, 64, 1 <<< 24}
+          ] do
+        assert {:error, {:bad_block, %{block: 1, detail: d}}} =
+                 load_case(gigabytes.(stored, raw, count), dir)
+
+        assert is_binary(d)
+      end
+
+      # A tuple nested 10,000 deep; a list claiming 2^40 elements.
+      deep = :binary.copy(<<2, 1>>, 10_000) <> <<11>>
+      huge = <<3, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20>>
+
+      for payload <- [deep, huge] do
+        cols = [
+          <<2>>,
+          <<0>>,
+          <<16 ||| 128>>,
+          <<2>>,
+          <<2>>,
+          <<0>>,
+          <<>>,
+          <<0>>,
+          <<>>,
+          <<>>,
+          <<>>,
+          <<>>,
+          <<>>,
+          <<byte_size(payload)>> |> varint_fix(payload),
+          payload
+        ]
+
+        raw = Enum.map_join(cols, fn c -> varint(byte_size(c)) <> c end)
+        case_bin = header <> sealed_block(?E, raw, 1, 1, 1)
+        assert {:error, {:bad_term, %{block: 1}}} = load_case(case_bin, dir)
+      end
+
+      # 50 atoms this VM never saw: created up to the budget, then refused.
+      fresh = for i <- 1..50, do: "tf_hostile_#{System.unique_integer([:positive])}_#{i}"
+      syms = Enum.map_join(fresh, fn a -> <<1>> <> varint(byte_size(a)) <> a end)
+      case_bin = header <> sealed_block(?S, syms, 50)
+      before = :erlang.system_info(:atom_count)
+
+      assert {:error, {:too_many_atoms, %{detail: d}}} =
+               load_case(case_bin, dir, max_new_atoms: 5)
+
+      assert d =~ "no more than 5"
+      assert :erlang.system_info(:atom_count) - before == 5
+      assert {:error, {:too_many_atoms, _}} = load_case(case_bin, dir, max_new_atoms: 0)
+      assert :erlang.system_info(:atom_count) - before == 5
+    end
+
+    test "wrong version, foreign bytes, empty and directory", %{zstd: bin, dir: dir} do
+      assert {:error, {:unsupported_version, %{offset: 8}}} = load_case(flip(bin, 8, 3), dir)
+
+      assert {:error, {:not_a_trace_file, _}} = load_case("PK\x03\x04 a zip file", dir)
+      assert {:error, {:not_a_trace_file, _}} = load_case("", dir)
+      assert {:error, {:truncated, _}} = load_case(binary_part(bin, 0, 30), dir)
+      assert {:error, {:unsupported_version, _}} = TraceFile.info(write!(dir, flip(bin, 9, 1)))
+    end
+  end
+
+  defp write!(dir, bin) do
+    path = Path.join(dir, "w#{System.unique_integer([:positive])}.estrace")
+    File.write!(path, bin)
+    path
+  end
+
+  defp varint(n) when n < 128, do: <<n>>
+  defp varint(n), do: <<Bitwise.band(n, 127) ||| 128>> <> varint(n >>> 7)
+
+  # The payload-length column of one record holding `payload`.
+  defp varint_fix(_one_byte, payload), do: varint(byte_size(payload))
+
   describe "bad input" do
     setup %{dir: dir} do
       {:ok, store} = DataAccess.new(max_events: 100)

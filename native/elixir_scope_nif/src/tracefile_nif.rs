@@ -53,8 +53,9 @@ fn posix(errno: Option<i32>) -> &'static str {
     }
 }
 
-/// An atom of the fixed reason vocabulary (error kinds, posix names,
-/// codecs): never one taken from a file.
+/// An atom of the fixed reason vocabulary (error kinds, posix names),
+/// all declared in `atoms` so they exist from load on: never one taken
+/// from a file, never a new one.
 fn fixed_atom(env: Env, name: &'static str) -> Atom {
     Atom::from_str(env, name).unwrap_or_else(|_| atoms::error())
 }

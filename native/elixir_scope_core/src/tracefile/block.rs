@@ -8,8 +8,13 @@ pub const BLOCK_HEADER: usize = 40;
 /// Largest uncompressed block payload.
 pub const MAX_RAW: usize = 16 << 20;
 /// Largest compression ratio a block may claim (raw bytes per stored
-/// byte): a reader never allocates more than this times what is on disk.
-pub const MAX_RATIO: usize = 255;
+/// byte): a reader never decompresses more than this times what is on
+/// disk. Real traces compress 2–5×; a writer stores a block that would
+/// compress further uncompressed.
+pub const MAX_RATIO: usize = 64;
+/// Most records an event block may hold (the writer's `block_events`
+/// bound).
+pub const MAX_BLOCK_EVENTS: u32 = 1 << 20;
 
 /// Block kinds.
 pub mod tag {
@@ -137,14 +142,14 @@ impl BlockHeader {
         }
         let ratio_ok = match codec {
             Codec::None => raw_len == stored_len,
-            _ => (raw_len as usize) <= (stored_len as usize).saturating_mul(MAX_RATIO) + 64,
+            _ => (raw_len as usize) <= (stored_len as usize).saturating_mul(MAX_RATIO),
         };
         if !ratio_ok || stored_len as usize > MAX_RAW + MAX_RAW / 64 + 1024 {
             return Err(format!(
                 "block claims {raw_len} bytes from {stored_len} stored bytes"
             ));
         }
-        if count as usize > raw_len as usize {
+        if count as usize > raw_len as usize || count > MAX_BLOCK_EVENTS {
             return Err(format!("block claims {count} records in {raw_len} bytes"));
         }
         Ok(BlockHeader {

@@ -337,7 +337,9 @@ pub fn decode(raw: &[u8], count: usize, out: &mut DecodedBlock) -> Result<(), St
     fixed(&cols[C_KIND], "kind")?;
     fixed(&cols[C_FLAGS], "flags")?;
     fixed(&cols[C_SHAPE], "shape")?;
-    out.events.reserve(count);
+    // Grown as records decode (a claimed count is not trusted with an
+    // allocation).
+    out.events.reserve(count.min(1 << 14));
     let (mut id, mut ts, mut off) = (0u64, 0i64, 0i64);
     let mut pid = WordCode::None;
     let mut payload_at = 0u64;

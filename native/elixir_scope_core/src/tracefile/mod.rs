@@ -46,7 +46,7 @@ pub mod reader;
 pub mod symbols;
 pub mod writer;
 
-pub use block::{Codec, MAX_RATIO, MAX_RAW};
+pub use block::{Codec, MAX_BLOCK_EVENTS, MAX_RATIO, MAX_RAW};
 pub use events::{DecodedBlock, PEvent};
 pub use load::{load, LoadOptions, LoadReport, Resolver};
 pub use ptape::{Local, TapeResolver};

@@ -108,6 +108,14 @@ fn preamble<R: Read>(r: &mut R, len: u64) -> Result<(), FileError> {
             format!("format version {major} (this reader reads version {VERSION_MAJOR})"),
         ));
     }
+    let flags = u32::from_le_bytes(pre[12..16].try_into().expect("4"));
+    if flags != 0 {
+        return Err(FileError::new(
+            ErrorKind::UnsupportedVersion,
+            12,
+            format!("unknown format flags {flags:#x}"),
+        ));
+    }
     Ok(())
 }
 

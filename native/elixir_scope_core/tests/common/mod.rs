@@ -10,6 +10,7 @@ use elixir_scope_core::tracefile::ptape::MapError;
 use elixir_scope_core::tracefile::{
     ErrorKind, FileHeader, Local, Resolver, Symbol, Symbolizer, TapeResolver, WordClass,
 };
+use elixir_scope_core::{CorrelationFields, Event, EventKind, EventStore, StoreConfig};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -262,4 +263,125 @@ pub fn temp(name: &str) -> PathBuf {
         name,
         N.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A correlated workload like the pipeline stores: processes calling
+/// (nested), returning, sending and receiving (some receives linked
+/// late), spawning; payloads of every tape type.
+pub fn workload(vm: &mut Vm, seed: u64, n: usize, first_id: u64, max_events: usize) -> EventStore {
+    let mut rng = Rng(seed | 1);
+    let mut store = EventStore::new(StoreConfig {
+        max_events,
+        max_age_ns: None,
+    });
+    let modules: Vec<u64> = (0..5).map(|i| vm.atom(&format!("Elixir.Mod{i}"))).collect();
+    let funs: Vec<u64> = (0..7).map(|i| vm.atom(&format!("fun_{i}"))).collect();
+    let ok = vm.atom("ok");
+    let pids: Vec<u64> = (0..6).map(|i| pid_word(100 + i)).collect();
+    let mut stacks: Vec<Vec<u64>> = vec![Vec::new(); pids.len()];
+    let mut pending_sends: Vec<(u64, usize)> = Vec::new();
+    let mut id = first_id;
+    let mut ts = 1_000_000i64 + first_id as i64 * 10_000;
+    let mut late = Vec::new();
+    for _ in 0..n {
+        id += 1;
+        ts += rng.below(2000) as i64;
+        let p = rng.below(pids.len() as u64) as usize;
+        let mut ev = Event {
+            id,
+            timestamp: ts,
+            wall_time: ts + 1_000_000 + (rng.below(3) as i64),
+            pid: pids[p],
+            ..Event::default()
+        };
+        let mut corr = CorrelationFields {
+            correlation_id: id,
+            parent_id: 0,
+            root_id: 0,
+        };
+        let roll = rng.below(10);
+        if roll < 4 || stacks[p].is_empty() && roll < 6 {
+            ev.kind = EventKind::FunctionCall as u8;
+            ev.module = modules[rng.below(5) as usize];
+            ev.function = funs[rng.below(7) as usize];
+            ev.aux = rng.below(4) as i64;
+            if rng.below(2) == 0 {
+                // Arguments: [1, "bin", {ok, 2.5}, %{ok => []}, bignum]
+                let p = &mut ev.payload;
+                t_list(p, 5);
+                t_imm(p, small_word(rng.below(1000) as i64 - 500));
+                t_bin(p, b"binary");
+                t_tuple(p, 2);
+                t_imm(p, ok);
+                t_float(p, 2.5);
+                t_map(p, 1);
+                t_imm(p, ok);
+                t_imm(p, NIL);
+                t_etf(p, &[131, 110, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+                t_imm(p, NIL);
+                t_imm(p, pids[p.len() % 6]);
+            }
+            corr.parent_id = stacks[p].last().copied().unwrap_or(0);
+            corr.root_id = stacks[p].first().copied().unwrap_or(id);
+            stacks[p].push(id);
+        } else if roll < 7 && !stacks[p].is_empty() {
+            let call = stacks[p].pop().unwrap();
+            ev.kind = if rng.below(8) == 0 {
+                EventKind::FunctionException
+            } else {
+                EventKind::FunctionReturn
+            } as u8;
+            ev.aux = rng.below(100_000) as i64;
+            t_imm(&mut ev.payload, ok);
+            corr.correlation_id = call;
+            corr.parent_id = stacks[p].last().copied().unwrap_or(0);
+        } else if roll < 8 {
+            let to = rng.below(pids.len() as u64) as usize;
+            ev.kind = EventKind::MessageSend as u8;
+            ev.peer = pids[to];
+            ev.aux = rng.next() as i64;
+            t_imm(&mut ev.payload, pids[p]);
+            t_imm(&mut ev.payload, pids[to]);
+            t_tuple(&mut ev.payload, 2);
+            t_imm(&mut ev.payload, ok);
+            t_imm(&mut ev.payload, small_word(id as i64));
+            corr.parent_id = stacks[p].last().copied().unwrap_or(0);
+            pending_sends.push((id, to));
+        } else if roll < 9 && !pending_sends.is_empty() {
+            let (send, to) = pending_sends.remove(0);
+            ev.kind = EventKind::MessageReceive as u8;
+            ev.pid = pids[to];
+            t_imm(&mut ev.payload, pids[to]);
+            if rng.below(3) == 0 {
+                // Learnt after it was stored.
+                late.push((id, send));
+            } else {
+                corr.correlation_id = send;
+            }
+        } else {
+            ev.kind = EventKind::ProcessSpawn as u8;
+            ev.peer = pids[p];
+            ev.pid = pid_word(1000 + id);
+            t_imm(&mut ev.payload, ev.pid);
+            t_imm(&mut ev.payload, pids[p]);
+        }
+        store.insert(&ev, corr);
+    }
+    for (rid, send) in late {
+        store.relink(rid, send);
+    }
+    store
 }
