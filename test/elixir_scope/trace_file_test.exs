@@ -48,6 +48,22 @@ defmodule ElixirScope.TraceFileTest do
       assert info.complete and info.events == saved.events and info.node == "#{node()}"
       names = Map.new(TraceFile.process_names(loaded))
       assert names[truth.auditor_pid] == "ElixirScope.SampleApp.Auditor"
+      # The Bank's states travel too.
+      assert [_ | _] = Analysis.state_processes(store: loaded)
+    end
+
+    test "the demo app traced with state snapshots", %{dir: dir} do
+      {store, truth} = demo_trace(state: :snapshot)
+      path = Path.join(dir, "states.estrace")
+      {:ok, %{events: n}} = TraceFile.save(store, path)
+      {:ok, loaded} = TraceFile.load(path)
+      assert assert_same_answers(store, loaded) == n
+      bank = truth.bank_pid_before
+      assert [_ | _] = history = Analysis.state_history(bank, store: loaded)
+      last = List.last(history)
+
+      assert Analysis.state_at(bank, last.timestamp, store: loaded) ==
+               Analysis.state_at(bank, last.timestamp, store: store)
     end
 
     test "a seeded random workload through a pipeline, each codec", %{dir: dir} do

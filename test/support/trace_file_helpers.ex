@@ -145,6 +145,34 @@ defmodule ElixirScope.TraceFileHelpers do
 
     pids = all_a |> Enum.map(& &1.pid) |> Enum.uniq()
 
+    # State records: the per-process state index is rebuilt by insertion.
+    # (A store that evicted may still count the state records it freed
+    # since its last sweep: compare what its histories hold.)
+    states = Analysis.state_processes(sa)
+
+    if DataAccess.get_stats(a).evicted == 0,
+      do: assert(states == Analysis.state_processes(sb))
+
+    live = fn s, pids ->
+      for {pid, _} <- pids,
+          h = Analysis.state_history(pid, store: s, limit: 100_000),
+          h != [],
+          do: {pid, h}
+    end
+
+    histories = live.(a, states)
+    assert histories == live.(b, Analysis.state_processes(sb))
+
+    for {pid, history} <- histories do
+      for e <- Enum.filter(all_a, &(&1.pid == pid)) |> Enum.take_every(step) do
+        assert Analysis.state_at(pid, e.timestamp, sa) == Analysis.state_at(pid, e.timestamp, sb)
+      end
+
+      for st <- history |> List.wrap() |> Enum.take_every(step) do
+        assert Analysis.why(st, sa) == Analysis.why(st, sb)
+      end
+    end
+
     for pid <- pids, pid != nil do
       assert DataAccess.query_by_process(a, pid, limit: 100_000) ==
                DataAccess.query_by_process(b, pid, limit: 100_000)

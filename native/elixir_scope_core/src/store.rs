@@ -1359,6 +1359,46 @@ impl EventStore {
             })
     }
 
+    /// For each process whose state records are not all in memory (freed
+    /// with their segments, or evicted and not yet freed): the earliest and
+    /// latest timestamps of the missing ones. A trace file keeps these so
+    /// the store it loads into answers "evicted" where this one does.
+    /// Cost: one check per state-index entry.
+    pub fn state_gaps(&self) -> Vec<(u64, i64, i64)> {
+        let mut v: Vec<(u64, i64, i64)> = self
+            .states
+            .iter()
+            .filter_map(|(&pid, si)| {
+                let (mut lo, mut hi) = (si.dropped_from, si.dropped_until);
+                for &(ts, seq) in &si.recs {
+                    if self.live_at(seq).is_none() {
+                        lo = lo.min(ts);
+                        hi = hi.max(ts);
+                    }
+                }
+                (lo <= hi).then_some((pid, lo, hi))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Records that state records of `pid` stamped `from..=until` are
+    /// missing (a loaded file's [`EventStore::state_gaps`]): state queries
+    /// answer "evicted" for the times they may have been in force.
+    pub fn add_state_gap(&mut self, pid: u64, from: i64, until: i64) {
+        if from > until {
+            return;
+        }
+        let idx = self.states.entry(pid).or_insert_with(|| StateIndex {
+            dropped_from: i64::MAX,
+            dropped_until: i64::MIN,
+            ..StateIndex::default()
+        });
+        idx.dropped_from = idx.dropped_from.min(from);
+        idx.dropped_until = idx.dropped_until.max(until);
+    }
+
     /// Processes with state records in the store and how many each has
     /// (entries of records freed since the last sweep included).
     pub fn state_processes(&self) -> Vec<(u64, usize)> {

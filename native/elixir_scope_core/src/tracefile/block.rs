@@ -26,6 +26,8 @@ pub mod tag {
     pub const NAMES: u8 = b'N';
     /// Events.
     pub const EVENTS: u8 = b'E';
+    /// Per-process ranges of state records missing from the saved store.
+    pub const STATE_GAPS: u8 = b'G';
     /// End of file: totals.
     pub const TRAILER: u8 = b'X';
 }
@@ -129,7 +131,7 @@ impl BlockHeader {
         let payload_crc = c.u32_le().expect("fixed");
         if !matches!(
             tag,
-            tag::HEADER | tag::SYMBOLS | tag::NAMES | tag::EVENTS | tag::TRAILER
+            tag::HEADER | tag::SYMBOLS | tag::NAMES | tag::EVENTS | tag::STATE_GAPS | tag::TRAILER
         ) {
             return Err(format!("unknown block kind {tag}"));
         }

@@ -101,6 +101,9 @@ struct FileState {
     ts_shift: i64,
     events: u64,
     names: Vec<(u64, String)>,
+    /// State gaps (pid word, first, last timestamp), applied once every
+    /// event is in.
+    gaps: Vec<(u64, i64, i64)>,
     done: bool,
 }
 
@@ -249,6 +252,22 @@ impl FileState {
                         }
                     }
                 }
+                Some(Item::StateGaps(gaps)) => {
+                    let gaps = gaps.to_vec();
+                    for (pid, from, until) in gaps {
+                        let w = self.word(pid, r).map_err(|d| {
+                            fail(MapError {
+                                kind: ErrorKind::BadSymbol,
+                                detail: d,
+                            })
+                        })?;
+                        self.gaps.push((
+                            w,
+                            from.saturating_add(self.ts_shift),
+                            until.saturating_add(self.ts_shift),
+                        ));
+                    }
+                }
                 Some(Item::Events(_)) => {
                     // Re-borrow the block after the match on `item` ends.
                     let block = std::mem::take(self.reader_block_mut());
@@ -348,6 +367,7 @@ pub fn load<R: Resolver>(
             ts_shift,
             events: 0,
             names: Vec::new(),
+            gaps: Vec::new(),
             done: false,
         });
     }
@@ -390,6 +410,11 @@ pub fn load<R: Resolver>(
             if let Some(ts) = st.head_ts() {
                 heap.push(Reverse((ts, i)));
             }
+        }
+    }
+    for st in &files {
+        for &(pid, from, until) in &st.gaps {
+            store.add_state_gap(pid, from, until);
         }
     }
     for (i, st) in files.into_iter().enumerate() {

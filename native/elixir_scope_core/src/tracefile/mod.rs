@@ -24,6 +24,7 @@
 //! | `S` | symbols | symbols | first symbol number / 0 | [`Symbol`]s |
 //! | `N` | process names | names | 0 | (pid symbol varint, name bytes)* |
 //! | `E` | events | events | smallest id / largest id below 2^62 | columns, see [`events`] |
+//! | `G` | state gaps (after the events) | processes | 0 | (pid word code, zigzag first, zigzag last timestamp)*: state records the store no longer held |
 //! | `X` | trailer (last block) | 0 | 0 | [`Trailer`] (fixed size, uncompressed) |
 //!
 //! Symbols (atoms by name, pids and ports by node and numbers, (module,
@@ -61,8 +62,8 @@ use std::fmt;
 pub const MAGIC: [u8; 8] = *b"\x89EST\r\n\x1a\n";
 /// Format major version written and read.
 pub const VERSION_MAJOR: u16 = 1;
-/// Format minor version written.
-pub const VERSION_MINOR: u16 = 0;
+/// Format minor version written (1: `G` blocks).
+pub const VERSION_MINOR: u16 = 1;
 /// Bytes before the first block.
 pub const PREAMBLE: usize = 16;
 /// Bytes of a trailer payload.

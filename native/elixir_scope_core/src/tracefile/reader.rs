@@ -50,6 +50,9 @@ pub enum Item<'a> {
     Names(&'a [(u32, String)]),
     /// A block of events.
     Events(&'a DecodedBlock),
+    /// State records missing from the saved store: (pid, first, last
+    /// timestamp).
+    StateGaps(&'a [(WordCode, i64, i64)]),
 }
 
 /// A trace file being read.
@@ -61,6 +64,7 @@ pub struct Reader<R: Read> {
     next_block: u64,
     symbols: Vec<Symbol>,
     names: Vec<(u32, String)>,
+    gaps: Vec<(WordCode, i64, i64)>,
     stored: Vec<u8>,
     raw: Vec<u8>,
     dec: Decompressor,
@@ -143,6 +147,7 @@ impl<R: Read> Reader<R> {
             next_block: 0,
             symbols: Vec::new(),
             names: Vec::new(),
+            gaps: Vec::new(),
             stored: Vec::new(),
             raw: Vec::new(),
             dec: Decompressor::default(),
@@ -320,6 +325,35 @@ impl<R: Read> Reader<R> {
                     self.check_events(h.a, h.b).map_err(|(k, d)| bad(k, d))?;
                     self.events_seen += h.count as u64;
                     Ok(Some(Item::Events(&self.block)))
+                }
+                tag::STATE_GAPS => {
+                    self.gaps.clear();
+                    let mut c = Cursor::new(&self.raw);
+                    for _ in 0..h.count {
+                        let short = |_| bad(ErrorKind::Malformed, "state gaps cut short".into());
+                        let pid = WordCode::get(&mut c).map_err(short)?;
+                        let from = c.zigzag().map_err(short)?;
+                        let until = c.zigzag().map_err(short)?;
+                        if let WordCode::Sym(n) = pid {
+                            if !matches!(
+                                self.symbols.get(n as usize),
+                                Some(Symbol::Pid { .. } | Symbol::Port { .. })
+                            ) {
+                                return Err(bad(
+                                    ErrorKind::BadSymbol,
+                                    format!("state gap of symbol {n}, not a process"),
+                                ));
+                            }
+                        }
+                        self.gaps.push((pid, from, until));
+                    }
+                    if !c.is_empty() {
+                        return Err(bad(
+                            ErrorKind::Malformed,
+                            "bytes after the state gaps".into(),
+                        ));
+                    }
+                    Ok(Some(Item::StateGaps(&self.gaps)))
                 }
                 tag::TRAILER => {
                     let t = Trailer::decode(&self.raw).map_err(|d| bad(ErrorKind::Malformed, d))?;

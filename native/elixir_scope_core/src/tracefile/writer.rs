@@ -263,7 +263,25 @@ pub fn save<W: Write, S: Symbolizer>(
         }
         cursor = next.expect("not done");
     }
-    let st = lock(store).stats();
+    let (st, gaps) = {
+        let s = lock(store);
+        (s.stats(), s.state_gaps())
+    };
+    if !gaps.is_empty() {
+        let mut g = Vec::new();
+        let mut n = 0u32;
+        for (pid, from, until) in gaps {
+            let Ok(code) = syms.header_word(pid, sym) else {
+                continue;
+            };
+            code.put(&mut g);
+            super::bytes::put_varint(&mut g, super::bytes::zigzag(from));
+            super::bytes::put_varint(&mut g, super::bytes::zigzag(until));
+            n += 1;
+        }
+        out.symbols(&mut syms)?;
+        out.block(tag::STATE_GAPS, &g, n, 0, 0)?;
+    }
     trailer.skipped = snapshot.live.saturating_sub(trailer.events);
     trailer.symbols = syms.len() as u64;
     trailer.inserted = st.inserted;
