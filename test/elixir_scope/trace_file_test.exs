@@ -224,6 +224,8 @@ defmodule ElixirScope.TraceFileTest do
       [_, b64] = Regex.run(~r/PIDS (\S+)/, out)
       {child_self, child_other} = :erlang.binary_to_term(Base.decode64!(b64))
       for m <- [TraceFile, Analysis, DataAccess, Analysis.Entry], do: Code.ensure_loaded!(m)
+      # Warm up the error path (loading code creates atoms too).
+      {:error, {:enoent, _}} = TraceFile.load(Path.join(dir, "missing"))
 
       # Existing atoms only: the child's function name does not exist here.
       before = :erlang.system_info(:atom_count)
@@ -270,24 +272,33 @@ defmodule ElixirScope.TraceFileTest do
     } do
       path = Path.join(dir, "killed.estrace")
 
+      # The child runs under a 16 MiB file-size limit (ulimit -f): the
+      # kernel kills it (SIGXFSZ) in the middle of writing the ~80 MB file,
+      # as a kill -9 would, with data still in the writer's buffer.
       port =
-        child_vm_port("""
-        {:ok, _} = Application.ensure_all_started(:elixir_scope)
-        alias ElixirScope.Storage.DataAccess
-        {:ok, s} = DataAccess.new(max_events: 40_000)
-        evs = for i <- 1..40_000, do: %{id: i, timestamp: i, data: :crypto.strong_rand_bytes(2048)}
-        {:ok, _} = DataAccess.store_events(s, evs)
-        IO.puts("READY")
-        ElixirScope.TraceFile.save(s, "#{path}", compression: :none, block_events: 64)
-        IO.puts("DONE")
-        """)
+        child_vm_port(
+          """
+          {:ok, _} = Application.ensure_all_started(:elixir_scope)
+          alias ElixirScope.Storage.DataAccess
+          {:ok, s} = DataAccess.new(max_events: 40_000)
+          evs = for i <- 1..40_000, do: %{id: i, timestamp: i, data: :crypto.strong_rand_bytes(2048)}
+          {:ok, _} = DataAccess.store_events(s, evs)
+          ElixirScope.TraceFile.save(s, "#{path}", compression: :none, block_events: 64)
+          IO.puts("DONE")
+          """,
+          file_limit_kib: 16_384
+        )
 
-      {:os_pid, os_pid} = Port.info(port, :os_pid)
-      partial = wait_for_partial(dir, 4_000_000, 30_000)
-      System.cmd("kill", ["-9", "#{os_pid}"])
-      Port.close(port)
-      assert partial, "the child never wrote a large enough partial file"
-      refute File.exists?(path), "the save finished before it was killed"
+      status =
+        receive do
+          {^port, {:exit_status, st}} -> st
+        after
+          120_000 -> flunk("the child VM did not exit")
+        end
+
+      # 128 + SIGXFSZ (25).
+      assert status == 153, "the child was not killed mid-write (exit #{status})"
+      refute File.exists?(path)
       [file] = Path.wildcard(Path.join(dir, "killed.estrace.partial-*"))
 
       {:ok, store} = TraceFile.load(file)
@@ -653,25 +664,15 @@ defmodule ElixirScope.TraceFileTest do
     out
   end
 
-  defp child_vm_port(code) do
-    Port.open({:spawn_executable, System.find_executable("elixir")}, [
+  defp child_vm_port(code, file_limit_kib: kib) do
+    Port.open({:spawn_executable, System.find_executable("sh")}, [
       :binary,
       :exit_status,
       :stderr_to_stdout,
-      args: child_args(code)
+      args:
+        ["-c", "ulimit -f #{kib} && exec \"$0\" \"$@\"", System.find_executable("elixir")] ++
+          child_args(code)
     ])
-  end
-
-  defp wait_for_partial(dir, bytes, timeout) do
-    deadline = System.monotonic_time(:millisecond) + timeout
-
-    Stream.repeatedly(fn ->
-      Path.wildcard(Path.join(dir, "*.partial-*"))
-      |> Enum.any?(fn f -> match?({:ok, %{size: s}} when s >= bytes, File.stat(f)) end)
-    end)
-    |> Enum.find(fn found ->
-      found or System.monotonic_time(:millisecond) > deadline or (Process.sleep(1) && false)
-    end)
   end
 
   defp mount(args) do
