@@ -108,7 +108,7 @@ defmodule ElixirScope.MixProject do
   end
 
   def application do
-    [extra_applications: [:logger], mod: {ElixirScope.Application, []}]
+    [extra_applications: [:logger, :inets], mod: {ElixirScope.Application, []}]
   end
 
   defp elixirc_paths(:test), do: ["lib", "test/support"]

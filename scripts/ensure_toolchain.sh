@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the toolchain needed to build and test ElixirScope Native is
-# present: Rust (cargo, rustfmt, clippy) and Elixir/Erlang (elixir, mix, erl
-# and the erlang-dev headers).
+# present: Rust (cargo, rustfmt, clippy), Elixir/Erlang (elixir, mix, erl
+# and the erlang-dev headers) and Prometheus (promtool, prometheus).
 #
 # Idempotent and silent when everything is already there. Meant to be
 # `source`d by scripts/test.sh, scripts/demo.sh and .ci/run, so that the PATH
@@ -96,6 +96,22 @@ _es_ensure_elixir() {
   fi
 }
 
+# promtool (Debian package prometheus) checks the rendered Prometheus text
+# in the tests; scripts/prometheus_scrape.sh runs the prometheus server.
+_es_ensure_prometheus() {
+  if _es_have promtool && _es_have prometheus; then
+    return 0
+  fi
+  _es_log "installing prometheus (promtool) from Debian packages (apt-get)"
+  _es_as_root apt-get update -q >&2 || return 1
+  _es_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >&2 || return 1
+  hash -r
+  if ! _es_have promtool; then
+    _es_log "'promtool' still missing after apt-get install prometheus"
+    return 1
+  fi
+}
+
 _es_ensure_locale() {
   # Elixir warns when the VM is not running with a UTF-8 locale.
   if [[ -z "${LANG:-}" ]]; then
@@ -110,6 +126,7 @@ _es_ensure_toolchain() {
   _es_ensure_locale
   _es_ensure_rust || return 1
   _es_ensure_elixir || return 1
+  _es_ensure_prometheus || return 1
 }
 
 if [[ "${BASH_SOURCE[0]}" == "${0}" ]]; then

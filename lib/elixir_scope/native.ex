@@ -122,6 +122,7 @@ defmodule ElixirScope.Native do
   def pipe_process_ring(_ref, _ring, _max), do: nif_error()
   def pipe_sweep(_ref), do: nif_error()
   def pipe_reset_latency(_ref), do: nif_error()
+  def pipe_latency_buckets(_ref), do: nif_error()
   def pipe_shutdown(_ref, _timeout_ms), do: nif_error()
   def pipe_alive(_ref), do: nif_error()
   def pipe_correlation_dump(_ref, _limit), do: nif_error()

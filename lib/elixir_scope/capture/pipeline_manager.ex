@@ -73,6 +73,8 @@ defmodule ElixirScope.Capture.PipelineManager do
   | `:breaker_threshold` | `5` | yes | consecutive failed batches that open the circuit breaker (`0`: never) |
   | `:breaker_open_ms` | `1000` | yes | how long an open breaker dead-letters batches before a probe |
   | `:shutdown_timeout_ms` | `5000` | yes | how long shutdown waits for the rings to drain |
+  | `:metrics_port` | `nil` | no | serve this pipeline's Prometheus metrics at `/metrics` on this port (`0`: any free one, see `metrics_port/1`); `nil`: no endpoint |
+  | `:metrics_ip` | `{127, 0, 0, 1}` | no | the address the metrics endpoint binds to |
 
   `update_config/2` applies the "live" options at once and refuses the
   others with `{:error, {:not_live, keys}}` (they size the rings or the
@@ -90,7 +92,9 @@ defmodule ElixirScope.Capture.PipelineManager do
   @manager_defaults %{
     max_backlog: 5000,
     backpressure_enabled: true,
-    shutdown_timeout_ms: 5000
+    shutdown_timeout_ms: 5000,
+    metrics_port: nil,
+    metrics_ip: {127, 0, 0, 1}
   }
 
   @live [
@@ -129,7 +133,12 @@ defmodule ElixirScope.Capture.PipelineManager do
     case Pipeline.start(config, nil, name) do
       {:ok, pipeline} ->
         sup_opts = if name, do: [name: name], else: []
-        Supervisor.start_link(__MODULE__, {pipeline, name, bp}, sup_opts)
+
+        Supervisor.start_link(
+          __MODULE__,
+          {pipeline, name, bp, Map.take(config, [:metrics_port, :metrics_ip])},
+          sup_opts
+        )
 
       {:error, _} = err ->
         err
@@ -137,7 +146,7 @@ defmodule ElixirScope.Capture.PipelineManager do
   end
 
   @impl Supervisor
-  def init({pipeline, name, bp}) do
+  def init({pipeline, name, bp, metrics}) do
     backpressure =
       case bp do
         nil ->
@@ -148,12 +157,21 @@ defmodule ElixirScope.Capture.PipelineManager do
           [{BackpressureManager, opts}]
       end
 
+    endpoint =
+      case metrics do
+        %{metrics_port: nil} ->
+          []
+
+        %{metrics_port: port, metrics_ip: ip} ->
+          [{ElixirScope.Metrics.Prometheus, port: port, ip: ip, pipelines: [self()]}]
+      end
+
     children =
       [
         {Server, {pipeline, name}},
         {AsyncWriterPool, [pipeline: pipeline]},
         {ElixirScope.Storage.QueryCoordinator.Server, pipeline}
-      ] ++ backpressure
+      ] ++ backpressure ++ endpoint
 
     Supervisor.init(children, strategy: :one_for_one, max_restarts: 10, max_seconds: 5)
   end
@@ -276,6 +294,22 @@ defmodule ElixirScope.Capture.PipelineManager do
     end)
   end
 
+  @doc """
+  The port of the pipeline's Prometheus endpoint (`:metrics_port`), or
+  nil when it has none.
+  """
+  @spec metrics_port(server()) :: :inet.port_number() | nil
+  def metrics_port(pm \\ __MODULE__) do
+    Supervisor.which_children(pm)
+    |> Enum.find_value(fn
+      {ElixirScope.Metrics.Prometheus.Endpoint, pid, _, _} when is_pid(pid) ->
+        ElixirScope.Metrics.Prometheus.port(pid)
+
+      _ ->
+        nil
+    end)
+  end
+
   # The BackpressureManager's options (validated here, so a bad option
   # fails start_link with ArgumentError), or nil when disabled.
   defp backpressure_opts!(opts, config, name) do
@@ -315,6 +349,9 @@ defmodule ElixirScope.Capture.PipelineManager do
       {:max_backlog, v} when is_integer(v) and v >= 0 -> :ok
       {:backpressure_enabled, v} when is_boolean(v) -> :ok
       {:shutdown_timeout_ms, v} when is_integer(v) and v >= 0 -> :ok
+      {:metrics_port, nil} -> :ok
+      {:metrics_port, v} when is_integer(v) and v >= 0 and v <= 65_535 -> :ok
+      {:metrics_ip, v} when is_tuple(v) and tuple_size(v) in [4, 8] -> :ok
       {k, v} -> raise ArgumentError, "option #{inspect(k)} has a bad value: #{inspect(v)}"
     end)
   end

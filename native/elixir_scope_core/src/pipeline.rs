@@ -156,6 +156,30 @@ impl Histogram {
         bucket_high(BUCKETS - 1)
     }
 
+    /// Cumulative counts of the values below `2^k` for each `k` in
+    /// `k_lo..=k_hi` (`3 <= k_lo`, `k_hi <= 63`): exact, since powers of two
+    /// are bucket edges.
+    pub fn below_pow2(&self, k_lo: u32, k_hi: u32) -> Vec<u64> {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let mut out = Vec::new();
+        let mut acc = 0u64;
+        let mut b = 0usize;
+        for k in k_lo.max(3)..=k_hi.min(63) {
+            // The first bucket holding 2^k.
+            let edge = (k as usize - 2) * SUB;
+            while b < edge {
+                acc += counts[b];
+                b += 1;
+            }
+            out.push(acc);
+        }
+        out
+    }
+
     /// Forgets every value.
     pub fn reset(&self) {
         for c in self.counts.iter() {
@@ -238,6 +262,7 @@ pub struct Engine {
     correlation_enabled: AtomicBool,
     clock: Clock,
     latency: Histogram,
+    latency_sum_ns: AtomicU64,
     handled: AtomicU64,
     batches: AtomicU64,
     late_links: AtomicU64,
@@ -294,6 +319,7 @@ impl Engine {
             correlation_enabled: AtomicBool::new(true),
             clock,
             latency: Histogram::default(),
+            latency_sum_ns: AtomicU64::new(0),
             handled: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             late_links: AtomicU64::new(0),
@@ -357,6 +383,18 @@ impl Engine {
     /// Forgets the latency samples.
     pub fn reset_latency(&self) {
         self.latency.reset();
+        self.latency_sum_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// The write→stored latency histogram: cumulative counts below `2^k`
+    /// ns for `k` in `k_lo..=k_hi`, the number of samples and their sum
+    /// (ns).
+    pub fn latency_histogram(&self, k_lo: u32, k_hi: u32) -> (Vec<u64>, u64, u64) {
+        (
+            self.latency.below_pow2(k_lo, k_hi),
+            self.latency.total(),
+            self.latency_sum_ns.load(Ordering::Relaxed),
+        )
     }
 
     /// Correlates and stores one batch (in order).
@@ -487,10 +525,14 @@ impl Engine {
                 }
             }
             let now = (self.clock)();
+            let mut sum = 0u64;
             for ev in events {
-                Histogram::count(local, now.saturating_sub(ev.timestamp).max(0) as u64);
+                let d = now.saturating_sub(ev.timestamp).max(0) as u64;
+                sum = sum.wrapping_add(d);
+                Histogram::count(local, d);
             }
             self.latency.merge(local);
+            self.latency_sum_ns.fetch_add(sum, Ordering::Relaxed);
             local.iter_mut().for_each(|c| *c = 0);
             self.handled
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -858,6 +900,22 @@ mod tests {
             assert!(v <= hi, "{v} <= {hi}");
             // Relative error under 1/8.
             assert!(hi - v <= v / 8 + 1, "{v} in bucket up to {hi}");
+        }
+    }
+
+    #[test]
+    fn histogram_counts_below_powers_of_two_exactly() {
+        let h = Histogram::default();
+        let mut local = Histogram::local();
+        let values: Vec<u64> = (0..5000u64).map(|i| i * i * 37 % 3_000_000).collect();
+        for &v in &values {
+            Histogram::count(&mut local, v);
+        }
+        h.merge(&local);
+        let got = h.below_pow2(10, 22);
+        for (i, k) in (10..=22).enumerate() {
+            let want = values.iter().filter(|&&v| v < 1 << k).count() as u64;
+            assert_eq!(got[i], want, "below 2^{k}");
         }
     }
 

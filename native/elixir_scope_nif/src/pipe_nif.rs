@@ -626,6 +626,14 @@ fn pipe_sweep(env: Env, p: Ref<PipeRes>) -> NifResult<u64> {
     Ok(p.get(env)?.engine().sweep() as u64)
 }
 
+/// The write→stored latency histogram for Prometheus: `{cumulative counts
+/// below 2^k ns for k in 10..34, count, sum_ns}`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn pipe_latency_buckets<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
+    let (below, count, sum) = p.get(env)?.engine().latency_histogram(10, 34);
+    Ok((below, count, sum).encode(env))
+}
+
 /// Forget the write→stored latency samples.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn pipe_reset_latency(env: Env, p: Ref<PipeRes>) -> NifResult<Atom> {
