@@ -28,11 +28,15 @@
 //! `limit` matches, an ascending one walks down to the cursor. A window is
 //! collected whole and sorted by `seq`.
 
-use crate::event::EventKind;
+use crate::event::{is_state_record, peer_is_event, EventKind};
 use crate::filter::EventFilter;
 use crate::store::{EventStore, Order, StoredEvent};
 use crate::subscribe::Matcher;
 use std::collections::VecDeque;
+
+/// Events of the receiving process looked at for the callback a receive
+/// triggered.
+const TRIGGER_STEPS: usize = 4;
 
 /// Chain steps walked to estimate a chain's length.
 pub const SAMPLE: usize = 256;
@@ -340,13 +344,16 @@ pub struct Related<'s> {
     /// and their returns, sends, receives, spawns, state changes.
     pub inside: Vec<StoredEvent<'s>>,
     /// Messages sent by the event or inside the call: (send, its receive,
-    /// the call the receiver was in).
+    /// the call the receiver was in, or the OTP callback the receive
+    /// triggered).
     pub messages: Vec<(
         StoredEvent<'s>,
         Option<StoredEvent<'s>>,
         Option<StoredEvent<'s>>,
     )>,
-    /// State changes made by the event or inside the call.
+    /// State records made by the event, the call or inside it: state
+    /// changes, snapshots and the returns of OTP callbacks (the state they
+    /// left).
     pub state_changes: Vec<StoredEvent<'s>>,
     /// True when `limit` cut the search short.
     pub truncated: bool,
@@ -417,8 +424,10 @@ pub fn correlation_search(store: &EventStore, id: u64, depth: usize, limit: usiz
     }
     r.inside.sort_unstable_by_key(|x| x.seq);
     r.inside.dedup_by_key(|x| x.seq);
-    let sources: Vec<StoredEvent<'_>> =
-        std::iter::once(e).chain(r.inside.iter().copied()).collect();
+    let sources: Vec<StoredEvent<'_>> = std::iter::once(e)
+        .chain(r.inside.iter().copied())
+        .chain(r.ret)
+        .collect();
     for x in &sources {
         match EventKind::from_u8(x.kind) {
             EventKind::MessageSend => {
@@ -426,18 +435,36 @@ pub fn correlation_search(store: &EventStore, id: u64, depth: usize, limit: usiz
                     .by_correlation(x.id, 16, Order::Asc)
                     .into_iter()
                     .find(|y| y.kind == EventKind::MessageReceive as u8);
-                let in_call = recv
-                    .filter(|y| y.parent_id != 0)
-                    .and_then(|y| store.get(y.parent_id));
+                // The call the receiver was in, else the OTP callback the
+                // receive triggered (its call records the receive's id).
+                let in_call = recv.and_then(|y| {
+                    if y.parent_id != 0 {
+                        return store.get(y.parent_id);
+                    }
+                    let mut cur = y;
+                    for _ in 0..TRIGGER_STEPS {
+                        cur = store.pid_next(cur.id)?;
+                        if cur.kind == EventKind::FunctionCall as u8
+                            && peer_is_event(cur.kind, cur.flags)
+                            && cur.peer == y.id
+                        {
+                            return Some(cur);
+                        }
+                    }
+                    None
+                });
                 if !r.messages.iter().any(|m| m.0.seq == x.seq) {
                     r.messages.push((*x, recv, in_call));
                 }
             }
-            EventKind::StateChange if !r.state_changes.iter().any(|s| s.seq == x.seq) => {
+            _ if is_state_record(x.kind, x.flags)
+                && !r.state_changes.iter().any(|s| s.seq == x.seq) =>
+            {
                 r.state_changes.push(*x)
             }
             _ => {}
         }
     }
+    r.state_changes.sort_unstable_by_key(|x| x.seq);
     r
 }

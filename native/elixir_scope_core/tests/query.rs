@@ -288,3 +288,50 @@ fn correlation_search_finds_call_return_parents_messages_and_state() {
     // The limit is reported.
     assert!(correlation_search(&s, 2, 8, 2).truncated);
 }
+
+#[test]
+fn correlation_search_follows_a_message_into_the_callback_it_triggered() {
+    let mut s = EventStore::new(StoreConfig::default());
+    let mut put =
+        |id: u64, kind: EventKind, pid: u64, corr: u64, parent: u64, flags: u8, peer: u64| {
+            s.insert(
+                &Event {
+                    id,
+                    timestamp: id as i64,
+                    pid,
+                    peer,
+                    kind: kind as u8,
+                    flags,
+                    ..Event::default()
+                },
+                CorrelationFields {
+                    correlation_id: corr,
+                    parent_id: parent,
+                    root_id: 0,
+                },
+            );
+        };
+    use EventKind::*;
+    // A client call sends; a gen_server receives outside any call, then its
+    // handle_call (callback class bits set) records the receive as trigger;
+    // the callback's return is a state record.
+    put(1, FunctionCall, 10, 1, 0, 0, 0);
+    put(2, MessageSend, 10, 2, 1, 0, 20);
+    put(3, MessageReceive, 20, 2, 0, 0, 0);
+    put(4, FunctionCall, 20, 4, 0, 1 << 1, 3);
+    put(5, FunctionReturn, 20, 4, 0, 1 << 1, 3);
+    let r = correlation_search(&s, 1, 3, 100);
+    assert_eq!(r.messages.len(), 1);
+    let (snd, rcv, handler) = r.messages[0];
+    assert_eq!(
+        (snd.id, rcv.map(|e| e.id), handler.map(|e| e.id)),
+        (2, Some(3), Some(4))
+    );
+    // From the callback, its return is the state record it left.
+    let r = correlation_search(&s, 4, 3, 100);
+    assert_eq!(r.ret.map(|e| e.id), Some(5));
+    assert_eq!(
+        r.state_changes.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [5]
+    );
+}

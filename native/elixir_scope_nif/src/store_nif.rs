@@ -260,15 +260,32 @@ pub(crate) fn correlated_term<'a>(
 ) -> NifResult<Term<'a>> {
     let nil = atoms::nil().encode(env);
     let opt = |v: u64| if v == 0 { nil } else { v.encode(env) };
-    map_new(env)
-        .map_put(atoms::event(), stored_term(env, e, scratch))?
-        .map_put(atoms::id(), e.id)?
-        .map_put(atoms::correlation_id(), e.correlation_id)?
-        .map_put(atoms::parent_id(), opt(e.parent_id))?
-        .map_put(atoms::root_id(), opt(e.root_id))?
-        .map_put(atoms::links(), link_terms(env, e))?
-        .map_put(atoms::correlation_type(), corr_type_atom(e.kind))?
-        .map_put(atoms::timestamp(), e.timestamp)
+    // One map built from arrays (live notifications build one per event).
+    let values = [
+        stored_term(env, e, scratch),
+        e.id.encode(env),
+        e.correlation_id.encode(env),
+        opt(e.parent_id),
+        opt(e.root_id),
+        link_terms(env, e),
+        corr_type_atom(e.kind).encode(env),
+        e.timestamp.encode(env),
+    ]
+    .map(|t| t.as_c_arg());
+    Ok(crate::event_term::make_struct(
+        env,
+        &[
+            atoms::event(),
+            atoms::id(),
+            atoms::correlation_id(),
+            atoms::parent_id(),
+            atoms::root_id(),
+            atoms::links(),
+            atoms::correlation_type(),
+            atoms::timestamp(),
+        ],
+        &values,
+    ))
 }
 
 pub(crate) fn correlated_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> NifResult<Term<'a>> {
