@@ -6,8 +6,11 @@
 # (scripts/sample_app.ex: a Bank GenServer and an Auditor exchanging
 # messages, a recursive computation, and a crash followed by a restart)
 # with `ElixirScope.trace/2` through the full native pipeline, then prints
-# a call tree with message arrows, the traceback of the crash, the top call
-# statistics and the pipeline's metrics with the accounting line.
+# a call tree with message arrows, the traceback of the crash, the Bank's
+# state history as diffs (before and after its restart), the state in force
+# at the crash and why the balance is what it is (the causal chain back to
+# the client's call), the top call statistics and the pipeline's metrics
+# with the accounting line.
 #
 # Parts two and three put load on the ring buffer (8 writers, 1 reader)
 # and on the pipeline (correlated, stored, queried).
@@ -80,7 +83,7 @@ defmodule ElixirScope.TraceDemo do
 
     reason =
       case exit.data do
-        {:truncated, bytes, type} -> "a #{type} of over #{bytes} bytes (cut at the payload cap)"
+        {:truncated, bytes, type} -> "a #{type} of over #{bytes} bytes (cut at the state cap)"
         other -> inspect(other, limit: 3, printable_limit: 40)
       end
 
@@ -89,6 +92,8 @@ defmodule ElixirScope.TraceDemo do
     restart = Enum.find(Analysis.select(types: [:spawn]), &(&1.pid == truth.bank_pid_after))
 
     IO.puts("#{inspect(restart.peer)} (the supervisor) restarted it as #{inspect(restart.pid)}")
+
+    time_travel = time_travel(truth, crash)
 
     header("Top call statistics")
     stats = Analysis.call_stat()
@@ -124,12 +129,79 @@ defmodule ElixirScope.TraceDemo do
        m.accounting.unaccounted == 0 and m.accounting.accepted == s.traced}
     ]
 
+    checks = checks ++ time_travel
+
     for {what, ok} <- checks, not ok do
       IO.puts("CHECK FAILED: #{what}")
       System.halt(1)
     end
 
     IO.puts("\n  checked against the sample app's ground truth: #{length(checks)} checks passed")
+  end
+
+  # The Bank's states (captured from its OTP callbacks' returns, the first
+  # one a snapshot taken when the trace started) as a sequence of diffs, the
+  # state in force at the crash, and why the balance was what it was then.
+  # Returns the checks of what it showed against the ground truth.
+  defp time_travel(truth, crash) do
+    bank = truth.bank_pid_before
+    account = truth.account
+    balance = truth.balance_before_crash
+
+    header("Time travel: the Bank's state history, as diffs")
+    history = Analysis.state_history(bank)
+    Format.print_state_history(history)
+    IO.puts("\nThe restarted Bank #{inspect(truth.bank_pid_after)} starts again from init/1:")
+    after_restart = Analysis.state_history(truth.bank_pid_after)
+    Format.print_state_history(after_restart)
+
+    header("Why is #{inspect(account)}'s balance #{balance}?")
+    {:ok, at_crash} = Analysis.state_at(crash)
+
+    IO.puts(
+      "state_at(the exception): #{inspect(at_crash.state)}, in force since record " <>
+        "#{at_crash.source_id} (#{at_crash.returned} of #{callback(at_crash)})"
+    )
+
+    set_by = Enum.find(history, &(&1.id == at_crash.source_id))
+    prev = history |> Enum.take_while(&(&1.id != set_by.id)) |> List.last()
+    IO.puts("what it changed: " <> Format.format_diff(Analysis.state_diff(prev, set_by)))
+    IO.puts("\nthe causal chain, from the state back to the root (across processes):")
+    chain = Analysis.why(set_by)
+    Format.print_why(chain)
+
+    {root_role, root} = List.last(chain)
+    deposits = Enum.filter(history, &match?({:"$gen_call", _, {:deposit, _, _}}, &1.trigger))
+
+    [
+      {"the Bank's states are #{inspect(balances(history, account))}",
+       balances(history, account) == expected_balances(truth)},
+      {"the restarted Bank starts from an empty init/1 state",
+       match?([%{callback: {_, :init, 1}, state: s} | _] when s == %{}, after_restart)},
+      {"the state at the crash holds #{balance}",
+       Map.get(at_crash.state, account) == balance and set_by.state == at_crash.state},
+      {"why: the state ← its handle_call ← the message ← the client's Bank.deposit/2 call",
+       Enum.map(chain, &elem(&1, 0)) == [:state, :callback, :received, :sent, :call] and
+         root_role == :call and root.pid == truth.caller_pid and
+         {root.module, root.function} == {Bank, :deposit} and
+         root.data == [account, balance - Map.get(prev.state, account, 0)] and
+         set_by.id == List.last(deposits).id}
+    ]
+  end
+
+  defp callback(%{callback: {m, f, a}}), do: "#{inspect(m)}.#{f}/#{a}"
+  defp callback(%{kind: kind}), do: to_string(kind)
+
+  # The account's balance in each state (nil before it has one).
+  defp balances(history, account), do: Enum.map(history, &Map.get(&1.state, account))
+
+  # The snapshot (no account yet), the deposit, the interest, the second
+  # deposit, and terminate/2 keeping the last state after the crash.
+  defp expected_balances(truth) do
+    [first, second, _after_restart] = truth.deposits
+
+    [nil, first, first + truth.fib_result, first + truth.fib_result + second]
+    |> Enum.concat([truth.balance_before_crash])
   end
 
   defp header(title), do: IO.puts("\n-- #{title}")

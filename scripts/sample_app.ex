@@ -153,6 +153,8 @@ defmodule ElixirScope.SampleApp do
       bank_pid_after: bank_after,
       auditor_pid: auditor,
       account: @account,
+      # The amounts deposited, in order (the last one after the restart).
+      deposits: [@first_deposit, @second_deposit, @after_restart_deposit],
       fib_n: @fib_n,
       fib_result: fib,
       # Calls to Math.fib/1 (all in the Bank process): fib(n) makes

@@ -96,6 +96,25 @@ defmodule ElixirScope.AnalysisTest.Light do
     do: {:next_state, :off, n + 1, [{:reply, from, :off}]}
 end
 
+defmodule ElixirScope.AnalysisTest.Front do
+  @moduledoc false
+  # A GenServer that forwards a deposit to an Account from its handle_call:
+  # a state of the Account is caused by a call on a third process.
+  use GenServer
+
+  def start(account), do: GenServer.start(__MODULE__, account)
+  def forward(pid, n), do: GenServer.call(pid, {:forward, n})
+
+  @impl true
+  def init(account), do: {:ok, %{account: account, forwarded: 0}}
+
+  @impl true
+  def handle_call({:forward, n}, _from, s) do
+    balance = ElixirScope.AnalysisTest.Account.deposit(s.account, n)
+    {:reply, balance, %{s | forwarded: s.forwarded + 1}}
+  end
+end
+
 defmodule ElixirScope.AnalysisTest.Pure do
   @moduledoc false
   def double(x), do: x * 2
@@ -110,7 +129,7 @@ defmodule ElixirScope.AnalysisTest do
 
   alias ElixirScope.Analysis
   alias ElixirScope.Analysis.{Entry, Format, State}
-  alias ElixirScope.AnalysisTest.{Account, Door, Light, Pure}
+  alias ElixirScope.AnalysisTest.{Account, Door, Front, Light, Pure}
   alias ElixirScope.Capture.{Ingestor, PipelineManager, RingBuffer}
   alias ElixirScope.Events.StateSnapshot
 
@@ -371,6 +390,41 @@ defmodule ElixirScope.AnalysisTest do
       GenServer.stop(pid)
     end
 
+    test "why follows a chain over three processes back to the root call" do
+      {:ok, account} = Account.start(0)
+      {:ok, front} = Front.start(account)
+      client = self()
+      {:ok, _} = ElixirScope.trace([Account, Front], pids: [client, front, account])
+      assert Front.forward(front, 9) == 9
+      {:ok, _} = ElixirScope.stop_trace()
+
+      [_snap, st] = Analysis.state_history(account)
+      assert st.state.balance == 9
+      chain = Analysis.why(st)
+
+      assert Enum.map(chain, &elem(&1, 0)) ==
+               [:state, :callback, :received, :sent, :call, :callback, :received, :sent, :call]
+
+      assert Enum.map(chain, &elem(&1, 1).pid) ==
+               [account, account, account, front, front, front, front, client, client]
+
+      # The Account's deposit was called by the Front's handle_call ...
+      {:call, dep} = Enum.at(chain, 4)
+      assert {dep.module, dep.function, dep.data} == {Account, :deposit, [account, 9]}
+      {:callback, fcb} = Enum.at(chain, 5)
+      assert {fcb.module, fcb.function, fcb.arity} == {Front, :handle_call, 3}
+      assert dep.parent_id == fcb.id
+      # ... whose message came from the client's Front.forward/2.
+      {:call, root} = List.last(chain)
+      assert %Entry{module: Front, function: :forward, data: [^front, 9]} = root
+      # The Front's own state: one forward, from the same root.
+      [_, fst] = Analysis.state_history(front)
+      assert fst.state.forwarded == 1
+      assert {:call, root} == List.last(Analysis.why(fst))
+      GenServer.stop(front)
+      GenServer.stop(account)
+    end
+
     test "state: false records no state; payload: :arity still captures states" do
       {:ok, pid} = Account.start(0)
       {:ok, info} = ElixirScope.trace(Account, pids: [self(), pid], state: false)
@@ -557,7 +611,12 @@ defmodule ElixirScope.AnalysisTest do
       assert_receive {:DOWN, ^ref, _, _, _}
       assert Analysis.state_at(dead, last.timestamp) == {:error, :not_traced}
       assert Analysis.state_history(dead) == {:error, :not_traced}
-      # The client is traced but runs no callbacks.
+      # Alive, an OTP process, but never traced.
+      {:ok, other} = Account.start(0)
+      assert Analysis.state_at(other, last.timestamp) == {:error, :not_traced}
+      assert Analysis.state_history(other) == {:error, :not_traced}
+      GenServer.stop(other)
+      # A non-OTP process: the client is traced but runs no callbacks.
       assert Analysis.state_at(self(), last.timestamp) == {:error, :no_state}
       assert Analysis.state_history(self()) == {:error, :no_state}
       assert Analysis.state_at(server, last.timestamp + 1_000_000_000) == {:error, :outside_trace}
