@@ -59,6 +59,32 @@ defmodule ElixirScope do
     * `:ring_size` — ring slots per scheduler shard [131_072]
     * `:pipeline` — the name of a running `PipelineManager` to write into
       instead of a fresh one [nil]
+    * `:nodes` — trace a cluster: a list of node names (`[node() |
+      Node.list()]`); see below [nil: this node only]
+
+  ## Cluster traces
+
+  With `nodes:`, every named node runs its own tracer with these options
+  and records into its own local pipeline and store (see
+  `ElixirScope.Cluster`): no event crosses the network while tracing, and
+  limits hold per node. `:pids` is then `:all`, `:new`, or pids of the
+  traced nodes (each node traces its own). Further options:
+
+    * `:on_missing` — a node without the library, or whose tracer refuses:
+      `:skip` it (the others trace; it is named under `:missing`) or
+      `:abort` (nothing starts) [`:skip`]
+    * `:timeout` — ms for each node's answer [5_000]
+    * `:clock_samples` — pings per node for its clock offset [16]
+
+  Returns `{:ok, %{nodes: %{node => info}, missing: %{node => reason},
+  clocks: %{node => sample}}}` (see `ElixirScope.Cluster.Clock`), or
+  `{:error, reason}`: `{:not_connected, nodes}`, `{:nodes_failed, [{node,
+  reason}]}` (no node could trace, or one could not with `on_missing:
+  :abort`), `:already_tracing`; a bad node list (not node names,
+  duplicates) raises `ArgumentError`. A missing node's reason is
+  `:library_missing` (the beam files are not on its code path),
+  `{:nif_not_loaded, _}`, or the tracer's error there. `stop_trace/0`
+  then stops every node; `ElixirScope.Analysis` queries every node.
 
   When a limit trips, recording stops at once (in the tracer NIF), the VM's
   tracing is switched off within milliseconds and the reason is kept:
@@ -75,9 +101,21 @@ defmodule ElixirScope do
   Stops tracing and waits until every captured event is stored and
   queryable. `{:ok, summary}` (see `trace_status/0`), or
   `{:error, :not_tracing}`.
+
+  After a cluster trace, every node is stopped at once and the summary
+  has `:nodes` (each node's summary, with `:node`; a node that went down
+  or did not answer: `%{state: :down, events: :unavailable}`), `:totals`
+  (the counters summed over the nodes that answered, `:unavailable` the
+  others), `:missing`, `:down`, `:trips` (`%{node => reason}` of limits
+  that tripped) and `:clocks` (`%{node => %{start:, stop:, offset_ns:,
+  error_ns:}}`, see `ElixirScope.Cluster.Clock`).
   """
   @spec stop_trace() :: {:ok, map()} | {:error, :not_tracing}
-  def stop_trace, do: Tracer.stop_trace()
+  def stop_trace do
+    if ElixirScope.Cluster.active?(),
+      do: ElixirScope.Cluster.stop(),
+      else: Tracer.stop_trace()
+  end
 
   @doc """
   The current or last trace: `%{state: :idle}` before any, else a map with
@@ -86,9 +124,16 @@ defmodule ElixirScope do
   (events written), `:dropped` (ring full), `:shed` (load shedding),
   `:over_limit` (offered past a limit), `:after_stop`, `:truncated`, plus
   the pipeline and store. `offered = traced + dropped + shed + over_limit`.
+  After a cluster trace: per node, as `stop_trace/0` describes, with
+  `cluster: true`; `:reason` `:owner_down` on a node means it stopped
+  itself because the coordinator went away.
   """
   @spec trace_status() :: map()
-  def trace_status, do: Tracer.status()
+  def trace_status do
+    if ElixirScope.Cluster.last() != nil,
+      do: ElixirScope.Cluster.status(),
+      else: Tracer.status()
+  end
 
   @doc """
   Waits (up to `timeout_ms`) until every event captured so far by the

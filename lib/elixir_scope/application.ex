@@ -1,7 +1,8 @@
 defmodule ElixirScope.Application do
   @moduledoc false
   # Starts `ElixirScope.Supervisor` with `ElixirScope.Tracer` (idle until
-  # `ElixirScope.trace/2`). With `config :elixir_scope, pipeline:
+  # `ElixirScope.trace/2`) and `ElixirScope.Cluster` (idle until a trace
+  # with `nodes:`). With `config :elixir_scope, pipeline:
   # opts` (a keyword list; `true` for the defaults) it also starts a
   # default `PipelineManager` (registered as `ElixirScope.Capture.PipelineManager`
   # unless `opts` names it otherwise) and makes its ring the `Ingestor`'s
@@ -20,7 +21,11 @@ defmodule ElixirScope.Application do
         opts when is_list(opts) -> [pipeline_spec(opts)]
       end
 
-    children = [ElixirScope.Telemetry.Registry, ElixirScope.Tracer | pipeline]
+    children = [
+      ElixirScope.Telemetry.Registry,
+      ElixirScope.Tracer,
+      ElixirScope.Cluster | pipeline
+    ]
 
     Supervisor.start_link(children, strategy: :one_for_one, name: ElixirScope.Supervisor)
   end

@@ -44,7 +44,11 @@ defmodule ElixirScope.Tracer do
     ring_size: 131_072,
     pipeline: nil,
     # Benchmark baseline only: trace, but record nothing.
-    dry_run: false
+    dry_run: false,
+    # Internal (ElixirScope.Cluster): the coordinating process of a cluster
+    # trace. It is told when a limit trips here, and the trace stops when it
+    # goes down (its node died or a netsplit cut it off).
+    owner: nil
   ]
 
   @doc false
@@ -62,13 +66,26 @@ defmodule ElixirScope.Tracer do
 
   @doc false
   def trace(targets, opts) do
+    if is_list(opts) and Keyword.keyword?(opts) and Keyword.has_key?(opts, :nodes) do
+      ElixirScope.Cluster.trace(targets, opts)
+    else
+      trace_local(targets, opts)
+    end
+  end
+
+  @doc false
+  def trace_local(targets, opts) do
     explicit_msb? = is_list(opts) and Keyword.has_key?(opts, :max_state_bytes)
     opts = Args.keyword_opts!(opts, @defaults, "ElixirScope.trace/2")
     config = validate!(opts) |> Map.put(:explicit_msb, explicit_msb?)
 
     with {:ok, patterns} <- resolve_targets(targets, config),
          {:ok, pids} <- resolve_pids(opts[:pids]) do
-      call({:trace, patterns, pids, with_callbacks(config, patterns)})
+      result = call({:trace, patterns, pids, with_callbacks(config, patterns)})
+      # A trace started here (not as a node of a cluster trace) is the last
+      # trace: analysis no longer fans out to the last cluster's nodes.
+      if match?({:ok, _}, result) and config.owner == nil, do: ElixirScope.Cluster.forget()
+      result
     end
   end
 
@@ -94,7 +111,7 @@ defmodule ElixirScope.Tracer do
 
     config =
       opts
-      |> Keyword.merge(max_stored: nil, pipeline: nil, dry_run: false, pids: :all)
+      |> Keyword.merge(max_stored: nil, pipeline: nil, dry_run: false, pids: :all, owner: nil)
       |> validate!()
       |> Map.put(:explicit_msb, true)
 
@@ -240,6 +257,11 @@ defmodule ElixirScope.Tracer do
     unless Bitwise.band(rs, rs - 1) == 0 and rs >= 64,
       do: raise(ArgumentError, "ring_size must be a power of two >= 64, got: #{rs}")
 
+    owner = opts[:owner]
+
+    unless is_nil(owner) or is_pid(owner),
+      do: raise(ArgumentError, "owner must be a pid or nil, got: #{inspect(owner)}")
+
     ms = opts[:max_stored]
 
     unless is_nil(ms) or (is_integer(ms) and ms > 0),
@@ -264,7 +286,8 @@ defmodule ElixirScope.Tracer do
       max_stored: ms || opts[:max_events],
       ring_size: rs,
       pipeline: opts[:pipeline],
-      dry_run: opts[:dry_run] == true
+      dry_run: opts[:dry_run] == true,
+      owner: owner
     }
   end
 
@@ -393,6 +416,7 @@ defmodule ElixirScope.Tracer do
 
   def handle_call(:stop_trace, _from, %{session: %{active: true} = session} = s) do
     session = finish(session, :stopped)
+    if session.owner_monitor, do: Process.demonitor(session.owner_monitor, [:flush])
     {:reply, {:ok, summary(session)}, %{s | session: session}}
   end
 
@@ -441,11 +465,21 @@ defmodule ElixirScope.Tracer do
         {:elixir_scope_trace_stopped, tracer, _reason},
         %{session: %{active: true, tracer: tracer} = session} = s
       ) do
-    {:noreply, %{s | session: finish(session, nil)}}
+    {:noreply, %{s | session: session |> finish(nil) |> tell_owner()}}
   end
 
   def handle_info({:duration, tracer}, %{session: %{active: true, tracer: tracer} = session} = s) do
-    {:noreply, %{s | session: finish(session, :duration)}}
+    {:noreply, %{s | session: session |> finish(:duration) |> tell_owner()}}
+  end
+
+  # The coordinator of this node's part of a cluster trace is gone (its
+  # node went down, or a netsplit): stop tracing here.
+  def handle_info(
+        {:DOWN, mon, :process, _, _},
+        %{session: %{active: true, owner_monitor: mon} = session} = s
+      ) do
+    session = %{finish(session, :stopped) | reason: :owner_down}
+    {:noreply, %{s | session: session}}
   end
 
   def handle_info({:EXIT, pm, reason}, %{session: %{pm: pm} = session} = s) do
@@ -503,6 +537,7 @@ defmodule ElixirScope.Tracer do
       case enable(session) do
         {:ok, functions} ->
           timer = Process.send_after(self(), {:duration, tracer}, c.duration)
+          session = %{session | owner_monitor: c.owner && Process.monitor(c.owner)}
           snapshots = if c.snapshot, do: snapshot(session, pids), else: %{taken: 0, failed: 0}
           {:ok, %{session | timer: timer, functions: functions, snapshots: snapshots}}
 
@@ -554,7 +589,8 @@ defmodule ElixirScope.Tracer do
       timer: nil,
       pm_down: nil,
       functions: 0,
-      snapshots: %{taken: 0, failed: 0}
+      snapshots: %{taken: 0, failed: 0},
+      owner_monitor: nil
     }
   end
 
@@ -734,6 +770,15 @@ defmodule ElixirScope.Tracer do
     }
   end
 
+  # A limit tripped: the coordinator of a cluster trace hears it with the
+  # node.
+  defp tell_owner(%{config: %{owner: owner}} = session) when is_pid(owner) do
+    send(owner, {:elixir_scope_node_stopped, node(), session.reason, summary(session)})
+    session
+  end
+
+  defp tell_owner(session), do: session
+
   defp drop_session(%{session: %{own_pipeline: true, pm: pm}} = s) do
     :persistent_term.erase({__MODULE__, :store})
     if Process.alive?(pm), do: PipelineManager.shutdown(pm)
@@ -908,7 +953,7 @@ defmodule ElixirScope.Tracer do
       store: session.store,
       functions: session.functions,
       pids: session.pids,
-      options: Map.drop(session.config, [:dry_run]),
+      options: Map.drop(session.config, [:dry_run, :owner]),
       flags: session.flags,
       started_at: session.started_at,
       stopped_at: session.stopped_at,
