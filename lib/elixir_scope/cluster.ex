@@ -462,15 +462,13 @@ defmodule ElixirScope.Cluster do
     )
   end
 
+  # Each node's samples, and the offset its times are corrected with.
   defp clock_report(clocks) do
     Map.new(clocks, fn {n, c} ->
-      {n, Map.merge(c, %{offset_ns: offset_of(c), error_ns: Clock.error_ns(c)})}
+      best = Clock.best(c)
+      {n, Map.merge(c, %{offset_ns: best && best.offset_ns, error_ns: best && best.error_ns})}
     end)
   end
-
-  defp offset_of(%{stop: %{offset_ns: o}}), do: o
-  defp offset_of(%{start: %{offset_ns: o}}), do: o
-  defp offset_of(_), do: nil
 
   # What queries and trace_status/0 read without a message.
   defp publish(session) do

@@ -112,7 +112,7 @@ defmodule ElixirScope.ClusterTest do
       # Each node's events are in its own store: the calls of each node's
       # part of the app, counted where they ran.
       calls = fn n, m ->
-        :erpc.call(n, ElixirScope.Analysis, :select, [[module: m, types: [:call]]])
+        :erpc.call(n, ElixirScope.Analysis, :select, [[module: m, types: [:call], nodes: nil]])
         |> Enum.filter(&(&1.function in [:run, :handle_call]))
         |> length()
       end
@@ -120,7 +120,8 @@ defmodule ElixirScope.ClusterTest do
       assert calls.(node(), Client) == 5
       assert calls.(b, Server) == 5
       assert calls.(c, Worker) == 5
-      assert calls.(node(), Server) == 0 and calls.(b, Worker) == 0
+      assert calls.(node(), Server) == 0
+      assert calls.(b, Worker) == 0
 
       # Every tracer's flags are off again.
       for n <- nodes, do: assert(:erpc.call(n, ElixirScope.Tracer, :status, []).state == :stopped)
@@ -152,7 +153,7 @@ defmodule ElixirScope.ClusterTest do
         end
 
         assert summary.clocks[n].error_ns ==
-                 max(summary.clocks[n].start.error_ns, summary.clocks[n].stop.error_ns)
+                 min(summary.clocks[n].start.error_ns, summary.clocks[n].stop.error_ns)
       end
     end
 
@@ -276,6 +277,35 @@ defmodule ElixirScope.ClusterTest do
       assert :erpc.call(c, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
       :erpc.call(c, Client, :spin, [3])
       assert :erpc.call(c, ElixirScope.Tracer, :status, []).traced == 0
+    end
+  end
+
+  describe "queries with a node unreachable" do
+    test "a slow node gives a partial result within timeout:, a down node too", _ctx do
+      {peer, d} = H.start_peer("slow")
+      {:ok, _} = ElixirScope.trace({Client, :spin, 1}, nodes: [node(), d], events: [:calls])
+      :erpc.call(d, Client, :spin, [3])
+      Client.spin(2)
+      {:ok, _} = ElixirScope.stop_trace()
+      assert length(ElixirScope.Analysis.select()) == 7
+
+      os_pid = :erpc.call(d, :os, :getpid, [])
+      {_, 0} = System.cmd("kill", ["-STOP", List.to_string(os_pid)])
+
+      try do
+        assert {:partial, rows, %{^d => :timeout}} = ElixirScope.Analysis.select(timeout: 300)
+        assert length(rows) == 3 and Enum.all?(rows, &(node(&1.pid) == node()))
+        assert {:partial, _, %{^d => :timeout}} = ElixirScope.Analysis.call_stat(timeout: 300)
+      after
+        System.cmd("kill", ["-CONT", List.to_string(os_pid)])
+      end
+
+      assert length(ElixirScope.Analysis.select()) == 7
+      Process.unlink(peer)
+      H.stop_peer(peer)
+      H.eventually(fn -> d not in Node.list() end)
+      assert {:partial, rows, %{^d => :nodedown}} = ElixirScope.Analysis.select(timeout: 1_000)
+      assert length(rows) == 3
     end
   end
 

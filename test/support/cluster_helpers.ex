@@ -26,6 +26,7 @@ defmodule ElixirScope.ClusterHelpers do
       false
     else
       {_, 0} = System.cmd("epmd", ["-daemon"], stderr_to_stdout: true)
+      Application.put_env(:kernel, :prevent_overlapping_partitions, false)
       name = :"es_test_#{:os.getpid()}_#{System.unique_integer([:positive])}@127.0.0.1"
       wait_start(name, 50)
       true
@@ -63,9 +64,12 @@ defmodule ElixirScope.ClusterHelpers do
       |> Enum.reject(&String.starts_with?(&1, List.to_string(:code.root_dir())))
       |> Enum.reject(fn p -> not lib? and String.contains?(p, "/lib/elixir_scope/") end)
 
+    # No global name mesh between the test nodes: nodes stopped or
+    # killed on purpose must not make `global` cut others off.
     args =
       Enum.flat_map(paths, &[~c"-pa", String.to_charlist(&1)]) ++
-        [~c"-setcookie", Atom.to_charlist(Node.get_cookie())]
+        [~c"-setcookie", Atom.to_charlist(Node.get_cookie())] ++
+        [~c"-connect_all", ~c"false", ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"]
 
     name = :"es_#{tag}_#{:os.getpid()}_#{System.unique_integer([:positive])}"
 
