@@ -77,7 +77,8 @@ defmodule ElixirScope.Analysis do
       `why/2` continues a chain whose receive came from another node at
       that node's send (`:sent`) and its callers;
     * a node that is down, was not traced, or does not answer within
-      `timeout:` (ms, default 5_000) makes the result `{:partial, result,
+      `timeout:` (ms; default 5_000, or `config :elixir_scope,
+      cluster_query_timeout: ms`) makes the result `{:partial, result,
       %{node => reason}}` (`:nodedown`, `:timeout`, `:no_trace`,
       `{:not_traced, why}`); the call never waits longer.
       `filter/2`'s predicate runs on each node (its module must be loaded

@@ -41,7 +41,7 @@ defmodule ElixirScope.Cluster do
 
   alias ElixirScope.Cluster.{Clock, Remote}
 
-  @cluster_defaults [nodes: nil, on_missing: :skip, timeout: 5_000, clock_samples: 16]
+  @cluster_defaults [nodes: nil, on_missing: :skip, timeout: 30_000, clock_samples: 16]
   @counters [:traced, :dropped, :shed, :over_limit, :after_stop, :truncated, :offered, :states]
 
   @doc false
@@ -88,7 +88,7 @@ defmodule ElixirScope.Cluster do
   end
 
   @doc false
-  def stop(timeout \\ 5_000), do: call({:stop, timeout}, timeout)
+  def stop(timeout \\ nil), do: call({:stop, timeout}, timeout || 30_000)
 
   @doc false
   def status(timeout \\ 5_000), do: call({:status, timeout}, timeout)
@@ -211,7 +211,7 @@ defmodule ElixirScope.Cluster do
   end
 
   def handle_call({:stop, timeout}, _from, %{session: %{active: true} = session} = s) do
-    session = finish(session, timeout)
+    session = finish(session, timeout || session.timeout)
     publish(session)
     {:reply, {:ok, stop_summary(session)}, %{s | session: session}}
   end
@@ -326,6 +326,9 @@ defmodule ElixirScope.Cluster do
         end
       end)
 
+    # A node whose start did not answer may still start: stop it then.
+    for {n, {:error, _}} <- started, do: stop_late(n)
+
     if traced == %{} or (copts.on_missing == :abort and map_size(failed) > 0) do
       # Nothing is left tracing: stop what started.
       _ = multicall(Map.keys(traced), Remote, :stop, [], timeout)
@@ -395,6 +398,18 @@ defmodule ElixirScope.Cluster do
         clocks: Map.new(session.clocks, fn {n, c} -> {n, %{c | stop: ok_or_nil(clocks[n])}} end),
         stopped_at: System.monotonic_time(:millisecond)
     }
+  end
+
+  defp stop_late(node) do
+    owner = self()
+
+    spawn(fn ->
+      try do
+        :erpc.call(node, Remote, :stop_owned, [owner], 600_000)
+      catch
+        _, _ -> :ok
+      end
+    end)
   end
 
   defp live_nodes(session), do: Enum.reject(session.traced, &Map.has_key?(session.down, &1))

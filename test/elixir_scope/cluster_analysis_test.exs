@@ -38,16 +38,29 @@ defmodule ElixirScope.ClusterAnalysisTest do
         60_000 -> raise "peers did not start"
       end
 
+    # Queries wait for slow nodes here (the machine may be loaded).
+    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
     {:ok, w} = :erpc.call(c, Worker, :start, [])
     {:ok, s} = :erpc.call(b, Server, :start, [w])
     nodes = [node(), b, c]
-    {:ok, info} = ElixirScope.trace([Client, Server, Worker], nodes: nodes)
     # The client: a process of its own here, calling the server 3 times.
-    task = Task.async(fn -> for x <- [21, 22, 23], do: Client.run(s, x) end)
-    results = Task.await(task)
+    task =
+      Task.async(fn ->
+        receive do
+          :go -> for x <- [21, 22, 23], do: Client.run(s, x)
+        end
+      end)
+
+    # The app's three processes only (each node traces its own).
+    {:ok, info} =
+      ElixirScope.trace([Client, Server, Worker], nodes: nodes, pids: [task.pid, s, w])
+
+    send(task.pid, :go)
+    results = Task.await(task, 120_000)
     {:ok, summary} = ElixirScope.stop_trace()
 
     on_exit(fn ->
+      Application.delete_env(:elixir_scope, :cluster_query_timeout)
       send(keeper, :stop)
       H.stop_peer(pb)
       H.stop_peer(pc)
@@ -81,6 +94,11 @@ defmodule ElixirScope.ClusterAnalysisTest do
     assert ctx.results == [{:ok, 42}, {:ok, 44}, {:ok, 46}]
     assert ctx.summary.totals.unavailable == []
     assert ctx.summary.missing == %{}
+
+    for n <- ctx.nodes do
+      st = ctx.summary.nodes[n]
+      assert st.reason == :stopped and st.traced > 0, "#{n}: #{inspect(st)}"
+    end
   end
 
   test "select merges the nodes' events by corrected time", ctx do

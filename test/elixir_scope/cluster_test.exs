@@ -17,6 +17,8 @@ defmodule ElixirScope.ClusterTest do
 
   setup_all do
     started? = H.start_distribution!()
+    # Queries wait for slow nodes here (the machine may be loaded).
+    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
     {:ok, _} = Application.ensure_all_started(:elixir_scope)
     # Peers outlive single tests: linked to a process of their own.
     me = self()
@@ -40,6 +42,7 @@ defmodule ElixirScope.ClusterTest do
       end
 
     on_exit(fn ->
+      Application.delete_env(:elixir_scope, :cluster_query_timeout)
       send(keeper, :stop)
       H.stop_peer(elem(b, 0))
       H.stop_peer(elem(c, 0))
@@ -292,6 +295,11 @@ defmodule ElixirScope.ClusterTest do
       os_pid = :erpc.call(d, :os, :getpid, [])
       {_, 0} = System.cmd("kill", ["-STOP", List.to_string(os_pid)])
 
+      H.eventually(fn ->
+        {stat, 0} = System.cmd("ps", ["-o", "stat=", "-p", List.to_string(os_pid)])
+        String.starts_with?(stat, "T")
+      end)
+
       try do
         assert {:partial, rows, %{^d => :timeout}} = ElixirScope.Analysis.select(timeout: 300)
         assert length(rows) == 3 and Enum.all?(rows, &(node(&1.pid) == node()))
@@ -306,6 +314,23 @@ defmodule ElixirScope.ClusterTest do
       H.eventually(fn -> d not in Node.list() end)
       assert {:partial, rows, %{^d => :nodedown}} = ElixirScope.Analysis.select(timeout: 1_000)
       assert length(rows) == 3
+    end
+  end
+
+  describe "late starts" do
+    test "a start the coordinator gave up on is stopped by its owner only", %{b: b} do
+      owner = spawn(fn -> Process.sleep(:infinity) end)
+      other = spawn(fn -> Process.sleep(:infinity) end)
+
+      {:ok, _} =
+        :erpc.call(b, ElixirScope.Cluster.Remote, :start, [Client, [events: [:calls]], owner])
+
+      assert :erpc.call(b, ElixirScope.Cluster.Remote, :stop_owned, [other]) ==
+               {:error, :not_tracing}
+
+      assert :erpc.call(b, ElixirScope.Tracer, :status, []).state == :tracing
+      assert {:ok, _} = :erpc.call(b, ElixirScope.Cluster.Remote, :stop_owned, [owner])
+      assert :erpc.call(b, ElixirScope.Tracer, :status, []).state == :stopped
     end
   end
 

@@ -28,7 +28,8 @@ defmodule ElixirScope.Analysis.Cluster do
   def split(opts, keep \\ [])
 
   def split(opts, keep) when is_list(opts) do
-    timeout = Keyword.get(opts, :timeout, @default_timeout)
+    default = Application.get_env(:elixir_scope, :cluster_query_timeout, @default_timeout)
+    timeout = Keyword.get(opts, :timeout, default)
 
     nodes =
       cond do

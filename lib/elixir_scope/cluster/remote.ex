@@ -42,12 +42,18 @@ defmodule ElixirScope.Cluster.Remote do
     end
   end
 
+  # The start of this node's part did not answer in time: stop it once it
+  # is done, if it is this coordinator's (the tracer handles one request at
+  # a time, so this waits for the start).
+  def stop_owned(owner), do: Tracer.stop_owned(owner)
+
   def status, do: clean(Tracer.status())
 
   # ---- queries (ElixirScope.Analysis with nodes:) ----------------------------------
 
   alias ElixirScope.Analysis
   alias ElixirScope.Analysis.Entry
+  alias ElixirScope.Storage.QueryCoordinator
 
   @analysis [
     :select,
@@ -77,6 +83,19 @@ defmodule ElixirScope.Cluster.Remote do
     end
   end
 
+  # A select the query planner answers (its indexes, the limit honoured
+  # natively): the same events, in store order.
+  defp run(:select, [opts], store) do
+    if planned?(opts) do
+      spec = Keyword.take(opts, [:pid, :module, :function, :types, :from, :to])
+      limit = Keyword.get(opts, :limit, 100_000)
+      {:ok, %{events: events}} = QueryCoordinator.query(store, spec ++ [limit: limit, as: :entry])
+      events
+    else
+      Analysis.select(Keyword.put(opts, :store, store))
+    end
+  end
+
   defp run(f, args, store) when f in @analysis do
     {opts, rest} = List.pop_at(args, -1)
     apply(Analysis, f, rest ++ [Keyword.put(opts, :store, store)])
@@ -91,7 +110,7 @@ defmodule ElixirScope.Cluster.Remote do
 
   # Receives on this node that no send of this node explains.
   defp run(:unexplained_receives, [limit], store) do
-    Analysis.select(types: [:receive], limit: limit, store: store)
+    run(:select, [[types: [:receive], limit: limit]], store)
     |> Enum.filter(&(&1.link_id == nil))
   end
 
@@ -132,6 +151,31 @@ defmodule ElixirScope.Cluster.Remote do
   defp before(t, window, store) do
     hits = Analysis.select(from: t - window, to: t, limit: 100_000, store: store)
     if length(hits) >= 16, do: Enum.take(hits, -16), else: before(t, window * 16, store)
+  end
+
+  @planned_types [:call, :return, :exception, :send, :receive, :spawn, :exit, :link, :unlink] ++
+                   [:state_change]
+
+  defp planned?(opts) do
+    Enum.all?(opts, fn
+      {:pid, p} ->
+        p == nil or is_pid(p)
+
+      {k, v} when k in [:module, :function] ->
+        v == nil or is_atom(v)
+
+      {k, v} when k in [:from, :to] ->
+        v == nil or is_integer(v)
+
+      {:limit, l} ->
+        is_integer(l) and l > 0
+
+      {:types, t} ->
+        t == nil or (is_list(t) and t != [] and Enum.all?(t, &(&1 in @planned_types)))
+
+      _ ->
+        false
+    end)
   end
 
   defp dest_node(p) when is_pid(p) or is_reference(p) or is_port(p), do: node(p)
