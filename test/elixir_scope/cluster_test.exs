@@ -140,9 +140,9 @@ defmodule ElixirScope.ClusterTest do
         # here puts its offset within [r - t1, r - t0].
         brackets =
           for _ <- 1..5 do
-            t0 = System.monotonic_time(:nanosecond)
-            r = :erpc.call(n, :erlang, :monotonic_time, [:nanosecond])
-            t1 = System.monotonic_time(:nanosecond)
+            t0 = ElixirScope.Utils.monotonic_timestamp()
+            r = :erpc.call(n, ElixirScope.Utils, :monotonic_timestamp, [])
+            t1 = ElixirScope.Utils.monotonic_timestamp()
             {r - t1, r - t0}
           end
 

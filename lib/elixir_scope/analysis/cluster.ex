@@ -464,7 +464,7 @@ defmodule ElixirScope.Analysis.Cluster do
         key = content(s.data)
 
         slack =
-          (Clock.error_ns(ctx.clocks[node_of(s)]) || 0) + (Clock.error_ns(ctx.clocks[d]) || 0)
+          (Clock.bound_ns(ctx.clocks[node_of(s)]) || 0) + (Clock.bound_ns(ctx.clocks[d]) || 0)
 
         found =
           receives_by_node
@@ -606,7 +606,7 @@ defmodule ElixirScope.Analysis.Cluster do
           candidates
           |> Enum.filter(fn s ->
             slack =
-              (Clock.error_ns(ctx.clocks[node_of(s)]) || 0) + (Clock.error_ns(ctx.clocks[d]) || 0)
+              (Clock.bound_ns(ctx.clocks[node_of(s)]) || 0) + (Clock.bound_ns(ctx.clocks[d]) || 0)
 
             s.timestamp <= r.timestamp + slack and receiver(s) in [nil, r.pid]
           end)

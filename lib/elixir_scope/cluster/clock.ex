@@ -2,11 +2,13 @@ defmodule ElixirScope.Cluster.Clock do
   @moduledoc """
   Clock offsets between this node and the others of a cluster trace.
 
-  Every node stamps its events with its own monotonic clock
-  (`System.monotonic_time(:nanosecond)`), and the monotonic clocks of two
-  VMs differ by an arbitrary constant (and drift slowly). `sample/3` pings
-  a node over Erlang distribution: this node reads its clock (t0), asks
-  the node for its clock (r) and reads its own again (t1). The round trip
+  Every node stamps its events with its own monotonic clock (the native
+  one events are stamped with, `ElixirScope.Utils.monotonic_timestamp/0`,
+  which follows `System.monotonic_time(:nanosecond)`), and the monotonic
+  clocks of two VMs differ by an arbitrary constant (and drift slowly).
+  `sample/3` pings a node over Erlang distribution, reading that same
+  clock: this node reads its clock (t0), asks the node for its clock (r)
+  and reads its own again (t1). The round trip
   is `t1 - t0`; the node's offset is `r - (t0 + t1) / 2`, wrong by at most
   half the round trip (the remote read happened somewhere between t0 and
   t1). Of `n` pings the one with the smallest round trip is kept: its
@@ -126,6 +128,18 @@ defmodule ElixirScope.Cluster.Clock do
     end
   end
 
+  @doc """
+  How far a node's corrected times may be off during the trace: the
+  larger sample error plus how much the offset moved between the start
+  and the stop samples (0 with one sample; nil with none). Cross-node
+  matching allows this much.
+  """
+  @spec bound_ns(map() | nil) :: non_neg_integer() | nil
+  def bound_ns(%{start: %{} = a, stop: %{} = b}),
+    do: max(a.error_ns, b.error_ns) + abs(b.offset_ns - a.offset_ns)
+
+  def bound_ns(clocks), do: error_ns(clocks)
+
   @doc "The error bound of a node's corrected times (that of `best/1`), or nil."
   @spec error_ns(map() | nil) :: non_neg_integer() | nil
   def error_ns(clocks) do
@@ -136,11 +150,11 @@ defmodule ElixirScope.Cluster.Clock do
   end
 
   defp ping(node, timeout) do
-    {:ok, :erpc.call(node, :erlang, :monotonic_time, [:nanosecond], timeout)}
+    {:ok, :erpc.call(node, ElixirScope.Native, :utils_monotonic_ns, [], timeout)}
   catch
     :error, {:erpc, reason} -> {:error, reason}
     kind, reason -> {:error, {kind, reason}}
   end
 
-  defp now, do: :erlang.monotonic_time(:nanosecond)
+  defp now, do: ElixirScope.Native.utils_monotonic_ns()
 end
