@@ -209,6 +209,15 @@ defmodule ElixirScope.ClusterTest do
       assert status.nodes[b].state == :tracing
 
       :erpc.call(b, Client, :spin, [5])
+
+      # The node comes back (same name): it is not traced again.
+      [name, _host] = d |> Atom.to_string() |> String.split("@")
+      {peer2, ^d} = H.start_peer("back", name: String.to_atom(name))
+      on_exit(fn -> H.stop_peer(peer2) end)
+      assert :erpc.call(d, ElixirScope.Tracer, :status, []) == %{state: :idle}
+      :erpc.call(d, Client, :spin, [5])
+      assert ElixirScope.trace_status().nodes[d].state == :down
+
       {:ok, summary} = ElixirScope.stop_trace()
       assert summary.nodes[d].events == :unavailable
       assert summary.nodes[b].traced == 6
@@ -254,6 +263,55 @@ defmodule ElixirScope.ClusterTest do
       after
         :erpc.call(b, ElixirScope, :stop_trace, [])
       end
+    end
+
+    test "a node cut off during stop_trace: the reachable ones are stopped, it stops itself",
+         %{b: b} do
+      {peer, d} = H.start_peer("split")
+      on_exit(fn -> H.stop_peer(peer) end)
+
+      {:ok, _} =
+        ElixirScope.trace({Client, :spin, 1},
+          nodes: [node(), b, d],
+          events: [:calls],
+          timeout: 2_000,
+          duration: 10_000
+        )
+
+      os_pid = :erpc.call(d, :os, :getpid, []) |> List.to_string()
+      {_, 0} = System.cmd("kill", ["-STOP", os_pid])
+
+      H.eventually(fn ->
+        {stat, 0} = System.cmd("ps", ["-o", "stat=", "-p", os_pid])
+        String.starts_with?(stat, "T")
+      end)
+
+      {:ok, summary} =
+        try do
+          ElixirScope.stop_trace()
+        after
+          System.cmd("kill", ["-CONT", os_pid])
+        end
+
+      assert %{state: :down, events: :unavailable} = summary.nodes[d]
+      assert summary.totals.unavailable == [d]
+
+      # The reachable nodes' flags are off at once.
+      for n <- [node(), b] do
+        assert summary.nodes[n].state == :stopped
+        pid = :erpc.call(n, Process, :whereis, [:erl_prim_loader])
+        assert :erpc.call(n, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
+      end
+
+      # The cut-off node stops by itself (the stop that reached it late, or
+      # its duration limit), its flags off.
+      H.eventually(
+        fn -> :erpc.call(d, ElixirScope.Tracer, :status, []).state == :stopped end,
+        30_000
+      )
+
+      pid = :erpc.call(d, Process, :whereis, [:erl_prim_loader])
+      assert :erpc.call(d, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
     end
 
     test "the coordinator gone: a node stops its own trace (no flags left on)", %{c: c} do

@@ -52,7 +52,8 @@ defmodule ElixirScope.ClusterHelpers do
 
   @doc """
   Starts a peer node named after `tag`; `with_library: false` leaves this
-  project's code off its path (Elixir itself stays). `{peer, node}`. The
+  project's code off its path (Elixir itself stays); `name:` names it
+  (the part before `@`). `{peer, node}`. The
   peer is linked to the calling process.
   """
   def start_peer(tag, opts \\ []) do
@@ -71,7 +72,10 @@ defmodule ElixirScope.ClusterHelpers do
         [~c"-setcookie", Atom.to_charlist(Node.get_cookie())] ++
         [~c"-connect_all", ~c"false", ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"]
 
-    name = :"es_#{tag}_#{:os.getpid()}_#{System.unique_integer([:positive])}"
+    name =
+      Keyword.get_lazy(opts, :name, fn ->
+        :"es_#{tag}_#{:os.getpid()}_#{System.unique_integer([:positive])}"
+      end)
 
     {:ok, peer, node} =
       :peer.start_link(%{name: name, host: ~c"127.0.0.1", longnames: true, args: args})
