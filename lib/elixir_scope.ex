@@ -73,7 +73,9 @@ defmodule ElixirScope do
     * `:on_missing` — a node without the library, or whose tracer refuses:
       `:skip` it (the others trace; it is named under `:missing`) or
       `:abort` (nothing starts) [`:skip`]
-    * `:timeout` — ms for each node's answer [5_000]
+    * `:timeout` — ms for each node's answer to the start, and to the
+      stop [30_000]; a node whose start does not answer in time is reported
+      missing (`:timeout`) and stopped once its start completes
     * `:clock_samples` — pings per node for its clock offset [16]
 
   Returns `{:ok, %{nodes: %{node => info}, missing: %{node => reason},

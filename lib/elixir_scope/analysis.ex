@@ -50,13 +50,47 @@ defmodule ElixirScope.Analysis do
       Analysis.state_history(pid) |> Format.print_state_history()
       Analysis.why(st) |> Format.print_why()    # callback ← message ← sender's call ← ...
 
+  ## Cluster traces
+
+  After `ElixirScope.trace(targets, nodes: [...])`, every function asks the
+  trace's nodes by default (or those given as `nodes:`; `store:` or
+  `nodes: nil` reads one store only). Each node's store is read where it
+  is, all nodes at once over `:erpc`, and the results are merged here:
+
+    * every time, in results and in arguments (`from:`, `to:`, `state_at`
+      times), is on this node's monotonic clock: each node's times are
+      corrected by its clock offset (`ElixirScope.Cluster.Clock`), and
+      merged lists are in corrected time order;
+    * an event belongs to the node of its pid (`node(entry.pid)`); a
+      function taking an event takes the `Entry` (or `{node, id}`) and asks
+      its node;
+    * `call_stat/1` and `top_call_trees/1` add up the nodes' figures (by
+      key; identical trees on several nodes count together);
+    * `messages/1` links a send to a process on another node (a pid,
+      `{name, node}`, or the alias a `GenServer.call` reply goes to) with
+      that node's receive, by the local rules (the receiver, equal
+      contents, oldest first; `:confidence` 1/n when n identical messages
+      were candidates, halved without contents under `payload: :arity`);
+    * `call_tree/2` follows a send that triggered an OTP callback on
+      another node: the callback's tree follows the send among the
+      children, with `node:` and `via: %{send:, receive:, confidence:}`;
+      `why/2` continues a chain whose receive came from another node at
+      that node's send (`:sent`) and its callers;
+    * a node that is down, was not traced, or does not answer within
+      `timeout:` (ms; default 5_000, or `config :elixir_scope,
+      cluster_query_timeout: ms`) makes the result `{:partial, result,
+      %{node => reason}}` (`:nodedown`, `:timeout`, `:no_trace`,
+      `{:not_traced, why}`); the call never waits longer.
+      `filter/2`'s predicate runs on each node (its module must be loaded
+      there; a fun typed in IEx works anywhere).
+
   The one-pass queries run on a dirty scheduler and hold the store's lock
   for the pass (about 45 ns per stored event): a pipeline still writing
   waits for them. Event ids are unique per node, increasing in capture
   order across traces (a trace's first id is not 1).
   """
 
-  alias ElixirScope.Analysis.{Diff, Entry, State}
+  alias ElixirScope.Analysis.{Cluster, Diff, Entry, State}
   alias ElixirScope.Native
   alias ElixirScope.Storage.DataAccess
 
@@ -88,7 +122,12 @@ defmodule ElixirScope.Analysis do
   inclusive), `:limit` (default 100_000), `:store`.
   """
   @spec select(keyword()) :: [Entry.t()]
-  def select(filters \\ []), do: filter(fn _ -> true end, filters)
+  def select(filters \\ []) do
+    case Cluster.split(filters) do
+      {nil, f} -> filter_local(fn _ -> true end, f)
+      {ctx, f} -> Cluster.select(ctx, f)
+    end
+  end
 
   @doc """
   Events for which `pred` returns true, among those matching `filters`
@@ -97,6 +136,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec filter((Entry.t() -> as_boolean(term())), keyword()) :: [Entry.t()]
   def filter(pred, filters \\ []) when is_function(pred, 1) do
+    case Cluster.split(filters) do
+      {nil, f} -> filter_local(pred, f)
+      {ctx, f} -> Cluster.filter(ctx, pred, f)
+    end
+  end
+
+  defp filter_local(pred, filters) do
     f =
       ElixirScope.Args.keyword_opts!(
         filters,
@@ -173,7 +219,12 @@ defmodule ElixirScope.Analysis do
 
   @doc "The event `id` (an `Entry`), or nil."
   @spec get(entry_ref(), keyword()) :: Entry.t() | nil
-  def get(ref, opts \\ []), do: Native.ana_get(store!(opts).ref, id!(ref))
+  def get(ref, opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> Native.ana_get(store!(o).ref, id!(ref))
+      {ctx, o} -> Cluster.get(ctx, ref, o)
+    end
+  end
 
   @doc """
   The call stack at an event, innermost call first: for a call, the call
@@ -183,7 +234,12 @@ defmodule ElixirScope.Analysis do
   `[]` for an event outside any traced call; nil for an unknown id.
   """
   @spec traceback(entry_ref(), keyword()) :: [Entry.t()] | nil
-  def traceback(ref, opts \\ []), do: Native.ana_traceback(store!(opts).ref, id!(ref))
+  def traceback(ref, opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> Native.ana_traceback(store!(o).ref, id!(ref))
+      {ctx, o} -> Cluster.traceback(ctx, ref, o)
+    end
+  end
 
   @doc """
   Every event inside a call, in order: the call, the calls it made (to any
@@ -194,6 +250,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec range(entry_ref(), keyword()) :: [Entry.t()]
   def range(ref, opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> range_local(ref, o)
+      {ctx, o} -> Cluster.range(ctx, ref, o)
+    end
+  end
+
+  defp range_local(ref, opts) do
     s = store!(opts)
     limit = pos_int!(Keyword.get(opts, :limit, 100_000), :limit)
     Native.ana_range(s.ref, call_id!(s, ref), limit)
@@ -207,7 +270,14 @@ defmodule ElixirScope.Analysis do
   """
   @spec call_tree(entry_ref(), keyword()) :: tree() | nil
   def call_tree(ref, opts \\ []) do
-    case range(ref, opts) do
+    case Cluster.split(opts) do
+      {nil, o} -> call_tree_local(ref, o)
+      {ctx, o} -> Cluster.call_tree(ctx, ref, o)
+    end
+  end
+
+  defp call_tree_local(ref, opts) do
+    case range_local(ref, opts) do
       [%Entry{type: :call} = root | rest] -> build_tree(root, rest)
       _ -> nil
     end
@@ -276,6 +346,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec top_call_trees(keyword()) :: [map()]
   def top_call_trees(opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> top_call_trees_local(o)
+      {ctx, o} -> Cluster.top_call_trees(ctx, o)
+    end
+  end
+
+  defp top_call_trees_local(opts) do
     o =
       ElixirScope.Args.keyword_opts!(
         opts,
@@ -294,7 +371,7 @@ defmodule ElixirScope.Analysis do
       )
 
     for {call_id, count, size, total} <- trees do
-      %{count: count, size: size, total_ns: total, tree: call_tree(call_id, store: s)}
+      %{count: count, size: size, total_ns: total, tree: call_tree_local(call_id, store: s)}
     end
   end
 
@@ -312,6 +389,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec call_stat(keyword()) :: [map()]
   def call_stat(opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> call_stat_local(o)
+      {ctx, o} -> Cluster.call_stat(ctx, o)
+    end
+  end
+
+  defp call_stat_local(opts) do
     o =
       ElixirScope.Args.keyword_opts!(
         opts,
@@ -349,6 +433,13 @@ defmodule ElixirScope.Analysis do
   def prev(ref, opts \\ []), do: step(ref, opts, false)
 
   defp step(ref, opts, forward) do
+    case Cluster.split(opts) do
+      {nil, o} -> step_local(ref, o, forward)
+      {ctx, o} -> Cluster.step(ctx, ref, o, forward)
+    end
+  end
+
+  defp step_local(ref, opts, forward) do
     scope = Keyword.get(opts, :scope, :process)
 
     unless scope in [:process, :global],
@@ -366,6 +457,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec messages(keyword()) :: [map()]
   def messages(opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> messages_local(o)
+      {ctx, o} -> Cluster.messages(ctx, o)
+    end
+  end
+
+  defp messages_local(opts) do
     o =
       ElixirScope.Args.keyword_opts!(
         opts,
@@ -444,7 +542,10 @@ defmodule ElixirScope.Analysis do
     unless is_pid(pid),
       do: raise(ArgumentError, "state_at/3 expects a pid, got: #{inspect(pid)}")
 
-    Native.ana_state_at(store!(opts).ref, pid, mono!(time))
+    case Cluster.split(opts) do
+      {nil, o} -> Native.ana_state_at(store!(o).ref, pid, mono!(time))
+      {ctx, o} -> Cluster.state_at(ctx, pid, mono!(time), o)
+    end
   end
 
   @doc """
@@ -482,6 +583,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec state_history(pid(), keyword()) :: [State.t()] | {:error, :not_traced | :no_state}
   def state_history(pid, opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> state_history_local(pid, o)
+      {ctx, o} -> Cluster.state_history(ctx, pid, o)
+    end
+  end
+
+  defp state_history_local(pid, opts) do
     o =
       ElixirScope.Args.keyword_opts!(
         opts,
@@ -506,7 +614,12 @@ defmodule ElixirScope.Analysis do
   `[{pid, count}]`. Options: `:store`.
   """
   @spec state_processes(keyword()) :: [{pid(), non_neg_integer()}]
-  def state_processes(opts \\ []), do: Native.ana_state_processes(store!(opts).ref)
+  def state_processes(opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> Native.ana_state_processes(store!(o).ref)
+      {ctx, o} -> Cluster.state_processes(ctx, o)
+    end
+  end
 
   @doc """
   The structural differences between two states (`%State{}`) or any two
@@ -558,6 +671,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec why(State.t() | entry_ref(), keyword()) :: [{atom(), Entry.t()}] | nil
   def why(ref, opts \\ []) do
+    case Cluster.split(opts) do
+      {nil, o} -> why_local(ref, o)
+      {ctx, o} -> Cluster.why(ctx, ref, o)
+    end
+  end
+
+  defp why_local(ref, opts) do
     id =
       case ref do
         %State{id: id} -> id
@@ -589,6 +709,13 @@ defmodule ElixirScope.Analysis do
   """
   @spec replay(entry_ref(), keyword()) :: {:ok, map()} | {:error, term()}
   def replay(ref, opts \\ []) do
+    case Cluster.split(opts, [:timeout]) do
+      {nil, o} -> replay_local(ref, o)
+      {ctx, o} -> Cluster.replay(ctx, ref, o)
+    end
+  end
+
+  defp replay_local(ref, opts) do
     o =
       ElixirScope.Args.keyword_opts!(
         opts,

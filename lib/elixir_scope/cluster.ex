@@ -41,7 +41,7 @@ defmodule ElixirScope.Cluster do
 
   alias ElixirScope.Cluster.{Clock, Remote}
 
-  @cluster_defaults [nodes: nil, on_missing: :skip, timeout: 5_000, clock_samples: 16]
+  @cluster_defaults [nodes: nil, on_missing: :skip, timeout: 30_000, clock_samples: 16]
   @counters [:traced, :dropped, :shed, :over_limit, :after_stop, :truncated, :offered, :states]
 
   @doc false
@@ -88,7 +88,7 @@ defmodule ElixirScope.Cluster do
   end
 
   @doc false
-  def stop(timeout \\ 5_000), do: call({:stop, timeout}, timeout)
+  def stop(timeout \\ nil), do: call({:stop, timeout}, timeout || 30_000)
 
   @doc false
   def status(timeout \\ 5_000), do: call({:status, timeout}, timeout)
@@ -211,7 +211,7 @@ defmodule ElixirScope.Cluster do
   end
 
   def handle_call({:stop, timeout}, _from, %{session: %{active: true} = session} = s) do
-    session = finish(session, timeout)
+    session = finish(session, timeout || session.timeout)
     publish(session)
     {:reply, {:ok, stop_summary(session)}, %{s | session: session}}
   end
@@ -326,6 +326,9 @@ defmodule ElixirScope.Cluster do
         end
       end)
 
+    # A node whose start did not answer may still start: stop it then.
+    for {n, {:error, _}} <- started, do: stop_late(n)
+
     if traced == %{} or (copts.on_missing == :abort and map_size(failed) > 0) do
       # Nothing is left tracing: stop what started.
       _ = multicall(Map.keys(traced), Remote, :stop, [], timeout)
@@ -397,6 +400,18 @@ defmodule ElixirScope.Cluster do
     }
   end
 
+  defp stop_late(node) do
+    owner = self()
+
+    spawn(fn ->
+      try do
+        :erpc.call(node, Remote, :stop_owned, [owner], 600_000)
+      catch
+        _, _ -> :ok
+      end
+    end)
+  end
+
   defp live_nodes(session), do: Enum.reject(session.traced, &Map.has_key?(session.down, &1))
 
   defp stop_summary(session) do
@@ -462,15 +477,13 @@ defmodule ElixirScope.Cluster do
     )
   end
 
+  # Each node's samples, and the offset its times are corrected with.
   defp clock_report(clocks) do
     Map.new(clocks, fn {n, c} ->
-      {n, Map.merge(c, %{offset_ns: offset_of(c), error_ns: Clock.error_ns(c)})}
+      best = Clock.best(c)
+      {n, Map.merge(c, %{offset_ns: best && best.offset_ns, error_ns: best && best.error_ns})}
     end)
   end
-
-  defp offset_of(%{stop: %{offset_ns: o}}), do: o
-  defp offset_of(%{start: %{offset_ns: o}}), do: o
-  defp offset_of(_), do: nil
 
   # What queries and trace_status/0 read without a message.
   defp publish(session) do

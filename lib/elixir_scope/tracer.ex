@@ -164,6 +164,9 @@ defmodule ElixirScope.Tracer do
   def stop_trace, do: call(:stop_trace)
 
   @doc false
+  def stop_owned(owner) when is_pid(owner), do: call({:stop_owned, owner})
+
+  @doc false
   def status, do: call(:status)
 
   @doc false
@@ -421,6 +424,17 @@ defmodule ElixirScope.Tracer do
   end
 
   def handle_call(:stop_trace, _from, s), do: {:reply, {:error, :not_tracing}, s}
+
+  # A cluster trace's coordinator gave up on this node's start (it did not
+  # answer in time): stop the trace if it is that coordinator's.
+  def handle_call(
+        {:stop_owned, owner},
+        from,
+        %{session: %{active: true, config: %{owner: owner}}} = s
+      ),
+      do: handle_call(:stop_trace, from, s)
+
+  def handle_call({:stop_owned, _owner}, _from, s), do: {:reply, {:error, :not_tracing}, s}
 
   def handle_call(:status, _from, %{session: nil} = s),
     do: {:reply, %{state: :idle}, s}

@@ -17,6 +17,8 @@ defmodule ElixirScope.ClusterTest do
 
   setup_all do
     started? = H.start_distribution!()
+    # Queries wait for slow nodes here (the machine may be loaded).
+    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
     {:ok, _} = Application.ensure_all_started(:elixir_scope)
     # Peers outlive single tests: linked to a process of their own.
     me = self()
@@ -40,6 +42,7 @@ defmodule ElixirScope.ClusterTest do
       end
 
     on_exit(fn ->
+      Application.delete_env(:elixir_scope, :cluster_query_timeout)
       send(keeper, :stop)
       H.stop_peer(elem(b, 0))
       H.stop_peer(elem(c, 0))
@@ -112,7 +115,7 @@ defmodule ElixirScope.ClusterTest do
       # Each node's events are in its own store: the calls of each node's
       # part of the app, counted where they ran.
       calls = fn n, m ->
-        :erpc.call(n, ElixirScope.Analysis, :select, [[module: m, types: [:call]]])
+        :erpc.call(n, ElixirScope.Analysis, :select, [[module: m, types: [:call], nodes: nil]])
         |> Enum.filter(&(&1.function in [:run, :handle_call]))
         |> length()
       end
@@ -120,7 +123,8 @@ defmodule ElixirScope.ClusterTest do
       assert calls.(node(), Client) == 5
       assert calls.(b, Server) == 5
       assert calls.(c, Worker) == 5
-      assert calls.(node(), Server) == 0 and calls.(b, Worker) == 0
+      assert calls.(node(), Server) == 0
+      assert calls.(b, Worker) == 0
 
       # Every tracer's flags are off again.
       for n <- nodes, do: assert(:erpc.call(n, ElixirScope.Tracer, :status, []).state == :stopped)
@@ -136,9 +140,9 @@ defmodule ElixirScope.ClusterTest do
         # here puts its offset within [r - t1, r - t0].
         brackets =
           for _ <- 1..5 do
-            t0 = System.monotonic_time(:nanosecond)
-            r = :erpc.call(n, :erlang, :monotonic_time, [:nanosecond])
-            t1 = System.monotonic_time(:nanosecond)
+            t0 = ElixirScope.Utils.monotonic_timestamp()
+            r = :erpc.call(n, ElixirScope.Utils, :monotonic_timestamp, [])
+            t1 = ElixirScope.Utils.monotonic_timestamp()
             {r - t1, r - t0}
           end
 
@@ -152,7 +156,7 @@ defmodule ElixirScope.ClusterTest do
         end
 
         assert summary.clocks[n].error_ns ==
-                 max(summary.clocks[n].start.error_ns, summary.clocks[n].stop.error_ns)
+                 min(summary.clocks[n].start.error_ns, summary.clocks[n].stop.error_ns)
       end
     end
 
@@ -205,6 +209,15 @@ defmodule ElixirScope.ClusterTest do
       assert status.nodes[b].state == :tracing
 
       :erpc.call(b, Client, :spin, [5])
+
+      # The node comes back (same name): it is not traced again.
+      [name, _host] = d |> Atom.to_string() |> String.split("@")
+      {peer2, ^d} = H.start_peer("back", name: String.to_atom(name))
+      on_exit(fn -> H.stop_peer(peer2) end)
+      assert :erpc.call(d, ElixirScope.Tracer, :status, []) == %{state: :idle}
+      :erpc.call(d, Client, :spin, [5])
+      assert ElixirScope.trace_status().nodes[d].state == :down
+
       {:ok, summary} = ElixirScope.stop_trace()
       assert summary.nodes[d].events == :unavailable
       assert summary.nodes[b].traced == 6
@@ -252,6 +265,55 @@ defmodule ElixirScope.ClusterTest do
       end
     end
 
+    test "a node cut off during stop_trace: the reachable ones are stopped, it stops itself",
+         %{b: b} do
+      {peer, d} = H.start_peer("split")
+      on_exit(fn -> H.stop_peer(peer) end)
+
+      {:ok, _} =
+        ElixirScope.trace({Client, :spin, 1},
+          nodes: [node(), b, d],
+          events: [:calls],
+          timeout: 2_000,
+          duration: 10_000
+        )
+
+      os_pid = :erpc.call(d, :os, :getpid, []) |> List.to_string()
+      {_, 0} = System.cmd("kill", ["-STOP", os_pid])
+
+      H.eventually(fn ->
+        {stat, 0} = System.cmd("ps", ["-o", "stat=", "-p", os_pid])
+        String.starts_with?(stat, "T")
+      end)
+
+      {:ok, summary} =
+        try do
+          ElixirScope.stop_trace()
+        after
+          System.cmd("kill", ["-CONT", os_pid])
+        end
+
+      assert %{state: :down, events: :unavailable} = summary.nodes[d]
+      assert summary.totals.unavailable == [d]
+
+      # The reachable nodes' flags are off at once.
+      for n <- [node(), b] do
+        assert summary.nodes[n].state == :stopped
+        pid = :erpc.call(n, Process, :whereis, [:erl_prim_loader])
+        assert :erpc.call(n, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
+      end
+
+      # The cut-off node stops by itself (the stop that reached it late, or
+      # its duration limit), its flags off.
+      H.eventually(
+        fn -> :erpc.call(d, ElixirScope.Tracer, :status, []).state == :stopped end,
+        30_000
+      )
+
+      pid = :erpc.call(d, Process, :whereis, [:erl_prim_loader])
+      assert :erpc.call(d, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
+    end
+
     test "the coordinator gone: a node stops its own trace (no flags left on)", %{c: c} do
       # A node coordinates a trace of itself and c, then goes down.
       {peer, e} = H.start_peer("coordinator")
@@ -276,6 +338,57 @@ defmodule ElixirScope.ClusterTest do
       assert :erpc.call(c, :erlang, :trace_info, [pid, :flags]) == {:flags, []}
       :erpc.call(c, Client, :spin, [3])
       assert :erpc.call(c, ElixirScope.Tracer, :status, []).traced == 0
+    end
+  end
+
+  describe "queries with a node unreachable" do
+    test "a slow node gives a partial result within timeout:, a down node too", _ctx do
+      {peer, d} = H.start_peer("slow")
+      {:ok, _} = ElixirScope.trace({Client, :spin, 1}, nodes: [node(), d], events: [:calls])
+      :erpc.call(d, Client, :spin, [3])
+      Client.spin(2)
+      {:ok, _} = ElixirScope.stop_trace()
+      assert length(ElixirScope.Analysis.select()) == 7
+
+      os_pid = :erpc.call(d, :os, :getpid, [])
+      {_, 0} = System.cmd("kill", ["-STOP", List.to_string(os_pid)])
+
+      H.eventually(fn ->
+        {stat, 0} = System.cmd("ps", ["-o", "stat=", "-p", List.to_string(os_pid)])
+        String.starts_with?(stat, "T")
+      end)
+
+      try do
+        assert {:partial, rows, %{^d => :timeout}} = ElixirScope.Analysis.select(timeout: 300)
+        assert length(rows) == 3 and Enum.all?(rows, &(node(&1.pid) == node()))
+        assert {:partial, _, %{^d => :timeout}} = ElixirScope.Analysis.call_stat(timeout: 300)
+      after
+        System.cmd("kill", ["-CONT", List.to_string(os_pid)])
+      end
+
+      assert length(ElixirScope.Analysis.select()) == 7
+      Process.unlink(peer)
+      H.stop_peer(peer)
+      H.eventually(fn -> d not in Node.list() end)
+      assert {:partial, rows, %{^d => :nodedown}} = ElixirScope.Analysis.select(timeout: 1_000)
+      assert length(rows) == 3
+    end
+  end
+
+  describe "late starts" do
+    test "a start the coordinator gave up on is stopped by its owner only", %{b: b} do
+      owner = spawn(fn -> Process.sleep(:infinity) end)
+      other = spawn(fn -> Process.sleep(:infinity) end)
+
+      {:ok, _} =
+        :erpc.call(b, ElixirScope.Cluster.Remote, :start, [Client, [events: [:calls]], owner])
+
+      assert :erpc.call(b, ElixirScope.Cluster.Remote, :stop_owned, [other]) ==
+               {:error, :not_tracing}
+
+      assert :erpc.call(b, ElixirScope.Tracer, :status, []).state == :tracing
+      assert {:ok, _} = :erpc.call(b, ElixirScope.Cluster.Remote, :stop_owned, [owner])
+      assert :erpc.call(b, ElixirScope.Tracer, :status, []).state == :stopped
     end
   end
 

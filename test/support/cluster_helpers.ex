@@ -26,6 +26,7 @@ defmodule ElixirScope.ClusterHelpers do
       false
     else
       {_, 0} = System.cmd("epmd", ["-daemon"], stderr_to_stdout: true)
+      Application.put_env(:kernel, :prevent_overlapping_partitions, false)
       name = :"es_test_#{:os.getpid()}_#{System.unique_integer([:positive])}@127.0.0.1"
       wait_start(name, 50)
       true
@@ -51,7 +52,8 @@ defmodule ElixirScope.ClusterHelpers do
 
   @doc """
   Starts a peer node named after `tag`; `with_library: false` leaves this
-  project's code off its path (Elixir itself stays). `{peer, node}`. The
+  project's code off its path (Elixir itself stays); `name:` names it
+  (the part before `@`). `{peer, node}`. The
   peer is linked to the calling process.
   """
   def start_peer(tag, opts \\ []) do
@@ -63,11 +65,17 @@ defmodule ElixirScope.ClusterHelpers do
       |> Enum.reject(&String.starts_with?(&1, List.to_string(:code.root_dir())))
       |> Enum.reject(fn p -> not lib? and String.contains?(p, "/lib/elixir_scope/") end)
 
+    # No global name mesh between the test nodes: nodes stopped or
+    # killed on purpose must not make `global` cut others off.
     args =
       Enum.flat_map(paths, &[~c"-pa", String.to_charlist(&1)]) ++
-        [~c"-setcookie", Atom.to_charlist(Node.get_cookie())]
+        [~c"-setcookie", Atom.to_charlist(Node.get_cookie())] ++
+        [~c"-connect_all", ~c"false", ~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"]
 
-    name = :"es_#{tag}_#{:os.getpid()}_#{System.unique_integer([:positive])}"
+    name =
+      Keyword.get_lazy(opts, :name, fn ->
+        :"es_#{tag}_#{:os.getpid()}_#{System.unique_integer([:positive])}"
+      end)
 
     {:ok, peer, node} =
       :peer.start_link(%{name: name, host: ~c"127.0.0.1", longnames: true, args: args})

@@ -15,12 +15,12 @@ defmodule ElixirScope.Analysis.Format do
       :call -> "#{mfa(e)}#{args(e)}"
       :return -> "#{mf(e)} returned #{short(e.data)}#{dur(e)}"
       :exception -> "#{mf(e)} raised #{exception(e.data)}#{dur(e)}"
-      :send -> "#{inspect(e.pid)} → #{inspect(e.peer)}: #{short(e.data)}"
-      :receive -> "#{inspect(e.pid)} ← #{short(e.data)}"
-      :spawn -> "#{inspect(e.peer)} spawned #{inspect(e.pid)}"
-      :exit -> "#{inspect(e.pid)} exited: #{short(e.data)}"
-      :state_snapshot -> "snapshot of #{inspect(e.pid)}: #{short(e.data)}"
-      t when t in [:link, :unlink] -> "#{inspect(e.pid)} #{t} #{inspect(e.peer)}"
+      :send -> "#{who(e.pid)} → #{who(e.peer)}: #{short(e.data)}"
+      :receive -> "#{who(e.pid)} ← #{short(e.data)}"
+      :spawn -> "#{who(e.peer)} spawned #{who(e.pid)}"
+      :exit -> "#{who(e.pid)} exited: #{short(e.data)}"
+      :state_snapshot -> "snapshot of #{who(e.pid)}: #{short(e.data)}"
+      t when t in [:link, :unlink] -> "#{who(e.pid)} #{t} #{who(e.peer)}"
       other -> "#{other} #{short(e.data)}"
     end
   end
@@ -34,7 +34,7 @@ defmodule ElixirScope.Analysis.Format do
     calls
     |> Enum.with_index()
     |> Enum.map_join("\n", fn {c, i} ->
-      "#{String.pad_leading("#{i}", 3)}  #{mfa(c)}#{args(c)}  #{inspect(c.pid)}"
+      "#{String.pad_leading("#{i}", 3)}  #{mfa(c)}#{args(c)}  #{who(c.pid)}"
     end)
   end
 
@@ -60,8 +60,9 @@ defmodule ElixirScope.Analysis.Format do
   @spec print_tree(map() | nil, keyword()) :: :ok
   def print_tree(tree, opts \\ []), do: IO.puts(format_tree(tree, opts))
 
-  defp tree_lines(%{call: c, result: r, children: kids}, depth, max) do
-    pad = String.duplicate("  ", depth)
+  defp tree_lines(%{call: c, result: r, children: kids} = tree, depth, max) do
+    # A callback on another node (a cluster call tree): its node first.
+    pad = String.duplicate("  ", depth) <> on_node(tree)
 
     head =
       case r do
@@ -91,13 +92,29 @@ defmodule ElixirScope.Analysis.Format do
 
     line =
       case e.type do
-        :send -> "#{pad}→ #{inspect(e.peer)} #{short(e.data)}"
+        :send -> "#{pad}→ #{who(e.peer)} #{short(e.data)}"
         :receive -> "#{pad}← #{short(e.data)}"
         _ -> "#{pad}#{format_entry(e)}"
       end
 
     [line]
   end
+
+  defp on_node(%{node: n}) when is_atom(n) and n != nil, do: "[#{n}] "
+  defp on_node(_), do: ""
+
+  # A pid (or port, or alias reference) of another node, node-qualified:
+  # `name@host<0.123.0>`; local ones as `inspect/1` shows them.
+  defp who(p) when is_pid(p) or is_port(p) or is_reference(p) do
+    if node(p) == node() do
+      inspect(p)
+    else
+      local = p |> inspect() |> String.replace(~r/<\d+\./, "<0.", global: false)
+      "#{node(p)}#{local}"
+    end
+  end
+
+  defp who(other), do: inspect(other)
 
   @doc "The first `n` rows of `Analysis.call_stat/1` as a table."
   @spec format_call_stat([map()], pos_integer()) :: String.t()
@@ -120,7 +137,7 @@ defmodule ElixirScope.Analysis.Format do
     Enum.map_join(flows, "\n", fn m ->
       where = if m.in_call, do: " in #{key(m.in_call)}", else: ""
       got = if m.receive, do: "received", else: "not received (in the trace)"
-      "#{inspect(m.from)} → #{inspect(m.to)}: #{short(m.message)}#{where}, #{got}"
+      "#{who(m.from)} → #{who(m.to)}: #{short(m.message)}#{where}, #{got}"
     end)
   end
 
@@ -231,7 +248,7 @@ defmodule ElixirScope.Analysis.Format do
     |> Enum.map_join("\n", fn {{role, e}, i} ->
       arrow = if i == 0, do: "   ", else: "←  "
 
-      "#{arrow}#{String.pad_trailing(Atom.to_string(role), 14)} #{inspect(e.pid)}  #{why_text(role, e)}"
+      "#{arrow}#{String.pad_trailing(Atom.to_string(role), 14)} #{who(e.pid)}  #{why_text(role, e)}"
     end)
   end
 

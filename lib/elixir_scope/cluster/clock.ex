@@ -2,20 +2,21 @@ defmodule ElixirScope.Cluster.Clock do
   @moduledoc """
   Clock offsets between this node and the others of a cluster trace.
 
-  Every node stamps its events with its own monotonic clock
-  (`System.monotonic_time(:nanosecond)`), and the monotonic clocks of two
-  VMs differ by an arbitrary constant (and drift slowly). `sample/3` pings
-  a node over Erlang distribution: this node reads its clock (t0), asks
-  the node for its clock (r) and reads its own again (t1). The round trip
+  Every node stamps its events with its own monotonic clock (the native
+  one events are stamped with, `ElixirScope.Utils.monotonic_timestamp/0`,
+  which follows `System.monotonic_time(:nanosecond)`), and the monotonic
+  clocks of two VMs differ by an arbitrary constant (and drift slowly).
+  `sample/3` pings a node over Erlang distribution, reading that same
+  clock: this node reads its clock (t0), asks the node for its clock (r)
+  and reads its own again (t1). The round trip
   is `t1 - t0`; the node's offset is `r - (t0 + t1) / 2`, wrong by at most
   half the round trip (the remote read happened somewhere between t0 and
   t1). Of `n` pings the one with the smallest round trip is kept: its
   error bound is the tightest.
 
   A node's event at its time `t` happened at `t - offset` on this node's
-  clock. With a sample at the start and one at the stop of a trace,
-  `to_local/2` interpolates the offset linearly between them (drift), and
-  the error bound is the larger of the two.
+  clock, within the error bound. A trace samples every node at its start
+  and at its stop; `best/1` picks the one its times are corrected with.
   """
 
   @typedoc """
@@ -95,62 +96,65 @@ defmodule ElixirScope.Cluster.Clock do
   end
 
   @doc """
-  This node's time of a node's time `t`, given the node's clock samples
-  (`%{start: sample | nil, stop: sample | nil}`, or one sample). With both,
-  the offset is interpolated linearly in the node's time (and held
-  constant outside the two samples); with one, that one's offset; with
-  none, `t` unchanged.
+  The sample a node's times are corrected with, of its clock samples
+  (`%{start: sample | nil, stop: sample | nil}`): the one with the smaller
+  error bound (the start one while the trace runs). One offset per node,
+  so `to_local/2` and `to_remote/2` are exact inverses; the drift between
+  the two samples is reported (`stop.offset_ns - start.offset_ns`), not
+  interpolated.
   """
-  @spec to_local(integer(), map() | sample() | nil) :: integer()
-  def to_local(t, %{offset_ns: off}), do: t - off
-  def to_local(t, %{start: %{} = a, stop: %{} = b}), do: t - offset_at(t, a, b)
-  def to_local(t, %{start: %{} = a}), do: to_local(t, a)
-  def to_local(t, %{stop: %{} = b}), do: to_local(t, b)
-  def to_local(t, _), do: t
+  @spec best(map() | nil) :: sample() | nil
+  def best(%{offset_ns: _} = sample), do: sample
+  def best(%{start: %{} = a, stop: %{} = b}), do: if(b.error_ns < a.error_ns, do: b, else: a)
+  def best(%{start: %{} = a}), do: a
+  def best(%{stop: %{} = b}), do: b
+  def best(_), do: nil
+
+  @doc "This node's time of a node's time `t` (unchanged without a sample)."
+  @spec to_local(integer(), map() | nil) :: integer()
+  def to_local(t, clocks) do
+    case best(clocks) do
+      %{offset_ns: off} -> t - off
+      nil -> t
+    end
+  end
 
   @doc "The node's time of this node's time `t` (the inverse of `to_local/2`)."
-  @spec to_remote(integer(), map() | sample() | nil) :: integer()
-  def to_remote(t, %{offset_ns: off}), do: t + off
-
-  def to_remote(t, %{start: %{} = a, stop: %{} = b}) do
-    # Two steps are exact enough: the offset changes by ns over seconds.
-    guess = t + a.offset_ns
-    t + offset_at(guess, a, b)
+  @spec to_remote(integer(), map() | nil) :: integer()
+  def to_remote(t, clocks) do
+    case best(clocks) do
+      %{offset_ns: off} -> t + off
+      nil -> t
+    end
   end
 
-  def to_remote(t, %{start: %{} = a}), do: to_remote(t, a)
-  def to_remote(t, %{stop: %{} = b}), do: to_remote(t, b)
-  def to_remote(t, _), do: t
+  @doc """
+  How far a node's corrected times may be off during the trace: the
+  larger sample error plus how much the offset moved between the start
+  and the stop samples (0 with one sample; nil with none). Cross-node
+  matching allows this much.
+  """
+  @spec bound_ns(map() | nil) :: non_neg_integer() | nil
+  def bound_ns(%{start: %{} = a, stop: %{} = b}),
+    do: max(a.error_ns, b.error_ns) + abs(b.offset_ns - a.offset_ns)
 
-  @doc "The error bound of a node's corrected times (the larger sample error)."
+  def bound_ns(clocks), do: error_ns(clocks)
+
+  @doc "The error bound of a node's corrected times (that of `best/1`), or nil."
   @spec error_ns(map() | nil) :: non_neg_integer() | nil
-  def error_ns(%{offset_ns: _, error_ns: e}), do: e
-
-  def error_ns(%{} = clocks) do
-    [clocks[:start], clocks[:stop]]
-    |> Enum.filter(&is_map/1)
-    |> Enum.map(& &1.error_ns)
-    |> Enum.max(fn -> nil end)
-  end
-
-  def error_ns(_), do: nil
-
-  defp offset_at(t, a, b) do
-    span = b.remote_at - a.remote_at
-
-    cond do
-      span <= 0 or t <= a.remote_at -> a.offset_ns
-      t >= b.remote_at -> b.offset_ns
-      true -> a.offset_ns + div((b.offset_ns - a.offset_ns) * (t - a.remote_at), span)
+  def error_ns(clocks) do
+    case best(clocks) do
+      %{error_ns: e} -> e
+      nil -> nil
     end
   end
 
   defp ping(node, timeout) do
-    {:ok, :erpc.call(node, :erlang, :monotonic_time, [:nanosecond], timeout)}
+    {:ok, :erpc.call(node, ElixirScope.Native, :utils_monotonic_ns, [], timeout)}
   catch
     :error, {:erpc, reason} -> {:error, reason}
     kind, reason -> {:error, {kind, reason}}
   end
 
-  defp now, do: :erlang.monotonic_time(:nanosecond)
+  defp now, do: ElixirScope.Native.utils_monotonic_ns()
 end
