@@ -33,4 +33,22 @@ defmodule ElixirScope.Args do
   rescue
     ArgumentError -> raise ArgumentError, "#{what} must be a proper list"
   end
+
+  @doc "`path` as a string (a non-empty string or charlist), or `ArgumentError` naming `what`."
+  @spec path!(term(), String.t()) :: String.t()
+  def path!(path, _what) when is_binary(path) and path != "", do: path
+  def path!(path, what) when is_list(path) and path != [], do: path!(List.to_string(path), what)
+
+  def path!(path, what),
+    do: raise(ArgumentError, "#{what} must be a non-empty path string, got: #{inspect(path)}")
+
+  @doc "`v` if it is an integer in `range`, else `ArgumentError` naming `key`."
+  @spec int!(term(), Range.t(), atom()) :: integer()
+  def int!(v, range, key) do
+    unless is_integer(v) and v in range do
+      raise ArgumentError, "#{key} must be an integer in #{inspect(range)}, got: #{inspect(v)}"
+    end
+
+    v
+  end
 end

@@ -184,6 +184,9 @@ defmodule ElixirScope.Native do
   def tf_store_pids(_store), do: nif_error()
   def tf_limits, do: nif_error()
 
+  # Exports (ElixirScope.Export)
+  def export_file(_store, _path, _format, _opts, _names), do: nif_error()
+
   # Trace analysis (ElixirScope.Analysis)
   def ana_get(_store, _id), do: nif_error()
   def ana_traceback(_store, _id), do: nif_error()

@@ -108,7 +108,7 @@ defmodule ElixirScope.TraceFile do
           {:ok, map()} | error() | {:error, :no_trace | :no_pipeline | :metadata_too_large}
   def save(source, path, opts \\ []) do
     opts = Args.keyword_opts!(opts, @save_defaults, "ElixirScope.TraceFile.save/3")
-    path = path!(path, "path")
+    path = Args.path!(path, "path")
     compression = opts[:compression]
 
     unless compression in [:zstd, :lz4, :none] do
@@ -116,8 +116,8 @@ defmodule ElixirScope.TraceFile do
             "compression must be :zstd, :lz4 or :none, got: #{inspect(compression)}"
     end
 
-    level = int!(opts[:level], -7..19, :level)
-    block_events = int!(opts[:block_events], 1..1_048_576, :block_events)
+    level = Args.int!(opts[:level], -7..19, :level)
+    block_events = Args.int!(opts[:block_events], 1..1_048_576, :block_events)
 
     with {:ok, store, trace} <- resolve(source) do
       names = if opts[:process_names], do: process_names(store), else: []
@@ -187,7 +187,7 @@ defmodule ElixirScope.TraceFile do
             "max_events must be nil or an integer in 1..#{1 <<< 29}, got: #{inspect(max)}"
     end
 
-    atoms = int!(opts[:max_new_atoms], 0..100_000, :max_new_atoms)
+    atoms = Args.int!(opts[:max_new_atoms], 0..100_000, :max_new_atoms)
 
     case Native.tf_load(paths, max || 0, opts[:strict] == true, atoms) do
       {:ok, ref, report} ->
@@ -219,8 +219,8 @@ defmodule ElixirScope.TraceFile do
   @spec info(Path.t(), keyword()) :: {:ok, map()} | error()
   def info(path, opts \\ []) do
     opts = Args.keyword_opts!(opts, [max_new_atoms: 10_000], "ElixirScope.TraceFile.info/2")
-    path = path!(path, "path")
-    atoms = int!(opts[:max_new_atoms], 0..100_000, :max_new_atoms)
+    path = Args.path!(path, "path")
+    atoms = Args.int!(opts[:max_new_atoms], 0..100_000, :max_new_atoms)
 
     case Native.tf_info(path, atoms) do
       {:ok, info} -> {:ok, Map.put(info, :path, path)}
@@ -310,6 +310,13 @@ defmodule ElixirScope.TraceFile do
     end)
   end
 
+  @doc false
+  # The store and trace metadata behind a `save/3` source (shared with
+  # `ElixirScope.Export`).
+  @spec resolve_source(term()) ::
+          {:ok, DataAccess.t(), map() | nil} | {:error, :no_trace | :no_pipeline}
+  def resolve_source(source), do: resolve(source)
+
   defp resolve(:trace) do
     case ElixirScope.trace_store() do
       nil ->
@@ -356,24 +363,10 @@ defmodule ElixirScope.TraceFile do
     ArgumentError -> nil
   end
 
-  defp path!(path, _what) when is_binary(path) and path != "", do: path
-  defp path!(path, what) when is_list(path) and path != [], do: path!(List.to_string(path), what)
-
-  defp path!(path, what),
-    do: raise(ArgumentError, "#{what} must be a non-empty path string, got: #{inspect(path)}")
-
   defp paths!([]), do: raise(ArgumentError, "paths must name at least one file")
 
   defp paths!([first | _] = paths) when is_list(paths) and not is_integer(first),
-    do: Enum.map(paths, &path!(&1, "each path"))
+    do: Enum.map(paths, &Args.path!(&1, "each path"))
 
-  defp paths!(path), do: [path!(path, "path")]
-
-  defp int!(v, range, key) do
-    unless is_integer(v) and v in range do
-      raise ArgumentError, "#{key} must be an integer in #{inspect(range)}, got: #{inspect(v)}"
-    end
-
-    v
-  end
+  defp paths!(path), do: [Args.path!(path, "path")]
 end

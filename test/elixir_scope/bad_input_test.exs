@@ -12,7 +12,7 @@ defmodule ElixirScope.BadInputTest do
   import ElixirScope.RingTestHelpers
 
   alias ElixirScope.Capture.{EventCorrelator, Ingestor, RingBuffer}
-  alias ElixirScope.{Events, Native, TraceFile, Utils}
+  alias ElixirScope.{Events, Export, Native, TraceFile, Utils}
   alias ElixirScope.Storage.DataAccess
 
   @moduletag timeout: 300_000
@@ -20,7 +20,7 @@ defmodule ElixirScope.BadInputTest do
   @buffer_key {Ingestor, :buffer}
 
   # Modules whose every public function the sweep calls with bad input.
-  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils, TraceFile]
+  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils, TraceFile, Export]
 
   setup do
     previous = :persistent_term.get(@buffer_key, :__unset__)
@@ -226,6 +226,13 @@ defmodule ElixirScope.BadInputTest do
   defp info_result?({:ok, %{version: 1}}), do: true
   defp info_result?(other), do: load_result?(other)
 
+  defp export_result?({:ok, %{format: f, events: n}}), do: f in Export.formats() and is_integer(n)
+  defp export_result?(other), do: load_result?(other) or save_result?(other)
+
+  defp resolve_result?({:ok, %DataAccess{}, _}), do: true
+  defp resolve_result?({:error, r}), do: r in [:no_pipeline, :no_trace]
+  defp resolve_result?(_), do: false
+
   defp any?(_), do: true
   defp never?(_), do: false
 
@@ -335,6 +342,25 @@ defmodule ElixirScope.BadInputTest do
       {TraceFile, :info, fn _ -> [saved_file!(), []] end, &info_result?/1},
       {TraceFile, :atom_budget, fn _ -> [] end, &match?({c, b} when c <= b, &1)},
       {TraceFile, :process_names, fn _ -> [new_store!()] end, &is_list/1},
+      {TraceFile, :resolve_source, fn _ -> [new_store!()] end, &resolve_result?/1},
+      # Export (paths under the sweep's own directory)
+      {Export, :formats, fn _ -> [] end,
+       &(&1 == [:chrome_trace, :speedscope, :folded, :flamegraph])},
+      {Export, :chrome_trace, fn _ -> [new_store!(), tmp_path()] end, &export_result?/1},
+      {Export, :chrome_trace, fn _ -> [new_store!(), tmp_path(), [preview_bytes: 40]] end,
+       &export_result?/1},
+      {Export, :speedscope, fn _ -> [new_store!(), tmp_path()] end, &export_result?/1},
+      {Export, :speedscope, fn _ -> [new_store!(), tmp_path(), [title: "t"]] end,
+       &export_result?/1},
+      {Export, :folded, fn _ -> [new_store!(), tmp_path()] end, &export_result?/1},
+      {Export, :folded, fn _ -> [new_store!(), tmp_path(), [weight: :calls]] end,
+       &export_result?/1},
+      {Export, :flamegraph, fn _ -> [new_store!(), tmp_path()] end, &export_result?/1},
+      {Export, :flamegraph, fn _ -> [new_store!(), tmp_path(), [max_depth: 4]] end,
+       &export_result?/1},
+      {Export, :export, fn _ -> [new_store!(), tmp_path(), :folded] end, &export_result?/1},
+      {Export, :export, fn _ -> [saved_file!(), tmp_path(), :chrome_trace, []] end,
+       &export_result?/1},
       # EventCorrelator (one shared correlator per test process; stop/1 gets
       # a fresh one)
       {EventCorrelator, :start_link, fn _ -> [] end, &corr_started?/1},
@@ -695,6 +721,14 @@ defmodule ElixirScope.BadInputTest do
         {:ana_state_processes, [store_ref]},
         {:ana_why, [store_ref, 1]},
         {:ana_result, [store_ref, 1]},
+        {:export_file,
+         [
+           store_ref,
+           tmp_path(),
+           :chrome_trace,
+           {:own_time, 160, 512, true, "t", "n@h"},
+           [{me, "me"}]
+         ]},
         {:store_destroy, [store_ref]},
         {:rb_destroy, [ring_ref]}
       ]
@@ -709,7 +743,7 @@ defmodule ElixirScope.BadInputTest do
             # rb_new with a valid-looking huge size would really allocate.
             not (fun == :rb_new and pos == 0),
             # Any binary is a valid path: tf_save's are swept in TraceFile's.
-            not (fun == :tf_save and pos == 1),
+            not (fun in [:tf_save, :export_file] and pos == 1),
             reduce: [] do
           acc ->
             args = List.replace_at(args, pos, bad)

@@ -674,13 +674,4 @@ defmodule ElixirScope.TraceFileTest do
           child_args(code)
     ])
   end
-
-  defp mount(args) do
-    case System.cmd("mount", args, stderr_to_stdout: true) do
-      {_, 0} -> :ok
-      {out, code} -> {:error, code, out}
-    end
-  rescue
-    e -> {:error, e}
-  end
 end

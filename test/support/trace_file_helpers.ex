@@ -218,4 +218,14 @@ defmodule ElixirScope.TraceFileHelpers do
     ExUnit.Callbacks.on_exit(fn -> File.rm_rf(dir) end)
     dir
   end
+
+  @doc "`mount ARGS` (a tiny tmpfs for the file-system error tests): `:ok` or `{:error, ...}`."
+  def mount(args) do
+    case System.cmd("mount", args, stderr_to_stdout: true) do
+      {_, 0} -> :ok
+      {out, code} -> {:error, code, out}
+    end
+  rescue
+    e -> {:error, e}
+  end
 end

@@ -24,6 +24,7 @@
 pub mod analysis;
 pub mod correlator;
 pub mod event;
+pub mod export;
 pub mod filter;
 mod hash;
 pub mod pipeline;

@@ -10,6 +10,7 @@ mod codec;
 mod corr_nif;
 mod error;
 mod event_term;
+mod export_nif;
 mod handle;
 mod ingest;
 mod match_spec;

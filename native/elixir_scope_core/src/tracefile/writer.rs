@@ -313,10 +313,39 @@ pub fn temp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Save to the file `path`: written to a temporary file next to it,
-/// synced (`opts.sync`), then renamed over `path`, so `path` is either
-/// its old self or the complete new file. On error the temporary file is
-/// removed.
+/// Write the file `path` through `write`: into a temporary file next to
+/// it ([`temp_path`]), synced (`sync`), then renamed over `path`, so
+/// `path` is either its old self or the complete new file. On error the
+/// temporary file is removed. A directory at `path` is `EISDIR`.
+pub fn write_atomically<T, E: From<io::Error>>(
+    path: &Path,
+    sync: bool,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<T, E>,
+) -> Result<T, E> {
+    if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(io::Error::from_raw_os_error(21).into()); // EISDIR
+    }
+    let tmp = temp_path(path);
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let result = (|| {
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let out = write(&mut w)?;
+        let file: File = w.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            file.sync_all()?;
+        }
+        drop(file);
+        fs::rename(&tmp, path)?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Save to the file `path` ([`write_atomically`]): `path` is either its
+/// old self or the complete new file.
 pub fn save_to_path<S: Symbolizer>(
     store: &Mutex<EventStore>,
     path: &Path,
@@ -325,24 +354,7 @@ pub fn save_to_path<S: Symbolizer>(
     sym: &mut S,
     opts: &SaveOptions,
 ) -> Result<SaveSummary, SaveError> {
-    if fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(SaveError::Io(io::Error::from_raw_os_error(21))); // EISDIR
-    }
-    let tmp = temp_path(path);
-    let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    let result = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        let summary = save(store, &mut w, header, names, sym, opts)?;
-        let file: File = w.into_inner().map_err(|e| e.into_error())?;
-        if opts.sync {
-            file.sync_all()?;
-        }
-        drop(file);
-        fs::rename(&tmp, path)?;
-        Ok(summary)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_atomically(path, opts.sync, |w| {
+        save(store, w, header, names, sym, opts)
+    })
 }
