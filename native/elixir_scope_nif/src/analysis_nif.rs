@@ -401,11 +401,16 @@ fn cached_state<'a>(
         return v;
     }
     let v = record_state(env, e, scratch);
+    remember(cache, e.seq, v);
+    v
+}
+
+/// Keeps the decoded state of record `seq` (the last 4).
+fn remember(cache: &mut StateCache, seq: u64, v: (Option<ERL_NIF_TERM>, Option<ERL_NIF_TERM>)) {
     if cache.len() >= 4 {
         cache.remove(0);
     }
-    cache.push((e.seq, v));
-    v
+    cache.push((seq, v));
 }
 
 /// The message that triggered a callback record: the message of its
@@ -462,6 +467,17 @@ fn state_term<'a>(
     let e = |t: Term<'a>| t.as_c_arg();
     let kind = EventKind::from_u8(r.kind);
     let callback = r.flags & elixir_scope_core::CALLBACK_MASK != 0;
+    // A callback record's return value, decoded once: the state it sets
+    // (the state below, when the record sets it, shares these terms) and
+    // the rest of the record come from its shape.
+    let shape = callback.then(|| {
+        let value = codec::TapeDecoder::new(r.payload).next(env, scratch);
+        let s = otp::shape(env, r.flags, value);
+        if cache.iter().all(|(seq, _)| *seq != r.seq) {
+            remember(cache, r.seq, (s.data, s.name));
+        }
+        s
+    });
     let (data, _) = v
         .data
         .map_or((None, None), |s| cached_state(env, &s, scratch, cache));
@@ -470,9 +486,7 @@ fn state_term<'a>(
     let statem = r.flags & FLAG_STATEM != 0;
     let kept = !(sets_data || (statem && sets_name));
     let (mut returned, mut reply, mut actions, mut stop) = (nil, nil, nil, nil);
-    let (kind_atom, cb, call_id, trigger_id, trigger) = if callback {
-        let value = codec::TapeDecoder::new(r.payload).next(env, scratch);
-        let s = otp::shape(env, r.flags, value);
+    let (kind_atom, cb, call_id, trigger_id, trigger) = if let Some(s) = shape {
         returned = s.tag.unwrap_or(nil);
         reply = s.reply.unwrap_or(nil);
         actions = s.actions.unwrap_or(nil);
