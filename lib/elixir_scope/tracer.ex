@@ -753,6 +753,7 @@ defmodule ElixirScope.Tracer do
       _ = PipelineManager.flush(session.pm, 5000)
     end
 
+    mark_state_gaps(session)
     st = Native.tracer_stats(session.tracer)
 
     ElixirScope.Telemetry.execute(
@@ -778,6 +779,16 @@ defmodule ElixirScope.Tracer do
   end
 
   defp tell_owner(session), do: session
+
+  # State records a full ring dropped: the store answers "unknown"
+  # (`:evicted`) for the times their states may have been in force, not
+  # the state before them.
+  defp mark_state_gaps(session) do
+    case Native.tracer_state_drops(session.tracer) do
+      [] -> :ok
+      gaps -> Native.ana_add_state_gaps(session.store.ref, gaps)
+    end
+  end
 
   defp drop_session(%{session: %{own_pipeline: true, pm: pm}} = s) do
     :persistent_term.erase({__MODULE__, :store})
@@ -907,6 +918,8 @@ defmodule ElixirScope.Tracer do
       PipelineManager.shutdown(session.pm)
     end
 
+    mark_state_gaps(session)
+
     flush_exit(session.pm)
 
     summary =
@@ -965,6 +978,7 @@ defmodule ElixirScope.Tracer do
       truncated: st.truncated,
       offered: st.offered,
       states: st.states,
+      states_dropped: st.states_dropped,
       snapshots: session.snapshots,
       pipeline_down: session.pm_down
     }

@@ -649,6 +649,39 @@ fn ana_state_history<'a>(
     Ok((atoms::ok(), codec::make_list(env, &out)).encode(env))
 }
 
+/// `ana_add_state_gaps(store, gaps)`: `gaps` is `[{pid | :all, first_ts,
+/// last_ts}]` (from `tracer_state_drops`): state records of that process
+/// (`:all`: of every process with state records) stamped between the two
+/// were lost, so state queries answer `{:error, :evicted}` for the times
+/// they may have been in force. `:ok`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_add_state_gaps<'a>(env: Env<'a>, s: Ref<StoreRes>, gaps: Term<'a>) -> NifResult<Atom> {
+    let mut parsed = Vec::new();
+    for g in codec::proper_list(gaps).ok_or(rustler::Error::BadArg)? {
+        let (who, lo, hi): (Term, i64, i64) = g.decode()?;
+        let pid = if who.as_c_arg() == atoms::all().encode(env).as_c_arg() {
+            None
+        } else if who.is_pid() && codec::is_immediate(who.as_c_arg()) {
+            Some(term_key(who))
+        } else {
+            return Err(rustler::Error::BadArg);
+        };
+        parsed.push((pid, lo, hi));
+    }
+    let mut store = s.lock(env)?;
+    for (pid, lo, hi) in parsed {
+        match pid {
+            Some(p) => store.add_state_gap(p, lo, hi),
+            None => {
+                for (p, _) in store.state_processes() {
+                    store.add_state_gap(p, lo, hi);
+                }
+            }
+        }
+    }
+    Ok(atoms::ok())
+}
+
 /// `ana_state_processes(store)`: `[{pid, state_records}]`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_state_processes<'a>(env: Env<'a>, s: Ref<StoreRes>) -> NifResult<Term<'a>> {
