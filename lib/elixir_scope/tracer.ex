@@ -783,11 +783,14 @@ defmodule ElixirScope.Tracer do
   # State records a full ring dropped: the store answers "unknown"
   # (`:evicted`) for the times their states may have been in force, not
   # the state before them.
+  # A store that is gone (its pipeline died and destroyed it) takes no gaps.
   defp mark_state_gaps(session) do
     case Native.tracer_state_drops(session.tracer) do
       [] -> :ok
       gaps -> Native.ana_add_state_gaps(session.store.ref, gaps)
     end
+  rescue
+    ArgumentError -> :ok
   end
 
   defp drop_session(%{session: %{own_pipeline: true, pm: pm}} = s) do
