@@ -527,7 +527,8 @@ defmodule ElixirScope.Analysis do
       (before its `init/1` returned, or before the snapshot);
     * `:exited` — after the process exited;
     * `:evicted` — the record in force then has been evicted from the
-      bounded store.
+      bounded store, or a state record the trace's full ring dropped may
+      have been in force (see the stop summary's `states_dropped`).
 
   `time` is monotonic nanoseconds (`System.monotonic_time(:nanosecond)`,
   the events' `timestamp`) or a `DateTime` (converted with the VM's

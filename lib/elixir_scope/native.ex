@@ -171,6 +171,7 @@ defmodule ElixirScope.Native do
   def tracer_stats(_tracer), do: nif_error()
   def tracer_snapshotting(_tracer, _on), do: nif_error()
   def tracer_snapshot(_tracer, _state, _module, _statem), do: nif_error()
+  def tracer_state_drops(_tracer), do: nif_error()
   def enabled(_tag, _tracer_state, _tracee), do: nif_error()
   def trace(_tag, _tracer_state, _tracee, _trace_term, _opts), do: nif_error()
 
@@ -203,6 +204,7 @@ defmodule ElixirScope.Native do
   def ana_state_at(_store, _pid, _ts), do: nif_error()
   def ana_state_history(_store, _pid, _t0, _t1, _limit), do: nif_error()
   def ana_state_processes(_store), do: nif_error()
+  def ana_add_state_gaps(_store, _gaps), do: nif_error()
   def ana_why(_store, _id), do: nif_error()
   def ana_result(_store, _call_id), do: nif_error()
 end

@@ -767,6 +767,7 @@ defmodule ElixirScope.Tracer do
       _ = PipelineManager.flush(session.pm, 5000)
     end
 
+    mark_state_gaps(session)
     st = Native.tracer_stats(session.tracer)
 
     ElixirScope.Telemetry.execute(
@@ -792,6 +793,19 @@ defmodule ElixirScope.Tracer do
   end
 
   defp tell_owner(session), do: session
+
+  # State records a full ring dropped: the store answers "unknown"
+  # (`:evicted`) for the times their states may have been in force, not
+  # the state before them.
+  # A store that is gone (its pipeline died and destroyed it) takes no gaps.
+  defp mark_state_gaps(session) do
+    case Native.tracer_state_drops(session.tracer) do
+      [] -> :ok
+      gaps -> Native.ana_add_state_gaps(session.store.ref, gaps)
+    end
+  rescue
+    ArgumentError -> :ok
+  end
 
   defp drop_session(%{session: %{own_pipeline: true, pm: pm}} = s) do
     :persistent_term.erase({__MODULE__, :store})
@@ -921,6 +935,8 @@ defmodule ElixirScope.Tracer do
       PipelineManager.shutdown(session.pm)
     end
 
+    mark_state_gaps(session)
+
     flush_exit(session.pm)
 
     summary =
@@ -979,6 +995,7 @@ defmodule ElixirScope.Tracer do
       truncated: st.truncated,
       offered: st.offered,
       states: st.states,
+      states_dropped: st.states_dropped,
       snapshots: session.snapshots,
       pipeline_down: session.pm_down
     }

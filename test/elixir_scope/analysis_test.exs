@@ -344,6 +344,44 @@ defmodule ElixirScope.AnalysisTest do
       GenServer.stop(pid)
     end
 
+    test "state records dropped by a full ring make those times unknown, never another state" do
+      {:ok, pid} = Account.start(0)
+      {history, s} = drop_some_states(pid, 5)
+      assert s.states_dropped > 0 and s.dropped >= s.states_dropped
+      ticks = for st <- history, st.callback == {Account, :handle_info, 2}, do: st.state.ticks
+      # The ticks recorded are in order (the dropped ones are missing).
+      assert ticks == Enum.sort(ticks) and length(Enum.uniq(ticks)) == length(ticks)
+
+      pairs = Enum.chunk_every(tl(history), 2, 1, :discard)
+      gaps = Enum.filter(pairs, fn [a, b] -> b.state.ticks > a.state.ticks + 1 end)
+      assert gaps != []
+
+      # Just before a record that follows dropped ones, the state in force
+      # was a dropped one: unknown, not the state before the gap.
+      for [_a, b] <- gaps do
+        assert Analysis.state_at(pid, b.timestamp - 1) == {:error, :evicted}
+      end
+
+      # At every record: its own state, or unknown.
+      for st <- tl(history) do
+        case Analysis.state_at(pid, st.timestamp) do
+          {:ok, %State{state: %{ticks: t}}} -> assert t == st.state.ticks
+          other -> assert other == {:error, :evicted}
+        end
+      end
+
+      # After the last drop the states are known again: when the final
+      # deposit was recorded with no drop just before it, its state.
+      last = List.last(history)
+
+      if last.callback == {Account, :handle_call, 3} and List.last(pairs) not in gaps do
+        assert {:ok, %State{id: id, state: state}} = Analysis.state_at(pid, last.timestamp)
+        assert id == last.id and state == :sys.get_state(pid)
+      end
+
+      GenServer.stop(pid)
+    end
+
     test "exception values and exit reasons have the state cap, not the payload cap" do
       {:ok, pid} = Account.start(0)
       {:ok, _} = ElixirScope.trace(Account, pids: [self(), pid], max_payload_bytes: 64)
@@ -681,6 +719,22 @@ defmodule ElixirScope.AnalysisTest do
       assert text =~ "~ .user.host \"a\" → \"b\""
       assert text =~ "- .opts.y 2"
       assert Format.format_diff([]) == "(no differences)"
+    end
+  end
+
+  # Traces a burst of ticks into a tiny ring until some of the server's
+  # state records are dropped (at most `tries` bursts); the server's state
+  # history and the stop summary.
+  defp drop_some_states(pid, tries) do
+    {:ok, _} = ElixirScope.trace(Account, pids: [self(), pid], ring_size: 64)
+    for _ <- 1..20_000, do: Account.tick(pid)
+    # A call: every tick before it has been handled.
+    Account.deposit(pid, 0)
+    {:ok, s} = ElixirScope.stop_trace()
+
+    cond do
+      s.states_dropped > 0 or tries == 1 -> {Analysis.state_history(pid, limit: 100_000), s}
+      true -> drop_some_states(pid, tries - 1)
     end
   end
 

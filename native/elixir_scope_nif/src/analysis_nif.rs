@@ -401,11 +401,16 @@ fn cached_state<'a>(
         return v;
     }
     let v = record_state(env, e, scratch);
+    remember(cache, e.seq, v);
+    v
+}
+
+/// Keeps the decoded state of record `seq` (the last 4).
+fn remember(cache: &mut StateCache, seq: u64, v: (Option<ERL_NIF_TERM>, Option<ERL_NIF_TERM>)) {
     if cache.len() >= 4 {
         cache.remove(0);
     }
-    cache.push((e.seq, v));
-    v
+    cache.push((seq, v));
 }
 
 /// The message that triggered a callback record: the message of its
@@ -462,6 +467,17 @@ fn state_term<'a>(
     let e = |t: Term<'a>| t.as_c_arg();
     let kind = EventKind::from_u8(r.kind);
     let callback = r.flags & elixir_scope_core::CALLBACK_MASK != 0;
+    // A callback record's return value, decoded once: the state it sets
+    // (the state below, when the record sets it, shares these terms) and
+    // the rest of the record come from its shape.
+    let shape = callback.then(|| {
+        let value = codec::TapeDecoder::new(r.payload).next(env, scratch);
+        let s = otp::shape(env, r.flags, value);
+        if cache.iter().all(|(seq, _)| *seq != r.seq) {
+            remember(cache, r.seq, (s.data, s.name));
+        }
+        s
+    });
     let (data, _) = v
         .data
         .map_or((None, None), |s| cached_state(env, &s, scratch, cache));
@@ -470,9 +486,7 @@ fn state_term<'a>(
     let statem = r.flags & FLAG_STATEM != 0;
     let kept = !(sets_data || (statem && sets_name));
     let (mut returned, mut reply, mut actions, mut stop) = (nil, nil, nil, nil);
-    let (kind_atom, cb, call_id, trigger_id, trigger) = if callback {
-        let value = codec::TapeDecoder::new(r.payload).next(env, scratch);
-        let s = otp::shape(env, r.flags, value);
+    let (kind_atom, cb, call_id, trigger_id, trigger) = if let Some(s) = shape {
         returned = s.tag.unwrap_or(nil);
         reply = s.reply.unwrap_or(nil);
         actions = s.actions.unwrap_or(nil);
@@ -633,6 +647,39 @@ fn ana_state_history<'a>(
         .map(|v| state_term(env, &store, v, &mut scratch, &mut cache).as_c_arg())
         .collect();
     Ok((atoms::ok(), codec::make_list(env, &out)).encode(env))
+}
+
+/// `ana_add_state_gaps(store, gaps)`: `gaps` is `[{pid | :all, first_ts,
+/// last_ts}]` (from `tracer_state_drops`): state records of that process
+/// (`:all`: of every process with state records) stamped between the two
+/// were lost, so state queries answer `{:error, :evicted}` for the times
+/// they may have been in force. `:ok`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_add_state_gaps<'a>(env: Env<'a>, s: Ref<StoreRes>, gaps: Term<'a>) -> NifResult<Atom> {
+    let mut parsed = Vec::new();
+    for g in codec::proper_list(gaps).ok_or(rustler::Error::BadArg)? {
+        let (who, lo, hi): (Term, i64, i64) = g.decode()?;
+        let pid = if who.as_c_arg() == atoms::all().encode(env).as_c_arg() {
+            None
+        } else if who.is_pid() && codec::is_immediate(who.as_c_arg()) {
+            Some(term_key(who))
+        } else {
+            return Err(rustler::Error::BadArg);
+        };
+        parsed.push((pid, lo, hi));
+    }
+    let mut store = s.lock(env)?;
+    for (pid, lo, hi) in parsed {
+        match pid {
+            Some(p) => store.add_state_gap(p, lo, hi),
+            None => {
+                for (p, _) in store.state_processes() {
+                    store.add_state_gap(p, lo, hi);
+                }
+            }
+        }
+    }
+    Ok(atoms::ok())
 }
 
 /// `ana_state_processes(store)`: `[{pid, state_records}]`.

@@ -58,6 +58,8 @@ rustler::atoms! {
     handle_event,
     system,
     states,
+    states_dropped,
+    all,
     trace_start,
     state_snapshot = "Elixir.ElixirScope.Events.StateSnapshot",
     state_snapshot_type = "state_snapshot",

@@ -11,16 +11,21 @@
 //! clears `active`: `enabled/3` then answers `discard` (and `remove` to the
 //! VM's `trace_status` check), and the owner process is sent
 //! `{:elixir_scope_trace_stopped, tracer, reason}` to switch the VM's trace
-//! flags off. A full ring drops the event (counted), never blocks.
+//! flags off. A full ring drops the event (counted), never blocks; a
+//! dropped state record is also remembered per process (the first and last
+//! time one was dropped), so that the store can answer "unknown" for the
+//! times the lost state may have been in force instead of the state before
+//! it (`tracer_state_drops`).
 
 use elixir_scope_core::{shard_of, Event, EventKind, Ring, CALLBACK_MASK, FLAG_STATEM};
 use rustler::sys::{enif_get_map_value, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::atoms;
 use crate::codec::{
@@ -95,6 +100,10 @@ pub struct TracerRes {
     snapshotting: AtomicBool,
     /// State records written: callback returns and snapshots.
     states: AtomicU64,
+    /// State records dropped by a full ring.
+    states_dropped: AtomicU64,
+    /// When they were dropped, per process (see [`StateDrops`]).
+    state_drops: Mutex<StateDrops>,
     max_events: u64,
     max_rate: u64,
     check_mask: u64,
@@ -119,6 +128,31 @@ pub struct TracerRes {
     window_base: AtomicU64,
 }
 
+/// The processes whose state records a full ring dropped: per pid the
+/// first and last timestamp of a dropped one; past [`MAX_DROP_PIDS`]
+/// processes, one range for all processes.
+#[derive(Default)]
+struct StateDrops {
+    by_pid: HashMap<u64, (i64, i64)>,
+    all: Option<(i64, i64)>,
+}
+
+/// Processes [`StateDrops`] keeps apart.
+const MAX_DROP_PIDS: usize = 65_536;
+
+impl StateDrops {
+    fn note(&mut self, pid: u64, ts: i64) {
+        let widen = |r: &mut (i64, i64)| *r = (r.0.min(ts), r.1.max(ts));
+        if let Some(r) = self.by_pid.get_mut(&pid) {
+            widen(r);
+        } else if self.by_pid.len() < MAX_DROP_PIDS {
+            self.by_pid.insert(pid, (ts, ts));
+        } else {
+            widen(self.all.get_or_insert((ts, ts)));
+        }
+    }
+}
+
 static TRACER_TYPE: AtomicPtr<rustler::sys::ErlNifResourceType> =
     AtomicPtr::new(std::ptr::null_mut());
 
@@ -130,6 +164,15 @@ impl Handle for TracerRes {
 }
 
 impl TracerRes {
+    /// A state record of `pid` stamped `ts` was dropped (a full ring).
+    fn state_dropped(&self, pid: u64, ts: i64) {
+        self.states_dropped.fetch_add(1, Ordering::Relaxed);
+        // A poisoned lock only means a panic elsewhere held it: the ranges
+        // are still valid.
+        let mut d = self.state_drops.lock().unwrap_or_else(|e| e.into_inner());
+        d.note(pid, ts);
+    }
+
     /// Stop recording for `why`; the first stop wins and notifies the owner.
     fn trip(&self, env: Env, state: Term, why: Reason) {
         if self
@@ -263,6 +306,8 @@ fn tracer_new<'a>(
         owner_word,
         snapshotting: AtomicBool::new(false),
         states: AtomicU64::new(0),
+        states_dropped: AtomicU64::new(0),
+        state_drops: Mutex::new(StateDrops::default()),
         max_events: max_events as u64,
         max_rate: max_rate as u64,
         check_mask: check_every - 1,
@@ -516,7 +561,15 @@ fn trace<'a>(
             }
             t.written.fetch_add(1, Ordering::Relaxed)
         }
-        Err(_) => t.dropped_full.fetch_add(1, Ordering::Relaxed),
+        Err(_) => {
+            // A callback's return that may have set a state (its shape is
+            // not known without encoding it): the state from then on is
+            // unknown.
+            if state_record {
+                t.state_dropped(pid_w, now.0);
+            }
+            t.dropped_full.fetch_add(1, Ordering::Relaxed)
+        }
     };
     ok
 }
@@ -707,7 +760,11 @@ fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
         .map_put(atoms::shed(), t.shed_events.load(Ordering::Relaxed))?
         .map_put(atoms::after_stop(), t.after_stop.load(Ordering::Relaxed))?
         .map_put(atoms::truncated(), t.truncated.load(Ordering::Relaxed))?
-        .map_put(atoms::states(), t.states.load(Ordering::Relaxed))?;
+        .map_put(atoms::states(), t.states.load(Ordering::Relaxed))?
+        .map_put(
+            atoms::states_dropped(),
+            t.states_dropped.load(Ordering::Relaxed),
+        )?;
     Ok(m)
 }
 
@@ -771,8 +828,31 @@ fn tracer_snapshot<'a>(
             atoms::ok().encode(env)
         }
         Err(_) => {
+            t.state_dropped(pid_w, now.0);
             t.dropped_full.fetch_add(1, Ordering::Relaxed);
             (atoms::error(), atoms::buffer_full()).encode(env)
         }
     })
+}
+
+/// `tracer_state_drops(tracer)`: `[{pid | :all, first_ts, last_ts}]`, the
+/// processes whose state records a full ring dropped and the first and
+/// last (monotonic ns) of those (`:all`: processes past the 65,536 kept
+/// apart). For `ana_add_state_gaps/2`.
+#[rustler::nif]
+fn tracer_state_drops<'a>(env: Env<'a>, t: Ref<TracerRes>) -> Term<'a> {
+    let d = t.state_drops.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<Term<'a>> = d
+        .by_pid
+        .iter()
+        .map(|(&pid, &(lo, hi))| {
+            // SAFETY: a local pid's word (an immediate) from this VM.
+            let p = unsafe { Term::new(env, crate::codec::from_word(pid)) };
+            (p, lo, hi).encode(env)
+        })
+        .collect();
+    if let Some((lo, hi)) = d.all {
+        out.push((atoms::all(), lo, hi).encode(env));
+    }
+    out.encode(env)
 }
