@@ -78,10 +78,11 @@ defmodule ElixirScope.Capture.EventCorrelator do
   kept term is forgotten, and then shown as its integer key, once
   `max_correlations` newer terms have been kept since it was last given or
   shown (so an open call's id that newer events keep referring to stays;
-  at most `2 × max_correlations` terms are kept), and a term larger than
+  at most `max_correlations × 9 / 8` terms are kept), and a term larger than
   about 4 KiB is not kept past its call. Integer ids from `2^62` up may
-  collide with fresh ids. Non-integer ids cost about what integer ids cost
-  (`bench/correlator_bench.exs`, "id shapes").
+  collide with fresh ids. Non-integer ids cost more than integers (a hash
+  and, once per term, a copy); `bench/correlator_bench.exs` ("id shapes")
+  measures integer, string and tuple ids.
 
   ## Bounds
 
