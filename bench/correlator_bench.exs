@@ -15,12 +15,22 @@
 # harness's own process, whose heap grows with every job's results, made
 # even the baseline 3-6x slower and erratic.)
 #
+# A second section ("id shapes") runs the same trace with the ids (and the
+# correlation ids) as integers, as strings like the original's ("id-42-c")
+# and as tuples ({:id, 42, :c}), each beside a minimal pure-Elixir
+# correlator (bench/baseline/minimal_correlator.ex: a map of per-pid
+# stacks and a map of message FIFOs, returning tuples) run on the same
+# events in the same way: batches of 1,000 and the whole list in one call.
+#
 #   mix run bench/correlator_bench.exs        # BENCH_N=100000 BENCH_SAMPLES=15
+#   BENCH_SECTION=ids mix run bench/correlator_bench.exs   # only "id shapes"
+#   BENCH_SECTION=main ...                                 # only the first
 #
 Code.require_file("support/harness.exs", __DIR__)
+Code.require_file("baseline/minimal_correlator.ex", __DIR__)
 
 defmodule ElixirScope.Bench.Correlator do
-  alias ElixirScope.Bench.Harness
+  alias ElixirScope.Bench.{Harness, MinimalCorrelator}
   alias ElixirScope.Capture.EventCorrelator
   alias ElixirScope.Capture.EventCorrelator.CorrelatedEvent
   alias ElixirScope.Events.{FunctionExecution, MessageEvent}
@@ -204,8 +214,14 @@ defmodule ElixirScope.Bench.Correlator do
   def run do
     n = String.to_integer(System.get_env("BENCH_N", "100000"))
     {events, _pids} = trace(n)
-    n = length(events)
     IO.puts("# EventCorrelator bench — #{Harness.machine()}")
+    section = System.get_env("BENCH_SECTION", "all")
+    if section in ["all", "main"], do: main(events)
+    if section in ["all", "ids"], do: id_shapes(events)
+  end
+
+  def main(events) do
+    n = length(events)
 
     counts =
       Enum.frequencies_by(
@@ -300,6 +316,140 @@ defmodule ElixirScope.Bench.Correlator do
     )
 
     Enum.each([c, d, e], &EventCorrelator.stop/1)
+  end
+
+  # ---- id shapes ---------------------------------------------------------------
+
+  @kinds [
+    int: "integer ids",
+    string: ~s[string ids ("id-42-c")],
+    tuple: "tuple ids ({:id, 42, :c})"
+  ]
+
+  defp reshape(events, :int), do: events
+  defp reshape(events, kind), do: Enum.map(events, &reid(&1, kind))
+
+  defp reid(%{correlation_id: c} = ev, kind),
+    do: %{ev | id: to_kind(ev.id, kind), correlation_id: to_kind(c, kind)}
+
+  defp reid(ev, kind), do: %{ev | id: to_kind(ev.id, kind)}
+
+  defp to_kind(nil, _), do: nil
+  defp to_kind(i, :string), do: "id-#{i}-c"
+  defp to_kind(i, :tuple), do: {:id, i, :c}
+
+  # The minimal Elixir correlator over the worker's events, its state
+  # carried from chunk to chunk.
+  defp minimal_chunks(evs, size) do
+    evs
+    |> Enum.chunk_every(size)
+    |> Enum.reduce({MinimalCorrelator.new(), 0}, fn chunk, {st, k} ->
+      {out, st} = MinimalCorrelator.correlate(st, chunk)
+      {st, k + length(out)}
+    end)
+    |> elem(1)
+  end
+
+  defp ours_chunks(c, evs, size) do
+    evs
+    |> Enum.chunk_every(size)
+    |> Enum.reduce(0, &(&2 + length(EventCorrelator.correlate_batch(c, &1))))
+  end
+
+  def id_shapes(events) do
+    n = length(events)
+    IO.puts("\n# id shapes: the same #{n}-event trace with integer, string and tuple ids")
+    IO.puts("each sample runs in a fresh process holding the events (natural heap, GC included)")
+
+    per_kind =
+      for {kind, _} <- @kinds do
+        evs = reshape(events, kind)
+        {:ok, c} = EventCorrelator.start_link()
+        {:ok, d} = EventCorrelator.start_link()
+
+        # Sanity: our links agree with the minimal correlator's on every
+        # event, and the ids come back as given.
+        ours = EventCorrelator.correlate_batch(c, evs)
+        {theirs, _} = MinimalCorrelator.correlate(MinimalCorrelator.new(), evs)
+
+        for {o, t} <- Enum.zip(ours, theirs) do
+          mine =
+            if tuple_size(t) == 4,
+              do: {o.correlation_type, o.correlation_id, o.parent_id, o.root_id},
+              else: {o.correlation_type, o.correlation_id}
+
+          if mine != t do
+            raise "#{kind}: native #{inspect(mine)} but minimal #{inspect(t)}"
+          end
+        end
+
+        jobs = [
+          {"#{kind}: correlate_batch (1,000 per call)", fn e -> ours_chunks(c, e, 1000) end},
+          {"#{kind}: correlate_batch (whole list, 1 call)",
+           fn e -> length(EventCorrelator.correlate_batch(d, e)) end},
+          {"#{kind}: minimal Elixir (1,000 per call)", fn e -> minimal_chunks(e, 1000) end},
+          {"#{kind}: minimal Elixir (whole list, 1 call)",
+           fn e -> length(elem(MinimalCorrelator.correlate(MinimalCorrelator.new(), e), 0)) end}
+        ]
+
+        {kind, evs, jobs, [c, d]}
+      end
+
+    IO.puts("sanity: native and minimal agree on every event for every id shape")
+
+    jobs =
+      for {_kind, evs, specs, _} <- per_kind, {name, fun} <- specs do
+        %{name: name, n: n, setup: fn -> worker(evs, fun, nil) end, run: &go/1}
+      end
+
+    results = Harness.run(jobs)
+
+    Harness.print_table(
+      "id shapes (ns per event)",
+      results,
+      Enum.map(jobs, & &1.name),
+      fn name -> "#{Harness.fmt(1.0e3 / results[name].median)} M events/s" end
+    )
+
+    rate = fn name -> Harness.fmt(1.0e3 / results[name].median) end
+    med = fn name -> results[name].median end
+    ratio = &:erlang.float_to_binary(&1, decimals: 2)
+
+    IO.puts("\n## id shapes: M events/s (medians); ours / minimal Elixir time\n")
+
+    IO.puts(
+      "| ids | ours, 1,000/call | minimal, 1,000/call | ratio | ours, 100k list | minimal, 100k list | ratio |"
+    )
+
+    IO.puts("|---|---:|---:|---:|---:|---:|---:|")
+
+    checks =
+      for {kind, label} <- @kinds do
+        a = "#{kind}: correlate_batch (1,000 per call)"
+        b = "#{kind}: minimal Elixir (1,000 per call)"
+        x = "#{kind}: correlate_batch (whole list, 1 call)"
+        y = "#{kind}: minimal Elixir (whole list, 1 call)"
+        r1 = med.(a) / med.(b)
+        r2 = med.(x) / med.(y)
+
+        IO.puts(
+          "| #{label} | #{rate.(a)} | #{rate.(b)} | #{ratio.(r1)}× | #{rate.(x)} | #{rate.(y)} | #{ratio.(r2)}× |"
+        )
+
+        {label, med.(a), med.(x), r1, r2}
+      end
+
+    IO.puts("\nTargets (medians):")
+    check = fn label, ok? -> IO.puts("  #{if ok?, do: "MET ", else: "MISS"} #{label}") end
+
+    for {label, a, x, r1, r2} <- checks do
+      check.("#{label}: 1,000/call ≥ 1 M events/s (#{Harness.fmt(1.0e3 / a)})", a <= 1000)
+      check.("#{label}: 100k list ≥ 1 M events/s (#{Harness.fmt(1.0e3 / x)})", x <= 1000)
+      check.("#{label}: 1,000/call ≤ 1.5× minimal Elixir (#{ratio.(r1)}×)", r1 <= 1.5)
+      check.("#{label}: 100k list ≤ 1.5× minimal Elixir (#{ratio.(r2)}×)", r2 <= 1.5)
+    end
+
+    for {_, _, _, cs} <- per_kind, c <- cs, do: EventCorrelator.stop(c)
   end
 end
 

@@ -71,12 +71,18 @@ defmodule ElixirScope.Capture.EventCorrelator do
   returns) is used as is. An event without an id (`FunctionEntry` and the
   other data structs without an id field, or `id: nil`) gets the fresh id
   `2^62 + ElixirScope.Native.next_event_id()`, returned as that integer. Any
-  other id term (a string, a tuple, a negative integer...) is hashed (59
-  bits) into a key range of its own and the term is kept, so results show
-  the original term; distinct terms with equal hashes are not told apart,
-  and a term forgotten after `max_correlations` newer ones (or larger than
-  4 KiB in external format) shows as its integer key. Integer ids from
-  `2^62` up may collide with fresh ids.
+  other id term (a string, a tuple, a ref, a negative integer...) is hashed
+  (59 bits) into a key range of its own and results show the term itself:
+  within one call the very term the caller gave, in later calls a copy the
+  correlator keeps. Distinct terms with equal hashes are not told apart. A
+  kept term is forgotten, and then shown as its integer key, once
+  `max_correlations` newer terms have been kept since it was last given or
+  shown (so an open call's id that newer events keep referring to stays;
+  at most `max_correlations × 9 / 8` terms are kept), and a term larger than
+  about 4 KiB is not kept past its call. Integer ids from `2^62` up may
+  collide with fresh ids. Non-integer ids cost more than integers (a hash
+  and, once per term, a copy); `bench/correlator_bench.exs` ("id shapes")
+  measures integer, string and tuple ids.
 
   ## Bounds
 

@@ -15,10 +15,12 @@
 //!   event struct without an id field) gets the fresh key
 //!   `2^62 + next_event_id()`, returned as that integer. Any other term
 //!   (strings, negative or huge integers, tuples...) gets `2^63 | hash`
-//!   (`:erlang.phash2/1` and the VM's internal hash, 59 bits) and the term
-//!   is kept (external term format, at most `max_correlations` of them, each
-//!   at most [`MAX_KEPT_TERM_BYTES`]) so results show the original term; a
-//!   forgotten or oversized one shows as the key.
+//!   (59 bits, see [`hash59`]). Results show the term itself: within one
+//!   call the caller's own term (met earlier in the call, found in a
+//!   per-call [`Seen`] map: nothing is copied or re-encoded), across calls
+//!   a copy kept in a [`TermStore`] (the last `max_correlations` terms
+//!   kept or used, each at most [`MAX_KEPT_TERM_BYTES`]); a forgotten or
+//!   oversized one shows as the key.
 //! * **Correlation keys** (a call's `correlation_id` / `call_id`): `nil` is
 //!   no key, an integer `i` in `0..2^63` is `i + 1`, anything else is
 //!   hashed as above.
@@ -46,14 +48,17 @@ use elixir_scope_core::correlator::{
 };
 use elixir_scope_core::next_event_id;
 use rustler::sys::{
-    enif_get_uint64, enif_make_double, enif_make_map_from_arrays, enif_make_tuple_from_array,
-    enif_make_uint64, enif_monotonic_time, ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM,
-    ErlNifTimeUnit,
+    enif_alloc_env, enif_binary_to_term, enif_free_env, enif_get_tuple, enif_get_uint64,
+    enif_inspect_binary, enif_make_copy, enif_make_double, enif_make_map_from_arrays,
+    enif_make_new_binary, enif_make_tuple_from_array, enif_make_uint64, enif_monotonic_time,
+    enif_release_binary, enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifEnv,
+    ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM, ErlNifTimeUnit,
 };
 use rustler::types::map::map_new;
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -159,46 +164,262 @@ mod names {
     }
 }
 
-/// Terms behind hashed keys, kept in external term format so results can
-/// show them; at most `max` (oldest forgotten first).
-struct TermTable {
-    map: HashMap<u64, Box<[u8]>>,
-    order: VecDeque<u64>,
-    max: usize,
+/// A map over `u64` keys that are already well mixed or small (ids,
+/// hashes): one multiply-xorshift, no SipHash.
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 ^= i;
+    }
+}
+
+/// The caller's terms of the hashed keys met in one run of events (valid
+/// only during the NIF call whose env they belong to): results show an id
+/// as the very term the caller gave, without copying or re-encoding it.
+/// Terms met for the first time are kept in the [`TermStore`] at the end
+/// of the run, together ([`State::keep_fresh`]).
+#[derive(Default)]
+struct Seen {
+    map: KeyMap<ERL_NIF_TERM>,
+    fresh: Vec<(u64, ERL_NIF_TERM)>,
+}
+
+/// One generation of kept terms: copies in a process-independent
+/// environment of its own, freed all at once.
+struct Gen {
+    env: *mut ErlNifEnv,
+    map: KeyMap<ERL_NIF_TERM>,
     bytes: usize,
 }
 
-impl TermTable {
-    fn remember(&mut self, key: u64, t: Term) {
-        if self.map.contains_key(&key) {
-            return;
+// SAFETY: the environment is only used by whoever holds the correlator's
+// lock (the `State` mutex), one thread at a time; process-independent
+// environments may be used from any thread.
+unsafe impl Send for Gen {}
+
+impl Gen {
+    fn new(capacity: usize) -> Gen {
+        Gen {
+            // SAFETY: allocating a process-independent environment.
+            env: unsafe { enif_alloc_env() },
+            map: KeyMap::with_capacity_and_hasher(capacity, Default::default()),
+            bytes: 0,
         }
-        let bin = t.to_binary();
-        if bin.len() > MAX_KEPT_TERM_BYTES {
-            return; // shown as its integer key
-        }
-        let bytes: Box<[u8]> = bin.as_slice().into();
-        self.bytes += bytes.len();
-        self.map.insert(key, bytes);
-        self.order.push_back(key);
-        while self.order.len() > self.max {
-            if let Some(old) = self.order.pop_front() {
-                if let Some(b) = self.map.remove(&old) {
-                    self.bytes -= b.len();
-                }
-            }
+    }
+}
+
+impl Drop for Gen {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `enif_alloc_env`, freed once; no term of it
+        // is used afterwards (the map goes with it).
+        unsafe { enif_free_env(self.env) }
+    }
+}
+
+/// Older generations a [`TermStore`] keeps besides the young one; each
+/// generation holds `max / OLD_GENS` terms (rounded up), so the young one
+/// (where every new term is inserted) stays small enough to be cached.
+const OLD_GENS: usize = 8;
+
+/// Terms behind hashed keys, copied out of the caller's heap so later
+/// results (and metadata queries) can show them. Generations of at most
+/// `gen_max = ceil(max / OLD_GENS)` terms: new terms go into the young
+/// one; when it is full it becomes the newest old one and the oldest of
+/// the [`OLD_GENS`] old ones is freed. A term used from an old generation
+/// is copied back into the young one, so a term is forgotten only after at
+/// least `max` newer ones were kept since it was last used, and at most
+/// `max + gen_max` are kept.
+struct TermStore {
+    /// Oldest first; the last one is the young generation.
+    gens: VecDeque<Gen>,
+    gen_max: usize,
+}
+
+impl TermStore {
+    fn new(max: usize) -> TermStore {
+        TermStore {
+            gens: VecDeque::from([Gen::new(0)]),
+            gen_max: max.div_ceil(OLD_GENS).max(1),
         }
     }
 
-    fn get<'a>(&self, env: Env<'a>, key: u64) -> Option<Term<'a>> {
-        let bytes = self.map.get(&key)?;
-        env.binary_to_term(bytes).map(|(t, _)| t)
+    fn young(&mut self) -> &mut Gen {
+        self.gens.back_mut().expect("a young generation")
     }
+
+    fn bytes(&self) -> usize {
+        self.gens
+            .iter()
+            .map(|g| g.bytes + g.map.capacity() * 17)
+            .sum()
+    }
+
+    /// Keeps `t` (a term of `env`) as the term of `key`, unless it is kept
+    /// already or too large; returns the kept copy.
+    fn remember(&mut self, env: *mut ErlNifEnv, key: u64, t: ERL_NIF_TERM) -> Option<ERL_NIF_TERM> {
+        let young = self.young();
+        let young_env = young.env;
+        let e = match young.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => return Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => e,
+        };
+        let mut budget = MAX_KEPT_TERM_BYTES as isize;
+        // `None`: too large, shown as its integer key.
+        let copy = copy_in(young_env, env, t, &mut budget, 0)?;
+        e.insert(copy);
+        young.bytes += (MAX_KEPT_TERM_BYTES as isize - budget) as usize;
+        if young.map.len() >= self.gen_max {
+            // The next generation will likely fill up as this one did.
+            self.gens.push_back(Gen::new(self.gen_max.min(1 << 16)));
+            if self.gens.len() > OLD_GENS + 1 {
+                self.gens.pop_front(); // freed here
+            }
+        }
+        Some(copy)
+    }
+
+    /// The kept term of `key`, as a term of `env`.
+    fn get(&mut self, env: Env, key: u64) -> Option<ERL_NIF_TERM> {
+        let n = self.gens.len();
+        let (i, t) = (0..n)
+            .rev()
+            .find_map(|i| self.gens[i].map.get(&key).map(|&t| (i, t)))?;
+        let t = if i + 1 == n {
+            t
+        } else {
+            // Used again: back into the young generation (the copy lives
+            // on if that frees the generation it came from).
+            let src = self.gens[i].env;
+            self.remember(src, key, t)?
+        };
+        if is_immediate(t) {
+            return Some(t);
+        }
+        // SAFETY: `t` is a live term of one of the generations' envs.
+        Some(unsafe { enif_make_copy(env.as_c_arg(), t) })
+    }
+}
+
+/// Deepest nesting [`copy_in`] rebuilds itself (deeper: external format).
+const COPY_DEPTH: u32 = 8;
+
+/// A copy of `t` (a term of `src`) in `dst`, charging its size to
+/// `budget`; `None` if that runs out. Binaries are copied byte for byte
+/// (a sub-binary never pins the big binary it points into), tuples
+/// rebuilt element by element, references, floats and pids copied as
+/// they are; anything else goes through the external format.
+fn copy_in(
+    dst: *mut ErlNifEnv,
+    src: *mut ErlNifEnv,
+    t: ERL_NIF_TERM,
+    budget: &mut isize,
+    depth: u32,
+) -> Option<ERL_NIF_TERM> {
+    use rustler::sys::ErlNifTermType as T;
+    if is_immediate(t) {
+        return Some(t);
+    }
+    // SAFETY (whole function): `src` and its live term `t`; `dst` a live
+    // process-independent env; out-pointers are live locals.
+    let ty = unsafe { enif_term_type(src, t) };
+    match ty {
+        T::ERL_NIF_TERM_TYPE_BITSTRING => {
+            let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+            if unsafe { enif_inspect_binary(src, t, bin.as_mut_ptr()) } == 0 {
+                return via_external(dst, src, t, budget); // not whole bytes
+            }
+            let bin = unsafe { bin.assume_init() };
+            *budget -= bin.size as isize + 16;
+            if *budget < 0 {
+                return None;
+            }
+            let mut out = ERL_NIF_TERM::default();
+            let p = unsafe { enif_make_new_binary(dst, bin.size, &mut out) };
+            if p.is_null() {
+                return None;
+            }
+            unsafe { std::ptr::copy_nonoverlapping(bin.data, p, bin.size) };
+            Some(out)
+        }
+        T::ERL_NIF_TERM_TYPE_TUPLE if depth < COPY_DEPTH => {
+            let mut arity: i32 = 0;
+            let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+            if unsafe { enif_get_tuple(src, t, &mut arity, &mut arr) } == 0 {
+                return None;
+            }
+            *budget -= 8 * (arity as isize + 1);
+            if *budget < 0 {
+                return None;
+            }
+            let elems = unsafe { std::slice::from_raw_parts(arr, arity as usize) };
+            let mut small = [ERL_NIF_TERM::default(); 8];
+            let mut big = Vec::new();
+            let out: &mut [ERL_NIF_TERM] = if elems.len() <= small.len() {
+                &mut small[..elems.len()]
+            } else {
+                big.resize(elems.len(), ERL_NIF_TERM::default());
+                &mut big
+            };
+            for (o, &e) in out.iter_mut().zip(elems) {
+                *o = copy_in(dst, src, e, budget, depth + 1)?;
+            }
+            Some(unsafe { enif_make_tuple_from_array(dst, out.as_ptr(), out.len() as u32) })
+        }
+        T::ERL_NIF_TERM_TYPE_REFERENCE | T::ERL_NIF_TERM_TYPE_FLOAT | T::ERL_NIF_TERM_TYPE_PID => {
+            // Small and self-contained.
+            *budget -= 64;
+            if *budget < 0 {
+                return None;
+            }
+            Some(unsafe { enif_make_copy(dst, t) })
+        }
+        _ => via_external(dst, src, t, budget),
+    }
+}
+
+/// A copy of `t` in `dst` through the external term format (which bounds
+/// its size).
+fn via_external(
+    dst: *mut ErlNifEnv,
+    src: *mut ErlNifEnv,
+    t: ERL_NIF_TERM,
+    budget: &mut isize,
+) -> Option<ERL_NIF_TERM> {
+    let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    // SAFETY: valid env and term; `bin` is released below on success.
+    if unsafe { enif_term_to_binary(src, t, bin.as_mut_ptr()) } == 0 {
+        return None;
+    }
+    let mut bin = unsafe { bin.assume_init() };
+    *budget -= bin.size as isize;
+    let mut out = ERL_NIF_TERM::default();
+    let ok = *budget >= 0
+        // SAFETY: `bin` holds `size` bytes written by the VM.
+        && unsafe { enif_binary_to_term(dst, bin.data, bin.size, &mut out, 0) } != 0;
+    // SAFETY: allocated by `enif_term_to_binary`, released once.
+    unsafe { enif_release_binary(&mut bin) };
+    ok.then_some(out)
 }
 
 struct State {
     tracker: Tracker,
-    terms: TermTable,
+    terms: TermStore,
     /// Time spent correlating (decode + correlate + build), ns, and the
     /// events it covers.
     busy_ns: u64,
@@ -284,92 +505,183 @@ fn get_u64(t: Term) -> Option<u64> {
     (unsafe { enif_get_uint64(t.get_env().as_c_arg(), t.as_c_arg(), &mut v) } != 0).then_some(v)
 }
 
-/// A 59-bit hash of any term: `:erlang.phash2/1` (27 bits) and the VM's
-/// internal hash (32 bits).
+/// A 59-bit hash of any term. Immediates (atoms, small integers, local
+/// pids), byte-aligned binaries and tuples of these (nested at most
+/// [`COPY_DEPTH`] deep) are hashed here from their words and bytes, which
+/// costs a fraction of the VM's hashes; anything else (and a term holding
+/// anything else) by `:erlang.phash2/1` (27 bits) and the VM's internal
+/// hash (32 bits). Equal terms hash equal either way.
 #[inline]
 fn hash59(t: Term) -> u64 {
-    ((t.hash_phash2() as u64) << 32) | (t.hash_internal(0x5EED) & 0xFFFF_FFFF)
+    let env = t.get_env().as_c_arg();
+    match fast_hash(env, t.as_c_arg(), 0) {
+        Some(h) => {
+            // fmix64, then 59 bits.
+            let mut x = h ^ (h >> 33);
+            x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            x ^= x >> 33;
+            x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+            (x ^ (x >> 33)) >> 5
+        }
+        None => ((t.hash_phash2() as u64) << 32) | (t.hash_internal(0x5EED) & 0xFFFF_FFFF),
+    }
+}
+
+/// The pre-finalizer hash of an immediate, a binary or a tuple of these;
+/// `None` for anything else.
+#[inline]
+fn fast_hash(env: *mut ErlNifEnv, t: ERL_NIF_TERM, depth: u32) -> Option<u64> {
+    use rustler::sys::ErlNifTermType as T;
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    if is_immediate(t) {
+        // An immediate's word is its value (atoms: their table index).
+        return Some((word(t) ^ 0x1111).wrapping_mul(K));
+    }
+    // SAFETY (whole function): valid env and term; out-pointers are live
+    // locals; the slices returned live as long as the term.
+    match unsafe { enif_term_type(env, t) } {
+        T::ERL_NIF_TERM_TYPE_BITSTRING => {
+            let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+            if unsafe { enif_inspect_binary(env, t, bin.as_mut_ptr()) } == 0 {
+                return None;
+            }
+            let bin = unsafe { bin.assume_init() };
+            let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
+            Some(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000)
+        }
+        T::ERL_NIF_TERM_TYPE_TUPLE if depth < COPY_DEPTH => {
+            let mut arity: i32 = 0;
+            let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+            if unsafe { enif_get_tuple(env, t, &mut arity, &mut arr) } == 0 {
+                return None;
+            }
+            let elems = unsafe { std::slice::from_raw_parts(arr, arity as usize) };
+            let mut h = (0x3333 + arity as u64).wrapping_mul(K);
+            for &e in elems {
+                h = (h.rotate_left(23) ^ fast_hash(env, e, depth + 1)?).wrapping_mul(K);
+            }
+            Some(h)
+        }
+        _ => None,
+    }
 }
 
 impl State {
-    /// The key of an id term (see the module docs); `None` for `nil`.
-    fn id_key(&mut self, t: Option<Term>) -> Option<u64> {
-        let t = t?;
-        match get_u64(t) {
-            Some(v) if v < HASHED => Some(v),
-            _ => {
-                let k = HASHED | hash59(t);
-                self.terms.remember(k, t);
-                Some(k)
-            }
+    /// The key of a hashed (non-integer) term `t`, which is remembered.
+    #[inline]
+    fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64) -> u64 {
+        if let std::collections::hash_map::Entry::Vacant(e) = seen.map.entry(key) {
+            e.insert(t.as_c_arg());
+            seen.fresh.push((key, t.as_c_arg()));
+        }
+        key
+    }
+
+    /// Keeps the terms met for the first time in this run (terms of `env`).
+    fn keep_fresh(&mut self, env: Env, seen: &mut Seen) {
+        for (key, t) in seen.fresh.drain(..) {
+            self.terms.remember(env.as_c_arg(), key, t);
         }
     }
 
-    /// The correlation key of a call/return's correlation term (0: none).
-    fn corr_key(&mut self, t: Option<Term>) -> u64 {
+    /// The key of an id term (see the module docs); `None` for `nil`.
+    #[inline]
+    fn id_key(&mut self, seen: &mut Seen, t: Option<Term>) -> Option<u64> {
+        let t = t?;
+        Some(match get_u64(t) {
+            Some(v) if v < HASHED => v,
+            _ => self.hashed_key(seen, t, HASHED | hash59(t)),
+        })
+    }
+
+    /// The correlation key of a call/return's correlation term (0: none)
+    /// and the id key it names (a return's hint).
+    #[inline]
+    fn corr_key(&mut self, seen: &mut Seen, t: Option<Term>) -> (u64, Option<u64>) {
         match t {
-            None => 0,
+            None => (0, None),
             Some(t) => match get_u64(t) {
-                Some(v) if v < HASHED => v + 1,
-                _ => self.id_key(Some(t)).unwrap_or(0),
+                Some(v) if v < HASHED => (v + 1, Some(v)),
+                _ => {
+                    let k = self.hashed_key(seen, t, HASHED | hash59(t));
+                    (k, Some(k))
+                }
             },
         }
     }
 
-    fn pid_key(&mut self, t: Option<Term>) -> u64 {
+    #[inline]
+    fn pid_key(&mut self, seen: &mut Seen, t: Option<Term>) -> u64 {
         let Some(t) = t else {
             return UNKNOWN_PID;
         };
-        let w = word(t.as_c_arg());
         if is_immediate(t.as_c_arg()) {
-            return w;
+            return word(t.as_c_arg());
         }
-        let k = HASHED | (hash59(t) << 2);
-        self.terms.remember(k, t);
-        k
+        self.hashed_key(seen, t, HASHED | (hash59(t) << 2))
+    }
+
+    /// The term of a hashed key: the caller's own term if this call met
+    /// it, else the kept copy.
+    #[inline]
+    fn hashed_term(&mut self, env: Env, seen: &mut Seen, key: u64) -> Option<ERL_NIF_TERM> {
+        if let Some(&t) = seen.map.get(&key) {
+            return Some(t);
+        }
+        let t = self.terms.get(env, key)?;
+        seen.map.insert(key, t);
+        Some(t)
     }
 
     /// The term of an id key.
-    fn id_term<'a>(&self, env: Env<'a>, key: u64) -> ERL_NIF_TERM {
+    #[inline]
+    fn id_term(&mut self, env: Env, seen: &mut Seen, key: u64) -> ERL_NIF_TERM {
         if key >= HASHED {
-            if let Some(t) = self.terms.get(env, key) {
-                return t.as_c_arg();
+            if let Some(t) = self.hashed_term(env, seen, key) {
+                return t;
             }
         }
         // SAFETY: valid env.
         unsafe { enif_make_uint64(env.as_c_arg(), key) }
     }
 
-    fn opt_id_term(&self, env: Env, key: Option<u64>) -> ERL_NIF_TERM {
+    fn opt_id_term(&mut self, env: Env, seen: &mut Seen, key: Option<u64>) -> ERL_NIF_TERM {
         match key {
-            Some(k) => self.id_term(env, k),
+            Some(k) => self.id_term(env, seen, k),
             None => names::nil().as_c_arg(),
         }
     }
 
     /// The term of a pid key (`nil` if unknown or forgotten).
-    fn pid_term(&self, env: Env, key: u64) -> ERL_NIF_TERM {
+    fn pid_term(&mut self, env: Env, seen: &mut Seen, key: u64) -> ERL_NIF_TERM {
         let raw = from_word(key);
         if key != UNKNOWN_PID && is_immediate(raw) {
             return raw;
         }
         if key >= HASHED {
-            if let Some(t) = self.terms.get(env, key) {
-                return t.as_c_arg();
+            if let Some(t) = self.hashed_term(env, seen, key) {
+                return t;
             }
         }
         names::nil().as_c_arg()
     }
 
-    fn link_term(&self, env: Env, l: Link) -> ERL_NIF_TERM {
-        let (kind, target) = match l.kind {
-            LinkKind::CalledFrom => (names::called_from(), self.id_term(env, l.target)),
-            LinkKind::Completes => (names::completes(), self.id_term(env, l.target)),
-            LinkKind::Receives => (names::receives(), self.id_term(env, l.target)),
-            LinkKind::SpawnedBy => (names::spawned_by(), self.pid_term(env, l.target)),
-            LinkKind::StateIn => (names::state_in(), self.id_term(env, l.target)),
+    fn link_term(&mut self, env: Env, seen: &mut Seen, l: Link) -> ERL_NIF_TERM {
+        let target = match l.kind {
+            LinkKind::SpawnedBy => self.pid_term(env, seen, l.target),
+            _ => self.id_term(env, seen, l.target),
         };
-        tuple2(env, kind.as_c_arg(), target)
+        tuple2(env, link_atom(l.kind).as_c_arg(), target)
+    }
+}
+
+fn link_atom(k: LinkKind) -> Atom {
+    match k {
+        LinkKind::CalledFrom => names::called_from(),
+        LinkKind::Completes => names::completes(),
+        LinkKind::Receives => names::receives(),
+        LinkKind::SpawnedBy => names::spawned_by(),
+        LinkKind::StateIn => names::state_in(),
     }
 }
 
@@ -580,7 +892,7 @@ struct Decoded {
     own_id: ERL_NIF_TERM,
 }
 
-fn decode<'a>(st: &mut State, ev: Term<'a>, now: i64) -> Decoded {
+fn decode<'a>(st: &mut State, seen: &mut Seen, ev: Term<'a>, now: i64) -> Decoded {
     let f = event_fields(ev);
     let nil = names::nil().as_c_arg();
     let Some(kind) = f.kind else {
@@ -590,7 +902,7 @@ fn decode<'a>(st: &mut State, ev: Term<'a>, now: i64) -> Decoded {
         };
     };
     let env = ev.get_env();
-    let (id, own_id) = match st.id_key(f.id) {
+    let (id, own_id) = match st.id_key(seen, f.id) {
         Some(k) => (k, f.id.map_or(nil, |t| t.as_c_arg())),
         None => {
             let k = FRESH + next_event_id();
@@ -598,20 +910,20 @@ fn decode<'a>(st: &mut State, ev: Term<'a>, now: i64) -> Decoded {
             (k, unsafe { enif_make_uint64(env.as_c_arg(), k) })
         }
     };
-    let mut input = CorrInput::new(id, kind, st.pid_key(f.pid), now);
+    let pid = st.pid_key(seen, f.pid);
+    let mut input = CorrInput::new(id, kind, pid, now);
     match kind {
-        CorrKind::Call => input.key = st.corr_key(f.corr),
+        CorrKind::Call => input.key = st.corr_key(seen, f.corr).0,
         CorrKind::Return | CorrKind::Exception => {
-            input.key = st.corr_key(f.corr);
-            // A hint: used by the tracker only if it names an open call.
-            input.call_id = st.id_key(f.corr);
+            // The hint is used by the tracker only if it names an open call.
+            (input.key, input.call_id) = st.corr_key(seen, f.corr);
         }
         CorrKind::Send => {
-            input.peer = st.pid_key(f.peer);
+            input.peer = st.pid_key(seen, f.peer);
             input.msg_hash = f.msg.map_or(0, |m| m.hash_phash2() as u64);
         }
         CorrKind::Receive => input.msg_hash = f.msg.map_or(0, |m| m.hash_phash2() as u64),
-        CorrKind::Spawn => input.peer = st.pid_key(f.peer),
+        CorrKind::Spawn => input.peer = st.pid_key(seen, f.peer),
         _ => {}
     }
     Decoded { input, own_id }
@@ -651,44 +963,113 @@ fn result_keys() -> [ERL_NIF_TERM; 9] {
     ]
 }
 
+/// Terms shared by all the results of one run: built once, used by
+/// every `%CorrelatedEvent{}` (terms are immutable).
+struct Shared {
+    keys: [ERL_NIF_TERM; 9],
+    now: i64,
+    now_term: ERL_NIF_TERM,
+    zero: ERL_NIF_TERM,
+    one: ERL_NIF_TERM,
+}
+
+impl Shared {
+    fn new(env: Env) -> Shared {
+        let now = monotonic_ns();
+        // SAFETY (all three): valid env.
+        unsafe {
+            Shared {
+                keys: result_keys(),
+                now,
+                now_term: rustler::sys::enif_make_int64(env.as_c_arg(), now),
+                zero: enif_make_double(env.as_c_arg(), 0.0),
+                one: enif_make_double(env.as_c_arg(), 1.0),
+            }
+        }
+    }
+
+    fn confidence(&self, env: Env, c: f64) -> ERL_NIF_TERM {
+        if c == 1.0 {
+            self.one
+        } else if c == 0.0 {
+            self.zero
+        } else {
+            // SAFETY: valid env.
+            unsafe { enif_make_double(env.as_c_arg(), c) }
+        }
+    }
+}
+
 /// Correlate `ev` and build its `%CorrelatedEvent{}`.
 fn correlate_one<'a>(
     env: Env<'a>,
     st: &mut State,
-    keys: &[ERL_NIF_TERM; 9],
-    now_term: ERL_NIF_TERM,
-    now: i64,
+    seen: &mut Seen,
+    sh: &Shared,
     ev: Term<'a>,
 ) -> ERL_NIF_TERM {
-    let d = decode(st, ev, now);
+    let d = decode(st, seen, ev, sh.now);
     let c = st.tracker.correlate(&d.input);
     let nil = names::nil().as_c_arg();
     let corr_id = if d.input.kind == CorrKind::Other || c.correlation_id == d.input.id {
         d.own_id
     } else {
-        st.id_term(env, c.correlation_id)
+        st.id_term(env, seen, c.correlation_id)
+    };
+    // Parent, root and link targets are mostly the same few ids: each is
+    // looked up once.
+    let parent = c.parent_id.map_or(nil, |p| st.id_term(env, seen, p));
+    let known = |k: u64| -> Option<ERL_NIF_TERM> {
+        if d.input.kind != CorrKind::Other && k == c.correlation_id {
+            Some(corr_id)
+        } else if Some(k) == c.parent_id {
+            Some(parent)
+        } else {
+            None
+        }
+    };
+    let root = match c.root_id {
+        None => nil,
+        Some(r) => match known(r) {
+            Some(t) => t,
+            None => st.id_term(env, seen, r),
+        },
+    };
+    let mut link = |st: &mut State, l: Link| match l.kind {
+        LinkKind::SpawnedBy => st.link_term(env, seen, l),
+        _ => match known(l.target).or((Some(l.target) == c.root_id).then_some(root)) {
+            Some(t) => tuple2(env, link_atom(l.kind).as_c_arg(), t),
+            None => st.link_term(env, seen, l),
+        },
     };
     let links = match c.links.as_slice() {
         [] => crate::nil_word(),
         ls => {
-            let ts: Vec<ERL_NIF_TERM> = ls.iter().map(|&l| st.link_term(env, l)).collect();
-            make_list(env, &ts)
+            let mut ts = [ERL_NIF_TERM::default(); 4];
+            if ls.len() <= ts.len() {
+                for (t, &l) in ts.iter_mut().zip(ls) {
+                    *t = link(st, l);
+                }
+                make_list(env, &ts[..ls.len()])
+            } else {
+                let ts: Vec<ERL_NIF_TERM> = ls.iter().map(|&l| link(st, l)).collect();
+                make_list(env, &ts)
+            }
         }
     };
     let conf = confidence(d.input.kind, &c);
     let values = [
         names::correlated_event().as_c_arg(),
-        now_term,
-        // SAFETY: valid env.
-        unsafe { enif_make_double(env.as_c_arg(), conf) },
+        sh.now_term,
+        sh.confidence(env, conf),
         corr_id,
         type_atom(c.ctype).as_c_arg(),
         ev.as_c_arg(),
         links,
-        c.parent_id.map_or(nil, |p| st.id_term(env, p)),
-        c.root_id.map_or(nil, |r| st.id_term(env, r)),
+        parent,
+        root,
     ];
-    make_map(env, keys, &values)
+    make_map(env, &sh.keys, &values)
 }
 
 /// The heads of `list`, at most `max + 1` of them; `Err` if the list is
@@ -724,20 +1105,19 @@ fn correlate_run<'a>(
     budget: Duration,
 ) -> usize {
     let start = Instant::now();
-    let now = monotonic_ns();
-    // SAFETY: valid env.
-    let now_term = unsafe { rustler::sys::enif_make_int64(env.as_c_arg(), now) };
-    let keys = result_keys();
+    let sh = Shared::new(env);
+    let mut seen = Seen::default();
     let mut done = 0usize;
     for &ev in events {
         // SAFETY: a term of `env` (taken from the argument list).
         let ev = unsafe { Term::new(env, ev) };
-        out.push(correlate_one(env, st, &keys, now_term, now, ev));
+        out.push(correlate_one(env, st, &mut seen, &sh, ev));
         done += 1;
         if done % 64 == 0 && start.elapsed() > budget {
             break;
         }
     }
+    st.keep_fresh(env, &mut seen);
     st.busy_ns += start.elapsed().as_nanos() as u64;
     st.timed += done as u64;
     done
@@ -746,10 +1126,16 @@ fn correlate_run<'a>(
 // ---- metadata ----------------------------------------------------------------
 
 /// The metadata map of record `r`, shown with correlation id `id`.
-fn record_map(env: Env, st: &State, id: ERL_NIF_TERM, r: &CorrRecord) -> ERL_NIF_TERM {
+fn record_map(
+    env: Env,
+    st: &mut State,
+    seen: &mut Seen,
+    id: ERL_NIF_TERM,
+    r: &CorrRecord,
+) -> ERL_NIF_TERM {
     use names as n;
     let links = match r.link {
-        Some(l) => make_list(env, &[st.link_term(env, l)]),
+        Some(l) => make_list(env, &[st.link_term(env, seen, l)]),
         None => crate::nil_word(),
     };
     let keys = [
@@ -766,21 +1152,21 @@ fn record_map(env: Env, st: &State, id: ERL_NIF_TERM, r: &CorrRecord) -> ERL_NIF
         n::type_().as_c_arg(),
     ];
     let values = [
-        st.opt_id_term(env, r.completed_by),
+        st.opt_id_term(env, seen, r.completed_by),
         // SAFETY: valid env.
         unsafe { enif_make_double(env.as_c_arg(), (r.confidence as f64 * 1e6).round() / 1e6) },
         id,
         r.created_at.encode(env).as_c_arg(),
         links,
-        st.opt_id_term(env, r.parent_id),
+        st.opt_id_term(env, seen, r.parent_id),
         if r.peer == 0 {
             names::nil().as_c_arg()
         } else {
-            st.pid_term(env, r.peer)
+            st.pid_term(env, seen, r.peer)
         },
-        st.pid_term(env, r.pid),
-        st.opt_id_term(env, r.received_by),
-        st.opt_id_term(env, r.root_id),
+        st.pid_term(env, seen, r.pid),
+        st.opt_id_term(env, seen, r.received_by),
+        st.opt_id_term(env, seen, r.root_id),
         type_atom(r.ctype).as_c_arg(),
     ];
     make_map(env, &keys, &values)
@@ -819,12 +1205,7 @@ fn corr_new(env: Env, ttl_ns: i64, max_correlations: i64) -> NifResult<Term> {
     let res = CorrRes {
         state: Mutex::new(State {
             tracker,
-            terms: TermTable {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-                max,
-                bytes: 0,
-            },
+            terms: TermStore::new(max),
             busy_ns: 0,
             timed: 0,
             sweeps: 0,
@@ -888,7 +1269,13 @@ fn corr_metadata<'a>(env: Env<'a>, r: Ref<CorrRes>, id: Term<'a>) -> Term<'a> {
     match rec {
         Some(rec) => {
             // SAFETY: a term of `env`.
-            unsafe { Term::new(env, record_map(env, &st, id.as_c_arg(), &rec)) }
+            let mut seen = Seen::default();
+            unsafe {
+                Term::new(
+                    env,
+                    record_map(env, &mut st, &mut seen, id.as_c_arg(), &rec),
+                )
+            }
         }
         None => names::nil().encode(env),
     }
@@ -906,15 +1293,16 @@ fn corr_chain<'a>(env: Env<'a>, r: Ref<CorrRes>, id: Term<'a>) -> Term<'a> {
         .iter()
         .filter_map(|&k| st.tracker.record(k).map(|r| (k, r)))
         .collect();
+    let mut seen = Seen::default();
     let maps: Vec<ERL_NIF_TERM> = recs
         .iter()
         .map(|(k, rec)| {
             let id_t = if *k == key {
                 id.as_c_arg()
             } else {
-                st.id_term(env, *k)
+                st.id_term(env, &mut seen, *k)
             };
-            record_map(env, &st, id_t, rec)
+            record_map(env, &mut st, &mut seen, id_t, rec)
         })
         .collect();
     crate::codec::make_list(env, &maps)
@@ -937,10 +1325,7 @@ fn corr_metrics<'a>(env: Env<'a>, r: Ref<CorrRes>) -> NifResult<Term<'a>> {
     let st = r.lock();
     let t = st.tracker.metrics();
     let c = st.tracker.correlator().metrics();
-    let memory = st.tracker.memory_bytes()
-        + st.terms.bytes
-        + st.terms.map.capacity() * 40
-        + st.terms.order.capacity() * 8;
+    let memory = st.tracker.memory_bytes() + st.terms.bytes();
     let avg = if st.timed == 0 {
         0.0
     } else {

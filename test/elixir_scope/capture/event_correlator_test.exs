@@ -300,6 +300,98 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       assert Enum.map(EventCorrelator.get_correlation_chain(c, 1 <<< 70), & &1.correlation_id) ==
                ids
     end
+
+    test "string, tuple and ref ids come back as the caller's terms across batches" do
+      c = start!()
+      me = self()
+      [s, t, r] = ids = ["id-1-c", {:id, 2, :c}, make_ref()]
+      calls = EventCorrelator.correlate_batch(c, for(id <- ids, do: call(id, me)))
+      assert Enum.map(calls, & &1.correlation_id) === ids
+      assert Enum.map(calls, & &1.root_id) === [s, s, s]
+
+      # The returns come in later batches: the ids are no longer in the
+      # caller's batch and come from the correlator's kept copies.
+      [r3] = EventCorrelator.correlate_batch(c, [ret("ret-3", me)])
+      assert {r3.correlation_id, r3.parent_id, r3.root_id, r3.links} === {r, t, s, [completes: r]}
+      [r2, r1] = EventCorrelator.correlate_batch(c, [ret({:ret, 2}, me, t), ret("ret-1", me, s)])
+      assert {r2.correlation_id, r2.parent_id, r2.root_id, r2.links} === {t, s, s, [completes: t]}
+
+      assert {r1.correlation_id, r1.parent_id, r1.root_id, r1.links} ===
+               {s, nil, s, [completes: s]}
+
+      meta = EventCorrelator.get_correlation_metadata(c, r)
+
+      assert {meta.correlation_id, meta.parent_id, meta.root_id, meta.completed_by} ===
+               {r, t, s, "ret-3"}
+
+      assert Enum.map(EventCorrelator.get_correlation_chain(c, r), & &1.correlation_id) === ids
+
+      # A send and its receive in different batches.
+      [a, b] = pids(2)
+      [_] = EventCorrelator.correlate_batch(c, [snd({:send, "x"}, a, b, :hello)])
+      [rcv1] = EventCorrelator.correlate_batch(c, [rcv(make_ref(), b, :hello)])
+      assert {rcv1.correlation_id, rcv1.links} === {{:send, "x"}, [receives: {:send, "x"}]}
+    end
+
+    test "ids of any shape are returned exactly as given, in later batches too" do
+      c = start!()
+      me = self()
+      big = :binary.copy("0123456789", 100)
+
+      ids = [
+        1.5,
+        -0.0,
+        %{a: [1, 2]},
+        [1, 2 | 3],
+        ~c"charlist",
+        <<1::3>>,
+        {{{{{{{{{{:deep, "x"}}}}}}}}}},
+        {1.5, make_ref(), self(), "s"},
+        1 <<< 80,
+        -(1 <<< 80),
+        -5,
+        :atom,
+        String.duplicate("x", 100),
+        binary_part(big, 10, 20),
+        fn -> :ok end
+      ]
+
+      for id <- ids do
+        [cl] = EventCorrelator.correlate_batch(c, [call(id, me)])
+        assert cl.correlation_id === id
+        [rt] = EventCorrelator.correlate_batch(c, [ret(make_ref(), me)])
+        assert {rt.correlation_id, rt.root_id, rt.links} === {id, id, [completes: id]}
+        assert EventCorrelator.get_correlation_metadata(c, id).correlation_id === id
+      end
+    end
+
+    test "an id every newer event refers to stays as given past max_correlations newer ids" do
+      c = start!(max_correlations: 8)
+      me = self()
+      [root] = EventCorrelator.correlate_batch(c, [call("root", me)])
+      assert root.root_id == "root"
+
+      for i <- 1..100 do
+        [cl, rt] = EventCorrelator.correlate_batch(c, [call("c-#{i}", me), ret("r-#{i}", me)])
+        assert {cl.parent_id, cl.root_id, cl.links} === {"root", "root", [called_from: "root"]}
+        assert {rt.correlation_id, rt.parent_id, rt.root_id} === {"c-#{i}", "root", "root"}
+      end
+
+      [done] = EventCorrelator.correlate_batch(c, [ret("root-ret", me)])
+      assert {done.correlation_id, done.links} === {"root", [completes: "root"]}
+    end
+
+    test "an id over 4 KiB is shown as given in its batch and as its integer key later" do
+      c = start!()
+      me = self()
+      huge = {:id, :binary.copy("x", 5000)}
+      [cl, inner] = EventCorrelator.correlate_batch(c, [call(huge, me), call(7, me)])
+      assert cl.correlation_id === huge
+      assert {inner.parent_id, inner.root_id} === {huge, huge}
+      [_, rt] = EventCorrelator.correlate_batch(c, [ret(8, me), ret(9, me)])
+      assert is_integer(rt.correlation_id) and rt.correlation_id >= 1 <<< 63
+      assert rt.links == [completes: rt.correlation_id]
+    end
   end
 
   # ---------------------------------------------------------------------------
