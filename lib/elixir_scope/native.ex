@@ -127,6 +127,16 @@ defmodule ElixirScope.Native do
   def pipe_alive(_ref), do: nif_error()
   def pipe_correlation_dump(_ref, _limit), do: nif_error()
 
+  # Writer processes (AsyncWriterPool workers' leases, AsyncWriter cursors)
+  def pipe_worker_lease(_ref, _index), do: nif_error()
+  def pipe_worker_release(_lease), do: nif_error()
+  def pipe_worker_forget(_ref, _index), do: nif_error()
+  def pipe_workers(_ref), do: nif_error()
+  def rb_writer_claim(_ring, _key), do: nif_error()
+  def pipe_writer_step(_ref, _ring, _cursor, _max), do: nif_error()
+  def rb_writer_set_position(_ring, _cursor, _position), do: nif_error()
+  def rb_writer_info(_ring, _cursor), do: nif_error()
+
   # Live subscriptions (QueryCoordinator)
   def sub_new(_pipe, _pid, _filter, _max_queue), do: nif_error()
   def sub_cancel(_sub), do: nif_error()

@@ -592,6 +592,8 @@ defmodule ElixirScope.BadInputTest do
         )
 
       {:ok, sub_ref, sub_id} = Native.sub_new(pipe_ref, me, %{}, 10)
+      {:ok, lease_ref} = Native.pipe_worker_lease(pipe_ref, 0)
+      {:ok, cursor_ref, false} = Native.rb_writer_claim(ring_ref, "sweep")
 
       calls = [
         {:next_event_id, []},
@@ -649,6 +651,14 @@ defmodule ElixirScope.BadInputTest do
         {:pipe_reset_latency, [pipe_ref]},
         {:pipe_alive, [pipe_ref]},
         {:pipe_correlation_dump, [pipe_ref, 10]},
+        {:pipe_worker_lease, [pipe_ref, 1]},
+        {:pipe_workers, [pipe_ref]},
+        {:pipe_worker_forget, [pipe_ref, 1]},
+        {:pipe_worker_release, [lease_ref]},
+        {:rb_writer_claim, [ring_ref, "sweep2"]},
+        {:rb_writer_set_position, [ring_ref, cursor_ref, 0]},
+        {:pipe_writer_step, [pipe_ref, ring_ref, cursor_ref, 10]},
+        {:rb_writer_info, [ring_ref, cursor_ref]},
         {:pipe_shutdown, [pipe_ref, 1000]},
         {:corr_new, [1_000_000, 16]},
         {:corr_batch, [corr_ref, [1, :e]]},
@@ -894,6 +904,78 @@ defmodule ElixirScope.BadInputTest do
         assert QueryCoordinator.subscriptions(p) == {:error, :unknown_pipeline}
         assert QueryCoordinator.flush(p, 10) == {:error, :unknown_pipeline}
       end
+    end
+  end
+
+  describe "AsyncWriter and AsyncWriterPool" do
+    alias ElixirScope.Capture.{AsyncWriter, AsyncWriterPool}
+
+    # Starts that succeed are stopped at once; the result is classified.
+    defp start_result({:ok, pid}) when is_pid(pid), do: tap(true, fn _ -> GenServer.stop(pid) end)
+    defp start_result({:error, _}), do: true
+    defp start_result(_), do: false
+
+    test "bad options, positions and sizes: ArgumentError or {:error, _}, never a crash" do
+      Process.flag(:trap_exit, true)
+      buf = new_ring!(size: 64)
+
+      writer_opts =
+        for key <- [:batch_size, :poll_interval_ms, :max_backlog, :pipeline],
+            bad <- bad_values() do
+          {AsyncWriter, :start_link, [[{:ring_buffer, buf}, {key, bad}]]}
+        end
+
+      pool_opts =
+        for key <- [:pool_size, :batch_size, :max_events, :shards], bad <- bad_values() do
+          {AsyncWriterPool, :start_link, [[{key, bad}]]}
+        end
+
+      starts =
+        writer_opts ++
+          pool_opts ++
+          for bad <- bad_values() do
+            {AsyncWriter, :start_link, [bad]}
+          end ++
+          for(bad <- bad_values(), do: {AsyncWriterPool, :start_link, [bad]}) ++
+          for(bad <- bad_values(), do: {AsyncWriterPool, :start_link, [[ring_buffer: bad]]})
+
+      violations =
+        Enum.flat_map(starts, fn call ->
+          check_call(call, &(start_result(&1) or match?({:error, _}, &1)))
+        end)
+
+      # A writer with any ring_buffer value starts (and counts read errors).
+      for bad <- bad_values() do
+        assert {:ok, w} = AsyncWriter.start_link(ring_buffer: bad, poll_interval_ms: 1)
+        assert is_integer(AsyncWriter.get_state(w).error_count)
+        :ok = AsyncWriter.stop(w)
+      end
+
+      {:ok, w} = AsyncWriter.start_link(ring_buffer: buf, poll_interval_ms: 60_000)
+      {:ok, pool} = AsyncWriterPool.start_link(pool_size: 2, shards: 2, ring_size: 64)
+
+      calls =
+        for bad <- bad_values() do
+          [
+            {AsyncWriter, :set_position, [w, bad]},
+            {AsyncWriter, :enrich_event, [bad]},
+            {AsyncWriterPool, :scale_pool, [pool, bad]},
+            {AsyncWriterPool, :flush, [pool, bad]}
+          ]
+        end
+
+      violations =
+        violations ++
+          Enum.flat_map(List.flatten(calls), fn call ->
+            check_call(call, fn r -> r == :ok or match?({:error, _}, r) or is_map(r) end)
+          end)
+
+      assert violations == [], format_violations(violations)
+      assert Process.alive?(w) and Process.alive?(pool)
+      assert length(AsyncWriterPool.get_state(pool).workers) in 1..64
+      :ok = AsyncWriter.stop(w)
+      :ok = AsyncWriterPool.stop(pool)
+      assert_fresh_ring_works()
     end
   end
 

@@ -159,7 +159,7 @@ defmodule ElixirScope.Capture.Pipeline do
     end
   end
 
-  def to_map!(%{} = opts, _who), do: opts
+  def to_map!(%{} = opts, _who) when not is_struct(opts), do: opts
 
   def to_map!(opts, who),
     do:

@@ -52,8 +52,8 @@ pub use pipeline::{
     Histogram, Pipeline, PipelineConfig,
 };
 pub use pool::{
-    BreakerMetrics, BreakerState, DeadLetter, PoolConfig, PoolMetrics, Stage, StageCtx, WorkerPool,
-    SHUTDOWN_DRAIN_TIMEOUT,
+    BreakerMetrics, BreakerState, DeadLetter, LeaseState, Leases, PoolConfig, PoolMetrics, Stage,
+    StageCtx, WorkerPool, MAX_LEASES, SHUTDOWN_DRAIN_TIMEOUT,
 };
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
 pub use store::{

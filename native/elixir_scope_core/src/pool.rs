@@ -33,6 +33,18 @@
 //!   sum of the shards' `reads` equals `events_processed +
 //!   dead_lettered_events`.
 //!
+//! * **Leases.** A worker index can be *leased* by an owner outside the
+//!   pool (the NIF binding leases each index to an Elixir process that
+//!   stands for the thread): [`WorkerPool::hold`] takes the lease,
+//!   [`WorkerPool::orphan`] marks it lost (its owner died) and
+//!   [`WorkerPool::release`] gives it back. A worker whose lease is
+//!   orphaned finishes the batch it is in and then parks, leaving its
+//!   shards untouched (their events wait in the rings, at their cursors)
+//!   until a new owner holds the lease: the worker then resumes where each
+//!   shard stands, so nothing is lost, repeated or reordered. Indexes never
+//!   leased, released, or at or above [`MAX_LEASES`] run freely; so does
+//!   every worker once shutdown has begun (the drain needs them).
+//!
 //! `T::clone` must not panic: an event whose copy panics is lost (the worker
 //! survives, counting a panic and a restart).
 
@@ -53,6 +65,101 @@ const CONTENDED_PARK: Duration = Duration::from_millis(1);
 
 /// Longest single wait of [`WorkerPool::flush`] between two checks.
 const FLUSH_POLL: Duration = Duration::from_millis(10);
+
+/// Worker indexes that can be leased (see the module docs).
+pub const MAX_LEASES: usize = 64;
+const LEASE_FREE: u64 = 0;
+const LEASE_ORPHANED: u64 = 1;
+/// Generations of held leases start here (0 and 1 are states).
+const LEASE_FIRST_GEN: u64 = 2;
+
+/// The state of one worker index's lease.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Not leased: the worker runs.
+    Free,
+    /// Held by an owner (generation `u64`): the worker runs.
+    Held(u64),
+    /// Its owner died: the worker parks until the lease is held again.
+    Orphaned,
+}
+
+/// The lease table, shared with lease owners (see [`WorkerPool::leases`]).
+pub struct Leases {
+    slots: Box<[AtomicU64]>,
+    next_gen: AtomicU64,
+    /// Set at shutdown: orphaned workers run again, for the drain.
+    draining: AtomicBool,
+}
+
+impl Leases {
+    fn new() -> Leases {
+        Leases {
+            slots: (0..MAX_LEASES)
+                .map(|_| AtomicU64::new(LEASE_FREE))
+                .collect(),
+            next_gen: AtomicU64::new(LEASE_FIRST_GEN),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the lease of `index` (whatever its state): its generation, or
+    /// `None` for an index at or above [`MAX_LEASES`].
+    pub fn hold(&self, index: usize) -> Option<u64> {
+        let slot = self.slots.get(index)?;
+        let g = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        slot.store(g, Ordering::SeqCst);
+        Some(g)
+    }
+
+    /// Marks the lease of `index` orphaned if generation `gen` still holds
+    /// it: `true` if it did.
+    pub fn orphan(&self, index: usize, gen: u64) -> bool {
+        self.swap_from(index, gen, LEASE_ORPHANED)
+    }
+
+    /// Gives the lease of `index` back (the worker runs freely) if
+    /// generation `gen` still holds it: `true` if it did.
+    pub fn release(&self, index: usize, gen: u64) -> bool {
+        self.swap_from(index, gen, LEASE_FREE)
+    }
+
+    /// Frees an orphaned lease (its index will not get a new owner):
+    /// `true` if it was orphaned.
+    pub fn forget_orphan(&self, index: usize) -> bool {
+        self.swap_from(index, LEASE_ORPHANED, LEASE_FREE)
+    }
+
+    fn swap_from(&self, index: usize, from: u64, to: u64) -> bool {
+        match self.slots.get(index) {
+            Some(slot) => slot
+                .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// The state of `index`'s lease.
+    pub fn state(&self, index: usize) -> LeaseState {
+        match self.slots.get(index).map(|s| s.load(Ordering::SeqCst)) {
+            None | Some(LEASE_FREE) => LeaseState::Free,
+            Some(LEASE_ORPHANED) => LeaseState::Orphaned,
+            Some(g) => LeaseState::Held(g),
+        }
+    }
+
+    /// Must worker `index` stay parked?
+    #[inline]
+    fn parked(&self, index: usize) -> bool {
+        match self.slots.get(index) {
+            Some(slot) => {
+                slot.load(Ordering::Acquire) == LEASE_ORPHANED
+                    && !self.draining.load(Ordering::Acquire)
+            }
+            None => false,
+        }
+    }
+}
 
 /// The user stage: called with one batch of events of one shard, in order.
 /// `Err(reason)` or a panic makes the batch be retried once, then
@@ -287,6 +394,11 @@ pub struct PoolMetrics {
     /// `(events, batches)` processed by each current worker, by index.
     /// Workers removed by [`WorkerPool::scale`] are not listed.
     pub per_worker: Vec<(usize, usize)>,
+    /// Failed stage attempts (errors and panics, retries included) of each
+    /// current worker's batches, by index.
+    pub per_worker_errors: Vec<usize>,
+    /// Workers parked because their lease is orphaned.
+    pub parked_workers: usize,
 }
 
 #[derive(Default)]
@@ -305,6 +417,8 @@ struct Counters {
 struct WorkerStats {
     events: AtomicUsize,
     batches: AtomicUsize,
+    /// Failed stage attempts (errors and panics) of this worker's batches.
+    errors: AtomicUsize,
 }
 
 /// Per-shard state.
@@ -338,6 +452,8 @@ struct Shared<T> {
     progressed: Condvar,
     /// Unpark handles and stats of the current workers, by index.
     threads: RwLock<Vec<(Thread, Arc<WorkerStats>)>>,
+    /// Worker leases (see the module docs).
+    leases: Arc<Leases>,
 }
 
 /// Locks a mutex, ignoring poisoning (no pool code panics while holding
@@ -386,9 +502,20 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
             if index >= n {
                 return;
             }
+            if self.leases.parked(index) {
+                // Its owner died: leave the shards where they stand until a
+                // new owner holds the lease (`hold` wakes the workers).
+                thread::park_timeout(Duration::from_micros(
+                    self.flush_interval_us.load(Ordering::Relaxed),
+                ));
+                continue;
+            }
             let mut worked = false;
             let mut contended = false;
             for shard in (index..self.shards.len()).step_by(n) {
+                if self.leases.parked(index) {
+                    break;
+                }
                 let visit = catch_unwind(AssertUnwindSafe(|| {
                     self.visit(index, shard, stats, &mut buf)
                 }));
@@ -463,7 +590,15 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
         visit
     }
 
-    fn run_stage(&self, ctx: &StageCtx, events: &[T]) -> Result<(), String> {
+    fn run_stage(&self, ctx: &StageCtx, stats: &WorkerStats, events: &[T]) -> Result<(), String> {
+        let out = self.run_stage_inner(ctx, events);
+        if out.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn run_stage_inner(&self, ctx: &StageCtx, events: &[T]) -> Result<(), String> {
         match catch_unwind(AssertUnwindSafe(|| (self.stage)(ctx, events))) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("error: {e}")),
@@ -483,11 +618,11 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             Err("circuit open".to_string())
         } else {
-            let mut result = self.run_stage(&ctx, buf);
+            let mut result = self.run_stage(&ctx, stats, buf);
             if result.is_err() {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 ctx.attempt = 1;
-                result = self.run_stage(&ctx, buf);
+                result = self.run_stage(&ctx, stats, buf);
             }
             self.breaker.record(&gate, result.is_ok());
             result
@@ -582,6 +717,7 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             progress: Mutex::new(()),
             progressed: Condvar::new(),
             threads: RwLock::new(Vec::new()),
+            leases: Arc::new(Leases::new()),
         });
         let pool = Self {
             shared,
@@ -708,6 +844,35 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
         }
     }
 
+    /// The lease table (see the module docs), for owners that must outlive
+    /// a borrow of the pool (an owner's death is noticed elsewhere).
+    pub fn leases(&self) -> Arc<Leases> {
+        Arc::clone(&self.shared.leases)
+    }
+
+    /// Takes the lease of worker `index` and wakes the workers, so a
+    /// parked one resumes at once: the lease's generation, or `None` for an
+    /// index at or above [`MAX_LEASES`].
+    pub fn hold(&self, index: usize) -> Option<u64> {
+        let g = self.shared.leases.hold(index);
+        self.shared.notify();
+        g
+    }
+
+    /// Marks worker `index`'s lease orphaned if generation `gen` holds it:
+    /// the worker parks after its current batch.
+    pub fn orphan(&self, index: usize, gen: u64) -> bool {
+        self.shared.leases.orphan(index, gen)
+    }
+
+    /// Gives worker `index`'s lease back if generation `gen` holds it (the
+    /// worker runs freely); wakes the workers.
+    pub fn release(&self, index: usize, gen: u64) -> bool {
+        let ok = self.shared.leases.release(index, gen);
+        self.shared.notify();
+        ok
+    }
+
     /// Copies of the dead-letter queue, oldest first (at most
     /// `max_dead_letters` batches).
     pub fn dead_letters(&self) -> Vec<DeadLetter<T>> {
@@ -742,11 +907,12 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
     /// A snapshot of the counters.
     pub fn metrics(&self) -> PoolMetrics {
         let c = &self.shared.counters;
-        let per_worker = self
+        let threads = self
             .shared
             .threads
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|e| e.into_inner());
+        let per_worker = threads
             .iter()
             .map(|(_, s)| {
                 (
@@ -755,6 +921,14 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
                 )
             })
             .collect();
+        let per_worker_errors = threads
+            .iter()
+            .map(|(_, s)| s.errors.load(Ordering::Relaxed))
+            .collect();
+        let parked_workers = (0..threads.len())
+            .filter(|&i| self.shared.leases.parked(i))
+            .count();
+        drop(threads);
         PoolMetrics {
             workers: self.workers(),
             batches: c.batches.load(Ordering::Relaxed),
@@ -766,6 +940,8 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             dead_letter_overflow: c.dead_letter_overflow.load(Ordering::Relaxed),
             loop_iterations: c.loop_iterations.load(Ordering::Relaxed),
             per_worker,
+            per_worker_errors,
+            parked_workers,
         }
     }
 
@@ -784,6 +960,9 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
         if self.shared.stop.load(Ordering::Acquire) {
             return true;
         }
+        // Workers whose owner died drain too: the pool is going away.
+        self.shared.leases.draining.store(true, Ordering::SeqCst);
+        self.shared.notify();
         let drained = self.flush(timeout);
         let sh = &self.shared;
         let mut handles = lock(&self.handles);

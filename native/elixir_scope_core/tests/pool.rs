@@ -478,3 +478,84 @@ fn circuit_breaker_opens_rejects_probes_and_closes() {
     );
     assert_eq!(pool.dead_letters().len(), 4);
 }
+
+/// Wait (bounded) until `f` holds.
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn an_orphaned_lease_parks_its_worker_and_a_new_holder_resumes_it() {
+    use elixir_scope_core::LeaseState;
+    let rings = shards(SHARDS, 4096);
+    let (log, stage) = recorder();
+    // 2 workers: worker 1 drains shards 1 and 3.
+    let pool = WorkerPool::new(rings.clone(), config(2, 64), stage);
+    let g0 = pool.hold(0).unwrap();
+    let g1 = pool.hold(1).unwrap();
+    assert_eq!(pool.leases().state(1), LeaseState::Held(g1));
+    produce(&rings, &pool, 2, 1000);
+    assert!(pool.flush(Duration::from_secs(5)));
+
+    // Worker 1's owner dies: its shards stay where they stand.
+    assert!(pool.orphan(1, g1));
+    assert!(!pool.orphan(1, g1), "only once");
+    assert_eq!(pool.leases().state(1), LeaseState::Orphaned);
+    assert!(eventually(|| pool.metrics().parked_workers == 1));
+    let before: Vec<u64> = rings.iter().map(|r| r.read_position()).collect();
+    produce(&rings, &pool, 2, 1000);
+    pool.notify();
+    // Worker 0's shards drain; worker 1's do not.
+    assert!(eventually(|| rings[0].read_position()
+        == rings[0].write_position()
+        && rings[2].read_position() == rings[2].write_position()));
+    thread::sleep(Duration::from_millis(30));
+    assert_eq!(rings[1].read_position(), before[1]);
+    assert_eq!(rings[3].read_position(), before[3]);
+    assert!(!pool.flush(Duration::from_millis(20)));
+
+    // A new owner: worker 1 resumes at each shard's cursor.
+    let g1b = pool.hold(1).unwrap();
+    assert!(g1b > g1);
+    assert!(!pool.orphan(1, g1), "a stale generation changes nothing");
+    assert!(pool.flush(Duration::from_secs(5)));
+    // Events are `(shard, producer, seq)` keyed by the second round too.
+    let log_len: usize = log.lock().unwrap().iter().map(|l| l.len()).sum();
+    assert_eq!(log_len, 4000);
+    let m = pool.metrics();
+    assert_eq!(m.parked_workers, 0);
+    assert_eq!(m.events_processed, 4000);
+    assert_eq!(ring_reads(&rings), 4000);
+    assert_eq!(m.per_worker_errors, vec![0, 0]);
+
+    // Released: runs freely; an orphan at shutdown is drained anyway.
+    assert!(pool.release(0, g0));
+    assert_eq!(pool.leases().state(0), LeaseState::Free);
+    assert!(pool.orphan(1, g1b));
+    produce(&rings, &pool, 1, 100);
+    assert!(pool.shutdown());
+    let total: usize = log.lock().unwrap().iter().map(|l| l.len()).sum();
+    assert_eq!(total, 4100);
+    assert_eq!(ring_reads(&rings), 4100);
+}
+
+#[test]
+fn leases_beyond_the_table_are_refused() {
+    let rings = shards(1, 64);
+    let (_log, stage) = recorder();
+    let pool = WorkerPool::new(rings, config(1, 8), stage);
+    assert!(pool.hold(elixir_scope_core::MAX_LEASES).is_none());
+    assert!(!pool.orphan(elixir_scope_core::MAX_LEASES, 2));
+    assert!(!pool.leases().forget_orphan(0));
+    let g = pool.hold(0).unwrap();
+    assert!(pool.orphan(0, g));
+    assert!(pool.leases().forget_orphan(0));
+    assert!(pool.shutdown());
+}

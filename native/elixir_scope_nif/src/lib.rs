@@ -24,6 +24,7 @@ mod sub_nif;
 mod tracefile_nif;
 mod tracer_nif;
 mod utils_nif;
+mod writer_nif;
 
 use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
 use rustler::{Encoder, Env, Term};

@@ -75,6 +75,15 @@ impl PipeRes {
         Ok((Arc::clone(pipe.engine().hub()), Arc::clone(&self.watcher)))
     }
 
+    /// The running pipeline (raises once shut down), for the other NIF
+    /// modules.
+    pub(crate) fn pipeline<'s>(
+        &'s self,
+        env: Env,
+    ) -> NifResult<impl std::ops::Deref<Target = Pipeline> + 's> {
+        self.get(env)
+    }
+
     fn get<'s>(&'s self, env: Env) -> NifResult<PipeGuard<'s>> {
         let g = self.pipeline.read().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {

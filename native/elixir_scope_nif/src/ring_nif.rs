@@ -112,6 +112,8 @@ pub struct RingRes {
     pub truncated: AtomicU64,
     /// Load shedding, shared with the pipeline and tracers writing here.
     pub shed: Arc<Shedder>,
+    /// The kept positions of the `AsyncWriter`s draining this ring.
+    pub writers: crate::writer_nif::Writers,
 }
 
 impl Drop for RingRes {
@@ -258,6 +260,7 @@ impl RingRes {
             destroyed: Arc::new(AtomicBool::new(false)),
             truncated: AtomicU64::new(0),
             shed: Arc::new(Shedder::default()),
+            writers: Default::default(),
         }
     }
 
