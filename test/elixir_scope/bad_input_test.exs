@@ -712,6 +712,7 @@ defmodule ElixirScope.BadInputTest do
         {:store_new, [8]},
         {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
         {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
+        {:store_try_put_batch, [store_ref, [{4, 4, me, M, :f, 1, :e}]]},
         {:store_get, [store_ref, 1]},
         {:store_by_pid, [store_ref, me, 10, false]},
         {:store_by_function, [store_ref, M, :f, 10, false]},

@@ -93,6 +93,7 @@ rustler::atoms! {
     after_stop,
     tracing,
     read_only,
+    busy,
     receive,
     exit,
     exception,
@@ -235,6 +236,8 @@ rustler::atoms! {
     evicted,
     expired,
     duplicates,
+    reclaimed_bytes,
+    compactions,
     // trace files
     offset,
     file,
