@@ -398,6 +398,39 @@ defmodule ElixirScope.ConfigTest do
              ]
     end
 
+    test "the application's Config drives the application's default pipeline" do
+      previous = :persistent_term.get({Ingestor, :buffer}, :__unset__)
+      original = Config.get([:storage, :hot, :max_events])
+      original_batch = Config.get([:capture, :processing, :batch_size])
+      # Registered under the default name, as `config :elixir_scope, pipeline: [...]` does.
+      {:ok, pm} = ElixirScope.Application.start_pipeline(shards: 1, ring_size: 64)
+
+      try do
+        assert Process.whereis(PipelineManager) == pm
+        assert :ok = Config.update([:storage, :hot, :max_events], 7)
+        assert PipelineManager.data_access().max_events == 7
+        assert DataAccess.get_stats(PipelineManager.data_access()).max_events == 7
+        assert :ok = Config.update([:capture, :processing, :batch_size], 3)
+        assert PipelineManager.get_metrics().native.pool.batch_size == 3
+        # Its backpressure manager answers the zero-arity API.
+        assert ElixirScope.Capture.BackpressureManager.check_pressure() in [
+                 :normal,
+                 :elevated,
+                 :high,
+                 :critical
+               ]
+      after
+        :ok = Config.update([:storage, :hot, :max_events], original)
+        :ok = Config.update([:capture, :processing, :batch_size], original_batch)
+        :ok = PipelineManager.shutdown(pm)
+
+        case previous do
+          :__unset__ -> :persistent_term.erase({Ingestor, :buffer})
+          buf -> :persistent_term.put({Ingestor, :buffer}, buf)
+        end
+      end
+    end
+
     test "start_pipeline/1 starts the pipeline with them, its own options first" do
       previous = :persistent_term.get({Ingestor, :buffer}, :__unset__)
       name = :"es_cfg_pm_#{System.unique_integer([:positive])}"
