@@ -174,6 +174,9 @@ defmodule ElixirScope.Config do
     [:interface, :query_timeout]
   ]
 
+  # How long an update waits for the pipeline.
+  @pipeline_timeout 20_000
+
   @start_defaults [name: __MODULE__, pipeline: nil, config: [], env: true]
 
   #############################################################################
@@ -389,28 +392,67 @@ defmodule ElixirScope.Config do
   defp apply_to_pipeline(_pm, paths, _config) when map_size(paths) == 0, do: :ok
 
   defp apply_to_pipeline(pm, paths, config) do
-    if running?(pm) do
-      changes =
-        Map.new(paths, fn {path, {opt, mult, _}} -> {opt, get_in_path(config, path) * mult} end)
+    case whereis_pipeline(pm) do
+      nil ->
+        :ok
 
-      try do
-        case PipelineManager.update_config(pm, changes) do
-          :ok -> :ok
-          {:error, reason} -> {:error, {:pipeline, reason}}
+      :not_a_pipeline ->
+        {:error, {:pipeline, :not_a_pipeline}}
+
+      dest ->
+        changes =
+          Map.new(paths, fn {path, {opt, mult, _}} -> {opt, get_in_path(config, path) * mult} end)
+
+        # In a task: a pipeline that does not answer must not block this
+        # server (PipelineManager's supervisor calls wait forever).
+        task =
+          Task.async(fn ->
+            try do
+              PipelineManager.update_config(dest, changes)
+            rescue
+              e in ArgumentError -> {:error, Exception.message(e)}
+            catch
+              :exit, reason -> {:error, {:exit, reason}}
+            end
+          end)
+
+        case Task.yield(task, @pipeline_timeout) || Task.shutdown(task, :brutal_kill) do
+          {:ok, :ok} -> :ok
+          {:ok, {:error, reason}} -> {:error, {:pipeline, reason}}
+          {:exit, reason} -> {:error, {:pipeline, {:exit, reason}}}
+          nil -> {:error, {:pipeline, :timeout}}
         end
-      rescue
-        e in ArgumentError -> {:error, {:pipeline, Exception.message(e)}}
-      catch
-        :exit, reason -> {:error, {:pipeline, {:exit, reason}}}
-      end
-    else
-      :ok
     end
   end
 
-  defp running?(pid) when is_pid(pid), do: Process.alive?(pid)
-  defp running?(name) when is_atom(name), do: Process.whereis(name) != nil
-  defp running?(other), do: GenServer.whereis(other) != nil
+  # The running PipelineManager `pm` names (a local process must be one),
+  # or nil.
+  defp whereis_pipeline(pm) do
+    pid =
+      case pm do
+        pid when is_pid(pid) -> if node(pid) != node() or Process.alive?(pid), do: pid
+        name when is_atom(name) -> Process.whereis(name)
+        other -> GenServer.whereis(other)
+      end
+
+    cond do
+      pid == nil -> nil
+      not is_pid(pid) or node(pid) != node() -> pid
+      pipeline_process?(pid) -> pid
+      true -> :not_a_pipeline
+    end
+  end
+
+  defp pipeline_process?(pid) do
+    case Process.info(pid, :dictionary) do
+      {:dictionary, dict} ->
+        List.keyfind(dict, :"$initial_call", 0) ==
+          {:"$initial_call", {:supervisor, PipelineManager, 1}}
+
+      nil ->
+        false
+    end
+  end
 
   #############################################################################
   # Loading

@@ -358,6 +358,12 @@ defmodule ElixirScope.ConfigTest do
       end)
 
       assert Config.get(c, [:capture, :processing, :batch_size]) == 1000
+      # A process that is not a pipeline (calling it would block): refused at once.
+      c2 = start_config!(pipeline: self())
+
+      assert {:error, {:pipeline, :not_a_pipeline}} =
+               Config.update(c2, [:capture, :processing, :batch_size], 9)
+
       # Paths without a pipeline option do not touch it.
       assert :ok = Config.update(c, [:interface, :query_timeout], 100)
     end
