@@ -1,15 +1,22 @@
 defmodule ElixirScope.Application do
   @moduledoc false
-  # Starts `ElixirScope.Supervisor` with `ElixirScope.Tracer` (idle until
-  # `ElixirScope.trace/2`) and `ElixirScope.Cluster` (idle until a trace
-  # with `nodes:`). With `config :elixir_scope, pipeline:
+  # Starts `ElixirScope.Supervisor` with `ElixirScope.Config` (the validated
+  # configuration; an invalid one fails the start), `ElixirScope.Tracer`
+  # (idle until `ElixirScope.trace/2`) and `ElixirScope.Cluster` (idle until
+  # a trace with `nodes:`). With `config :elixir_scope, pipeline:
   # opts` (a keyword list; `true` for the defaults) it also starts a
   # default `PipelineManager` (registered as `ElixirScope.Capture.PipelineManager`
-  # unless `opts` names it otherwise) and makes its ring the `Ingestor`'s
-  # buffer (`Ingestor.get_buffer/0`).
+  # unless `opts` names it otherwise) with the options `ElixirScope.Config`
+  # derives (batch size, flush interval, backlog bound, store bounds,
+  # overflow strategy; `opts` take precedence) and makes its ring the
+  # `Ingestor`'s buffer (`Ingestor.get_buffer/0`). `Config.update/2`
+  # applies to that pipeline live.
   use Application
 
+  require Logger
+
   alias ElixirScope.Capture.{Ingestor, PipelineManager}
+  alias ElixirScope.Config
 
   @impl true
   def start(_type, _args) do
@@ -23,6 +30,7 @@ defmodule ElixirScope.Application do
 
     children = [
       ElixirScope.Telemetry.Registry,
+      Config,
       ElixirScope.Tracer,
       ElixirScope.Cluster | pipeline
     ]
@@ -41,8 +49,27 @@ defmodule ElixirScope.Application do
 
   @doc false
   def start_pipeline(opts) do
-    with {:ok, pid} <- PipelineManager.start_link(opts) do
+    {derived, gen} =
+      case Process.whereis(Config) do
+        nil ->
+          {[], nil}
+
+        _ ->
+          {config, gen} = Config.snapshot()
+          {Config.pipeline_options(config), gen}
+      end
+
+    with {:ok, pid} <- PipelineManager.start_link(Keyword.merge(derived, opts)) do
       Ingestor.set_buffer(PipelineManager.ring_buffer(pid))
+
+      # An update kept while the pipeline was (re)starting.
+      with gen when is_integer(gen) <- gen,
+           {:error, reason} <- Config.sync_pipeline(Config, pid, gen) do
+        Logger.warning(
+          "ElixirScope: configuration not applied to the pipeline: #{inspect(reason)}"
+        )
+      end
+
       {:ok, pid}
     end
   end

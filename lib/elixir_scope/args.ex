@@ -51,4 +51,83 @@ defmodule ElixirScope.Args do
 
     v
   end
+
+  @doc """
+  Where to call the `module` server named by `server` (a pid, a registered
+  name, `{:global, term}`, `{:via, mod, term}` or `{name, node}`): its pid,
+  or `nil` when no process runs under that name (or the pid is dead).
+  A local process of another kind raises `ArgumentError` (calling it would
+  hang or crash the caller), and so does a term that names no server.
+  Remote servers are returned as given.
+  """
+  @spec server(term(), module()) :: pid() | {atom(), node()} | nil
+  def server(server, module) do
+    pid =
+      case server do
+        pid when is_pid(pid) ->
+          pid
+
+        name when is_atom(name) and name != nil ->
+          Process.whereis(name)
+
+        {:global, _} ->
+          GenServer.whereis(server)
+
+        {:via, mod, _} when is_atom(mod) ->
+          via(server, module)
+
+        {name, node} when is_atom(name) and node == node() ->
+          Process.whereis(name)
+
+        {name, node} when is_atom(name) and is_atom(node) ->
+          remote(server, module)
+
+        other ->
+          raise ArgumentError,
+                "expected a #{inspect(module)} pid or name, got: #{inspect(other, limit: 5)}"
+      end
+
+    cond do
+      pid == :remote -> server
+      pid == nil -> nil
+      node(pid) != node() -> pid
+      true -> local(pid, module)
+    end
+  end
+
+  defp via({:via, mod, _} = server, module) do
+    GenServer.whereis(server)
+  rescue
+    UndefinedFunctionError ->
+      reraise ArgumentError,
+              "#{inspect(mod)} is not a registry, in #{inspect(module)} server #{inspect(server)}",
+              __STACKTRACE__
+  end
+
+  defp remote({_name, node} = server, module) do
+    if node in Node.list(),
+      do: :remote,
+      else:
+        raise(
+          ArgumentError,
+          "node #{inspect(node)} of #{inspect(module)} server #{inspect(server)} is not connected"
+        )
+  end
+
+  defp local(pid, module) do
+    case Process.info(pid, :dictionary) do
+      nil ->
+        nil
+
+      {:dictionary, dict} ->
+        case List.keyfind(dict, :"$initial_call", 0) do
+          {_, {^module, :init, 1}} ->
+            pid
+
+          _ ->
+            raise ArgumentError,
+                  "#{inspect(pid)} is not a #{inspect(module)} process"
+        end
+    end
+  end
 end

@@ -219,8 +219,14 @@ defmodule ElixirScope.Debug do
   @spec backpressure_analysis(pipeline()) :: map() | nil
   def backpressure_analysis(pm \\ PipelineManager) do
     case PipelineManager.backpressure_manager(pm) do
-      nil -> nil
-      bpm -> BackpressureManager.get_state(bpm)
+      nil ->
+        nil
+
+      bpm ->
+        case BackpressureManager.get_state(bpm) do
+          %{} = state -> state
+          {:error, :not_running} -> nil
+        end
     end
   end
 

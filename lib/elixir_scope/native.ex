@@ -79,6 +79,7 @@ defmodule ElixirScope.Native do
     do: nif_error()
 
   def store_put_batch(_ref, _entries), do: nif_error()
+  def store_try_put_batch(_ref, _entries), do: nif_error()
   def store_get(_ref, _id), do: nif_error()
   def store_by_pid(_ref, _pid, _limit, _desc), do: nif_error()
   def store_by_function(_ref, _module, _function, _limit, _desc), do: nif_error()

@@ -1,9 +1,10 @@
 defmodule ElixirScope.BadInputTest do
   @moduledoc """
   Feeds wrong-type inputs to every public function of `RingBuffer`,
-  `Ingestor`, `Events`, `DataAccess` and `EventCorrelator` (and to the raw
-  NIFs): each call must return a documented result or raise
-  `ArgumentError`, and the VM must survive.
+  `Ingestor`, `Events`, `DataAccess`, `EventCorrelator`, `Utils`,
+  `TraceFile`, `Config` and `BackpressureManager` (and to the raw NIFs):
+  each call must return a documented result or raise `ArgumentError`, and
+  the VM must survive.
   """
   # set_buffer/1 writes a node-wide :persistent_term.
   use ExUnit.Case, async: false
@@ -11,8 +12,8 @@ defmodule ElixirScope.BadInputTest do
   import Bitwise
   import ElixirScope.RingTestHelpers
 
-  alias ElixirScope.Capture.{EventCorrelator, Ingestor, RingBuffer}
-  alias ElixirScope.{Events, Export, Native, TraceFile, Utils}
+  alias ElixirScope.Capture.{BackpressureManager, EventCorrelator, Ingestor, RingBuffer}
+  alias ElixirScope.{Config, Events, Export, Native, TraceFile, Utils}
   alias ElixirScope.Storage.DataAccess
 
   @moduletag timeout: 300_000
@@ -20,12 +21,27 @@ defmodule ElixirScope.BadInputTest do
   @buffer_key {Ingestor, :buffer}
 
   # Modules whose every public function the sweep calls with bad input.
-  @swept [RingBuffer, Ingestor, Events, DataAccess, EventCorrelator, Utils, TraceFile, Export]
+  @swept [
+    RingBuffer,
+    Ingestor,
+    Events,
+    DataAccess,
+    EventCorrelator,
+    Utils,
+    TraceFile,
+    Export,
+    Config,
+    BackpressureManager
+  ]
 
   setup do
     previous = :persistent_term.get(@buffer_key, :__unset__)
+    # The sweep updates the application's Config (a path no pipeline uses).
+    query_timeout = Config.get([:interface, :query_timeout])
 
     on_exit(fn ->
+      :ok = Config.update([:interface, :query_timeout], query_timeout)
+
       case previous do
         :__unset__ -> :persistent_term.erase(@buffer_key)
         buffer -> :persistent_term.put(@buffer_key, buffer)
@@ -87,6 +103,44 @@ defmodule ElixirScope.BadInputTest do
       nil -> tap(new_corr!(), &Process.put(:bad_input_correlator, &1))
     end
   end
+
+  # A private Config (applying to no pipeline), one per test process.
+  defp cfg! do
+    case Process.get(:bad_input_config) do
+      pid when is_pid(pid) ->
+        pid
+
+      nil ->
+        {:ok, pid} = Config.start_link(name: nil, pipeline: false, env: false)
+        tap(pid, &Process.put(:bad_input_config, &1))
+    end
+  end
+
+  # A BackpressureManager of no pipeline (it observes nothing).
+  defp bpm! do
+    case Process.get(:bad_input_bpm) do
+      pid when is_pid(pid) ->
+        pid
+
+      nil ->
+        {:ok, pid} = BackpressureManager.start_link(name: nil, pipeline: :es_sweep_no_pipeline)
+        tap(pid, &Process.put(:bad_input_bpm, &1))
+    end
+  end
+
+  # A server started by the sweep is stopped at once (start_link/0 would
+  # otherwise hold the default name).
+  defp started_or_error?({:ok, pid}) when is_pid(pid) do
+    Process.unlink(pid)
+    GenServer.stop(pid)
+    true
+  end
+
+  defp started_or_error?({:error, _}), do: true
+  defp started_or_error?(_), do: false
+
+  defp level_result?(l) when l in [:normal, :elevated, :high, :critical], do: true
+  defp level_result?(other), do: other == {:error, :not_running}
 
   defp corr_started?({:ok, pid}), do: is_pid(pid)
   defp corr_started?(_), do: false
@@ -402,7 +456,54 @@ defmodule ElixirScope.BadInputTest do
       {Utils, :format_duration, fn _ -> [10] end, &is_binary/1},
       {Utils, :valid_positive_integer?, fn _ -> [1] end, &is_boolean/1},
       {Utils, :valid_percentage?, fn _ -> [0.5] end, &is_boolean/1},
-      {Utils, :valid_pid?, fn _ -> [me] end, &is_boolean/1}
+      {Utils, :valid_pid?, fn _ -> [me] end, &is_boolean/1},
+      # Config (the application's server, and a private one)
+      {Config, :start_link, fn _ -> [] end, &started_or_error?/1},
+      {Config, :start_link, fn _ -> [[name: nil, pipeline: false, env: false]] end,
+       &started_or_error?/1},
+      {Config, :child_spec, fn _ -> [[]] end, &is_map/1},
+      {Config, :get, fn _ -> [] end, &match?(%Config{}, &1)},
+      {Config, :get, fn _ -> [[:ai, :provider]] end, &any?/1},
+      {Config, :get, fn _ -> [cfg!(), [:ai, :provider]] end, &any?/1},
+      {Config, :update, fn _ -> [[:interface, :query_timeout], 5000] end,
+       &(&1 == :ok or match?({:error, _}, &1))},
+      {Config, :update, fn _ -> [cfg!(), [:interface, :query_timeout], 5000] end,
+       &(&1 == :ok or match?({:error, _}, &1))},
+      {Config, :validate, fn _ -> [%Config{}] end,
+       &(match?({:ok, _}, &1) or match?({:error, m} when is_binary(m), &1))},
+      {Config, :pipeline_options, fn _ -> [%Config{}] end, &Keyword.keyword?/1},
+      {Config, :snapshot, fn _ -> [] end, &match?({%Config{}, g} when is_integer(g), &1)},
+      {Config, :snapshot, fn _ -> [cfg!()] end, &match?({%Config{}, g} when is_integer(g), &1)},
+      {Config, :sync_pipeline, fn _ -> [:es_sweep_no_pipeline, 0] end,
+       &(&1 == :ok or match?({:error, _}, &1))},
+      {Config, :sync_pipeline, fn _ -> [cfg!(), :es_sweep_no_pipeline, 0] end,
+       &(&1 == :ok or match?({:error, _}, &1))},
+      # BackpressureManager (the default name runs nothing here)
+      {BackpressureManager, :start_link, fn _ -> [] end, &started_or_error?/1},
+      {BackpressureManager, :start_link,
+       fn _ -> [[name: nil, pipeline: :es_sweep_no_pipeline]] end, &started_or_error?/1},
+      {BackpressureManager, :child_spec, fn _ -> [[]] end, &is_map/1},
+      {BackpressureManager, :validate_opts!, fn _ -> [[]] end, &is_map/1},
+      {BackpressureManager, :check_pressure, fn _ -> [] end, &level_result?/1},
+      {BackpressureManager, :check_pressure, fn _ -> [bpm!()] end, &level_result?/1},
+      {BackpressureManager, :check_now, fn _ -> [] end, &level_result?/1},
+      {BackpressureManager, :check_now, fn _ -> [bpm!()] end, &level_result?/1},
+      {BackpressureManager, :get_scaling_recommendation, fn _ -> [] end,
+       &(&1 == :maintain or match?({_, n} when is_integer(n) or n == :not_running, &1))},
+      {BackpressureManager, :get_scaling_recommendation, fn _ -> [bpm!()] end,
+       &(&1 == :maintain or match?({_, n} when is_integer(n) or n == :not_running, &1))},
+      {BackpressureManager, :enable_load_shedding, fn _ -> [] end,
+       &(&1 in [:ok, {:error, :not_running}])},
+      {BackpressureManager, :enable_load_shedding, fn _ -> [bpm!()] end,
+       &(&1 in [:ok, {:error, :not_running}])},
+      {BackpressureManager, :disable_load_shedding, fn _ -> [] end,
+       &(&1 in [:ok, {:error, :not_running}])},
+      {BackpressureManager, :disable_load_shedding, fn _ -> [bpm!()] end,
+       &(&1 in [:ok, {:error, :not_running}])},
+      {BackpressureManager, :get_state, fn _ -> [] end,
+       &(is_map(&1) or &1 == {:error, :not_running})},
+      {BackpressureManager, :get_state, fn _ -> [bpm!()] end,
+       &(is_map(&1) or &1 == {:error, :not_running})}
     ]
   end
 
@@ -422,7 +523,23 @@ defmodule ElixirScope.BadInputTest do
     {EventCorrelator, :handle_cast, 2},
     {EventCorrelator, :handle_info, 2},
     {EventCorrelator, :terminate, 2},
-    {EventCorrelator, :code_change, 3}
+    {EventCorrelator, :code_change, 3},
+    {Config, :__struct__, 0},
+    {Config, :__struct__, 1},
+    {Config, :init, 1},
+    {Config, :handle_call, 3},
+    {Config, :handle_cast, 2},
+    {Config, :handle_info, 2},
+    {Config, :terminate, 2},
+    {Config, :code_change, 3},
+    {BackpressureManager, :init, 1},
+    {BackpressureManager, :handle_call, 3},
+    {BackpressureManager, :handle_cast, 2},
+    {BackpressureManager, :handle_info, 2},
+    {BackpressureManager, :terminate, 2},
+    {BackpressureManager, :code_change, 3},
+    # The scaling policy on a validated config (@doc false).
+    {BackpressureManager, :recommend, 3}
   ]
 
   # ---------------------------------------------------------------------------
@@ -624,6 +741,7 @@ defmodule ElixirScope.BadInputTest do
         {:store_new, [8]},
         {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
         {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
+        {:store_try_put_batch, [store_ref, [{4, 4, me, M, :f, 1, :e}]]},
         {:store_get, [store_ref, 1]},
         {:store_by_pid, [store_ref, me, 10, false]},
         {:store_by_function, [store_ref, M, :f, 10, false]},

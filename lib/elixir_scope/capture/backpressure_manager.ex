@@ -16,6 +16,16 @@ defmodule ElixirScope.Capture.BackpressureManager do
   returns it. The one registered under this module's name is the default
   for the functions below.
 
+  ## No manager running
+
+  The `:elixir_scope` application starts a default pipeline, and so a
+  manager under this module's name, only when configured to (`config
+  :elixir_scope, pipeline: ...`). When no manager runs under the name given
+  (or the default one), the functions below return `{:error,
+  :not_running}` instead of exiting the caller; a term that names no
+  server, or a process that is not a `BackpressureManager`, raises
+  `ArgumentError`.
+
   ## Pressure
 
   Every `:check_interval_ms` it reads the pipeline's metrics and rates each
@@ -116,37 +126,57 @@ defmodule ElixirScope.Capture.BackpressureManager do
   def validate_opts!(opts),
     do: opts |> Args.keyword_opts!(@defaults, "BackpressureManager") |> validate!()
 
-  @doc "The current pressure level."
-  @spec check_pressure(server()) :: level()
-  def check_pressure(server \\ __MODULE__), do: GenServer.call(server, :pressure)
+  @doc "The current pressure level (`{:error, :not_running}`: see above)."
+  @spec check_pressure(server()) :: level() | {:error, :not_running}
+  def check_pressure(server \\ __MODULE__), do: call(server, :pressure)
 
   @doc "What the scaling policy recommends for the current pressure and pool size."
   @spec get_scaling_recommendation(server()) ::
-          {:scale_up, pos_integer()} | {:scale_down, pos_integer()} | :maintain
+          {:scale_up, pos_integer()}
+          | {:scale_down, pos_integer()}
+          | :maintain
+          | {:error, :not_running}
   def get_scaling_recommendation(server \\ __MODULE__),
-    do: GenServer.call(server, :recommendation)
+    do: call(server, :recommendation)
 
   @doc "Turns adaptive load shedding on (it follows the pressure from now on)."
-  @spec enable_load_shedding(server()) :: :ok
+  @spec enable_load_shedding(server()) :: :ok | {:error, :not_running}
   def enable_load_shedding(server \\ __MODULE__),
-    do: GenServer.call(server, {:shedding, true})
+    do: call(server, {:shedding, true})
 
   @doc "Turns load shedding off; the ring keeps every event again."
-  @spec disable_load_shedding(server()) :: :ok
+  @spec disable_load_shedding(server()) :: :ok | {:error, :not_running}
   def disable_load_shedding(server \\ __MODULE__),
-    do: GenServer.call(server, {:shedding, false})
+    do: call(server, {:shedding, false})
 
   @doc """
   The manager's view: `:level`, the last `:readings` and the level of each
   signal, `:workers`, `:shedding`, `:circuit`, the config and the last
   #{@history} transitions (`:history`, newest first).
   """
-  @spec get_state(server()) :: map()
-  def get_state(server \\ __MODULE__), do: GenServer.call(server, :get_state)
+  @spec get_state(server()) :: map() | {:error, :not_running}
+  def get_state(server \\ __MODULE__), do: call(server, :get_state)
 
   @doc "Runs a check now (as the timer does) and returns the new level."
-  @spec check_now(server()) :: level()
-  def check_now(server \\ __MODULE__), do: GenServer.call(server, :check_now)
+  @spec check_now(server()) :: level() | {:error, :not_running}
+  def check_now(server \\ __MODULE__), do: call(server, :check_now)
+
+  defp call(server, request) do
+    case Args.server(server, __MODULE__) do
+      nil ->
+        {:error, :not_running}
+
+      dest ->
+        try do
+          GenServer.call(dest, request)
+        catch
+          # It stopped between the lookup and the call.
+          :exit, {:noproc, _} -> {:error, :not_running}
+          :exit, {:normal, _} -> {:error, :not_running}
+          :exit, {:shutdown, _} -> {:error, :not_running}
+        end
+    end
+  end
 
   # ---- validation -------------------------------------------------------------
 

@@ -196,8 +196,9 @@ defmodule ElixirScope.Capture.PipelineManager do
   end
 
   @doc """
-  `%{config, status, children, uptime_ms, started_at, ring_buffer,
-  data_access}`.
+  `%{config, status, children, uptime_ms, uptime_ns, started_at,
+  ring_buffer, data_access}` (`uptime_ms` rounded up, as in
+  `health_check/1`).
   """
   @spec get_state(server()) :: map()
   def get_state(pm \\ __MODULE__) do
@@ -231,7 +232,8 @@ defmodule ElixirScope.Capture.PipelineManager do
 
   @doc """
   `%{status: :healthy | :degraded | :stopped, children_count, uptime_ms,
-  ...}`. Degraded when a child is down, the native workers are fewer than
+  uptime_ns, ...}`. `uptime_ms` is rounded up, so a running pipeline
+  reports at least 1 from its start (`uptime_ns` is exact). Degraded when a child is down, the native workers are fewer than
   configured, the backlog exceeds `:max_backlog` or batches have been
   dead-lettered.
   """
@@ -382,6 +384,7 @@ defmodule ElixirScope.Capture.PipelineManager do
     def init({pipeline, name}) do
       Process.flag(:trap_exit, true)
       now = System.monotonic_time(:millisecond)
+      started_ns = System.monotonic_time(:nanosecond)
       Process.send_after(self(), :tick, @tick_ms)
 
       {:ok,
@@ -390,6 +393,7 @@ defmodule ElixirScope.Capture.PipelineManager do
          name: name,
          config: pipeline.config,
          started_at: now,
+         started_ns: started_ns,
          started_at_wall: System.system_time(:millisecond),
          last_sample: {now, 0},
          rate: 0.0,
@@ -408,6 +412,7 @@ defmodule ElixirScope.Capture.PipelineManager do
          status: if(s.stopped, do: :stopped, else: :running),
          started_at: s.started_at_wall,
          uptime_ms: uptime(s),
+         uptime_ns: uptime_ns(s),
          ring_buffer: s.pipeline.ring_buffer,
          data_access: s.pipeline.data_access
        }, s}
@@ -463,6 +468,7 @@ defmodule ElixirScope.Capture.PipelineManager do
        %{
          status: status,
          uptime_ms: uptime(s),
+         uptime_ns: uptime_ns(s),
          active_workers: native.pool.workers,
          backlog_size: acc.in_flight,
          dead_lettered: acc.dead_lettered,
@@ -498,6 +504,8 @@ defmodule ElixirScope.Capture.PipelineManager do
     # A crash: the restarted server takes over the running pipeline.
     def terminate(_reason, _s), do: :ok
 
-    defp uptime(s), do: System.monotonic_time(:millisecond) - s.started_at
+    # Rounded up: a running pipeline's uptime is positive from its start.
+    defp uptime(s), do: div(uptime_ns(s) + 999_999, 1_000_000)
+    defp uptime_ns(s), do: System.monotonic_time(:nanosecond) - s.started_ns
   end
 end

@@ -296,7 +296,20 @@ defmodule ElixirScope.Capture.RingBuffer do
   def size(%__MODULE__{size: size}), do: size
   def size(other), do: bad_buffer!(other)
 
-  @doc "Discards every unconsumed event (counted in `dropped.cleared`)."
+  @doc """
+  Discards every unconsumed event (counted in `dropped.cleared`); the ring
+  is empty afterwards (`available_events` 0, `read(buf, 0)` is `:empty`).
+
+  Positions and counters are *not* reset (the original set
+  `write_position`, `read_position` and the counters back to 0): positions
+  stay monotonic, so a reader still holding a position from before the
+  clear (an `AsyncWriter`, a pool worker, any `read_batch/3` loop) reads
+  the events written after it exactly once, and is told how many it
+  missed. With positions reset, such a reader would wait at its old
+  position while new events were written below it and then skip them
+  silently, or read events twice. The counters keep the accounting
+  (`total_writes = total_reads + dropped + available`) true across clears.
+  """
   @spec clear(t()) :: :ok
   def clear(%__MODULE__{ref: ref}), do: Native.rb_clear(ref)
   def clear(other), do: bad_buffer!(other)

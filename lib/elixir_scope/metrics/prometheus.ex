@@ -99,7 +99,10 @@ defmodule ElixirScope.Metrics.Prometheus do
   end
 
   defp safe_level(bp) do
-    Map.get(@levels, BackpressureManager.get_state(bp).level)
+    case BackpressureManager.get_state(bp) do
+      %{level: level} -> Map.get(@levels, level)
+      {:error, :not_running} -> nil
+    end
   catch
     :exit, _ -> nil
   end

@@ -53,10 +53,16 @@ defmodule ElixirScope.Storage.DataAccess do
 
   ## Scheduling
 
-  Every call that touches the store runs on a dirty CPU scheduler: the
-  store is behind one lock, writers and readers of the same store take
+  Every call that may wait for the store runs on a dirty CPU scheduler:
+  the store is behind one lock, writers and readers of the same store take
   turns (a write waits for a running query), and waiting must never hold
-  a normal scheduler. `store_events/2` stores in chunks of 1,000.
+  a normal scheduler. `store_events/2` stores in chunks of 1,000. A small
+  write (`store_event/2`, or `store_events/2` of at most 32
+  events and 256 KiB) into a store with room for it first *tries* the
+  lock on the caller's scheduler and, if it is free, stores there without
+  waiting: waking a dirty scheduler takes milliseconds on a loaded machine
+  (measured: p90 16 ms for ten events at a load of 16 on 2 cores, 31 µs
+  without the hop).
 
   ## Pipeline stores
 
@@ -125,6 +131,8 @@ defmodule ElixirScope.Storage.DataAccess do
 
   @max_events_limit 1 <<< 29
   @chunk 1000
+  # Events store_try_put_batch takes (FAST_CHUNK in store_nif.rs).
+  @fast_chunk 32
   @fresh_bit 1 <<< 62
   @hash_bit 1 <<< 63
   @two32 1 <<< 32
@@ -175,7 +183,13 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec store_event(t(), term()) :: :ok | {:error, :event_too_large | :destroyed}
   def store_event(%__MODULE__{} = s, event) do
     {id, ts, pid, m, f, corr} = header(event)
-    nif(s, fn ref -> Native.store_put(ref, id, ts, pid, m, f, corr, event) end)
+
+    nif(s, fn ref ->
+      case Native.store_try_put_batch(ref, [{id, ts, pid, m, f, corr, event}]) do
+        :busy -> Native.store_put(ref, id, ts, pid, m, f, corr, event)
+        result -> result
+      end
+    end)
   end
 
   def store_event(other, _event), do: bad_store!(other)
@@ -205,11 +219,22 @@ defmodule ElixirScope.Storage.DataAccess do
   defp store_chunks(s, events, n) do
     {entries, rest, k} = take_chunk(events, [], 0)
 
-    case nif(s, fn ref -> Native.store_put_batch(ref, entries) end) do
+    case nif(s, fn ref -> put_batch(ref, entries, k) end) do
       :ok -> store_chunks(s, rest, n + k)
       {:error, _} = error -> error
     end
   end
+
+  # Small batches first try the caller's scheduler (no wait, bounded work;
+  # a dirty scheduler is slow to wake on a loaded machine), else dirty.
+  defp put_batch(ref, entries, k) when k <= @fast_chunk do
+    case Native.store_try_put_batch(ref, entries) do
+      :busy -> Native.store_put_batch(ref, entries)
+      result -> result
+    end
+  end
+
+  defp put_batch(ref, entries, _k), do: Native.store_put_batch(ref, entries)
 
   # Entries in list order (the store keeps insertion order).
   defp take_chunk(rest, acc, @chunk), do: {:lists.reverse(acc), rest, @chunk}
@@ -400,7 +425,10 @@ defmodule ElixirScope.Storage.DataAccess do
 
   and the counters `payload_bytes` (part of `memory_usage`), `inserted`
   (store attempts), `evicted` (by `max_events`), `expired` (by
-  `cleanup_old_events/2`) and `duplicates` (ids already stored).
+  `cleanup_old_events/2`), `duplicates` (ids already stored) and
+  `rejected` (too large), with `inserted = total_events + evicted + expired
+  + duplicates + rejected`; `reclaimed_bytes` and `compactions` count the
+  memory `cleanup_old_events/2` gave back.
   """
   @spec get_stats(t()) :: %{
           required(:total_events) => non_neg_integer(),
@@ -415,8 +443,19 @@ defmodule ElixirScope.Storage.DataAccess do
   def get_stats(other), do: bad_store!(other)
 
   @doc """
-  Removes every event whose timestamp is `< cutoff_time` (an integer, in
-  the events' timestamp unit). Returns `{:ok, removed}`.
+  Removes every event whose timestamp is `< cutoff_time` and returns
+  `{:ok, removed}` (counted in `expired`). `cutoff_time` is an integer in
+  the events' timestamp unit: as in the original, monotonic nanoseconds
+  (`System.monotonic_time(:nanosecond)`, `ElixirScope.Utils.monotonic_timestamp/0`,
+  the clock every `ElixirScope.Events` struct and the ring stamp events
+  with), so `Utils.monotonic_timestamp() - 60 * 1_000_000_000` keeps the
+  last minute. Events stored without an integer timestamp were indexed at
+  the time they were stored.
+
+  The memory of the removed events is given back at once: their payload
+  bytes are freed (the store's segments they were in are compacted, and a
+  segment left empty is freed whole), so `memory_usage` in `get_stats/1`
+  drops after a cleanup that removed events; `reclaimed_bytes` counts it.
   """
   @spec cleanup_old_events(t(), integer()) :: {:ok, non_neg_integer()}
   def cleanup_old_events(%__MODULE__{} = s, cutoff_time) when is_integer(cutoff_time) do

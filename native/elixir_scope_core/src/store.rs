@@ -101,6 +101,17 @@
 //!   `timestamp < cutoff` (counted in `expired`). With `max_age_ns`, the
 //!   store applies `cutoff = newest timestamp seen − max_age_ns` on its own
 //!   every `segment_capacity / 8` inserts, and on [`EventStore::expire`].
+//! * Reclaiming after expiry: a segment still holding live records keeps
+//!   its headers (sequence numbers index them), but its payload arena is
+//!   *compacted*: the live payloads are copied into an exactly sized arena
+//!   and dead records keep empty payloads (queries never read a dead
+//!   record's payload). [`EventStore::evict_older_than`] compacts every
+//!   segment it killed records in, so `memory_bytes` drops after any
+//!   cleanup that removed an event with a payload; the automatic expiry
+//!   compacts a segment once its dead payload bytes reach a quarter of its
+//!   arena (each copy then frees at least a third of what it copies). A
+//!   store whose last, unsealed segment has no live record left frees it
+//!   whole. Bytes freed are counted in `reclaimed_bytes`.
 //! * Duplicates: inserting an id that is currently stored is ignored (the
 //!   first copy is kept) and counted in `duplicates`.
 //! * Always: `inserted = live + evicted + expired + duplicates + rejected`
@@ -211,6 +222,11 @@ pub struct StoreStats {
     pub memory_bytes: usize,
     /// Bytes of payload arena capacity (part of `memory_bytes`).
     pub payload_bytes: usize,
+    /// Bytes freed by compacting payload arenas and freeing emptied
+    /// unsealed segments after expiry (cumulative).
+    pub reclaimed_bytes: u64,
+    /// Arena compactions run (cumulative).
+    pub compactions: u64,
 }
 
 /// A stored event, as returned by queries: the header fields, the
@@ -413,6 +429,37 @@ impl Segment {
         lo + partition(hi.saturating_sub(lo), |p| {
             pred(self.recs[self.recs[lo + p].perm as usize].timestamp)
         })
+    }
+
+    /// Copies the live payloads into an exactly sized arena (dead records
+    /// get empty payloads); returns the arena bytes freed.
+    fn compact_payloads(&mut self) -> usize {
+        let before = self.arena.capacity();
+        let live_bytes: usize = (0..self.recs.len())
+            .filter(|&i| !self.is_dead(i))
+            .map(|i| self.payload(i).len())
+            .sum();
+        let mut arena = Vec::with_capacity(live_bytes);
+        let mut start = 0usize;
+        for i in 0..self.recs.len() {
+            let end = self.recs[i].payload_end as usize;
+            if !self.is_dead(i) {
+                arena.extend_from_slice(&self.arena[start..end]);
+            }
+            start = end;
+            // Fits: the arena only shrinks.
+            self.recs[i].payload_end = arena.len() as u32;
+        }
+        self.arena = arena;
+        before.saturating_sub(self.arena.capacity())
+    }
+
+    /// Payload bytes of dead records (still in the arena).
+    fn dead_payload_bytes(&self) -> usize {
+        (0..self.recs.len())
+            .filter(|&i| self.is_dead(i))
+            .map(|i| self.payload(i).len())
+            .sum()
     }
 
     fn bytes(&self) -> usize {
@@ -799,6 +846,8 @@ pub struct EventStore {
     /// Entries in `states`.
     state_entries: usize,
     popped_since_sweep: usize,
+    reclaimed_bytes: u64,
+    compactions: u64,
     /// Records to pop before the next sweep of stale pid heads and late
     /// links: the number of keys left by the previous sweep (at least a
     /// segment's worth), so sweeps cost amortized O(1) per insert and stale
@@ -845,6 +894,8 @@ impl EventStore {
             states: FastMap::default(),
             state_entries: 0,
             popped_since_sweep: 0,
+            reclaimed_bytes: 0,
+            compactions: 0,
             sweep_every: seg_cap,
             since_age_check: 0,
             inserted: 0,
@@ -1482,15 +1533,25 @@ impl EventStore {
     }
 
     /// Expires every live event with `timestamp < cutoff_ns`; returns how
-    /// many. Cost: one check per segment plus a scan of the segments that
-    /// hold a live event older than the cutoff.
+    /// many. Every segment it removed events from is compacted (see the
+    /// module documentation), so their payload memory is freed at once.
+    /// Cost: one check per segment plus a scan (and a copy of the live
+    /// payloads) of the segments that held a live event older than the
+    /// cutoff.
     pub fn evict_older_than(&mut self, cutoff_ns: i64) -> usize {
+        self.expire_before(cutoff_ns, true)
+    }
+
+    fn expire_before(&mut self, cutoff_ns: i64, compact_all: bool) -> usize {
         let mut n = 0;
+        let mut reclaimed = 0usize;
+        let mut compactions = 0u64;
         for seg in self.segments.iter_mut() {
             if seg.live == 0 || seg.live_min_ts >= cutoff_ns {
                 continue;
             }
             let mut min = i64::MAX;
+            let mut killed = 0;
             for i in 0..seg.recs.len() {
                 if seg.is_dead(i) {
                     continue;
@@ -1498,17 +1559,39 @@ impl EventStore {
                 let ts = seg.recs[i].timestamp;
                 if ts < cutoff_ns {
                     seg.kill(i);
-                    n += 1;
+                    killed += 1;
                 } else {
                     min = min.min(ts);
                 }
             }
             seg.live_min_ts = min;
+            n += killed;
+            // A segment left without live records is freed whole below
+            // (sealed) or at the end (the open one, when it is the last).
+            if killed > 0
+                && seg.live > 0
+                && (compact_all || 4 * seg.dead_payload_bytes() >= seg.arena.len())
+            {
+                reclaimed += seg.compact_payloads();
+                compactions += 1;
+            }
         }
         self.live -= n;
         self.expired += n as u64;
+        self.compactions += compactions;
         self.advance_oldest();
+        let before = self.memory_bytes();
         self.pop_dead_segments();
+        // The open segment, emptied and alone: free it too (a new one is
+        // made by the next insert). Only when alone: a chain walk through
+        // a missing segment would stop there.
+        if self.segments.len() == 1 && self.segments[0].live == 0 {
+            let seg = self.segments.pop_front().expect("one segment");
+            self.popped_since_sweep += seg.recs.len();
+            self.segments.shrink_to_fit();
+        }
+        reclaimed += before.saturating_sub(self.memory_bytes());
+        self.reclaimed_bytes += reclaimed as u64;
         n
     }
 
@@ -1517,7 +1600,7 @@ impl EventStore {
     pub fn expire(&mut self) -> usize {
         self.since_age_check = 0;
         match (self.max_age_ns, self.newest_seen) {
-            (Some(age), Some(newest)) => self.evict_older_than(newest.saturating_sub(age)),
+            (Some(age), Some(newest)) => self.expire_before(newest.saturating_sub(age), false),
             _ => 0,
         }
     }
@@ -2116,6 +2199,8 @@ impl EventStore {
             segments: self.segments.len(),
             memory_bytes: self.memory_bytes(),
             payload_bytes: self.segments.iter().map(|s| s.arena.capacity()).sum(),
+            reclaimed_bytes: self.reclaimed_bytes,
+            compactions: self.compactions,
         }
     }
 }

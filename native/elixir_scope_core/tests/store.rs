@@ -932,3 +932,161 @@ fn navigation_and_scan_match_a_brute_force_model() {
     }
     assert!(s.pid_next(1).is_none(), "evicted");
 }
+
+fn payload_of(id: u64) -> Vec<u8> {
+    (0..100 + (id % 50) as usize)
+        .map(|k| (id as usize + k) as u8)
+        .collect()
+}
+
+fn identity_holds(s: &EventStore) {
+    let st = s.stats();
+    assert_eq!(
+        st.inserted,
+        st.total as u64 + st.evicted + st.expired + st.duplicates + st.rejected,
+        "{st:?}"
+    );
+}
+
+#[test]
+fn cleanup_compacts_payloads_and_memory_drops() {
+    // One open segment (4,096 records): nothing is freed whole, so only
+    // compaction can give memory back.
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 1_000_000,
+        max_age_ns: None,
+    });
+    for i in 1..=1000u64 {
+        let mut e = ev(i, i as i64 * 10, i % 7, 1, 2);
+        e.payload = payload_of(i);
+        s.insert(&e, CorrelationFields::default());
+    }
+    let before = s.stats();
+    assert_eq!(before.segments, 1);
+    assert_eq!(s.evict_older_than(5001), 500);
+    let after = s.stats();
+    assert_eq!(after.total, 500);
+    assert_eq!(after.expired, 500);
+    assert!(
+        after.memory_bytes < before.memory_bytes,
+        "{before:?} {after:?}"
+    );
+    assert!(after.payload_bytes < before.payload_bytes);
+    assert_eq!(after.compactions, 1);
+    let freed: usize = (1..=500u64).map(|i| payload_of(i).len()).sum();
+    assert!(after.reclaimed_bytes as usize >= freed, "{after:?}");
+    identity_holds(&s);
+
+    // Survivors read back whole, by every path.
+    for i in 501..=1000u64 {
+        let got = s.get(i).expect("live");
+        assert_eq!(got.payload, &payload_of(i)[..]);
+    }
+    for i in 1..=500u64 {
+        assert!(s.get(i).is_none());
+    }
+    let window = s.by_time_range(0, i64::MAX, usize::MAX, Order::Asc);
+    assert_eq!(ids(&window), (501..=1000).collect::<Vec<_>>());
+    for e in &window {
+        assert_eq!(e.payload, &payload_of(e.id)[..]);
+    }
+    for e in s.by_pid(3, usize::MAX, Order::Desc) {
+        assert_eq!(e.payload, &payload_of(e.id)[..]);
+    }
+
+    // Inserts after a compaction land behind the compacted payloads.
+    for i in 1001..=1200u64 {
+        let mut e = ev(i, i as i64 * 10, i % 7, 1, 2);
+        e.payload = payload_of(i);
+        s.insert(&e, CorrelationFields::default());
+    }
+    for i in 501..=1200u64 {
+        assert_eq!(s.get(i).expect("live").payload, &payload_of(i)[..]);
+    }
+    // A second cleanup in the same segment compacts again.
+    let mid = s.stats();
+    assert_eq!(s.evict_older_than(8001), 300);
+    let end = s.stats();
+    assert!(end.memory_bytes < mid.memory_bytes);
+    assert_eq!(end.compactions, 2);
+    for i in 801..=1200u64 {
+        assert_eq!(s.get(i).expect("live").payload, &payload_of(i)[..]);
+    }
+    identity_holds(&s);
+}
+
+#[test]
+fn cleanup_of_everything_frees_the_open_segment() {
+    // Segments of 1,024 records.
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 4000,
+        max_age_ns: None,
+    });
+    let empty = s.stats().memory_bytes;
+    for i in 1..=2000u64 {
+        let mut e = ev(i, i as i64, 1, 1, 2);
+        e.payload = payload_of(i);
+        s.insert(&e, CorrelationFields::default());
+    }
+    // Several segments, the last one open.
+    assert!(s.stats().segments > 1);
+    let full = s.stats().memory_bytes;
+    assert_eq!(s.evict_older_than(i64::MAX), 2000);
+    let st = s.stats();
+    assert_eq!((st.total, st.segments), (0, 0));
+    assert!(st.memory_bytes < full);
+    // What is left is the empty store's tables plus the index maps' capacity.
+    assert!(
+        st.memory_bytes <= empty + 64 * 1024,
+        "{st:?} (empty: {empty})"
+    );
+    identity_holds(&s);
+
+    // The store works on.
+    for i in 2001..=2100u64 {
+        let mut e = ev(i, i as i64, 1, 1, 2);
+        e.payload = payload_of(i);
+        s.insert(&e, CorrelationFields::default());
+    }
+    assert_eq!(s.len(), 100);
+    assert_eq!(
+        ids(&s.by_pid(1, usize::MAX, Order::Asc)),
+        (2001..=2100).collect::<Vec<_>>()
+    );
+    assert_eq!(s.get(2050).unwrap().payload, &payload_of(2050)[..]);
+    identity_holds(&s);
+}
+
+#[test]
+fn automatic_expiry_compacts_only_when_a_quarter_is_dead() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 1_000_000,
+        max_age_ns: Some(1_000_000),
+    });
+    // Timestamps 0..=10_000: nothing is older than newest - max_age.
+    for i in 1..=1000u64 {
+        let mut e = ev(i, i as i64 * 10, 1, 1, 2);
+        e.payload = payload_of(i);
+        s.insert(&e, CorrelationFields::default());
+    }
+    // Raise the newest timestamp so that 100 records (10%) are too old.
+    let mut e = ev(5000, 1_001_010, 1, 1, 2);
+    e.payload = payload_of(5000);
+    s.insert(&e, CorrelationFields::default());
+    s.expire();
+    let st = s.stats();
+    assert_eq!(st.expired, 100);
+    assert_eq!(st.compactions, 0, "10% dead: no copy yet");
+    // 40% dead: compacted.
+    let mut e = ev(5001, 1_004_010, 1, 1, 2);
+    e.payload = payload_of(5001);
+    s.insert(&e, CorrelationFields::default());
+    s.expire();
+    let st = s.stats();
+    assert_eq!(st.expired, 400);
+    assert_eq!(st.compactions, 1);
+    for i in 401..=1000u64 {
+        assert_eq!(s.get(i).unwrap().payload, &payload_of(i)[..]);
+    }
+    identity_holds(&s);
+}

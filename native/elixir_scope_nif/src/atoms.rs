@@ -95,6 +95,7 @@ rustler::atoms! {
     after_stop,
     tracing,
     read_only,
+    busy,
     receive,
     exit,
     exception,
@@ -237,6 +238,8 @@ rustler::atoms! {
     evicted,
     expired,
     duplicates,
+    reclaimed_bytes,
+    compactions,
     // trace files
     offset,
     file,

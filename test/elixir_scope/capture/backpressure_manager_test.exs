@@ -104,6 +104,28 @@ defmodule ElixirScope.Capture.BackpressureManagerTest do
       assert {st.config.min_workers, st.config.max_workers} == {2, 4}
       assert BackpressureManager.check_now(bpm) == :normal
     end
+
+    test "with no manager running: {:error, :not_running}, never an exit" do
+      # The application runs no default pipeline here, so no default manager.
+      assert Process.whereis(BackpressureManager) == nil
+      assert BackpressureManager.check_pressure() == {:error, :not_running}
+      assert BackpressureManager.get_scaling_recommendation() == {:error, :not_running}
+      assert BackpressureManager.enable_load_shedding() == {:error, :not_running}
+      assert BackpressureManager.disable_load_shedding() == {:error, :not_running}
+      assert BackpressureManager.get_state() == {:error, :not_running}
+      assert BackpressureManager.check_now() == {:error, :not_running}
+
+      # A stopped manager, and a name nothing is registered under.
+      pm = start!(async_writer_pool_size: 1)
+      {:ok, bpm} = BackpressureManager.start_link(name: nil, pipeline: pm)
+      :ok = GenServer.stop(bpm)
+      assert BackpressureManager.check_pressure(bpm) == {:error, :not_running}
+      assert BackpressureManager.check_pressure(:es_no_such_manager) == {:error, :not_running}
+
+      # Not a manager at all.
+      assert_raise ArgumentError, fn -> BackpressureManager.check_pressure(self()) end
+      assert_raise ArgumentError, fn -> BackpressureManager.check_pressure("manager") end
+    end
   end
 
   describe "overload" do

@@ -152,6 +152,16 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
   end
 
   describe "get_state/1, get_metrics/1, health_check/1" do
+    test "a running pipeline's uptime is positive right after start" do
+      pm = start!()
+      h = PipelineManager.health_check(pm)
+      assert h.uptime_ms >= 1 and h.uptime_ns > 0
+      # Rounded up from the exact figure.
+      assert h.uptime_ms == div(h.uptime_ns + 999_999, 1_000_000)
+      state = PipelineManager.get_state(pm)
+      assert state.uptime_ms >= 1 and state.uptime_ns > h.uptime_ns
+    end
+
     test "report the configuration, the seeds' stats and health" do
       pm = start!(batch_size: 7)
       state = PipelineManager.get_state(pm)

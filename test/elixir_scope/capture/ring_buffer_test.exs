@@ -606,6 +606,30 @@ defmodule ElixirScope.Capture.RingBufferTest do
       assert_accounting(RingBuffer.stats(buf), 7)
     end
 
+    test "a reader holding a position from before the clear misses nothing written after it" do
+      buf = new_ring!(size: 8)
+      fill(buf, 1..6)
+      # A consumer (like an AsyncWriter) has read up to position 4.
+      assert {[1, 2, 3, 4], 4} = RingBuffer.read_batch(buf, 0, 4)
+      assert :ok = RingBuffer.clear(buf)
+
+      # The original's contract where it still holds.
+      stats = RingBuffer.stats(buf)
+      assert stats.available_events == 0
+      assert RingBuffer.read(buf, 0) == :empty
+      # Positions are not reused (the original reset them to 0).
+      assert stats.write_position == 6 and stats.read_position == 6
+
+      fill(buf, [:a, :b, :c])
+      # The consumer at 4 is told it missed the 2 cleared events and gets
+      # every new one once, in order.
+      assert RingBuffer.read_batch(buf, 4, 10, with_missed: true) == {[:a, :b, :c], 9, 2}
+      assert RingBuffer.read_batch(buf, 9, 10) == {[], 9}
+      # Had positions restarted at 0, position 4 would be past the 3 new
+      # events: a reader waiting there would skip them silently.
+      assert_accounting(RingBuffer.stats(buf), 9)
+    end
+
     test "clearing an empty ring is a no-op" do
       buf = new_ring!(size: 4)
       assert RingBuffer.clear(buf) == :ok

@@ -381,6 +381,148 @@ defmodule ElixirScope.Storage.DataAccessTest do
     end
   end
 
+  describe "cleanup_old_events/2: the original's contract" do
+    # As the original's tests: FunctionExecution events with string ids
+    # and monotonic nanosecond timestamps, 1 ms apart.
+    setup do
+      s = new!(name: :"test_#{System.unique_integer()}")
+      base = System.monotonic_time(:nanosecond)
+
+      events =
+        for i <- 1..10 do
+          %FunctionExecution{
+            id: "cleanup-event-#{i}",
+            timestamp: base + i * 1_000_000,
+            wall_time: System.system_time(:nanosecond),
+            module: TestModule,
+            function: :cleanup_test,
+            event_type: :call
+          }
+        end
+
+      {:ok, 10} = DataAccess.store_events(s, events)
+      %{s: s, base: base, events: events}
+    end
+
+    test "removes the events older than the cutoff, keeps the others", %{s: s, base: base} do
+      assert DataAccess.cleanup_old_events(s, base + 5 * 1_000_000) == {:ok, 4}
+      stats = DataAccess.get_stats(s)
+      assert stats.total_events == 6
+      assert stats.oldest_timestamp == base + 5 * 1_000_000
+      assert DataAccess.get_event(s, "cleanup-event-4") == {:error, :not_found}
+      assert {:ok, %FunctionExecution{}} = DataAccess.get_event(s, "cleanup-event-5")
+    end
+
+    test "a cutoff in the same clock before every event removes nothing", %{s: s, base: base} do
+      # The clock of Utils.monotonic_timestamp/0 and of the events.
+      assert ElixirScope.Utils.monotonic_timestamp() >= base
+      assert DataAccess.cleanup_old_events(s, base) == {:ok, 0}
+      assert DataAccess.get_stats(s).total_events == 10
+    end
+
+    test "events stored quickly: a small batch does not wait for a dirty scheduler", %{
+      base: base
+    } do
+      # The original's test computes its cutoff as "now - 1 ms" after
+      # storing events stamped 1..10 ms after `base`: it holds only if
+      # storing took under 2 ms. Small writes run on the caller's scheduler,
+      # so they do not wait for a dirty scheduler thread to wake up (which
+      # took tens of ms on a loaded machine).
+      s = new!()
+      assert DataAccess.store_event(s, %{id: 1, timestamp: base}) == :ok
+      assert {:ok, 32} = DataAccess.store_events(s, Enum.map(2..33, &%{id: &1, timestamp: base}))
+      assert {:ok, 33} = DataAccess.store_events(s, Enum.map(34..66, &%{id: &1, timestamp: base}))
+      assert DataAccess.get_stats(s).total_events == 66
+    end
+
+    test "memory_usage drops after a cleanup that removed events" do
+      s = new!()
+      base = System.monotonic_time(:nanosecond)
+
+      events =
+        for i <- 1..1000 do
+          %FunctionExecution{
+            id: "cleanup-memory-#{i}",
+            timestamp: base + i,
+            wall_time: System.system_time(:nanosecond),
+            module: TestModule,
+            function: :cleanup_memory,
+            args: [i, "some argument"],
+            event_type: :call
+          }
+        end
+
+      {:ok, 1000} = DataAccess.store_events(s, events)
+      before = DataAccess.get_stats(s)
+      assert {:ok, 499} = DataAccess.cleanup_old_events(s, base + 500)
+      after_cleanup = DataAccess.get_stats(s)
+
+      assert after_cleanup.memory_usage < before.memory_usage
+      assert after_cleanup.payload_bytes < before.payload_bytes
+      assert after_cleanup.total_events == 501
+      assert after_cleanup.reclaimed_bytes > 0 and after_cleanup.compactions == 1
+
+      assert after_cleanup.inserted ==
+               after_cleanup.total_events + after_cleanup.evicted + after_cleanup.expired +
+                 after_cleanup.duplicates + after_cleanup.rejected
+
+      # What is left reads back equal, by id and by time.
+      for e <- Enum.drop(events, 499), do: assert(DataAccess.get_event(s, e.id) == {:ok, e})
+      assert {:ok, left} = DataAccess.query_by_time_range(s, base, base + 2000, limit: 2000)
+      assert left == Enum.drop(events, 499)
+
+      # Removing one more event still gives memory back.
+      assert {:ok, 1} = DataAccess.cleanup_old_events(s, base + 501)
+      assert DataAccess.get_stats(s).memory_usage < after_cleanup.memory_usage
+
+      # Everything: back to about an empty store's size.
+      {:ok, empty} = DataAccess.new()
+      assert {:ok, 500} = DataAccess.cleanup_old_events(s, base + 2000)
+      stats = DataAccess.get_stats(s)
+      assert stats.total_events == 0
+      assert stats.memory_usage <= DataAccess.get_stats(empty).memory_usage + 64 * 1024
+      # It works on.
+      :ok = DataAccess.store_event(s, hd(events))
+      assert DataAccess.get_event(s, hd(events).id) == {:ok, hd(events)}
+    end
+
+    test "a full store and large events take the dirty path; nothing is lost" do
+      s = new!(max_events: 10)
+      for i <- 1..25, do: :ok = DataAccess.store_event(s, %{id: i, timestamp: i})
+      stats = DataAccess.get_stats(s)
+      assert {stats.total_events, stats.evicted} == {10, 15}
+      assert ids(DataAccess.query_by_time_range(s, 0, 100)) == Enum.to_list(16..25)
+
+      big = %{id: 100, timestamp: 100, blob: :binary.copy("x", 300_000)}
+      s = new!()
+      assert DataAccess.store_event(s, big) == :ok
+      assert DataAccess.get_event(s, 100) == {:ok, big}
+    end
+
+    test "concurrent small writers and readers: every write stored once" do
+      s = new!()
+
+      writers =
+        for w <- 1..4 do
+          Task.async(fn ->
+            for i <- 1..500,
+                do: :ok = DataAccess.store_event(s, %{id: w * 10_000 + i, timestamp: i})
+          end)
+        end
+
+      readers =
+        for _ <- 1..2 do
+          Task.async(fn ->
+            for _ <- 1..50, do: {:ok, _} = DataAccess.query_by_time_range(s, 0, 1000, limit: 5000)
+          end)
+        end
+
+      Enum.each(writers ++ readers, &Task.await(&1, 60_000))
+      stats = DataAccess.get_stats(s)
+      assert {stats.total_events, stats.inserted, stats.duplicates} == {2000, 2000, 0}
+    end
+  end
+
   describe "destroy and bad handles" do
     test "a destroyed store" do
       s = new!()
