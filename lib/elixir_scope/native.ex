@@ -75,7 +75,7 @@ defmodule ElixirScope.Native do
   # Event store (DataAccess)
   def store_new(_max_events), do: nif_error()
 
-  def store_put(_ref, _id, _timestamp, _pid, _module, _function, _correlation, _event),
+  def store_put(_ref, _id, _timestamp, _pid, _module, _function, _correlation, _keys, _event),
     do: nif_error()
 
   def store_put_batch(_ref, _entries), do: nif_error()
@@ -84,6 +84,9 @@ defmodule ElixirScope.Native do
   def store_by_pid(_ref, _pid, _limit, _desc), do: nif_error()
   def store_by_function(_ref, _module, _function, _limit, _desc), do: nif_error()
   def store_by_correlation(_ref, _correlation, _limit, _desc), do: nif_error()
+  def store_by_event_type(_ref, _key, _limit, _desc), do: nif_error()
+  def store_by_ast_node(_ref, _key, _limit, _desc), do: nif_error()
+  def store_index_sizes(_ref), do: nif_error()
   def store_by_time_range(_ref, _t0, _t1, _limit, _desc), do: nif_error()
   def store_evict(_ref, _cutoff, _now_ms), do: nif_error()
   def store_stats(_ref), do: nif_error()

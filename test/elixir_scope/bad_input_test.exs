@@ -14,7 +14,7 @@ defmodule ElixirScope.BadInputTest do
 
   alias ElixirScope.Capture.{BackpressureManager, EventCorrelator, Ingestor, RingBuffer}
   alias ElixirScope.{Config, Events, Export, Native, TraceFile, Utils}
-  alias ElixirScope.Storage.DataAccess
+  alias ElixirScope.Storage.{DataAccess, EventStore}
 
   @moduletag timeout: 300_000
 
@@ -31,7 +31,9 @@ defmodule ElixirScope.BadInputTest do
     TraceFile,
     Export,
     Config,
-    BackpressureManager
+    BackpressureManager,
+    EventStore,
+    ElixirScope.EventStore
   ]
 
   setup do
@@ -141,6 +143,12 @@ defmodule ElixirScope.BadInputTest do
 
   defp level_result?(l) when l in [:normal, :elevated, :high, :critical], do: true
   defp level_result?(other), do: other == {:error, :not_running}
+
+  defp es!, do: tap(elem(EventStore.start_link(name: nil), 1), &Process.unlink/1)
+
+  defp es_started?({:ok, pid}), do: is_pid(pid)
+  defp es_started?({:error, {:already_started, pid}}), do: is_pid(pid)
+  defp es_started?(_), do: false
 
   defp corr_started?({:ok, pid}), do: is_pid(pid)
   defp corr_started?(_), do: false
@@ -384,6 +392,38 @@ defmodule ElixirScope.BadInputTest do
       {DataAccess, :call_contents, fn _ -> [new_store!(), 1, [limit: 5]] end, &query_result?/1},
       {DataAccess, :children, fn _ -> [new_store!(), 1] end, &query_result?/1},
       {DataAccess, :children, fn _ -> [new_store!(), 1, [limit: 5]] end, &query_result?/1},
+      {DataAccess, :query_by_event_type, fn _ -> [new_store!(), :t] end, &query_result?/1},
+      {DataAccess, :query_by_event_type, fn _ -> [new_store!(), :t, [limit: 1]] end,
+       &query_result?/1},
+      {DataAccess, :query_by_ast_node, fn _ -> [new_store!(), "n"] end, &query_result?/1},
+      {DataAccess, :query_by_ast_node, fn _ -> [new_store!(), "n", [limit: 1]] end,
+       &query_result?/1},
+      {DataAccess, :index_sizes, fn _ -> [new_store!()] end, &is_map/1},
+      {DataAccess, :tag_key, fn _ -> [:t] end, &(is_integer(&1) and &1 >= 0)},
+      # Default storage (node-wide; any event and any plan are accepted)
+      {DataAccess, :default_storage, fn _ -> [] end, &match?({:ok, %DataAccess{}}, &1)},
+      {DataAccess, :get_events_since, fn _ -> [0] end, &is_list/1},
+      {DataAccess, :event_exists?, fn _ -> [1] end, &is_boolean/1},
+      {DataAccess, :store_events, fn _ -> [[%{id: :sweep}]] end,
+       &(&1 == :ok or store_result?(&1))},
+      {DataAccess, :get_instrumentation_plan, fn _ -> [] end,
+       &(match?({:ok, _}, &1) or &1 == {:error, :not_found})},
+      {DataAccess, :store_instrumentation_plan, fn _ -> [%{}] end, &(&1 == :ok)},
+      # Storage.EventStore (a fresh store per call) and the shared EventStore
+      {EventStore, :start_link, fn _ -> [] end, &es_started?/1},
+      {EventStore, :start_link, fn _ -> [[name: nil, max_events: 8]] end, &es_started?/1},
+      {EventStore, :start, fn _ -> [[name: nil]] end, &es_started?/1},
+      {EventStore, :child_spec, fn _ -> [[]] end, &is_map/1},
+      {EventStore, :store_event, fn _ -> [es!(), %{id: 1}] end, &store_result?/1},
+      {EventStore, :query_events, fn _ -> [es!(), [pid: me]] end, &query_result?/1},
+      {EventStore, :get_index_stats, fn _ -> [es!()] end, &is_map/1},
+      {EventStore, :get_events_via_data_access, fn _ -> [es!()] end, &query_result?/1},
+      {EventStore, :data_access, fn _ -> [es!()] end, &match?(%DataAccess{}, &1)},
+      {EventStore, :compile!, fn _ -> [[limit: 1]] end, &is_map/1},
+      {ElixirScope.EventStore, :store_event, fn _ -> [:c, :t, 1] end, &store_result?/1},
+      {ElixirScope.EventStore, :get_or_create_event_store, fn _ -> [] end, &es_started?/1},
+      {ElixirScope.EventStore, :query_events, fn _ -> [[limit: 1]] end, &query_result?/1},
+      {ElixirScope.EventStore, :get_stats, fn _ -> [] end, &is_map/1},
       # bad_store!/1 (public, @doc false) always raises.
       {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1},
       # TraceFile (paths under the sweep's own directory)
@@ -539,7 +579,15 @@ defmodule ElixirScope.BadInputTest do
     {BackpressureManager, :terminate, 2},
     {BackpressureManager, :code_change, 3},
     # The scaling policy on a validated config (@doc false).
-    {BackpressureManager, :recommend, 3}
+    {BackpressureManager, :recommend, 3},
+    {EventStore, :__struct__, 0},
+    {EventStore, :__struct__, 1},
+    {EventStore, :init, 1},
+    {EventStore, :handle_call, 3},
+    {EventStore, :handle_cast, 2},
+    {EventStore, :handle_info, 2},
+    {EventStore, :terminate, 2},
+    {EventStore, :code_change, 3}
   ]
 
   # ---------------------------------------------------------------------------
@@ -739,13 +787,16 @@ defmodule ElixirScope.BadInputTest do
         {:ing_function_exception, [ring_ref, :error, :r, 1, nil]},
         {:ing_state_snapshot, [ring_ref, me, %{n: 1}, :why, nil]},
         {:store_new, [8]},
-        {:store_put, [store_ref, 2, 2, me, M, :f, 1, :e]},
-        {:store_put_batch, [store_ref, [{3, 3, me, M, :f, 1, :e}]]},
-        {:store_try_put_batch, [store_ref, [{4, 4, me, M, :f, 1, :e}]]},
+        {:store_put, [store_ref, 2, 2, me, M, :f, 1, {0, 5}, :e]},
+        {:store_put_batch, [store_ref, [{3, 3, me, M, :f, {1, 6, 0}, :e}]]},
+        {:store_try_put_batch, [store_ref, [{4, 4, me, M, :f, {1, 6, 0}, :e}]]},
         {:store_get, [store_ref, 1]},
         {:store_by_pid, [store_ref, me, 10, false]},
         {:store_by_function, [store_ref, M, :f, 10, false]},
         {:store_by_correlation, [store_ref, 1, 10, false]},
+        {:store_by_event_type, [store_ref, 6, 10, false]},
+        {:store_by_ast_node, [store_ref, 5, 10, true]},
+        {:store_index_sizes, [store_ref]},
         {:store_by_time_range, [store_ref, 0, 10, 10, false]},
         {:store_evict, [store_ref, 0, 0]},
         {:store_stats, [store_ref]},

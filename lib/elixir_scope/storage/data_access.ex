@@ -44,6 +44,16 @@ defmodule ElixirScope.Storage.DataAccess do
     query for `nil` finds the events without a correlation id).
   * **Processes, modules, functions** are keyed by the term itself (local
     pids and atoms by their VM word, anything else by its hash).
+    A `nil` pid is no process (not counted in `index_sizes/1`'s
+    `with_pid`).
+  * **Event types and AST nodes.** The `:event_type` and `:ast_node_id`
+    fields of any map or struct (when not `nil`) are indexed natively by
+    a 63-bit hash of the term (`query_by_event_type/3`,
+    `query_by_ast_node/3`, and the `:event_type` / `:ast_node_id` keys of
+    `QueryCoordinator.query/2`); like the other indexes they hold only
+    the events kept, and cost nothing in a store that never sees such a
+    field. Trace files do not save these two indexes: a loaded store
+    answers them with nothing.
 
   ## Bounds
 
@@ -183,10 +193,11 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec store_event(t(), term()) :: :ok | {:error, :event_too_large | :destroyed}
   def store_event(%__MODULE__{} = s, event) do
     {id, ts, pid, m, f, corr} = header(event)
+    {tk, ak} = keys = term_keys(event)
 
     nif(s, fn ref ->
-      case Native.store_try_put_batch(ref, [{id, ts, pid, m, f, corr, event}]) do
-        :busy -> Native.store_put(ref, id, ts, pid, m, f, corr, event)
+      case Native.store_try_put_batch(ref, [{id, ts, pid, m, f, {corr, tk, ak}, event}]) do
+        :busy -> Native.store_put(ref, id, ts, pid, m, f, corr, keys, event)
         result -> result
       end
     end)
@@ -242,7 +253,8 @@ defmodule ElixirScope.Storage.DataAccess do
 
   defp take_chunk([event | rest], acc, k) do
     {id, ts, pid, m, f, corr} = header(event)
-    take_chunk(rest, [{id, ts, pid, m, f, corr, event} | acc], k + 1)
+    {tk, ak} = term_keys(event)
+    take_chunk(rest, [{id, ts, pid, m, f, {corr, tk, ak}, event} | acc], k + 1)
   end
 
   @doc "Fetches the event with this id (keyed as described in the moduledoc)."
@@ -483,6 +495,201 @@ defmodule ElixirScope.Storage.DataAccess do
     raise ArgumentError,
           "expected an %ElixirScope.Storage.DataAccess{} (from DataAccess.new/1), got: " <>
             inspect(other, limit: 5, printable_limit: 40)
+  end
+
+  # ---------------------------------------------------------------------------
+  # Event-type and AST-node indexes
+  # ---------------------------------------------------------------------------
+
+  @doc """
+  Events whose `:event_type` field is `event_type` (any term; maps and
+  structs with an `:event_type` key are indexed by it), in store order.
+  Options as for `query_by_time_range/4`.
+  """
+  @spec query_by_event_type(t(), term(), query_opts()) :: {:ok, [term()]}
+  def query_by_event_type(s, event_type, opts \\ [])
+
+  def query_by_event_type(%__MODULE__{} = s, event_type, opts) do
+    {limit, desc} = query_opts!(opts)
+    key = tag_key(event_type)
+
+    {:ok,
+     s
+     |> nif(fn ref -> Native.store_by_event_type(ref, key, limit, desc) end)
+     |> exact(:event_type, event_type)}
+  end
+
+  def query_by_event_type(other, _event_type, _opts), do: bad_store!(other)
+
+  @doc """
+  Events whose `:ast_node_id` field is `ast_node_id` (any term but `nil`;
+  maps and structs with an `:ast_node_id` key are indexed by it), in store
+  order. Options as for `query_by_time_range/4`.
+  """
+  @spec query_by_ast_node(t(), term(), query_opts()) :: {:ok, [term()]}
+  def query_by_ast_node(s, ast_node_id, opts \\ [])
+
+  def query_by_ast_node(%__MODULE__{} = s, ast_node_id, opts) do
+    {limit, desc} = query_opts!(opts)
+    key = tag_key(ast_node_id)
+
+    {:ok,
+     s
+     |> nif(fn ref -> Native.store_by_ast_node(ref, key, limit, desc) end)
+     |> exact(:ast_node_id, ast_node_id)}
+  end
+
+  def query_by_ast_node(other, _ast_node_id, _opts), do: bad_store!(other)
+
+  @doc """
+  How many stored events each index holds now: `total` (every event is in
+  the id and time indexes), `with_pid` (events with a process),
+  `with_function` (events naming a module and a function), `event_type`
+  and `ast_node` (events with an `:event_type` / `:ast_node_id`). Exact
+  (evicted and expired events are not counted); cost: one step per
+  segment of the store.
+  """
+  @spec index_sizes(t()) :: %{
+          total: non_neg_integer(),
+          with_pid: non_neg_integer(),
+          with_function: non_neg_integer(),
+          event_type: non_neg_integer(),
+          ast_node: non_neg_integer()
+        }
+  def index_sizes(%__MODULE__{} = s), do: nif(s, &Native.store_index_sizes/1)
+  def index_sizes(other), do: bad_store!(other)
+
+  @doc false
+  # The index key of an `:event_type` / `:ast_node_id` value: 0 for nil
+  # (not indexed), else 2^63 + a 63-bit hash (never 0).
+  @spec tag_key(term()) :: non_neg_integer()
+  def tag_key(nil), do: 0
+
+  def tag_key(term) do
+    high = :erlang.phash2({:tag, term}, @two32) <<< 31
+    bor(@hash_bit, bxor(high, :erlang.phash2({:tag2, term}, @two32)))
+  end
+
+  # Keys are hashes: drop the (rare) events of another value sharing one.
+  defp exact(events, field, value) do
+    Enum.filter(events, fn
+      %{^field => v} -> v === value
+      _ -> false
+    end)
+  end
+
+  defp term_keys(%{} = e),
+    do: {tag_key(Map.get(e, :event_type)), tag_key(Map.get(e, :ast_node_id))}
+
+  defp term_keys(_other), do: {0, 0}
+
+  # ---------------------------------------------------------------------------
+  # Default storage: the original's one-argument functions
+  # ---------------------------------------------------------------------------
+
+  @default_key {__MODULE__, :default_storage}
+  @plan_key {__MODULE__, :instrumentation_plan}
+
+  @doc """
+  The node's default store, created on first use and kept for the life of
+  the VM (in `:persistent_term`). Its options come from `config
+  :elixir_scope, :default_storage` (a keyword list for `new/1`, default
+  `[]`: 1,000,000 events at most); its name is `:elixir_scope_default`.
+  Concurrent first calls create one store (under a node-local lock).
+  """
+  @spec default_storage() :: {:ok, t()}
+  def default_storage do
+    case :persistent_term.get(@default_key, nil) do
+      %__MODULE__{} = s ->
+        {:ok, s}
+
+      nil ->
+        :global.trans({@default_key, self()}, &create_default/0, [node()])
+    end
+  end
+
+  defp create_default do
+    case :persistent_term.get(@default_key, nil) do
+      %__MODULE__{} = s ->
+        {:ok, s}
+
+      nil ->
+        opts = Application.get_env(:elixir_scope, :default_storage, [])
+
+        unless is_list(opts) do
+          raise ArgumentError,
+                "config :elixir_scope, :default_storage must be a keyword list, got: " <>
+                  inspect(opts)
+        end
+
+        {:ok, s} = new(Keyword.put_new(opts, :name, :elixir_scope_default))
+        :persistent_term.put(@default_key, s)
+        {:ok, s}
+    end
+  end
+
+  @doc """
+  The default store's events with `since_timestamp <= timestamp <= now`
+  (`System.monotonic_time(:nanosecond)`), oldest first, at most 10,000 —
+  a list, as in the original.
+  """
+  @spec get_events_since(integer()) :: [term()]
+  def get_events_since(since_timestamp) when is_integer(since_timestamp) do
+    {:ok, s} = default_storage()
+    now = System.monotonic_time(:nanosecond)
+    {:ok, events} = query_by_time_range(s, since_timestamp, now, limit: 10_000)
+    events
+  end
+
+  def get_events_since(other),
+    do: raise(ArgumentError, "since_timestamp must be an integer, got: #{inspect(other)}")
+
+  @doc "Whether the default store holds an event with this id (see `get_event/2`)."
+  @spec event_exists?(term()) :: boolean()
+  def event_exists?(event_id) do
+    {:ok, s} = default_storage()
+    match?({:ok, _}, get_event(s, event_id))
+  end
+
+  @doc """
+  Stores `events` in the default store: `:ok` or `{:error, reason}` (see
+  `store_events/2`).
+  """
+  @spec store_events([term()]) :: :ok | {:error, :event_too_large | :destroyed}
+  def store_events(events) when is_list(events) do
+    {:ok, s} = default_storage()
+
+    case store_events(s, events) do
+      {:ok, _n} -> :ok
+      {:error, _} = error -> error
+    end
+  end
+
+  def store_events(other),
+    do: raise(ArgumentError, "events must be a list, got: #{inspect(other, limit: 5)}")
+
+  @doc """
+  The instrumentation plan stored by `store_instrumentation_plan/1`:
+  `{:ok, plan}` or `{:error, :not_found}`.
+  """
+  @spec get_instrumentation_plan() :: {:ok, term()} | {:error, :not_found}
+  def get_instrumentation_plan do
+    case :persistent_term.get(@plan_key, :none) do
+      :none -> {:error, :not_found}
+      {:plan, plan} -> {:ok, plan}
+    end
+  end
+
+  @doc """
+  Stores the node's instrumentation plan (any term; a later call replaces
+  it): `:ok`. It is kept in `:persistent_term`, so replacing it costs a
+  scan of every process (the plan changes rarely: at compile time or when
+  an operator changes it).
+  """
+  @spec store_instrumentation_plan(term()) :: :ok
+  def store_instrumentation_plan(plan) do
+    :persistent_term.put(@plan_key, {:plan, plan})
+    :ok
   end
 
   # ---------------------------------------------------------------------------

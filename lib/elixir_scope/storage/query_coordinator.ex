@@ -277,7 +277,7 @@ defmodule ElixirScope.Storage.QueryCoordinator do
 
   # ---- queries -------------------------------------------------------------------
 
-  @query_keys [:linked_to, :from, :to, :limit, :order, :cursor, :as]
+  @query_keys [:linked_to, :from, :to, :event_type, :ast_node_id, :limit, :order, :cursor, :as]
 
   @doc """
   One query over a store (a `%DataAccess{}` or a `PipelineManager`):
@@ -290,14 +290,17 @@ defmodule ElixirScope.Storage.QueryCoordinator do
   Filters: every subscription filter key (see "Filters"), `:linked_to`
   (events with a link to this event id: calls made inside it, its return,
   the receive of a send, state changes inside a call) and `:from`/`:to`
-  (timestamps, inclusive). Options: `:limit` (1,000), `:order` (`:asc` or
+  (timestamps, inclusive), and for events stored whole by
+  `DataAccess.store_event/2` (maps and structs), `:event_type` and
+  `:ast_node_id` (their fields of that name, any term; matched by a
+  63-bit hash of the term, as `DataAccess` keys ids). Options: `:limit` (1,000), `:order` (`:asc` or
   `:desc`, in store order: each process's event order), `:cursor` (the
   `cursor` of the previous page; `nil` when there is no more), `:as`
   (`:correlated`, default: `DataAccess.get_correlated/2` maps; `:event`:
   the stored events; `:entry`: `ElixirScope.Analysis.Entry` records).
 
   The plan is reported (`:correlation`, `:linked_to`, `:pid`, `:function`,
-  `:time` or `:scan`) with its `estimate` of the records it visits: the
+  `:event_type`, `:ast_node`, `:time` or `:scan`) with its `estimate` of the records it visits: the
   planner estimates each usable index and walks the smallest; an index
   that would visit more than a quarter of the store is replaced by a scan
   in chunks of 50,000 records (each chunk one dirty-scheduler call holding
@@ -317,6 +320,8 @@ defmodule ElixirScope.Storage.QueryCoordinator do
           linked_to: nil,
           from: nil,
           to: nil,
+          event_type: nil,
+          ast_node_id: nil,
           limit: 1000,
           order: :asc,
           cursor: nil,
@@ -346,7 +351,16 @@ defmodule ElixirScope.Storage.QueryCoordinator do
     unless cursor == nil or (is_integer(cursor) and cursor >= 0),
       do: bad_filter!(:cursor, cursor, "nil or the cursor of a previous page")
 
-    f = Map.merge(f, %{linked_to: o[:linked_to], from: o[:from], to: o[:to]})
+    tag = fn k -> if o[k] == nil, do: nil, else: DataAccess.tag_key(o[k]) end
+
+    f =
+      Map.merge(f, %{
+        linked_to: o[:linked_to],
+        from: o[:from],
+        to: o[:to],
+        event_type: tag.(:event_type),
+        ast_node: tag.(:ast_node_id)
+      })
 
     with {:ok, s} <- store(store) do
       {:ok, run_query(s.ref, f, o[:order] == :desc, min(limit, 16_777_216), cursor, o[:as], [])}

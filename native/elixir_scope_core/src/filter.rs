@@ -45,6 +45,11 @@ pub struct EventFilter {
     /// (`parent_id`), its return (`correlation_id`), the receive of a send,
     /// state changes inside a call.
     pub linked_to: Option<u64>,
+    /// Records stored whole as terms with this event-type key
+    /// ([`crate::store::EventStore::insert_term`]).
+    pub event_type: Option<u64>,
+    /// Records with this AST-node key.
+    pub ast_node: Option<u64>,
 }
 
 impl EventFilter {
@@ -63,6 +68,10 @@ impl EventFilter {
             && self.from_ts.map_or(true, |t| e.timestamp >= t)
             && self.to_ts.map_or(true, |t| e.timestamp <= t)
             && self.linked_to.map_or(true, |t| links_to(e, t))
+            && self.event_type.map_or(true, |t| {
+                e.kind == EventKind::Term as u8 && e.aux as u64 == t && t != 0
+            })
+            && self.ast_node.map_or(true, |a| e.ast_node == a && a != 0)
     }
 
     /// The union of types this filter can match (`u64::MAX`: any).
@@ -74,6 +83,9 @@ impl EventFilter {
         };
         if self.arity.is_some() {
             m &= 1 << EventKind::FunctionCall as u8;
+        }
+        if self.event_type.is_some() {
+            m &= 1 << EventKind::Term as u8;
         }
         m
     }

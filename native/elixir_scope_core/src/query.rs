@@ -19,6 +19,8 @@
 //! | [`Plan::LinkedTo`] | `linked_to` | the target's children and correlation chains |
 //! | [`Plan::Pid`] | `pid` | the process's chain, counted up to [`SAMPLE`] steps then extrapolated from its density |
 //! | [`Plan::Function`] | `module` + `function` | the same, on the function's chain |
+//! | [`Plan::EventType`] | `event_type` (terms) | the same, on the event type's chain |
+//! | [`Plan::AstNode`] | `ast_node` | the same, on the AST node's chain |
 //! | [`Plan::Time`] | a time window | records of the window in each segment (binary searches) |
 //! | [`Plan::Scan`] | anything else | every live event, visited in chunks |
 //!
@@ -67,6 +69,10 @@ pub enum Plan {
     Pid,
     /// The function chain.
     Function,
+    /// The event-type chain (records stored whole as terms).
+    EventType,
+    /// The AST-node chain.
+    AstNode,
     /// The time index.
     Time,
     /// Every live event in store order.
@@ -136,6 +142,18 @@ pub fn plan(store: &EventStore, q: &Query) -> (Plan, usize) {
         let est = estimate_chain(store, |g| store.walk_function(m, fun, |e| g(&e)));
         if est < best.1 {
             best = (Plan::Function, est);
+        }
+    }
+    if let Some(t) = f.event_type {
+        let est = estimate_chain(store, |g| store.walk_event_type(t, |e| g(&e)));
+        if est < best.1 {
+            best = (Plan::EventType, est);
+        }
+    }
+    if let Some(a) = f.ast_node {
+        let est = estimate_chain(store, |g| store.walk_ast_node(a, |e| g(&e)));
+        if est < best.1 {
+            best = (Plan::AstNode, est);
         }
     }
     if f.from_ts.is_some() || f.to_ts.is_some() {
@@ -248,7 +266,7 @@ pub fn run<'s>(
             );
             page_of(evs, q, extra, plan, estimate)
         }
-        Plan::Pid | Plan::Function => {
+        Plan::Pid | Plan::Function | Plan::EventType | Plan::AstNode => {
             let mut out: VecDeque<StoredEvent<'s>> = VecDeque::new();
             let mut more = false;
             let mut visit = |e: StoredEvent<'s>| -> bool {
@@ -270,10 +288,13 @@ pub fn run<'s>(
                 }
                 true
             };
-            if plan == Plan::Pid {
-                store.walk_pid(f.pid.unwrap_or(0), &mut visit);
-            } else {
-                store.walk_function(f.module.unwrap_or(0), f.function.unwrap_or(0), &mut visit);
+            match plan {
+                Plan::Pid => store.walk_pid(f.pid.unwrap_or(0), &mut visit),
+                Plan::EventType => store.walk_event_type(f.event_type.unwrap_or(0), &mut visit),
+                Plan::AstNode => store.walk_ast_node(f.ast_node.unwrap_or(0), &mut visit),
+                _ => {
+                    store.walk_function(f.module.unwrap_or(0), f.function.unwrap_or(0), &mut visit)
+                }
             }
             let mut events: Vec<StoredEvent<'s>> = out.into_iter().collect();
             if q.order == Order::Asc {

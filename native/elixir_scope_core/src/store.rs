@@ -48,6 +48,18 @@
 //!   is correct for any arrival order; it is cheapest when arrival is roughly
 //!   in time order (few segments overlap a window).
 //!
+//! * event type and AST node (records stored whole as terms, see
+//!   [`EventStore::insert_term`]): bucketed chains like `id`'s, keyed by
+//!   the record's event-type key and AST-node key (`0`: none, not
+//!   indexed). Such records have no wall time, peer, parent or root, so
+//!   their header keeps the keys and links in those slots (`aux`: the
+//!   event-type key, `root_id`: the AST-node key, `peer`: the event-type
+//!   link, `link_parent`: the AST-node link; marked by an internal flag
+//!   bit): the header stays 104 bytes. The head tables are allocated on
+//!   the first record that has such a key, so stores that never see one
+//!   (pipeline stores) do not pay for them. Each segment counts its live
+//!   records in each index ([`EventStore::index_sizes`]).
+//!
 //! * state: per process, the `(timestamp, seq)` of its state records (see
 //!   [`crate::event::is_state_record`]) in time order, kept at insert (an
 //!   append, or a short insertion from the back for a record that arrives
@@ -117,7 +129,7 @@
 //! * Always: `inserted = live + evicted + expired + duplicates + rejected`
 //!   (`rejected`: a payload that does not fit a `u32` arena offset).
 
-use crate::event::{is_state_record, state_sets, Event, FLAG_STATEM};
+use crate::event::{is_state_record, state_sets, Event, EventKind, FLAG_STATEM};
 use crate::hash::{mix, FastMap};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::mem::size_of;
@@ -229,6 +241,37 @@ pub struct StoreStats {
     pub compactions: u64,
 }
 
+/// Index keys of a record stored whole as a term
+/// ([`EventStore::insert_term`]); `0` is "none".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TermKeys {
+    /// Key of the term's event type (kept in the record's `aux`).
+    pub event_type: u64,
+    /// Key of the AST node the event belongs to.
+    pub ast_node: u64,
+}
+
+/// Live records in each index (see [`EventStore::index_sizes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexSizes {
+    /// Live records (every one is in the id and time indexes).
+    pub total: usize,
+    /// Live records with a process (`pid != 0`).
+    pub with_pid: usize,
+    /// Live records of a function: calls, returns and exceptions, and
+    /// terms flagged [`TERM_FLAG_FUNCTION`].
+    pub with_function: usize,
+    /// Live records in the event-type index.
+    pub event_type: usize,
+    /// Live records in the AST-node index.
+    pub ast_node: usize,
+}
+
+/// Flag of a [`EventKind::Term`](crate::event::EventKind::Term) record:
+/// the term names a module and a function (counted in
+/// [`IndexSizes::with_function`]).
+pub const TERM_FLAG_FUNCTION: u8 = 1 << 5;
+
 /// A stored event, as returned by queries: the header fields, the
 /// correlation fields and a borrowed payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +304,8 @@ pub struct StoredEvent<'a> {
     pub parent_id: u64,
     /// Root event id.
     pub root_id: u64,
+    /// AST-node key (terms only, `0`: none).
+    pub ast_node: u64,
     /// Payload bytes.
     pub payload: &'a [u8],
 }
@@ -293,7 +338,9 @@ impl StoredEvent<'_> {
     }
 }
 
-/// The compact stored header (104 bytes).
+/// The compact stored header (104 bytes). Records stored by
+/// [`EventStore::insert_term`] carry [`KEYED`] and keep their index keys
+/// and links in slots such records do not use (see [`Rec::ast`]).
 #[derive(Clone, Copy)]
 struct Rec {
     id: u64,
@@ -322,12 +369,73 @@ struct Rec {
 
 const _: () = assert!(size_of::<Rec>() == 104);
 
+/// Internal flag of a record stored by [`EventStore::insert_term`] (never
+/// shown: [`StoredEvent::flags`] leaves it out).
+const KEYED: u8 = 1 << 7;
+
+impl Rec {
+    #[inline]
+    fn keyed(&self) -> bool {
+        self.kind == EventKind::Term as u8 && self.flags & KEYED != 0
+    }
+
+    /// In the event-type index?
+    #[inline]
+    fn typed(&self) -> bool {
+        self.keyed() && self.aux != 0
+    }
+
+    /// The AST-node key (0: none).
+    #[inline]
+    fn ast(&self) -> u64 {
+        if self.keyed() {
+            self.root_id
+        } else {
+            0
+        }
+    }
+
+    #[inline]
+    fn link_ast(&self) -> u32 {
+        if self.keyed() {
+            self.link_parent
+        } else {
+            0
+        }
+    }
+
+    #[inline]
+    fn link_type(&self) -> u32 {
+        if self.keyed() {
+            self.peer as u32
+        } else {
+            0
+        }
+    }
+
+    /// `[with_pid, with_function, event_type, ast_node]` membership.
+    #[inline]
+    fn index_bits(&self) -> [bool; 4] {
+        let k = self.kind;
+        let function = if k == EventKind::Term as u8 {
+            self.flags & TERM_FLAG_FUNCTION != 0
+        } else {
+            k == EventKind::FunctionCall as u8
+                || k == EventKind::FunctionReturn as u8
+                || k == EventKind::FunctionException as u8
+        };
+        [self.pid != 0, function, self.typed(), self.ast() != 0]
+    }
+}
+
 struct Segment {
     base: u64,
     recs: Vec<Rec>,
     arena: Vec<u8>,
     dead: Vec<u64>,
     live: u32,
+    /// Live records per index (see [`Rec::index_bits`]).
+    counts: [u32; 4],
     sealed: bool,
     min_ts: i64,
     max_ts: i64,
@@ -350,6 +458,7 @@ impl Segment {
             arena: Vec::with_capacity(arena_hint),
             dead: Vec::with_capacity(cap.div_ceil(64)),
             live: 0,
+            counts: [0; 4],
             sealed: false,
             min_ts: i64::MAX,
             max_ts: i64::MIN,
@@ -373,6 +482,9 @@ impl Segment {
         }
         *w |= bit;
         self.live -= 1;
+        for (c, b) in self.counts.iter_mut().zip(self.recs[i].index_bits()) {
+            *c -= b as u32;
+        }
         true
     }
 
@@ -833,6 +945,11 @@ pub struct EventStore {
     ids: HeadTable,
     corrs: HeadTable,
     parents: HeadTable,
+    /// Event-type and AST-node chains, allocated on first use.
+    types: Option<HeadTable>,
+    asts: Option<HeadTable>,
+    /// Size (bits) of the bucket tables.
+    table_bits: u32,
     pids: FastMap<u64, u64>,
     mf_ids: FastMap<(u64, u64), u32>,
     /// (module, function, head seq or `u64::MAX`).
@@ -885,6 +1002,9 @@ impl EventStore {
             ids: HeadTable::new(bits),
             corrs: HeadTable::new(bits),
             parents: HeadTable::new(bits),
+            types: None,
+            asts: None,
+            table_bits: bits,
             pids: FastMap::default(),
             mf_ids: FastMap::default(),
             mfs: Vec::new(),
@@ -1036,15 +1156,16 @@ impl EventStore {
             timestamp: r.timestamp,
             wall_time: r.wall_time,
             pid: r.pid,
-            peer: r.peer,
+            peer: if r.keyed() { 0 } else { r.peer },
             module,
             function,
             aux: r.aux,
             kind: r.kind,
-            flags: r.flags,
+            flags: if r.keyed() { r.flags & !KEYED } else { r.flags },
             correlation_id,
             parent_id: r.parent_id,
-            root_id: r.root_id,
+            root_id: if r.keyed() { 0 } else { r.root_id },
+            ast_node: r.ast(),
             payload: seg.payload(i),
         }
     }
@@ -1126,6 +1247,37 @@ impl EventStore {
         aux: i64,
         peer: u64,
     ) -> InsertOutcome {
+        self.insert_full(event, corr, aux, peer, None)
+    }
+
+    /// Stores a record holding a whole term (`event.kind` must be
+    /// [`EventKind::Term`]; another kind is stored by [`EventStore::insert`])
+    /// with its event-type and AST-node keys (`0`: none): each non-zero key
+    /// puts the record in that index ([`EventStore::by_event_type`],
+    /// [`EventStore::by_ast_node`]). The record's `aux`, `peer`, `parent_id`
+    /// and `root_id` are not kept (they read 0; see the module
+    /// documentation).
+    pub fn insert_term(
+        &mut self,
+        event: &Event,
+        corr: CorrelationFields,
+        keys: TermKeys,
+    ) -> InsertOutcome {
+        if event.kind != EventKind::Term as u8 {
+            return self.insert(event, corr);
+        }
+        self.insert_full(event, corr, keys.event_type as i64, 0, Some(keys.ast_node))
+    }
+
+    /// `ast`: `Some(key)` for a keyed term record (`aux` its event-type key).
+    fn insert_full(
+        &mut self,
+        event: &Event,
+        corr: CorrelationFields,
+        aux: i64,
+        peer: u64,
+        ast: Option<u64>,
+    ) -> InsertOutcome {
         self.inserted += 1;
         if self.live > 0 && !self.fresh.is_fresh(event.id) && self.find(event.id).is_some() {
             self.duplicates += 1;
@@ -1192,6 +1344,16 @@ impl EventStore {
         let b = self.corrs.bucket(corr.correlation_id);
         let link_corr = delta(seq, self.corrs.get(b));
         self.corrs.set(b, seq, min_valid);
+        let keyed = ast.is_some();
+        let corr = if keyed {
+            CorrelationFields {
+                parent_id: 0,
+                root_id: 0,
+                ..corr
+            }
+        } else {
+            corr
+        };
         let link_parent = if corr.parent_id != 0 {
             let b = self.parents.bucket(corr.parent_id);
             let d = delta(seq, self.parents.get(b));
@@ -1199,6 +1361,28 @@ impl EventStore {
             d
         } else {
             0
+        };
+        let bits = self.table_bits;
+        let chain = |table: &mut Option<HeadTable>, key: u64| -> u32 {
+            if key == 0 {
+                return 0;
+            }
+            let t = table.get_or_insert_with(|| HeadTable::new(bits));
+            let b = t.bucket(key);
+            let d = delta(seq, t.get(b));
+            t.set(b, seq, min_valid);
+            d
+        };
+        let (flags, peer, root_id, link_parent) = match ast {
+            Some(ast) => {
+                let link_type = chain(&mut self.types, aux as u64);
+                let link_ast = chain(&mut self.asts, ast);
+                (event.flags | KEYED, link_type as u64, ast, link_ast)
+            }
+            None if event.kind == EventKind::Term as u8 => {
+                (event.flags & !KEYED, peer, corr.root_id, link_parent)
+            }
+            None => (event.flags, peer, corr.root_id, link_parent),
         };
 
         let seg = self.segments.back_mut().expect("active segment");
@@ -1213,7 +1397,7 @@ impl EventStore {
             aux,
             correlation_id: corr.correlation_id,
             parent_id: corr.parent_id,
-            root_id: corr.root_id,
+            root_id,
             mf,
             payload_end: seg.arena.len() as u32,
             link_id,
@@ -1223,12 +1407,16 @@ impl EventStore {
             link_parent,
             perm: 0,
             kind: event.kind,
-            flags: event.flags,
+            flags,
         });
         if i % 64 == 0 {
             seg.dead.push(0);
         }
         seg.live += 1;
+        let bits = seg.recs[i].index_bits();
+        for (c, b) in seg.counts.iter_mut().zip(bits) {
+            *c += b as u32;
+        }
         seg.min_ts = seg.min_ts.min(event.timestamp);
         seg.max_ts = seg.max_ts.max(event.timestamp);
         seg.live_min_ts = seg.live_min_ts.min(event.timestamp);
@@ -1727,6 +1915,78 @@ impl EventStore {
         )
     }
 
+    /// Live records stored with this event-type key (non-zero, see
+    /// [`EventStore::insert_term`]), in store order.
+    pub fn by_event_type(&self, key: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {
+        let head = match (&self.types, key) {
+            (Some(t), k) if k != 0 => t.get(t.bucket(k)),
+            _ => return Vec::new(),
+        };
+        self.chain_query(
+            head,
+            |r| r.link_type(),
+            |_, r| r.typed() && r.aux as u64 == key,
+            limit,
+            order,
+        )
+    }
+
+    /// Live records stored with this AST-node key (non-zero), in store
+    /// order.
+    pub fn by_ast_node(&self, key: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {
+        let head = match (&self.asts, key) {
+            (Some(t), k) if k != 0 => t.get(t.bucket(k)),
+            _ => return Vec::new(),
+        };
+        self.chain_query(head, |r| r.link_ast(), |_, r| r.ast() == key, limit, order)
+    }
+
+    /// Calls `f` on the live records with this event-type key, newest
+    /// first, while it returns true.
+    pub fn walk_event_type<'a>(&'a self, key: u64, mut f: impl FnMut(StoredEvent<'a>) -> bool) {
+        let Some(t) = self.types.as_ref().filter(|_| key != 0) else {
+            return;
+        };
+        self.walk(
+            t.get(t.bucket(key)),
+            |r| r.link_type(),
+            |_, seg, i| {
+                let r = &seg.recs[i];
+                seg.is_dead(i) || !(r.typed() && r.aux as u64 == key) || f(self.view(seg, i))
+            },
+        );
+    }
+
+    /// Calls `f` on the live records with this AST-node key, newest first,
+    /// while it returns true.
+    pub fn walk_ast_node<'a>(&'a self, key: u64, mut f: impl FnMut(StoredEvent<'a>) -> bool) {
+        let Some(t) = self.asts.as_ref().filter(|_| key != 0) else {
+            return;
+        };
+        self.walk(
+            t.get(t.bucket(key)),
+            |r| r.link_ast(),
+            |_, seg, i| seg.is_dead(i) || seg.recs[i].ast() != key || f(self.view(seg, i)),
+        );
+    }
+
+    /// Live records in each index. Cost: one step per segment.
+    pub fn index_sizes(&self) -> IndexSizes {
+        let mut c = [0usize; 4];
+        for seg in &self.segments {
+            for (a, &b) in c.iter_mut().zip(seg.counts.iter()) {
+                *a += b as usize;
+            }
+        }
+        IndexSizes {
+            total: self.live,
+            with_pid: c[0],
+            with_function: c[1],
+            event_type: c[2],
+            ast_node: c[3],
+        }
+    }
+
     /// The event `id` and its ancestors (following `parent_id` while the
     /// parent is stored), root first, at most [`MAX_CHAIN_DEPTH`] events.
     /// Empty if `id` is not stored.
@@ -2148,7 +2408,9 @@ impl EventStore {
             + self.segments.iter().map(Segment::bytes).sum::<usize>()
             + (self.ids.slots.capacity()
                 + self.corrs.slots.capacity()
-                + self.parents.slots.capacity())
+                + self.parents.slots.capacity()
+                + self.types.as_ref().map_or(0, |t| t.slots.capacity())
+                + self.asts.as_ref().map_or(0, |t| t.slots.capacity()))
                 * 4
             + map_bytes(&self.pids)
             + map_bytes(&self.mf_ids)

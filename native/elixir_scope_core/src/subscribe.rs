@@ -417,6 +417,7 @@ pub fn view_with_aux<'a>(
         correlation_id: corr.correlation_id,
         parent_id: corr.parent_id,
         root_id: corr.root_id,
+        ast_node: 0,
         payload: &ev.payload,
     }
 }

@@ -308,4 +308,9 @@ rustler::atoms! {
     eloop,
     einval,
     exdev,
+    // Index sizes (store_index_sizes) and plans
+    ast_node,
+    with_pid,
+    with_function,
+    total,
 }

@@ -59,6 +59,8 @@ fn plan_atom(p: Plan) -> Atom {
         Plan::LinkedTo => atoms::linked_to(),
         Plan::Pid => atoms::pid(),
         Plan::Function => atoms::function(),
+        Plan::EventType => atoms::event_type(),
+        Plan::AstNode => atoms::ast_node(),
         Plan::Time => atoms::time(),
         Plan::Scan => atoms::scan(),
     }
@@ -66,7 +68,8 @@ fn plan_atom(p: Plan) -> Atom {
 
 /// One page: `{results, next_cursor | nil, plan, estimate}`. The filter map
 /// is the subscription filter's (see `sub_nif`) plus `linked_to`, `from`,
-/// `to` (integers or nil).
+/// `to` (integers or nil) and `event_type`, `ast_node` (index keys of
+/// records stored as terms, non-negative integers, or nil).
 #[rustler::nif(schedule = "DirtyCpu")]
 #[allow(clippy::too_many_arguments)]
 fn qry_query<'a>(
@@ -84,6 +87,8 @@ fn qry_query<'a>(
     f.linked_to = int("linked_to")?.map(|v| v as u64);
     f.from_ts = int("from")?;
     f.to_ts = int("to")?;
+    f.event_type = crate::sub_nif::key_field(env, filter, "event_type")?;
+    f.ast_node = crate::sub_nif::key_field(env, filter, "ast_node")?;
     let cursor = if cursor.is_atom() {
         None
     } else {

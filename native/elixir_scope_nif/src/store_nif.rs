@@ -18,7 +18,7 @@
 
 use elixir_scope_core::{
     call_contents, corr_type_of, links_of, CorrType, CorrelationFields, Event, EventKind,
-    EventStore, LinkKind, Order, StoreConfig, StoredEvent,
+    EventStore, LinkKind, Order, StoreConfig, StoredEvent, TermKeys, TERM_FLAG_FUNCTION,
 };
 use rustler::sys::{ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
 use rustler::types::map::map_new;
@@ -166,8 +166,15 @@ pub(crate) fn order_of(desc: bool) -> Order {
     }
 }
 
-/// Build the stored event for `term` with the given header fields; `None`
-/// if the term does not fit `limit` tape bytes.
+fn is_nil(t: Term) -> bool {
+    t.is_atom() && t == atoms::nil().encode(t.get_env())
+}
+
+/// Build the stored event for `term` with the given header fields and its
+/// `{event_type, ast_node}` index keys (`0`: none); `None` if the term does
+/// not fit `limit` tape bytes. A `nil` pid is stored as no process
+/// (word 0); a term naming a module and a function (neither `nil`) is
+/// flagged [`TERM_FLAG_FUNCTION`].
 #[allow(clippy::too_many_arguments)]
 fn build(
     env: Env,
@@ -177,9 +184,10 @@ fn build(
     module: Term,
     function: Term,
     corr: u64,
+    keys: (u64, u64),
     term: Term,
     limit: usize,
-) -> Option<(Event, CorrelationFields)> {
+) -> Option<(Event, CorrelationFields, TermKeys)> {
     let mut payload = Vec::new();
     if encode_into(env, &mut payload, limit, |enc| enc.field(term)) {
         return None;
@@ -188,13 +196,17 @@ fn build(
         id,
         timestamp: ts,
         wall_time: 0,
-        pid: term_key(pid),
+        pid: if is_nil(pid) { 0 } else { term_key(pid) },
         peer: 0,
         module: term_key(module),
         function: term_key(function),
         aux: 0,
         kind: EventKind::Term as u8,
-        flags: 0,
+        flags: if is_nil(module) || is_nil(function) {
+            0
+        } else {
+            TERM_FLAG_FUNCTION
+        },
         payload,
     };
     let cf = CorrelationFields {
@@ -202,7 +214,11 @@ fn build(
         parent_id: 0,
         root_id: 0,
     };
-    Some((ev, cf))
+    let tk = TermKeys {
+        event_type: keys.0,
+        ast_node: keys.1,
+    };
+    Some((ev, cf, tk))
 }
 
 /// The Elixir term of a stored event: the stored term itself for
@@ -349,12 +365,13 @@ fn store_put<'a>(
     module: Term<'a>,
     function: Term<'a>,
     corr: u64,
+    keys: (u64, u64),
     event: Term<'a>,
 ) -> Term<'a> {
     if let Some(refused) = s.refuse_write(env) {
         return refused;
     }
-    let Some((ev, cf)) = build(
+    let Some((ev, cf, tk)) = build(
         env,
         id,
         ts,
@@ -362,18 +379,19 @@ fn store_put<'a>(
         module,
         function,
         corr,
+        keys,
         event,
         MAX_EVENT_BYTES,
     ) else {
         return (atoms::error(), atoms::event_too_large()).encode(env);
     };
     let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
-    store.insert(&ev, cf);
+    store.insert_term(&ev, cf, tk);
     atoms::ok().encode(env)
 }
 
 /// Store a list of at most [`CHUNK`] `{id, ts, pid, module, function,
-/// corr, event}` tuples: `:ok`, `{:error, :event_too_large}` (nothing of
+/// {corr, event_type_key, ast_key}, event}` tuples: `:ok`, `{:error, :event_too_large}` (nothing of
 /// this chunk stored) or `{:error, :destroyed}`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn store_put_batch<'a>(env: Env<'a>, s: Ref<StoreRes>, list: Term<'a>) -> NifResult<Term<'a>> {
@@ -387,14 +405,14 @@ fn store_put_batch<'a>(env: Env<'a>, s: Ref<StoreRes>, list: Term<'a>) -> NifRes
         Built::OverBudget => unreachable!("no budget"),
     };
     let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
-    for (ev, cf) in &built {
-        store.insert(ev, *cf);
+    for (ev, cf, tk) in &built {
+        store.insert_term(ev, *cf, *tk);
     }
     Ok(atoms::ok().encode(env))
 }
 
 enum Built {
-    All(Vec<(Event, CorrelationFields)>),
+    All(Vec<(Event, CorrelationFields, TermKeys)>),
     /// An event does not fit [`MAX_EVENT_BYTES`].
     TooLarge,
     /// The events need more than the byte budget.
@@ -411,13 +429,21 @@ fn build_list(env: Env, list: Term, max: usize, budget: usize) -> NifResult<Buil
         if built.len() == max {
             return badarg(env, format!("at most {max} events per call"));
         }
-        let (id, ts, pid, module, function, corr, event): (u64, i64, Term, Term, Term, u64, Term) =
-            match head.decode() {
-                Ok(t) => t,
-                Err(_) => return badarg(env, "malformed store_put_batch entry"),
-            };
+        type Entry<'t> = (
+            u64,
+            i64,
+            Term<'t>,
+            Term<'t>,
+            Term<'t>,
+            (u64, u64, u64),
+            Term<'t>,
+        );
+        let (id, ts, pid, module, function, (corr, tk, ak), event): Entry = match head.decode() {
+            Ok(t) => t,
+            Err(_) => return badarg(env, "malformed store_put_batch entry"),
+        };
         let limit = MAX_EVENT_BYTES.min(left);
-        match build(env, id, ts, pid, module, function, corr, event, limit) {
+        match build(env, id, ts, pid, module, function, corr, (tk, ak), event, limit) {
             Some(b) => {
                 left -= b.0.payload.len().min(left);
                 built.push(b);
@@ -462,8 +488,8 @@ fn store_try_put_batch<'a>(env: Env<'a>, s: Ref<StoreRes>, list: Term<'a>) -> Ni
     if store.len() + n > store.config().max_events {
         return busy();
     }
-    for (ev, cf) in &built {
-        store.insert(ev, *cf);
+    for (ev, cf, tk) in &built {
+        store.insert_term(ev, *cf, *tk);
     }
     Ok(atoms::ok().encode(env))
 }
@@ -511,6 +537,51 @@ fn store_by_function<'a>(
         order_of(desc),
     );
     Ok(to_list(env, &evs))
+}
+
+/// Events stored with this event-type key (see `DataAccess`), in store
+/// order.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_event_type<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    key: u64,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_event_type(key, limit as usize, order_of(desc));
+    Ok(to_list(env, &evs))
+}
+
+/// Events stored with this AST-node key, in store order.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_by_ast_node<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    key: u64,
+    limit: u64,
+    desc: bool,
+) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let evs = store.by_ast_node(key, limit as usize, order_of(desc));
+    Ok(to_list(env, &evs))
+}
+
+/// `%{total, with_pid, with_function, event_type, ast_node}`: live events
+/// in each index.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn store_index_sizes<'a>(env: Env<'a>, s: Ref<StoreRes>) -> NifResult<Term<'a>> {
+    let store = s.lock(env)?;
+    let z = store.index_sizes();
+    drop(store);
+    let m = map_new(env)
+        .map_put(atoms::total(), z.total as u64)?
+        .map_put(atoms::with_pid(), z.with_pid as u64)?
+        .map_put(atoms::with_function(), z.with_function as u64)?
+        .map_put(atoms::event_type(), z.event_type as u64)?
+        .map_put(atoms::ast_node(), z.ast_node as u64)?;
+    Ok(m)
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]

@@ -197,6 +197,16 @@ fn spec(env: Env, m: Term, k: &str) -> NifResult<Option<MatchSpec>> {
 }
 
 /// Integer field `k` of filter map `m` (nil or absent: `None`).
+/// A non-negative integer field (`u64`) of the filter map, or `None`.
+pub(crate) fn key_field(env: Env, m: Term, k: &str) -> NifResult<Option<u64>> {
+    get(m, k)
+        .map(|t| {
+            t.decode::<u64>()
+                .map_err(|_| badarg_err(env, format!("filter :{k} must be a non-negative integer")))
+        })
+        .transpose()
+}
+
 pub(crate) fn int_field(env: Env, m: Term, k: &str) -> NifResult<Option<i64>> {
     get(m, k)
         .map(|t| {
