@@ -5,7 +5,11 @@ defmodule ElixirScope.Events do
   A drop-in for the original pure-Elixir `ElixirScope.Events` API: every event
   is an `%ElixirScope.Events{}` envelope (id, timestamps, node, pid,
   correlation data) whose `data` field holds one of the nested event structs
-  defined here (`FunctionEntry`, `MessageSend`, `StateChange`...). The native
+  defined here (`FunctionEntry`, `MessageSend`, `StateChange`, and the
+  original's runtime-tracing and system structs `MessageSent`,
+  `MessageReceived`, `CallbackReply`, `VariableAssignment`,
+  `GarbageCollection`, `CrashDump`, `VMEvent`, `SchedulerEvent`,
+  `NodeEvent`, `TableEvent`, `TraceControl`). The native
   capture engine builds some of these structs directly, so their field sets
   are part of the contract with the NIF.
 
@@ -362,6 +366,261 @@ defmodule ElixirScope.Events do
             state: term(),
             snapshot_reason: term(),
             sequence_number: non_neg_integer() | nil
+          }
+  end
+
+  # The runtime-tracing structs of the original ElixirScope. Their field sets
+  # are part of the contract with the NIF: `RingBuffer.write/2` recognises a
+  # `MessageSent`, `MessageReceived` or `CallbackReply` by its exact key set
+  # and stores it as a send, receive or return that reads back as the same
+  # struct (see the README, "Runtime-tracing structs").
+
+  defmodule MessageSent do
+    @moduledoc """
+    A message sent, as the original's runtime tracing records it (the
+    `MessageSend` fields under the names `from_pid`/`to_pid`).
+
+    Written to a ring (`RingBuffer.write/2`) by a local `from_pid`, it is a
+    send: a pipeline links a later `MessageReceived` (or receive) of an
+    equal message in `to_pid` to it. It reads back as this struct.
+    """
+
+    defstruct [:from_pid, :to_pid, :message, :correlation_id, :timestamp, :wall_time]
+
+    @type t :: %__MODULE__{
+            from_pid: pid() | nil,
+            to_pid: pid() | atom() | term(),
+            message: term(),
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
+          }
+  end
+
+  defmodule MessageReceived do
+    @moduledoc """
+    A message received by `pid`, as the original's runtime tracing records
+    it (the `MessageReceive` counterpart).
+
+    Written to a ring by a local `pid`, it is a receive: a pipeline links it
+    to the oldest unmatched send of an equal message to `pid`. It reads back
+    as this struct.
+    """
+
+    defstruct [:pid, :message, :correlation_id, :timestamp, :wall_time]
+
+    @type t :: %__MODULE__{
+            pid: pid() | nil,
+            message: term(),
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
+          }
+  end
+
+  defmodule CallbackReply do
+    @moduledoc """
+    A GenServer callback's reply (`{:reply, reply, new_state, ...}`).
+
+    `call_id` is the call it answers. Written to a ring with a local
+    `server_pid` (or `pid`), it completes that call like a return: in a
+    pipeline, the innermost open call of the server carrying `call_id` as
+    its correlation id (the innermost open call when `call_id` is nil). It
+    reads back as this struct.
+    """
+
+    defstruct [
+      :server_pid,
+      :callback,
+      :call_id,
+      :reply,
+      :new_state,
+      :timeout,
+      :hibernate,
+      :continue_data,
+      :pid,
+      :correlation_id,
+      :timestamp,
+      :wall_time
+    ]
+
+    @type t :: %__MODULE__{
+            server_pid: pid() | nil,
+            callback: atom() | nil,
+            call_id: term(),
+            reply: term(),
+            new_state: term(),
+            timeout: timeout() | nil,
+            hibernate: boolean() | nil,
+            continue_data: term(),
+            pid: pid() | nil,
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
+          }
+  end
+
+  defmodule VariableAssignment do
+    @moduledoc "A traced variable's assignment (`:bind`, `:rebind`, `:pattern_match`)."
+
+    defstruct [
+      :variable_name,
+      :old_value,
+      :new_value,
+      :assignment_type,
+      :scope_context,
+      :line_number
+    ]
+
+    @type t :: %__MODULE__{
+            variable_name: atom() | String.t() | nil,
+            old_value: term(),
+            new_value: term(),
+            assignment_type: :bind | :rebind | :pattern_match | atom() | nil,
+            scope_context: term(),
+            line_number: non_neg_integer() | nil
+          }
+  end
+
+  defmodule GarbageCollection do
+    @moduledoc "A garbage collection of a process (sizes in words)."
+
+    defstruct [
+      :heap_size_before,
+      :heap_size_after,
+      :old_heap_size,
+      :stack_size,
+      :recent_size,
+      :mbuf_size,
+      :gc_type,
+      :gc_reason,
+      :duration_ns
+    ]
+
+    @type t :: %__MODULE__{
+            heap_size_before: non_neg_integer() | nil,
+            heap_size_after: non_neg_integer() | nil,
+            old_heap_size: non_neg_integer() | nil,
+            stack_size: non_neg_integer() | nil,
+            recent_size: non_neg_integer() | nil,
+            mbuf_size: non_neg_integer() | nil,
+            gc_type: :minor | :major | :full | atom() | nil,
+            gc_reason: term(),
+            duration_ns: non_neg_integer() | nil
+          }
+  end
+
+  defmodule CrashDump do
+    @moduledoc "A process crash, with its supervision context."
+
+    defstruct [
+      :crashed_pid,
+      :supervisor_pid,
+      :restart_strategy,
+      :restart_count,
+      :crash_reason,
+      :process_state,
+      :linked_pids,
+      :monitors
+    ]
+
+    @type t :: %__MODULE__{
+            crashed_pid: pid() | nil,
+            supervisor_pid: pid() | nil,
+            restart_strategy: atom() | nil,
+            restart_count: non_neg_integer() | nil,
+            crash_reason: term(),
+            process_state: term(),
+            linked_pids: [pid()] | nil,
+            monitors: term()
+          }
+  end
+
+  defmodule VMEvent do
+    @moduledoc "A VM-level event."
+
+    defstruct [:event_type, :event_data, :scheduler_id, :system_time, :node_name]
+
+    @type t :: %__MODULE__{
+            event_type: atom() | nil,
+            event_data: term(),
+            scheduler_id: non_neg_integer() | nil,
+            system_time: integer() | nil,
+            node_name: node() | nil
+          }
+  end
+
+  defmodule SchedulerEvent do
+    @moduledoc "A scheduler event (`:in`, `:out`, `:exited`, `:started`)."
+
+    defstruct [
+      :scheduler_id,
+      :event_type,
+      :process_count,
+      :port_count,
+      :run_queue_length,
+      :utilization
+    ]
+
+    @type t :: %__MODULE__{
+            scheduler_id: non_neg_integer() | nil,
+            event_type: :in | :out | :exited | :started | atom() | nil,
+            process_count: non_neg_integer() | nil,
+            port_count: non_neg_integer() | nil,
+            run_queue_length: non_neg_integer() | nil,
+            utilization: number() | nil
+          }
+  end
+
+  defmodule NodeEvent do
+    @moduledoc "A distributed node event (`:nodeup`, `:nodedown`, `:net_tick_timeout`)."
+
+    defstruct [:event_type, :node_name, :node_type, :connection_id, :extra_info]
+
+    @type t :: %__MODULE__{
+            event_type: :nodeup | :nodedown | :net_tick_timeout | atom() | nil,
+            node_name: node() | nil,
+            node_type: :visible | :hidden | atom() | nil,
+            connection_id: term(),
+            extra_info: term()
+          }
+  end
+
+  defmodule TableEvent do
+    @moduledoc "An ETS or DETS table operation."
+
+    defstruct [
+      :table_name,
+      :table_type,
+      :operation,
+      :key,
+      :value,
+      :operation_count,
+      :execution_time_ns
+    ]
+
+    @type t :: %__MODULE__{
+            table_name: atom() | term(),
+            table_type: :ets | :dets | nil,
+            operation: atom() | nil,
+            key: term(),
+            value: term(),
+            operation_count: non_neg_integer() | nil,
+            execution_time_ns: non_neg_integer() | nil
+          }
+  end
+
+  defmodule TraceControl do
+    @moduledoc "A trace control operation (`:start`, `:stop`, `:pause`, `:resume`)."
+
+    defstruct [:operation, :trace_type, :target, :trace_flags, :reason]
+
+    @type t :: %__MODULE__{
+            operation: :start | :stop | :pause | :resume | atom() | nil,
+            trace_type: atom() | term(),
+            target: term(),
+            trace_flags: term(),
+            reason: term()
           }
   end
 

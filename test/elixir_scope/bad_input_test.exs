@@ -276,6 +276,11 @@ defmodule ElixirScope.BadInputTest do
 
   defp fast_ingestor_result?(_), do: false
 
+  defp bench_result?(%{operations: n, total_time_ns: t, avg_time_ns: a, min_time_ns: lo}),
+    do: is_integer(n) and n > 0 and is_integer(t) and is_float(a) and is_integer(lo)
+
+  defp bench_result?(_), do: false
+
   defp save_result?({:ok, %{events: n}}), do: is_integer(n)
   defp save_result?({:error, {r, %{offset: _}}}), do: is_atom(r)
   defp save_result?({:error, r}), do: r in [:no_pipeline, :no_trace, :metadata_too_large]
@@ -342,6 +347,10 @@ defmodule ElixirScope.BadInputTest do
       {Ingestor, :ingest_generic_event, fn b -> [b, :t, %{}, me, nil, 0, 0] end, ok_write},
       {Ingestor, :ingest_batch, fn b -> [b, [1, 2]] end, &batch_result?/1},
       {Ingestor, :create_fast_ingestor, fn b -> [b] end, &fast_ingestor_result?/1},
+      {Ingestor, :benchmark_ingestion, fn b -> [b, :e] end, &bench_result?/1},
+      {Ingestor, :benchmark_ingestion, fn b -> [b, :e, 10] end, &bench_result?/1},
+      {Ingestor, :validate_performance, fn b -> [b] end,
+       &(&1 == :ok or match?({:error, {:performance_target_missed, _, 1000}}, &1))},
       {Ingestor, :get_buffer, fn _ -> [] end,
        &(match?({:ok, %RingBuffer{}}, &1) or &1 == {:error, :not_initialized})},
       {Ingestor, :set_buffer, fn b -> [b] end, &(&1 == :ok)},
@@ -1149,6 +1158,37 @@ defmodule ElixirScope.BadInputTest do
   end
 
   describe "specific wrong inputs" do
+    test "runtime-tracing structs with any value in any field are written and read back equal" do
+      me = self()
+
+      structs = [
+        %Events.MessageSent{from_pid: me, to_pid: me, message: :m},
+        %Events.MessageReceived{pid: me, message: :m},
+        %Events.CallbackReply{server_pid: me, pid: me, call_id: 1, reply: :ok}
+      ]
+
+      buf = new_ring!(size: 64)
+
+      {:ok, pm} = ElixirScope.Capture.PipelineManager.start_link(name: nil, shards: 1)
+      pbuf = ElixirScope.Capture.PipelineManager.ring_buffer(pm)
+
+      written =
+        for s <- structs, key <- Map.keys(s) -- [:__struct__], bad <- bad_values() do
+          e = Map.put(s, key, bad)
+          assert RingBuffer.write(buf, e) == :ok
+          assert {[^e], _} = RingBuffer.read_batch(buf, RingBuffer.stats(buf).read_position, 1)
+          assert RingBuffer.write(pbuf, e) == :ok
+          e
+        end
+
+      :ok = ElixirScope.Capture.PipelineManager.flush(pm)
+      store = ElixirScope.Capture.PipelineManager.data_access(pm)
+      {:ok, stored} = DataAccess.query_by_time_range(store, -(1 <<< 62), 1 <<< 62, limit: 100_000)
+      assert stored == written
+      :ok = ElixirScope.Capture.PipelineManager.shutdown(pm)
+      assert_fresh_ring_works()
+    end
+
     test "a fake %RingBuffer{} whose ref is not a ring raises ArgumentError everywhere" do
       fake = fake_ring()
 

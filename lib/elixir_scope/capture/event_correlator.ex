@@ -58,11 +58,13 @@ defmodule ElixirScope.Capture.EventCorrelator do
   | `FunctionEntry` / `FunctionExit` | call / return | – (envelope `pid`) | `call_id`; `exit_reason` |
   | `MessageEvent` `:send` / `:receive` | send / receive | `from_pid` / `to_pid` | `id`, `to_pid`, `message` |
   | `MessageSend` / `MessageReceive` | send / receive | `sender_pid` / `receiver_pid` | `receiver_pid`, `message` |
+  | `MessageSent` / `MessageReceived` | send / receive | `from_pid` / `pid` | `to_pid`, `message` |
+  | `CallbackReply` | return (completes its call) | `server_pid`, else `pid` | `call_id` |
   | `ProcessEvent` `:spawn` / `:exit` | spawn / exit | `parent_pid` / `pid` | `id`, `pid` |
   | `ProcessSpawn` / `ProcessExit` | spawn / exit | `parent_pid` / `exited_pid` | `spawned_pid` |
   | `StateChange` | state change | `server_pid` | `id` |
   | `%Events{}` wrapping any of these | as its `data` | data's, else `pid` | `event_id` (the id), `correlation_id` |
-  | `%Events{}` with other data | by `event_type` (`:function_entry`, `:message_send`, ...) | `pid` | `data.message`, `data.to_pid`, ... |
+  | `%Events{}` with other data | by `event_type` (`:function_entry`, `:message_send`, `:message_sent`, `:callback_reply`, ...) | `pid` | `data.message`, `data.to_pid`, ... |
   | anything else | `:unknown` | – | `event_id` or `id` if present |
 
   ## Ids

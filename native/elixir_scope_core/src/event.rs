@@ -34,6 +34,12 @@
 //! sets neither keeps the state in force (`:keep_state_and_data`,
 //! `terminate/2`). State changes and state snapshots are state records too
 //! (see [`is_state_record`]).
+//!
+//! The original's runtime-tracing structs written to a ring
+//! (`MessageSent`, `MessageReceived`, `CallbackReply`) are stored as a send,
+//! a receive and a return with the header conventions above (a reply's
+//! `peer` is its `call_id`'s correlation key, 0 for none), flagged
+//! [`FLAG_RUNTIME_STRUCT`] (see [`is_runtime_struct`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -114,6 +120,14 @@ pub const FLAG_SETS_DATA: u8 = 1 << 5;
 pub const FLAG_SETS_NAME: u8 = 1 << 6;
 /// Flag (state records): the callback asked the process to stop.
 pub const FLAG_STOP: u8 = 1 << 7;
+/// Flag (a send, a receive, or a return that is not an OTP callback's,
+/// so never a state record): the event was written as one of the
+/// original's runtime-tracing structs (`MessageSent`, `MessageReceived`,
+/// `CallbackReply`). Its header follows its kind's conventions, so it
+/// correlates as that kind; its payload starts with that kind's fields
+/// and carries the struct's other fields after them, so it reads back as
+/// the struct. The same bit as [`FLAG_STOP`], which only state records use.
+pub const FLAG_RUNTIME_STRUCT: u8 = 1 << 7;
 
 /// The OTP callback classes a call or return can be flagged with; the
 /// class and [`FLAG_STATEM`] tell where a return value holds the state.
@@ -163,6 +177,18 @@ pub fn is_state_record(kind: u8, flags: u8) -> bool {
     kind == EventKind::StateChange as u8
         || kind == EventKind::StateSnapshot as u8
         || (kind == EventKind::FunctionReturn as u8 && flags & CALLBACK_MASK != 0)
+}
+
+/// Was a stored record of `kind` with `flags` written as one of the
+/// original's runtime-tracing structs ([`FLAG_RUNTIME_STRUCT`] on a send,
+/// a receive, or a return that is not an OTP callback's)?
+#[inline]
+pub fn is_runtime_struct(kind: u8, flags: u8) -> bool {
+    flags & FLAG_RUNTIME_STRUCT != 0
+        && flags & CALLBACK_MASK == 0
+        && (kind == EventKind::MessageSend as u8
+            || kind == EventKind::MessageReceive as u8
+            || kind == EventKind::FunctionReturn as u8)
 }
 
 /// Does a stored record of `kind` with `flags` hold an *event id* in

@@ -42,9 +42,10 @@ pub use correlator::{
     CorrelatorMetrics, LateLink, Link, LinkKind, Links, StackDump,
 };
 pub use event::{
-    is_state_record, next_event_id, next_time_id, peer_is_event, reserve_event_ids, state_sets,
-    Callback, Event, EventKind, CALLBACK_MASK, FLAG_SETS_DATA, FLAG_SETS_NAME, FLAG_STATEM,
-    FLAG_STOP, FLAG_TRUNCATED, TIME_ID_BASE, TIME_ID_LIMIT,
+    is_runtime_struct, is_state_record, next_event_id, next_time_id, peer_is_event,
+    reserve_event_ids, state_sets, Callback, Event, EventKind, CALLBACK_MASK, FLAG_RUNTIME_STRUCT,
+    FLAG_SETS_DATA, FLAG_SETS_NAME, FLAG_STATEM, FLAG_STOP, FLAG_TRUNCATED, TIME_ID_BASE,
+    TIME_ID_LIMIT,
 };
 pub use hash::hash_bytes;
 pub use pipeline::{

@@ -219,6 +219,22 @@ impl TapeEncoder {
         }
     }
 
+    /// Encode one top-level field, cut as a whole: a field that does not
+    /// fit becomes one truncation marker even when it is a small map (which
+    /// [`TapeEncoder::field`] cuts value by value). The Ingestor's value
+    /// fields (a return value, a message, a state, an error message) are
+    /// cut this way, as the original's `Utils.truncate_data/2` did.
+    pub fn field_whole(&mut self, t: Term) {
+        let t = t.as_c_arg();
+        let mark = self.len;
+        if let Err(o) = self.enc(t, 0, false) {
+            self.len = mark;
+            let hint = if o.deep { Hint::Depth } else { self.hint(t) };
+            self.marker(hint, o.reached.saturating_sub(mark) as u64);
+            self.truncated = true;
+        }
+    }
+
     /// Encode one top-level field like [`TapeEncoder::field`], except that
     /// a tuple or a proper list is cut element by element: an element that
     /// does not fit becomes a truncation marker in its place, so the shape
@@ -329,16 +345,18 @@ impl TapeEncoder {
         Ok(())
     }
 
-    /// Encode one top-level field like [`TapeEncoder::field`] and return a
-    /// 64-bit hash of its content: of its encoding (equal terms encode, and
-    /// so hash, equally) or, when the field was truncated, of the whole term
-    /// (`phash2`, so different large messages of the same size do not
-    /// collide; it walks the term once, as sending it did).
+    /// Encode one top-level field like [`TapeEncoder::field_whole`] (a
+    /// message too big is one marker) and return a 64-bit hash of its
+    /// content: of its encoding (equal terms encode, and so hash, equally)
+    /// or, when the field was truncated, of the whole term (`phash2`, so
+    /// different large messages of the same size do not collide; it walks
+    /// the term once, as sending it did). How a field is cut never changes
+    /// its hash: an uncut encoding is the same either way.
     pub fn field_hashed(&mut self, t: Term) -> u64 {
         let mark = self.len;
         let was = self.truncated;
         self.truncated = false;
-        self.field(t);
+        self.field_whole(t);
         let cut = self.truncated;
         self.truncated |= was;
         if cut {

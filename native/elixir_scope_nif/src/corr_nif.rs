@@ -96,6 +96,9 @@ mod names {
         message_event_mod = "Elixir.ElixirScope.Events.MessageEvent",
         message_send_mod = "Elixir.ElixirScope.Events.MessageSend",
         message_receive_mod = "Elixir.ElixirScope.Events.MessageReceive",
+        message_sent_mod = "Elixir.ElixirScope.Events.MessageSent",
+        message_received_mod = "Elixir.ElixirScope.Events.MessageReceived",
+        callback_reply_mod = "Elixir.ElixirScope.Events.CallbackReply",
         process_event_mod = "Elixir.ElixirScope.Events.ProcessEvent",
         process_spawn_mod = "Elixir.ElixirScope.Events.ProcessSpawn",
         process_exit_mod = "Elixir.ElixirScope.Events.ProcessExit",
@@ -122,6 +125,9 @@ mod names {
         child_pid,
         exited_pid,
         server_pid,
+        message_sent,
+        message_received,
+        callback_reply,
         // Event types
         call,
         return_ = "return",
@@ -792,6 +798,20 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
         f.kind = Some(CorrKind::Receive);
         f.pid = field(m, n::receiver_pid());
         f.msg = field(m, n::message());
+    } else if is(n::message_sent_mod()) {
+        f.kind = Some(CorrKind::Send);
+        f.pid = field(m, n::from_pid());
+        f.peer = field(m, n::to_pid());
+        f.msg = field(m, n::message());
+    } else if is(n::message_received_mod()) {
+        f.kind = Some(CorrKind::Receive);
+        f.pid = field(m, n::pid());
+        f.msg = field(m, n::message());
+    } else if is(n::callback_reply_mod()) {
+        // Completes the call it answers, like a return.
+        f.kind = Some(CorrKind::Return);
+        f.pid = first_field(m, &[n::server_pid(), n::pid()]);
+        f.corr = field(m, n::call_id());
     } else if is(n::process_event_mod()) {
         f.id = field(m, n::id());
         match et() {
@@ -837,13 +857,18 @@ fn envelope_fields<'a>(event_type: Option<Term<'a>>, data: Option<Term<'a>>) -> 
     let message = || data_field(&[n::message()]).or(data);
     if any(&[n::function_entry(), n::function_call(), n::call()]) {
         f.kind = Some(CorrKind::Call);
-    } else if any(&[n::function_exit(), n::function_return(), n::return_()]) {
+    } else if any(&[
+        n::function_exit(),
+        n::function_return(),
+        n::return_(),
+        n::callback_reply(),
+    ]) {
         f.kind = Some(CorrKind::Return);
-    } else if any(&[n::message_send(), n::send()]) {
+    } else if any(&[n::message_send(), n::send(), n::message_sent()]) {
         f.kind = Some(CorrKind::Send);
         f.peer = data_field(&[n::to_pid(), n::receiver_pid()]);
         f.msg = message();
-    } else if any(&[n::message_receive(), n::receive()]) {
+    } else if any(&[n::message_receive(), n::receive(), n::message_received()]) {
         f.kind = Some(CorrKind::Receive);
         f.msg = message();
     } else if any(&[n::process_spawn(), n::spawn()]) {

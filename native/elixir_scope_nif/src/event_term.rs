@@ -1,7 +1,9 @@
 //! Native event -> Elixir term. Generic events decode their stored term;
 //! events built by the Ingestor become the `ElixirScope.Events` structs.
 
-use elixir_scope_core::{Event, EventKind, StoredEvent, CALLBACK_MASK, FLAG_TRUNCATED};
+use elixir_scope_core::{
+    is_runtime_struct, Event, EventKind, StoredEvent, CALLBACK_MASK, FLAG_TRUNCATED,
+};
 use rustler::sys::{enif_make_map_from_arrays, ErlNifTerm as ERL_NIF_TERM};
 use rustler::{Atom, Encoder, Env, Term};
 
@@ -77,6 +79,7 @@ pub struct EvView<'p> {
     pub function: u64,
     pub aux: i64,
     pub kind: u8,
+    pub flags: u8,
     pub payload: &'p [u8],
 }
 
@@ -97,6 +100,7 @@ impl<'p> From<&'p Event> for EvView<'p> {
             function: ev.function,
             aux: ev.aux,
             kind: ev.kind,
+            flags: ev.flags,
             payload: &ev.payload,
         }
     }
@@ -113,6 +117,7 @@ impl<'p> From<&StoredEvent<'p>> for EvView<'p> {
             function: ev.function,
             aux: ev.aux,
             kind: ev.kind,
+            flags: ev.flags,
             payload: ev.payload,
         }
     }
@@ -125,6 +130,11 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
 
 /// The Elixir term for an event's fields.
 pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
+    if is_runtime_struct(ev.kind, ev.flags) {
+        if let Some(t) = crate::runtime_structs::decode(env, ev.kind(), ev.payload, scratch) {
+            return t;
+        }
+    }
     let mut d = TapeDecoder::new(ev.payload);
     let mut next = |scratch: &mut Scratch| d.next(env, scratch).as_c_arg();
     let e = |t: Term<'a>| t.as_c_arg();

@@ -2,6 +2,11 @@
 //! straight from the fields it is given (no struct is built or walked).
 //! Argument types are checked by the Elixir wrappers; the NIFs only rely on
 //! atoms being atoms.
+//!
+//! A value field too big for the ring (an argument list, a return value, a
+//! message, an exit or error reason) becomes one truncation marker in its
+//! place, as the original's `Utils.truncate_data/2` did; a state and a
+//! metric's metadata map (small maps) are cut value by value.
 
 use elixir_scope_core::EventKind;
 use rustler::sys::enif_compare;
@@ -15,7 +20,7 @@ use crate::ring_nif::RingRes;
 /// word of an immediate (atom, small integer, local pid), else its phash2
 /// shifted so it never equals an immediate's word. Never 0.
 #[inline]
-fn corr_key(t: Term) -> u64 {
+pub(crate) fn corr_key(t: Term) -> u64 {
     let w = t.as_c_arg();
     if is_immediate(w) {
         word(w)
@@ -69,7 +74,7 @@ fn ing_function_return<'a>(
         ev.pid = me;
         ev.peer = corr_key(correlation_id);
         ev.aux = duration_ns;
-        enc.field(return_value);
+        enc.field_whole(return_value);
         enc.field(correlation_id);
     })
 }
@@ -132,7 +137,7 @@ fn ing_process_exit<'a>(
     rb.push(env, EventKind::ProcessExit, |ev, enc| {
         ev.pid = imm_word(pid.as_c_arg());
         enc.field(pid);
-        enc.field(reason);
+        enc.field_whole(reason);
     })
 }
 
@@ -152,7 +157,7 @@ fn ing_function_exception<'a>(
         ev.peer = corr_key(correlation_id);
         ev.aux = duration_ns;
         enc.field(kind);
-        enc.field(reason);
+        enc.field_whole(reason);
         enc.field(correlation_id);
     })
 }
@@ -171,6 +176,8 @@ fn ing_state_change<'a>(
         let same = unsafe { enif_compare(old_state.as_c_arg(), new_state.as_c_arg()) } == 0;
         ev.aux = if same { 0 } else { 1 };
         enc.field(server_pid);
+        // States are cut value by value (a state record keeps the parts
+        // that fit, for `Analysis.state_at/3` and its diffs).
         enc.field(old_state);
         enc.field(new_state);
     })
@@ -200,9 +207,9 @@ fn ing_error<'a>(
     stacktrace: Term<'a>,
 ) -> Term<'a> {
     rb.push(env, EventKind::Error, |_, enc| {
-        enc.field(error_type);
-        enc.field(message);
-        enc.field(stacktrace);
+        enc.field_whole(error_type);
+        enc.field_whole(message);
+        enc.field_whole(stacktrace);
     })
 }
 

@@ -19,6 +19,7 @@ mod pipe_nif;
 mod portable;
 mod query_nif;
 mod ring_nif;
+mod runtime_structs;
 mod store_nif;
 mod sub_nif;
 mod tracefile_nif;

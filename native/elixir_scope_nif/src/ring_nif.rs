@@ -18,6 +18,7 @@ use crate::codec::{encode_into, TapeEncoder};
 use crate::error::badarg;
 use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
+use crate::runtime_structs::classify;
 
 /// Most events one `rb_read_batch` / `rb_write_batch` call handles, so a
 /// call stays around 1 ms or less on a normal scheduler; Elixir loops.
@@ -376,10 +377,8 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
 
 #[rustler::nif]
 fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
-    if let Some(parts) = snapshot_parts(env, event) {
-        return rb.push(env, EventKind::StateSnapshot, |ev, enc| {
-            fill_snapshot(ev, enc, parts)
-        });
+    if let Some(special) = classify(env, event) {
+        return rb.push(env, special.kind(), |ev, enc| special.fill(ev, enc));
     }
     rb.push(env, EventKind::Term, |_, enc| enc.field(event))
 }
@@ -387,7 +386,7 @@ fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
 /// The fields of a `%ElixirScope.Events.StateSnapshot{}` of a local
 /// process, which is stored as a state record (read back as the same
 /// struct); `None` for any other term.
-fn snapshot_parts<'a>(env: Env<'a>, t: Term<'a>) -> Option<[Term<'a>; 4]> {
+pub(crate) fn snapshot_parts<'a>(env: Env<'a>, t: Term<'a>) -> Option<[Term<'a>; 4]> {
     let raw = t.as_c_arg();
     let name = atoms::state_snapshot().encode(env).as_c_arg();
     if !crate::codec::is_struct(raw, name, atoms::struct_().encode(env).as_c_arg()) {
@@ -449,18 +448,14 @@ fn rb_write_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, list: Term<'a>) -> NifResu
     let limit = rb.max_event_bytes;
     let mut truncated = 0u64;
     let accepted = rb.shard(env).push_batch_with(items.len(), |i, ev| {
-        let snapshot = snapshot_parts(env, items[i]);
+        let special = classify(env, items[i]);
         begin(
             ev,
-            if snapshot.is_some() {
-                EventKind::StateSnapshot
-            } else {
-                EventKind::Term
-            },
+            special.as_ref().map_or(EventKind::Term, |s| s.kind()),
             now,
         );
-        if encode_payload(env, ev, limit, |ev, enc| match snapshot {
-            Some(parts) => fill_snapshot(ev, enc, parts),
+        if encode_payload(env, ev, limit, |ev, enc| match &special {
+            Some(s) => s.fill(ev, enc),
             None => enc.field(items[i]),
         }) {
             truncated += 1;

@@ -544,6 +544,99 @@ defmodule ElixirScope.Capture.IngestorTest do
       assert RingBuffer.stats(buf).total_writes == 0
     end
   end
+
+  describe "a value too big for the ring is one marker in the field's place" do
+    # The original truncated with Utils.truncate_data/2: the field itself
+    # became {:truncated, size, type_hint}, never a value inside it.
+    test "return values, messages, exception and exit reasons, error messages", %{buf: buf} do
+      me = self()
+      big = %{data: :binary.copy("m", 100_000), small: 1}
+      :ok = Ingestor.ingest_function_return(buf, big, 5, :c)
+      :ok = Ingestor.ingest_message_send(buf, me, me, big)
+      :ok = Ingestor.ingest_message_receive(buf, me, big)
+      :ok = Ingestor.ingest_function_exception(buf, :error, big, 5, :c)
+      :ok = Ingestor.ingest_process_exit(buf, me, big)
+      :ok = Ingestor.ingest_error(buf, :error, big, [])
+
+      assert {[ret, send, recv, exc, exit, err], 6} = RingBuffer.read_batch(buf, 0, 10)
+      assert {:truncated, n, :map} = ret.return_value
+      assert n >= 100_000
+      assert {:truncated, _, :map} = send.message
+      assert {:truncated, _, :map} = recv.message
+      assert {:error, {:truncated, _, :map}} = exc.return_value
+      assert {:truncated, _, :map} = exit.reason
+      assert {:truncated, _, :map} = err.error_message
+      assert RingBuffer.stats(buf).truncated_events == 6
+    end
+
+    test "a value that fits is kept whole, whatever its shape", %{buf: buf} do
+      v = %{data: :binary.copy("m", 100), nested: %{a: [1, 2]}}
+      :ok = Ingestor.ingest_function_return(buf, v, 5, :c)
+      assert {:ok, %FunctionExecution{return_value: ^v}, _} = RingBuffer.read(buf, 0)
+      assert RingBuffer.stats(buf).truncated_events == 0
+    end
+  end
+
+  describe "benchmark_ingestion/3" do
+    test "times every write and reports the original's shape", %{buf: buf} do
+      event = %FunctionExecution{id: 1, module: M, function: :f, event_type: :call}
+      before = RingBuffer.stats(buf).write_position
+      stats = Ingestor.benchmark_ingestion(buf, event, 100)
+
+      assert Map.keys(stats) |> Enum.sort() ==
+               [:avg_time_ns, :max_time_ns, :min_time_ns, :operations, :total_time_ns]
+
+      assert stats.operations == 100
+      assert is_float(stats.avg_time_ns)
+      assert stats.min_time_ns >= 0 and stats.min_time_ns <= stats.max_time_ns
+      assert stats.total_time_ns >= stats.max_time_ns
+      assert_in_delta stats.avg_time_ns, stats.total_time_ns / 100, 1.0e-9
+      assert stats.min_time_ns <= stats.avg_time_ns and stats.avg_time_ns <= stats.max_time_ns
+      # The writes are real: the events are in the ring, equal to the sample.
+      assert RingBuffer.stats(buf).write_position == before + 100
+      {events, _} = RingBuffer.read_batch(buf, before, 200)
+      assert length(events) == 100 and Enum.all?(events, &(&1 == event))
+    end
+
+    test "defaults to 1,000 writes", %{buf: buf} do
+      assert %{operations: 1000} = Ingestor.benchmark_ingestion(buf, :sample)
+    end
+
+    test "a full :drop_newest ring: rejected writes are timed and counted by the ring" do
+      buf = new_ring!(size: 8, overflow_strategy: :drop_newest)
+      assert %{operations: 20} = Ingestor.benchmark_ingestion(buf, :x, 20)
+      assert RingBuffer.stats(buf).dropped_events == 12
+    end
+
+    test "bad arguments raise ArgumentError", %{buf: buf} do
+      for n <- [0, -1, 1.5, nil, :many, 10_000_001] do
+        assert_raise ArgumentError, fn -> Ingestor.benchmark_ingestion(buf, :e, n) end
+      end
+
+      for bad <- [nil, :buf, %{}] do
+        assert_raise ArgumentError, fn -> Ingestor.benchmark_ingestion(bad, :e, 10) end
+      end
+    end
+  end
+
+  describe "validate_performance/1" do
+    test "answers :ok or the measured miss, after 1,000 real writes", %{buf: buf} do
+      before = RingBuffer.stats(buf).total_writes
+
+      case Ingestor.validate_performance(buf) do
+        :ok -> :ok
+        {:error, {:performance_target_missed, avg, 1000}} -> assert avg > 1000
+      end
+
+      assert RingBuffer.stats(buf).total_writes == before + 1000
+    end
+
+    test "a non-buffer raises ArgumentError" do
+      for bad <- [nil, :buf, %{ref: make_ref()}] do
+        assert_raise ArgumentError, fn -> Ingestor.validate_performance(bad) end
+      end
+    end
+  end
 end
 
 defmodule ElixirScope.Capture.IngestorGlobalBufferTest do
