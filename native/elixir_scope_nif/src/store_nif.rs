@@ -443,7 +443,18 @@ fn build_list(env: Env, list: Term, max: usize, budget: usize) -> NifResult<Buil
             Err(_) => return badarg(env, "malformed store_put_batch entry"),
         };
         let limit = MAX_EVENT_BYTES.min(left);
-        match build(env, id, ts, pid, module, function, corr, (tk, ak), event, limit) {
+        match build(
+            env,
+            id,
+            ts,
+            pid,
+            module,
+            function,
+            corr,
+            (tk, ak),
+            event,
+            limit,
+        ) {
             Some(b) => {
                 left -= b.0.payload.len().min(left);
                 built.push(b);
