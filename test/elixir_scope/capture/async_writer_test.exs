@@ -374,7 +374,8 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
       assert_receive {:DOWN, ^ref, :process, ^pid, :killed}
       Task.await(replay)
 
-      wait_until(fn -> AsyncWriter.get_state(name).replay_end == nil end, 5000)
+      # (The supervisor may still be restarting it: look the name up each time.)
+      wait_until(fn -> AsyncWriter.get_state(wait_for_name(name)).replay_end == nil end, 5000)
       :ok = Native.pipe_inject_delay(PipelineManager.handles(pm).pipe, 0)
       assert AsyncWriter.get_state(name).resumed
       m = AsyncWriter.get_metrics(name)
