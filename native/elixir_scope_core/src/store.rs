@@ -1778,6 +1778,13 @@ impl EventStore {
             self.popped_since_sweep += seg.recs.len();
             self.segments.shrink_to_fit();
         }
+        // No record left that the lazily made event-type and AST-node
+        // tables could point to: free them (the next keyed insert makes
+        // them again), so an emptied store is back to an empty one's size.
+        if self.live == 0 && self.segments.is_empty() {
+            self.types = None;
+            self.asts = None;
+        }
         reclaimed += before.saturating_sub(self.memory_bytes());
         self.reclaimed_bytes += reclaimed as u64;
         n
