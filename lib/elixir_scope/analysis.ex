@@ -445,7 +445,15 @@ defmodule ElixirScope.Analysis do
     unless is_pid(pid),
       do: raise(ArgumentError, "state_at/3 expects a pid, got: #{inspect(pid)}")
 
-    Native.ana_state_at(store!(opts).ref, pid, mono!(time))
+    ref = store!(opts).ref
+    t = mono!(time)
+
+    # On this scheduler when the store is free and the answer small, else
+    # on a dirty scheduler.
+    case Native.ana_state_at_fast(ref, pid, t) do
+      :busy -> Native.ana_state_at(ref, pid, t)
+      answer -> answer
+    end
   end
 
   @doc """
