@@ -544,8 +544,19 @@ defmodule ElixirScope.Analysis do
       do: raise(ArgumentError, "state_at/3 expects a pid, got: #{inspect(pid)}")
 
     case Cluster.split(opts) do
-      {nil, o} -> Native.ana_state_at(store!(o).ref, pid, mono!(time))
-      {ctx, o} -> Cluster.state_at(ctx, pid, mono!(time), o)
+      {nil, o} ->
+        ref = store!(o).ref
+        t = mono!(time)
+
+        # On this scheduler when the store is free and the answer small,
+        # else on a dirty scheduler.
+        case Native.ana_state_at_fast(ref, pid, t) do
+          :busy -> Native.ana_state_at(ref, pid, t)
+          answer -> answer
+        end
+
+      {ctx, o} ->
+        Cluster.state_at(ctx, pid, mono!(time), o)
     end
   end
 

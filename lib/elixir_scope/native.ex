@@ -216,6 +216,7 @@ defmodule ElixirScope.Native do
     do: nif_error()
 
   def ana_state_at(_store, _pid, _ts), do: nif_error()
+  def ana_state_at_fast(_store, _pid, _ts), do: nif_error()
   def ana_state_history(_store, _pid, _t0, _t1, _limit), do: nif_error()
   def ana_state_processes(_store), do: nif_error()
   def ana_add_state_gaps(_store, _gaps), do: nif_error()

@@ -906,6 +906,7 @@ defmodule ElixirScope.BadInputTest do
         {:tf_store_pids, [store_ref]},
         {:tf_limits, []},
         {:ana_state_at, [store_ref, me, 10]},
+        {:ana_state_at_fast, [store_ref, me, 10]},
         {:ana_state_history, [store_ref, me, 0, 10, 10]},
         {:ana_state_processes, [store_ref]},
         {:ana_add_state_gaps, [store_ref, [{me, 1, 2}, {:all, 3, 4}]]},

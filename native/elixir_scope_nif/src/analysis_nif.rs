@@ -598,16 +598,54 @@ fn no_state_reason(store: &EventStore, pid: u64) -> Atom {
 /// exit), `:evicted`.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_state_at<'a>(env: Env<'a>, s: Ref<StoreRes>, pid: Term<'a>, ts: i64) -> NifResult<Term<'a>> {
-    let p = term_key(pid);
     let store = s.lock(env)?;
-    let err = |a: Atom| Ok((atoms::error(), a).encode(env));
+    // No size bound: always an answer.
+    Ok(state_at_answer(env, &store, pid, ts, usize::MAX)
+        .unwrap_or_else(|| (atoms::error(), atoms::busy()).encode(env)))
+}
+
+/// Payload bytes [`ana_state_at_fast`] decodes on a normal scheduler at
+/// most (the record, the records its state comes from, its trigger).
+const FAST_STATE_BYTES: usize = 16 * 1024;
+
+/// `ana_state_at_fast(store, pid, ts)`: [`ana_state_at`] on a normal
+/// scheduler, skipping the dirty-scheduler round trip, when the store's
+/// lock is free at once and the answer decodes at most
+/// [`FAST_STATE_BYTES`] (bounded work: a binary search, a walk back of at
+/// most `MAX_STATE_WALK` records, one decode); `:busy` otherwise, and the
+/// caller asks `ana_state_at`.
+#[rustler::nif]
+fn ana_state_at_fast<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    pid: Term<'a>,
+    ts: i64,
+) -> NifResult<Term<'a>> {
+    let Some(store) = s.try_lock(env)? else {
+        return Ok(atoms::busy().encode(env));
+    };
+    Ok(state_at_answer(env, &store, pid, ts, FAST_STATE_BYTES)
+        .unwrap_or_else(|| atoms::busy().encode(env)))
+}
+
+/// The answer of `ana_state_at`; `None` when decoding it would take more
+/// than `max_bytes` of payloads.
+fn state_at_answer<'a>(
+    env: Env<'a>,
+    store: &EventStore,
+    pid: Term<'a>,
+    ts: i64,
+    max_bytes: usize,
+) -> Option<Term<'a>> {
+    let p = term_key(pid);
+    let err = |a: Atom| Some((atoms::error(), a).encode(env));
     match store.time_span() {
         Some((lo, hi)) if ts >= lo && ts <= hi => {}
         Some(_) => return err(atoms::outside_trace()),
         None => return err(atoms::not_traced()),
     }
     match store.state_at(p, ts) {
-        StateAt::NoRecords => err(no_state_reason(&store, p)),
+        StateAt::NoRecords => err(no_state_reason(store, p)),
         StateAt::Before => err(atoms::before_first_state()),
         StateAt::Evicted => err(atoms::evicted()),
         StateAt::Found(v) => {
@@ -616,9 +654,24 @@ fn ana_state_at<'a>(env: Env<'a>, s: Ref<StoreRes>, pid: Term<'a>, ts: i64) -> N
                     return err(atoms::exited());
                 }
             }
+            let r = &v.record;
+            let trigger = if r.peer != 0 {
+                store.get(r.peer).map_or(0, |e| e.payload.len())
+            } else {
+                0
+            };
+            let bytes = [Some(*r), v.data, v.name]
+                .iter()
+                .flatten()
+                .map(|e| e.payload.len())
+                .sum::<usize>()
+                + trigger;
+            if bytes > max_bytes {
+                return None;
+            }
             let mut scratch: Scratch = Vec::with_capacity(32);
-            let t = state_term(env, &store, &v, &mut scratch, &mut Vec::new());
-            Ok((atoms::ok(), t).encode(env))
+            let t = state_term(env, store, &v, &mut scratch, &mut Vec::new());
+            Some((atoms::ok(), t).encode(env))
         }
     }
 }

@@ -59,6 +59,7 @@ rustler::atoms! {
     system,
     states,
     states_dropped,
+    busy,
     all,
     trace_start,
     state_snapshot = "Elixir.ElixirScope.Events.StateSnapshot",

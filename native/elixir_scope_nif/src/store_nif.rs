@@ -135,6 +135,22 @@ impl StoreRes {
         }
         Ok(self.store.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// [`StoreRes::lock`] without waiting: `None` while another thread
+    /// holds the lock (for NIFs that run on a normal scheduler).
+    pub(crate) fn try_lock<'s>(
+        &'s self,
+        env: Env,
+    ) -> NifResult<Option<MutexGuard<'s, EventStore>>> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return badarg(env, "the data access store has been destroyed");
+        }
+        Ok(match self.store.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        })
+    }
 }
 
 /// The index key of a pid/module/function term: the raw word of an
