@@ -12,7 +12,16 @@ defmodule ElixirScope.BadInputTest do
   import Bitwise
   import ElixirScope.RingTestHelpers
 
-  alias ElixirScope.Capture.{BackpressureManager, EventCorrelator, Ingestor, RingBuffer}
+  alias ElixirScope.Capture.{
+    BackpressureManager,
+    EventCorrelator,
+    Ingestor,
+    RingBuffer,
+    TemporalBridge,
+    TemporalStorage
+  }
+
+  alias ElixirScope.Query.Engine
   alias ElixirScope.{Config, Events, Export, Native, TraceFile, Utils}
   alias ElixirScope.Storage.{DataAccess, EventStore}
 
@@ -33,7 +42,10 @@ defmodule ElixirScope.BadInputTest do
     Config,
     BackpressureManager,
     EventStore,
-    ElixirScope.EventStore
+    ElixirScope.EventStore,
+    TemporalStorage,
+    TemporalBridge,
+    Engine
   ]
 
   setup do
@@ -144,7 +156,15 @@ defmodule ElixirScope.BadInputTest do
   defp level_result?(l) when l in [:normal, :elevated, :high, :critical], do: true
   defp level_result?(other), do: other == {:error, :not_running}
 
-  defp es!, do: tap(elem(EventStore.start_link(name: nil), 1), &Process.unlink/1)
+  defp tstore!, do: tap(elem(TemporalStorage.start_link(max_events: 16), 1), &Process.unlink/1)
+  defp bridge!, do: tap(elem(TemporalBridge.start_link(max_events: 16), 1), &Process.unlink/1)
+
+  defp engine_result?({:ok, events}), do: is_list(events)
+  defp engine_result?({:ok, events, %{}}), do: is_list(events)
+  defp engine_result?({:error, r}), do: is_atom(r)
+  defp engine_result?(_), do: false
+
+  defp es!, do: tap(elem(EventStore.start_link(name: nil, max_events: 16), 1), &Process.unlink/1)
 
   defp es_started?({:ok, pid}), do: is_pid(pid)
   defp es_started?({:error, {:already_started, pid}}), do: is_pid(pid)
@@ -433,6 +453,43 @@ defmodule ElixirScope.BadInputTest do
       {ElixirScope.EventStore, :get_or_create_event_store, fn _ -> [] end, &es_started?/1},
       {ElixirScope.EventStore, :query_events, fn _ -> [[limit: 1]] end, &query_result?/1},
       {ElixirScope.EventStore, :get_stats, fn _ -> [] end, &is_map/1},
+      # TemporalStorage, TemporalBridge (fresh processes), Query.Engine
+      {TemporalStorage, :start_link, fn _ -> [] end, &es_started?/1},
+      {TemporalStorage, :start_link, fn _ -> [[max_events: 8]] end, &es_started?/1},
+      {TemporalStorage, :store_event, fn _ -> [tstore!(), %{timestamp: 1}] end, &store_result?/1},
+      {TemporalStorage, :store_events, fn _ -> [tstore!(), [%{}]] end, &store_batch_result?/1},
+      {TemporalStorage, :normalize!, fn _ -> [%{}] end, &is_map/1},
+      {TemporalStorage, :get_events_in_range, fn _ -> [tstore!(), 0, 10] end, &query_result?/1},
+      {TemporalStorage, :get_events_for_ast_node, fn _ -> [tstore!(), "n"] end, &query_result?/1},
+      {TemporalStorage, :get_events_for_correlation, fn _ -> [tstore!(), "c"] end,
+       &query_result?/1},
+      {TemporalStorage, :get_all_events, fn _ -> [tstore!()] end, &query_result?/1},
+      {TemporalStorage, :get_stats, fn _ -> [tstore!()] end, &match?({:ok, %{}}, &1)},
+      {TemporalStorage, :data_access, fn _ -> [tstore!()] end, &match?(%DataAccess{}, &1)},
+      {TemporalBridge, :start_link, fn _ -> [] end, &es_started?/1},
+      {TemporalBridge, :start_link, fn _ -> [[buffer_size: 2]] end, &es_started?/1},
+      {TemporalBridge, :correlate_event, fn _ -> [bridge!(), %{}] end, &(&1 == :ok)},
+      {TemporalBridge, :get_events_in_range, fn _ -> [bridge!(), 0, 10] end, &query_result?/1},
+      {TemporalBridge, :get_events_for_ast_node, fn _ -> [bridge!(), "n"] end, &query_result?/1},
+      {TemporalBridge, :get_events_for_correlation, fn _ -> [bridge!(), "c"] end,
+       &query_result?/1},
+      {TemporalBridge, :get_stats, fn _ -> [bridge!()] end, &match?({:ok, %{}}, &1)},
+      {TemporalBridge, :flush_buffer, fn _ -> [bridge!()] end, &(&1 == :ok)},
+      {TemporalBridge, :reconstruct_state_at, fn _ -> [bridge!(), 10] end,
+       &match?({:ok, %{}}, &1)},
+      {TemporalBridge, :trace_execution_path, fn _ -> [bridge!(), %{correlation_id: 1}] end,
+       &(query_result?(&1) or &1 == {:error, :no_correlation_id})},
+      {TemporalBridge, :get_active_ast_nodes, fn _ -> [bridge!(), 0, 10] end, &query_result?/1},
+      {TemporalBridge, :register_as_handler, fn _ -> [bridge!()] end, &(&1 == :ok)},
+      {TemporalBridge, :unregister_handler, fn _ -> [] end, &(&1 == :ok)},
+      {TemporalBridge, :get_registered_bridge, fn _ -> [] end,
+       &(match?({:ok, _}, &1) or &1 == {:error, :not_registered})},
+      {Engine, :analyze_query, fn _ -> [[pid: me]] end, &match?(%Engine{}, &1)},
+      {Engine, :analyze_query, fn _ -> [es!(), [pid: me]] end, &match?(%Engine{}, &1)},
+      {Engine, :estimate_query_cost, fn _ -> [es!(), [pid: me]] end, &is_integer/1},
+      {Engine, :execute_query, fn _ -> [es!(), [limit: 1]] end, &engine_result?/1},
+      {Engine, :execute_query_with_metrics, fn _ -> [es!(), [limit: 1]] end, &engine_result?/1},
+      {Engine, :get_optimization_suggestions, fn _ -> [nil, []] end, &is_list/1},
       # bad_store!/1 (public, @doc false) always raises.
       {DataAccess, :bad_store!, fn _ -> [new_store!()] end, &never?/1},
       # TraceFile (paths under the sweep's own directory)
@@ -596,7 +653,27 @@ defmodule ElixirScope.BadInputTest do
     {EventStore, :handle_cast, 2},
     {EventStore, :handle_info, 2},
     {EventStore, :terminate, 2},
-    {EventStore, :code_change, 3}
+    {EventStore, :code_change, 3},
+    {TemporalStorage, :__struct__, 0},
+    {TemporalStorage, :__struct__, 1},
+    {TemporalStorage, :child_spec, 1},
+    {TemporalStorage, :init, 1},
+    {TemporalStorage, :handle_call, 3},
+    {TemporalStorage, :handle_cast, 2},
+    {TemporalStorage, :handle_info, 2},
+    {TemporalStorage, :terminate, 2},
+    {TemporalStorage, :code_change, 3},
+    {TemporalBridge, :__struct__, 0},
+    {TemporalBridge, :__struct__, 1},
+    {TemporalBridge, :child_spec, 1},
+    {TemporalBridge, :init, 1},
+    {TemporalBridge, :handle_call, 3},
+    {TemporalBridge, :handle_cast, 2},
+    {TemporalBridge, :handle_info, 2},
+    {TemporalBridge, :terminate, 2},
+    {TemporalBridge, :code_change, 3},
+    {Engine, :__struct__, 0},
+    {Engine, :__struct__, 1}
   ]
 
   # ---------------------------------------------------------------------------

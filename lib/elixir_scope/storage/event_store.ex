@@ -55,6 +55,7 @@ defmodule ElixirScope.Storage.EventStore do
 
   use GenServer
 
+  alias ElixirScope.Args
   alias ElixirScope.Storage.{DataAccess, QueryCoordinator}
 
   @typedoc """
@@ -116,7 +117,7 @@ defmodule ElixirScope.Storage.EventStore do
 
   defp opts!(opts) when is_list(opts) do
     opts =
-      ElixirScope.Args.keyword_opts!(
+      Args.keyword_opts!(
         opts,
         [name: __MODULE__, max_events: 1_000_000],
         "event store"
@@ -148,7 +149,7 @@ defmodule ElixirScope.Storage.EventStore do
   `DataAccess.store_event/2`).
   """
   @spec store_event(GenServer.server(), term()) :: :ok | {:error, term()}
-  def store_event(store, event), do: call!(store, {:store_event, event})
+  def store_event(store, event), do: Args.call_server!(store, __MODULE__, {:store_event, event})
 
   @doc """
   Matching events (see "Filters"): `{:ok, events}`. Bad filters raise
@@ -190,38 +191,7 @@ defmodule ElixirScope.Storage.EventStore do
 
   @doc "The store's native handle (`%DataAccess{}`), for `DataAccess` and `QueryCoordinator` queries."
   @spec data_access(GenServer.server()) :: DataAccess.t()
-  def data_access(store), do: call!(store, :data_access)
-
-  # A running store (local pid or name), else ArgumentError.
-  defp call!(store, msg) do
-    pid = whereis(store)
-
-    unless is_pid(pid) and node(pid) == node() and store?(pid),
-      do:
-        raise(
-          ArgumentError,
-          "expected a running #{inspect(__MODULE__)} (pid or name), got: #{inspect(store, limit: 5)}"
-        )
-
-    GenServer.call(pid, msg)
-  catch
-    :exit, {reason, _} when reason in [:noproc, :normal, :shutdown] ->
-      raise ArgumentError, "the event store #{inspect(store)} is not running"
-  end
-
-  defp whereis(pid) when is_pid(pid), do: pid
-  defp whereis(name) when is_atom(name), do: Process.whereis(name)
-
-  defp whereis({:global, _} = name), do: GenServer.whereis(name)
-  defp whereis({:via, mod, _} = name) when is_atom(mod), do: GenServer.whereis(name)
-  defp whereis(_other), do: nil
-
-  defp store?(pid) do
-    case Process.info(pid, :dictionary) do
-      {:dictionary, d} -> Keyword.get(d, :"$initial_call") == {__MODULE__, :init, 1}
-      nil -> false
-    end
-  end
+  def data_access(store), do: Args.call_server!(store, __MODULE__, :data_access)
 
   # ---- server ----------------------------------------------------------------------
 
