@@ -102,7 +102,6 @@ rustler::atoms! {
     after_stop,
     tracing,
     read_only,
-    busy,
     receive,
     exit,
     exception,
