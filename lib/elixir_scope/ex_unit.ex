@@ -95,8 +95,11 @@ defmodule ElixirScope.ExUnit do
           raise ArgumentError, "trace_block/3 could not start tracing: #{inspect(reason)}"
       end
 
-    # Tracing is on and the snapshots are taken.
-    started = System.monotonic_time(:nanosecond)
+    # Tracing is on and the snapshots are taken. The block's bounds are read
+    # from the clock the tracer stamps events with (the native clock, which
+    # never goes backwards and can run a little ahead of the VM's), so the
+    # start snapshot is never later than `started_at`.
+    started = ElixirScope.Utils.monotonic_timestamp()
 
     result =
       try do
@@ -115,7 +118,7 @@ defmodule ElixirScope.ExUnit do
        pids: List.wrap(Keyword.get(opts, :pids, [])),
        targets: targets,
        started_at: started,
-       stopped_at: System.monotonic_time(:nanosecond),
+       stopped_at: ElixirScope.Utils.monotonic_timestamp(),
        summary: summary
      }}
   end
