@@ -65,6 +65,8 @@ defmodule ElixirScope.ClusterAnalysisTest do
       H.stop_peer(pb)
       H.stop_peer(pc)
       H.stop_distribution!(started?)
+      # Later tests' analysis reads this node's store, not this cluster's.
+      ElixirScope.Cluster.forget()
     end)
 
     %{

@@ -47,6 +47,8 @@ defmodule ElixirScope.ClusterTest do
       H.stop_peer(elem(b, 0))
       H.stop_peer(elem(c, 0))
       H.stop_distribution!(started?)
+      # Later tests' analysis reads this node's store, not this cluster's.
+      ElixirScope.Cluster.forget()
     end)
 
     %{b: elem(b, 1), c: elem(c, 1)}
@@ -405,6 +407,11 @@ defmodule ElixirScope.ClusterTest do
       assert_raise ArgumentError, ~r/nodes must be a non-empty list/, fn ->
         ElixirScope.trace(Client, nodes: [])
       end
+
+      # nodes: nil is this node only.
+      assert {:ok, _} = ElixirScope.trace(Client, nodes: nil, events: [:calls])
+      refute ElixirScope.Cluster.active?()
+      assert {:ok, %{state: :stopped}} = ElixirScope.stop_trace()
 
       assert_raise ArgumentError, ~r/on_missing/, fn ->
         ElixirScope.trace(Client, nodes: [node()], on_missing: :maybe)
