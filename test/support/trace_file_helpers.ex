@@ -219,6 +219,33 @@ defmodule ElixirScope.TraceFileHelpers do
     dir
   end
 
+  @doc """
+  Mounts two tiny (64 KiB) tmpfs under `dir`, a read-only one and a
+  writable one to fill, for the file-system error tests: `{:ok, ro, full}`
+  (both unmounted on exit), or `{:skip, why}` when this machine cannot
+  mount them (whatever did mount is unmounted again).
+  """
+  def tiny_tmpfs_pair(dir) do
+    ro = Path.join(dir, "ro")
+    full = Path.join(dir, "full")
+    File.mkdir_p!(ro)
+    File.mkdir_p!(full)
+    r = mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", ro])
+    f = mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", full])
+    mounted = for {:ok, p} <- [{r, ro}, {f, full}], do: p
+    umount = fn -> Enum.each(mounted, &System.cmd("umount", [&1], stderr_to_stdout: true)) end
+
+    case {r, f} do
+      {:ok, :ok} ->
+        ExUnit.Callbacks.on_exit(umount)
+        {:ok, ro, full}
+
+      other ->
+        umount.()
+        {:skip, "cannot mount a tmpfs here (#{inspect(other)})"}
+    end
+  end
+
   @doc "`mount ARGS` (a tiny tmpfs for the file-system error tests): `:ok` or `{:error, ...}`."
   def mount(args) do
     case System.cmd("mount", args, stderr_to_stdout: true) do
