@@ -66,10 +66,10 @@ defmodule ElixirScope.Tracer do
 
   @doc false
   def trace(targets, opts) do
-    if is_list(opts) and Keyword.keyword?(opts) and Keyword.has_key?(opts, :nodes) do
-      ElixirScope.Cluster.trace(targets, opts)
-    else
-      trace_local(targets, opts)
+    cond do
+      not (is_list(opts) and Keyword.keyword?(opts)) -> trace_local(targets, opts)
+      Keyword.get(opts, :nodes) != nil -> ElixirScope.Cluster.trace(targets, opts)
+      true -> trace_local(targets, Keyword.delete(opts, :nodes))
     end
   end
 
