@@ -131,7 +131,8 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
 /// The Elixir term for an event's fields.
 pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
     if is_runtime_struct(ev.kind, ev.flags) {
-        if let Some(t) = crate::runtime_structs::decode(env, ev.kind(), ev.payload, scratch) {
+        if let Some(t) = crate::runtime_structs::decode(env, ev.kind(), ev.aux, ev.payload, scratch)
+        {
             return t;
         }
     }
@@ -327,28 +328,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             )
         }
         EventKind::StateSnapshot => {
-            let server = next(scratch);
-            let state = next(scratch);
-            let reason = next(scratch);
-            let seq = next(scratch);
-            // __struct__ sequence_number server_pid snapshot_reason state
-            make_struct(
-                env,
-                &[
-                    atoms::struct_(),
-                    atoms::sequence_number(),
-                    atoms::server_pid(),
-                    atoms::snapshot_reason(),
-                    atoms::state(),
-                ],
-                &[
-                    e(atoms::state_snapshot().encode(env)),
-                    seq,
-                    server,
-                    reason,
-                    state,
-                ],
-            )
+            crate::runtime_structs::snapshot(env, ev.payload, ts, wall, scratch)
         }
         EventKind::Empty => atoms::undefined().encode(env),
     }
