@@ -157,7 +157,9 @@ defmodule ElixirScope.Events do
     it. `pid` (an alias of `server_pid`) and `correlation_id` are the
     original's runtime-tracing fields; `id`, `timestamp` and `wall_time`
     are ours. Written to a ring with a local `server_pid` (else `pid`) it
-    is kept whole under that process.
+    is a state record of that process (see
+    `ElixirScope.Analysis.state_at/3`), as
+    `Ingestor.ingest_state_change/4`'s, and reads back as this struct.
     """
 
     defstruct [

@@ -12,7 +12,7 @@ defmodule ElixirScope.EventsFieldsTest do
   import ElixirScope.PipelineTestHelpers, only: [start_pipeline!: 1]
 
   alias ElixirScope.Capture.{EventCorrelator, Ingestor, PipelineManager, RingBuffer}
-  alias ElixirScope.{Events, TraceFile}
+  alias ElixirScope.{Analysis, Events, TraceFile}
   alias ElixirScope.Events.{FunctionEntry, FunctionExit, ProcessExit, StateChange, StateSnapshot}
   alias ElixirScope.Storage.{DataAccess, QueryCoordinator}
 
@@ -214,6 +214,31 @@ defmodule ElixirScope.EventsFieldsTest do
       assert %{x | final_state: big} == exit
     end
 
+    test "every struct the Ingestor's records read back as has all of its struct's keys" do
+      {:ok, buf} = RingBuffer.new(size: 16)
+      me = self()
+      :ok = Ingestor.ingest_state_change(buf, me, %{n: 1}, %{n: 2})
+      :ok = Ingestor.ingest_state_change(buf, me, :same, :same)
+      :ok = Ingestor.ingest_state_snapshot(buf, me, %{n: 2}, :manual)
+      :ok = Ingestor.ingest_process_exit(buf, me, :normal)
+      :ok = Ingestor.ingest_function_call(buf, M, :f, [1], me, 1)
+      :ok = Ingestor.ingest_function_return(buf, :ok, 5, 1)
+      {read, 6} = RingBuffer.read_batch(buf, 0, 10)
+
+      for %mod{} = e <- read do
+        assert Map.keys(e) |> Enum.sort() == Map.keys(mod.__struct__()) |> Enum.sort(), inspect(e)
+      end
+
+      [changed, same | _] = read
+
+      assert %StateChange{server_pid: ^me, old_state: %{n: 1}, new_state: %{n: 2}} = changed
+      assert changed.state_diff == :changed and changed.callback == :unknown
+      # As the original's ingest_state_change: no pid or correlation id.
+      assert changed.pid == nil and changed.correlation_id == nil
+      assert is_integer(changed.id) and is_integer(changed.timestamp)
+      assert same.state_diff == :no_change
+    end
+
     test "Ingestor.ingest_state_snapshot reads back with pid and the record's times" do
       {:ok, buf} = RingBuffer.new(size: 8)
       me = self()
@@ -381,6 +406,43 @@ defmodule ElixirScope.EventsFieldsTest do
       [c1, r1, c2, r2] = stored(pm)
       assert r1.links == [completes: c1.id]
       assert r2.links == [completes: c2.id]
+    end
+  end
+
+  describe "state records" do
+    test "a written StateChange and StateSnapshot of a process are state records" do
+      pm = pipeline!()
+      buf = PipelineManager.ring_buffer(pm)
+      me = self()
+
+      snap = %StateSnapshot{pid: me, state: %{n: 0}, session_id: "s", checkpoint_type: :manual}
+      change = %StateChange{pid: me, old_state: %{n: 0}, new_state: %{n: 1}, correlation_id: 3}
+      change2 = %StateChange{server_pid: me, old_state: %{n: 1}, new_state: %{n: 2}}
+      :ok = RingBuffer.write(buf, snap)
+      :ok = RingBuffer.write(buf, change)
+      :ok = Ingestor.ingest_state_change(buf, me, %{n: 1}, %{n: 1})
+      :ok = RingBuffer.write(buf, change2)
+      :ok = PipelineManager.flush(pm)
+      store = PipelineManager.data_access(pm)
+
+      history = Analysis.state_history(me, store: store)
+
+      assert Enum.map(history, &{&1.kind, &1.state}) == [
+               {:snapshot, %{n: 0}},
+               {:state_change, %{n: 1}},
+               {:state_change, %{n: 1}},
+               {:state_change, %{n: 2}}
+             ]
+
+      assert {:ok, %{state: %{n: 1}}} =
+               Analysis.state_at(me, Enum.at(history, 1).timestamp, store: store)
+
+      assert {:ok, %{state: %{n: 2}}} =
+               Analysis.state_at(me, Enum.at(history, 3).timestamp, store: store)
+
+      # ... and read back as written.
+      [s, c, _, c2] = Enum.map(stored(pm), & &1.event)
+      assert {s, c, c2} == {snap, change, change2}
     end
   end
 

@@ -172,7 +172,11 @@ defmodule ElixirScope.Capture.Ingestor do
   Records a state change (`%StateChange{}`; `state_diff` is `:no_change`
   or `:changed`). In a pipeline it is a *state record* of `server_pid`:
   `ElixirScope.Analysis.state_at/3` and `state_history/2` show
-  `new_state` from then on.
+  `new_state` from then on. It reads back with `callback: :unknown`, the
+  record's `id`, `timestamp` and `wall_time`, and `pid`,
+  `correlation_id`, `trigger_message`, `trigger_call_id` nil (as the
+  original's). A `%StateChange{}` written with `RingBuffer.write/2` is
+  stored the same way and reads back as written.
   """
   @spec ingest_state_change(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
   def ingest_state_change(%RingBuffer{ref: ref}, server_pid, old_state, new_state)

@@ -219,45 +219,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             message_event(env, atoms::receive(), id, nil, to, msg, ts, wall)
         }
         EventKind::StateChange => {
-            let server = next(scratch);
-            let old = next(scratch);
-            let new = next(scratch);
-            let diff = if ev.aux == 0 {
-                atoms::no_change()
-            } else {
-                atoms::changed()
-            };
-            // __struct__ callback id new_state old_state server_pid state_diff
-            // timestamp trigger_call_id trigger_message wall_time
-            make_struct(
-                env,
-                &[
-                    atoms::struct_(),
-                    atoms::callback(),
-                    atoms::id(),
-                    atoms::new_state(),
-                    atoms::old_state(),
-                    atoms::server_pid(),
-                    atoms::state_diff(),
-                    atoms::timestamp(),
-                    atoms::trigger_call_id(),
-                    atoms::trigger_message(),
-                    atoms::wall_time(),
-                ],
-                &[
-                    e(atoms::state_change().encode(env)),
-                    e(atoms::unknown().encode(env)),
-                    id,
-                    new,
-                    old,
-                    server,
-                    e(diff.encode(env)),
-                    ts,
-                    nil,
-                    nil,
-                    wall,
-                ],
-            )
+            crate::runtime_structs::state_change(env, ev.payload, [id, ts, wall], ev.aux, scratch)
         }
         EventKind::PerformanceMetric => {
             let name = next(scratch);

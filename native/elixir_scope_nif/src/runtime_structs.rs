@@ -21,6 +21,7 @@
 //! | `FunctionExit` (local `pid`), `exit_reason` nil or `:normal` | return | `result, call_id, [module, function, arity, duration_ns, exit_reason, pid, correlation_id, timestamp, wall_time]` |
 //! | `FunctionExit`, any other `exit_reason` | exception | `exit_reason, result, call_id, [module, function, arity, duration_ns, pid, correlation_id, timestamp, wall_time]` |
 //! | `ProcessExit` (local `exited_pid`, else `pid`) | exit | `process, reason, [exited_pid, pid, lifetime_ns, message_count, final_state, correlation_id, timestamp, wall_time, other reason]` |
+//! | `StateChange` (local `server_pid`, else `pid`) | state change | `process, old_state, new_state, [server_pid, pid, id, callback, state_diff, trigger_message, trigger_call_id, correlation_id, timestamp, wall_time]` |
 //! | `StateSnapshot` (local `server_pid`, else `pid`) | snapshot | `process, state, snapshot_reason, sequence_number, [server_pid, pid, snapshot_id, checkpoint_type, memory_usage, message_queue_len, session_id, correlation_id, timestamp, wall_time]` |
 //!
 //! A call's header is that of the Ingestor's (module, function, arity in
@@ -28,14 +29,13 @@
 //! `correlation_id`, 0 when both are nil), and so is a return's or an
 //! exception's (`aux` the `duration_ns` when it is an integer). An exit's
 //! reason is `exit_reason`, else `reason` (`aux` 1: the `reason` one; the
-//! other is the last element of the list). A snapshot is a state record
-//! like the Ingestor's (which has no list: it reads back with `pid`,
-//! `timestamp` and `wall_time` from the record, the rest nil); it is not
-//! flagged (state records use that bit), the list tells it.
-//!
-//! A `%StateChange{}` whose `server_pid` (else `pid`) is local is stored
-//! whole as a term, with that process in the header (so a pipeline's
-//! store finds it by process).
+//! other is the last element of the list). A state change and a snapshot
+//! are state records like the Ingestor's (`aux` of a change: 0 when the
+//! states are equal); they are not flagged (state records use that bit):
+//! the list tells them from the Ingestor's, which have none (a change
+//! then reads back with `callback: :unknown`, `state_diff` from `aux`,
+//! the record's id and times, `pid` and `correlation_id` nil; a snapshot
+//! with `pid` = the process and the record's times, the rest nil).
 
 use elixir_scope_core::{Event, EventKind, FLAG_RUNTIME_STRUCT};
 use rustler::sys::{enif_get_map_size, ErlNifTerm as ERL_NIF_TERM};
@@ -59,8 +59,8 @@ pub enum Special<'a> {
     Exit(ExitParts<'a>),
     /// `%ProcessExit{}`: actor, reason, whether it is `reason`; rest.
     ProcExit([Term<'a>; 2], bool, Term<'a>),
-    /// `%StateChange{}` of a local process: stored whole, with the pid.
-    Keyed(Term<'a>, Term<'a>),
+    /// `%StateChange{}`: `[actor, old_state, new_state]`, rest.
+    Change([Term<'a>; 3], Term<'a>),
     /// `%MessageSent{}`: from, to, message; the rest list.
     Sent([Term<'a>; 3], Term<'a>),
     /// `%MessageReceived{}`: pid, message, rest.
@@ -117,7 +117,7 @@ impl Special<'_> {
             Special::Exit(x) if x.exception => EventKind::FunctionException,
             Special::Exit(_) => EventKind::FunctionReturn,
             Special::ProcExit(..) => EventKind::ProcessExit,
-            Special::Keyed(..) => EventKind::Term,
+            Special::Change(..) => EventKind::StateChange,
             Special::Sent(..) => EventKind::MessageSend,
             Special::Received(..) => EventKind::MessageReceive,
             Special::Reply(..) => EventKind::FunctionReturn,
@@ -164,9 +164,16 @@ impl Special<'_> {
                 enc.field_whole(*reason);
                 enc.field_elems(*rest);
             }
-            Special::Keyed(term, pid) => {
-                ev.pid = word(pid.as_c_arg());
-                enc.field(*term);
+            Special::Change([actor, old, new], rest) => {
+                ev.pid = word(actor.as_c_arg());
+                // SAFETY: both terms belong to the calling env.
+                let same =
+                    unsafe { rustler::sys::enif_compare(old.as_c_arg(), new.as_c_arg()) } == 0;
+                ev.aux = if same { 0 } else { 1 };
+                enc.field(*actor);
+                enc.field(*old);
+                enc.field(*new);
+                enc.field_elems(*rest);
             }
             Special::Sent([from, to, msg], rest) => {
                 ev.flags |= FLAG_RUNTIME_STRUCT;
@@ -342,8 +349,23 @@ pub fn classify<'a>(env: Env<'a>, t: Term<'a>) -> Option<Special<'a>> {
         return Some(Special::ProcExit([actor, shown], is_reason, rest));
     }
     if is(atoms::state_change(), 13) {
-        let pid = actor(&[atoms::server_pid(), atoms::pid()])?;
-        return Some(Special::Keyed(t, pid));
+        let actor = actor(&[atoms::server_pid(), atoms::pid()])?;
+        let rest = list(&[
+            get(atoms::server_pid())?,
+            get(atoms::pid())?,
+            get(atoms::id())?,
+            get(atoms::callback())?,
+            get(atoms::state_diff())?,
+            get(atoms::trigger_message())?,
+            get(atoms::trigger_call_id())?,
+            get(atoms::correlation_id())?,
+            get(atoms::timestamp())?,
+            get(atoms::wall_time())?,
+        ]);
+        return Some(Special::Change(
+            [actor, get(atoms::old_state())?, get(atoms::new_state())?],
+            rest,
+        ));
     }
     if is(atoms::message_sent(), 7) {
         let from = get(atoms::from_pid())?;
@@ -658,6 +680,89 @@ fn function_exit_struct<'a>(env: Env<'a>, v: [ERL_NIF_TERM; 11]) -> Term<'a> {
     )
 }
 
+/// The `N` fields of the list after a state record's own fields; `None`
+/// when there is none (the Ingestor's and the tracer's records).
+fn state_rest<const N: usize>(
+    env: Env,
+    d: &mut TapeDecoder,
+    scratch: &mut Scratch,
+) -> Option<[ERL_NIF_TERM; N]> {
+    let t = d.try_next(env, scratch)?;
+    Some(match codec::proper_list(t) {
+        Some(items) if items.len() == N => {
+            let mut out = [ERL_NIF_TERM::default(); N];
+            for (o, i) in out.iter_mut().zip(items) {
+                *o = i.as_c_arg();
+            }
+            out
+        }
+        _ => [t.as_c_arg(); N],
+    })
+}
+
+/// The `%StateChange{}` of a state change record (`id`, `ts`, `wall`,
+/// `aux`: the record's). A record written as the struct carries its other
+/// fields in a list after the three; the Ingestor's reads `callback:
+/// :unknown`, `state_diff` `:no_change` / `:changed` from `aux`, the
+/// record's id and times, the other fields nil.
+pub fn state_change<'a>(
+    env: Env<'a>,
+    payload: &[u8],
+    [id, ts, wall]: [ERL_NIF_TERM; 3],
+    aux: i64,
+    scratch: &mut Scratch,
+) -> Term<'a> {
+    let mut d = TapeDecoder::new(payload);
+    let actor = d.next(env, scratch).as_c_arg();
+    let old = d.next(env, scratch).as_c_arg();
+    let new = d.next(env, scratch).as_c_arg();
+    let nil = atoms::nil().encode(env).as_c_arg();
+    let fields = state_rest::<10>(env, &mut d, scratch).unwrap_or_else(|| {
+        let diff = if aux == 0 {
+            atoms::no_change()
+        } else {
+            atoms::changed()
+        };
+        let unknown = atoms::unknown().encode(env).as_c_arg();
+        let diff = diff.encode(env).as_c_arg();
+        [actor, nil, id, unknown, diff, nil, nil, nil, ts, wall]
+    });
+    let [server, pid, id, callback, diff, tmsg, tcall, corr, ts, wall] = fields;
+    make_struct(
+        env,
+        &[
+            atoms::struct_(),
+            atoms::callback(),
+            atoms::correlation_id(),
+            atoms::id(),
+            atoms::new_state(),
+            atoms::old_state(),
+            atoms::pid(),
+            atoms::server_pid(),
+            atoms::state_diff(),
+            atoms::timestamp(),
+            atoms::trigger_call_id(),
+            atoms::trigger_message(),
+            atoms::wall_time(),
+        ],
+        &[
+            atoms::state_change().encode(env).as_c_arg(),
+            callback,
+            corr,
+            id,
+            new,
+            old,
+            pid,
+            server,
+            diff,
+            ts,
+            tcall,
+            tmsg,
+            wall,
+        ],
+    )
+}
+
 /// The `%StateSnapshot{}` of a snapshot record (`pid`, `ts`, `wall`: the
 /// record's process and times). A record written as the struct carries
 /// its other fields in a list after the four; one without (the
@@ -677,16 +782,8 @@ pub fn snapshot<'a>(
     let reason = next(scratch);
     let seq = next(scratch);
     let nil = atoms::nil().encode(env).as_c_arg();
-    let fields = match d.try_next(env, scratch) {
-        Some(t) => {
-            let v = match codec::proper_list(t) {
-                Some(items) if items.len() == 10 => items.iter().map(|i| i.as_c_arg()).collect(),
-                _ => vec![t.as_c_arg(); 10],
-            };
-            <[ERL_NIF_TERM; 10]>::try_from(v).expect("10 fields")
-        }
-        None => [actor, actor, nil, nil, nil, nil, nil, nil, ts, wall],
-    };
+    let fields = state_rest::<10>(env, &mut d, scratch)
+        .unwrap_or([actor, actor, nil, nil, nil, nil, nil, nil, ts, wall]);
     let [server, pid, snap_id, checkpoint, memory, queue, session, corr, ts, wall] = fields;
     make_struct(
         env,
