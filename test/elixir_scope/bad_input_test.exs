@@ -1250,7 +1250,13 @@ defmodule ElixirScope.BadInputTest do
       structs = [
         %Events.MessageSent{from_pid: me, to_pid: me, message: :m},
         %Events.MessageReceived{pid: me, message: :m},
-        %Events.CallbackReply{server_pid: me, pid: me, call_id: 1, reply: :ok}
+        %Events.CallbackReply{server_pid: me, pid: me, call_id: 1, reply: :ok},
+        # issue-17a: the original's fields of these (pid, correlation, times)
+        %Events.FunctionEntry{module: M, function: :f, arity: 0, pid: me, call_id: 1},
+        %Events.FunctionExit{module: M, function: :f, pid: me, call_id: 1, exit_reason: :normal},
+        %Events.ProcessExit{exited_pid: me, pid: me, exit_reason: :normal, reason: :normal},
+        %Events.StateChange{server_pid: me, pid: me, old_state: 1, new_state: 2},
+        %Events.StateSnapshot{server_pid: me, pid: me, state: 1, session_id: 1}
       ]
 
       buf = new_ring!(size: 64)

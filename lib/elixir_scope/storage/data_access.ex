@@ -23,7 +23,10 @@ defmodule ElixirScope.Storage.DataAccess do
   | `Events.FunctionExecution` | `id` | `timestamp` | `caller_pid` | `module`/`function` | `correlation_id` |
   | `Events.ProcessEvent` | `id` | `timestamp` | `pid` | – | – |
   | `Events.MessageEvent` | `id` | `timestamp` | `from_pid` | – | – |
-  | `Events.StateChange` | `id` | `timestamp` | `server_pid` | – | – |
+  | `Events.StateChange` | `id` | `timestamp` | `server_pid`, else `pid` | – | `correlation_id` |
+  | `Events.ProcessExit` | fresh | `timestamp` | `exited_pid`, else `pid` | – | `correlation_id` |
+  | `Events.StateSnapshot` | `snapshot_id` | `timestamp` | `server_pid`, else `pid` | – | `correlation_id` |
+  | `Events.FunctionEntry`, `Events.FunctionExit` | fresh | `timestamp` | `pid` | `module`/`function` | `correlation_id` |
   | `Events.PerformanceMetric`, `Events.ErrorEvent` | `id` | `timestamp` | – | – | – |
   | `%Events{}` | `event_id` | `timestamp` | `pid` | from `data` when it is a `FunctionEntry`/`FunctionExit` | `correlation_id` |
   | any other map | `:id` or `:event_id` | `:timestamp` | `:pid` | `:module`/`:function` | `:correlation_id` |
@@ -52,8 +55,9 @@ defmodule ElixirScope.Storage.DataAccess do
     `query_by_ast_node/3`, and the `:event_type` / `:ast_node_id` keys of
     `QueryCoordinator.query/2`); like the other indexes they hold only
     the events kept, and cost nothing in a store that never sees such a
-    field. Trace files do not save these two indexes: a loaded store
-    answers them with nothing.
+    field. Trace files keep both keys (format 1.2; a file of format 1.1
+    keeps the event-type keys only): a loaded store answers these queries
+    as the saved one did.
 
   ## Bounds
 
@@ -120,7 +124,9 @@ defmodule ElixirScope.Storage.DataAccess do
     MessageEvent,
     PerformanceMetric,
     ProcessEvent,
-    StateChange
+    ProcessExit,
+    StateChange,
+    StateSnapshot
   }
 
   @enforce_keys [:ref, :max_events]
@@ -750,7 +756,15 @@ defmodule ElixirScope.Storage.DataAccess do
     do: {id_key(e.id), ts(e.timestamp), e.from_pid, nil, nil, key(nil)}
 
   defp header(%StateChange{} = e),
-    do: {id_key(e.id), ts(e.timestamp), e.server_pid, nil, nil, key(nil)}
+    do: {id_key(e.id), ts(e.timestamp), e.server_pid || e.pid, nil, nil, key(e.correlation_id)}
+
+  defp header(%ProcessExit{} = e),
+    do: {id_key(nil), ts(e.timestamp), e.exited_pid || e.pid, nil, nil, key(e.correlation_id)}
+
+  defp header(%StateSnapshot{} = e),
+    do:
+      {id_key(e.snapshot_id), ts(e.timestamp), e.server_pid || e.pid, nil, nil,
+       key(e.correlation_id)}
 
   defp header(%PerformanceMetric{} = e),
     do: {id_key(e.id), ts(e.timestamp), nil, nil, nil, key(nil)}

@@ -131,7 +131,8 @@ pub fn event_to_term<'a>(env: Env<'a>, ev: &Event, scratch: &mut Scratch) -> Ter
 /// The Elixir term for an event's fields.
 pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Term<'a> {
     if is_runtime_struct(ev.kind, ev.flags) {
-        if let Some(t) = crate::runtime_structs::decode(env, ev.kind(), ev.payload, scratch) {
+        if let Some(t) = crate::runtime_structs::decode(env, ev.kind(), ev.aux, ev.payload, scratch)
+        {
             return t;
         }
     }
@@ -218,45 +219,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             message_event(env, atoms::receive(), id, nil, to, msg, ts, wall)
         }
         EventKind::StateChange => {
-            let server = next(scratch);
-            let old = next(scratch);
-            let new = next(scratch);
-            let diff = if ev.aux == 0 {
-                atoms::no_change()
-            } else {
-                atoms::changed()
-            };
-            // __struct__ callback id new_state old_state server_pid state_diff
-            // timestamp trigger_call_id trigger_message wall_time
-            make_struct(
-                env,
-                &[
-                    atoms::struct_(),
-                    atoms::callback(),
-                    atoms::id(),
-                    atoms::new_state(),
-                    atoms::old_state(),
-                    atoms::server_pid(),
-                    atoms::state_diff(),
-                    atoms::timestamp(),
-                    atoms::trigger_call_id(),
-                    atoms::trigger_message(),
-                    atoms::wall_time(),
-                ],
-                &[
-                    e(atoms::state_change().encode(env)),
-                    e(atoms::unknown().encode(env)),
-                    id,
-                    new,
-                    old,
-                    server,
-                    e(diff.encode(env)),
-                    ts,
-                    nil,
-                    nil,
-                    wall,
-                ],
-            )
+            crate::runtime_structs::state_change(env, ev.payload, [id, ts, wall], ev.aux, scratch)
         }
         EventKind::PerformanceMetric => {
             let name = next(scratch);
@@ -327,28 +290,7 @@ pub fn view_to_term<'a>(env: Env<'a>, ev: &EvView, scratch: &mut Scratch) -> Ter
             )
         }
         EventKind::StateSnapshot => {
-            let server = next(scratch);
-            let state = next(scratch);
-            let reason = next(scratch);
-            let seq = next(scratch);
-            // __struct__ sequence_number server_pid snapshot_reason state
-            make_struct(
-                env,
-                &[
-                    atoms::struct_(),
-                    atoms::sequence_number(),
-                    atoms::server_pid(),
-                    atoms::snapshot_reason(),
-                    atoms::state(),
-                ],
-                &[
-                    e(atoms::state_snapshot().encode(env)),
-                    seq,
-                    server,
-                    reason,
-                    state,
-                ],
-            )
+            crate::runtime_structs::snapshot(env, ev.payload, ts, wall, scratch)
         }
         EventKind::Empty => atoms::undefined().encode(env),
     }

@@ -434,32 +434,6 @@ fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
     rb.push(env, EventKind::Term, |_, enc| enc.field(event))
 }
 
-/// The fields of a `%ElixirScope.Events.StateSnapshot{}` of a local
-/// process, which is stored as a state record (read back as the same
-/// struct); `None` for any other term.
-pub(crate) fn snapshot_parts<'a>(env: Env<'a>, t: Term<'a>) -> Option<[Term<'a>; 4]> {
-    let raw = t.as_c_arg();
-    let name = atoms::state_snapshot().encode(env).as_c_arg();
-    if !crate::codec::is_struct(raw, name, atoms::struct_().encode(env).as_c_arg()) {
-        return None;
-    }
-    let get = |k: Atom| {
-        crate::codec::map_get_immediate(env, raw, k.encode(env).as_c_arg())
-            // SAFETY: a value of a map of `env`.
-            .map(|v| unsafe { Term::new(env, v) })
-    };
-    let server = get(atoms::server_pid())?;
-    if !server.is_pid() || !crate::codec::is_immediate(server.as_c_arg()) {
-        return None;
-    }
-    Some([
-        server,
-        get(atoms::state())?,
-        get(atoms::snapshot_reason())?,
-        get(atoms::sequence_number())?,
-    ])
-}
-
 /// A snapshot's header and payload (`[server_pid, state, reason, seq]`).
 pub fn fill_snapshot(ev: &mut Event, enc: &mut TapeEncoder, parts: [Term; 4]) {
     ev.pid = crate::codec::imm_word(parts[0].as_c_arg());
