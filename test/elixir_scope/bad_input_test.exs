@@ -848,6 +848,7 @@ defmodule ElixirScope.BadInputTest do
 
       calls = [
         {:next_event_id, []},
+        {:debug_shared_struct_keys, [true]},
         {:utils_monotonic_ns, []},
         {:utils_wall_ns, []},
         {:utils_generate_id, []},
@@ -884,6 +885,7 @@ defmodule ElixirScope.BadInputTest do
         {:store_by_ast_node, [store_ref, 5, 10, true]},
         {:store_index_sizes, [store_ref]},
         {:store_by_time_range, [store_ref, 0, 10, 10, false]},
+        {:store_quick, [store_ref, :time, 0, 10, 10, false]},
         {:store_evict, [store_ref, 0, 0]},
         {:store_stats, [store_ref]},
         {:store_get_correlated, [store_ref, 1]},

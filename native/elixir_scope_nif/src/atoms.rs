@@ -319,4 +319,7 @@ rustler::atoms! {
     with_pid,
     with_function,
     total,
+    // Quick store queries (issue-15c): store_quick ops
+    get,
+    chain,
 }

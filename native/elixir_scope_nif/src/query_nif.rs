@@ -106,7 +106,7 @@ fn qry_query<'a>(
     let store = s.lock(env)?;
     let m: Option<&dyn Matcher> = matcher.as_deref();
     let page = query::query(&store, &q, m);
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let mut out = Vec::with_capacity(page.events.len());
     for e in &page.events {
         out.push(term_of(env, e, how, &mut scratch)?.as_c_arg());
@@ -138,7 +138,7 @@ fn qry_related<'a>(
     let Some(ev) = r.event else {
         return Ok((atoms::error(), atoms::not_found()).encode(env));
     };
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let nil = atoms::nil().encode(env);
     let one = |e: Option<StoredEvent>, scratch: &mut Scratch| -> NifResult<Term<'a>> {
         match e {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, 
 use std::sync::Arc;
 
 use crate::atoms;
-use crate::codec::{encode_into, TapeEncoder};
+use crate::codec::{encode_into, Scratch, TapeEncoder};
 use crate::error::badarg;
 use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
@@ -476,7 +476,7 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
     let max = (count as usize).min(chunk_for(rb.max_event_bytes));
     let avail = ring.write_position().saturating_sub(pos) as usize;
     let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(avail));
-    let mut scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let outcome = ring.read_batch(pos, max, |_, ev| {
         out.push(event_to_term(env, ev, &mut scratch).as_c_arg());
     });
@@ -490,7 +490,7 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
 fn rb_read<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     let ring = rb.single(env)?;
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::new();
     let mut got: Option<Term<'a>> = None;
     let outcome = ring.read_batch(pos, 1, |_, ev| {
         got = Some(event_to_term(env, ev, &mut scratch))
