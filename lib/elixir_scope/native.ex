@@ -40,6 +40,10 @@ defmodule ElixirScope.Native do
   # Result structs (#15c): bench switch between shared-keys structs and
   # `enif_make_map_from_arrays`
   def debug_shared_struct_keys(_on), do: nif_error()
+  # ... and the Ingestor's call NIF behind rustler's own wrapper
+  def debug_ing_function_call_wrapped(_ref, _m, _f, _args, _pid, _corr), do: nif_error()
+  # ... and the calling scheduler thread's CPU clock (benches)
+  def debug_thread_cpu_ns, do: nif_error()
 
   # Utils (ElixirScope.Utils): native clocks and time ids
   def utils_monotonic_ns, do: nif_error()

@@ -849,6 +849,8 @@ defmodule ElixirScope.BadInputTest do
       calls = [
         {:next_event_id, []},
         {:debug_shared_struct_keys, [true]},
+        {:debug_thread_cpu_ns, []},
+        {:debug_ing_function_call_wrapped, [ring_ref, M, :f, [1], me, 1]},
         {:utils_monotonic_ns, []},
         {:utils_wall_ns, []},
         {:utils_generate_id, []},

@@ -375,13 +375,14 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
 }
 
-#[rustler::nif]
-fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
+fn rb_write<'a>(env: Env<'a>, [rb, event]: [Term<'a>; 2]) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
     if let Some(special) = classify(env, event) {
-        return rb.push(env, special.kind(), |ev, enc| special.fill(ev, enc));
+        return Ok(rb.push(env, special.kind(), |ev, enc| special.fill(ev, enc)));
     }
-    rb.push(env, EventKind::Term, |_, enc| enc.field(event))
+    Ok(rb.push(env, EventKind::Term, |_, enc| enc.field(event)))
 }
+crate::ingest::lean_nif!("rb_write", 2, rb_write);
 
 /// The fields of a `%ElixirScope.Events.StateSnapshot{}` of a local
 /// process, which is stored as a state record (read back as the same
@@ -561,6 +562,19 @@ fn rb_destroy(rb: Ref<RingRes>) -> Atom {
 #[rustler::nif]
 fn rb_live_count() -> u64 {
     LIVE_RINGS.load(Ordering::Relaxed)
+}
+
+/// CPU time of the calling scheduler thread, ns (for benches on a loaded
+/// machine: time the thread ran, not the time it waited for a core).
+#[rustler::nif]
+fn debug_thread_cpu_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; the thread CPU clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 #[rustler::nif(name = "next_event_id")]
