@@ -427,31 +427,33 @@ defmodule ElixirScope.Bench.Pipeline do
         "by function" => fn -> Native.store_by_function(ref, Bench.Q, :f1, 1000, false) end,
         "causal chain (depth 5)" => fn -> Native.store_causal_chain(ref, deep_id) end,
         "QueryCoordinator, pid, as: :event" => fn ->
-          QueryCoordinator.query(store, pid: pid, limit: 1000, as: :event)
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :event)
         end,
         "QueryCoordinator, pid, as: :correlated" => fn ->
-          QueryCoordinator.query(store, pid: pid, limit: 1000)
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :correlated)
         end,
         "QueryCoordinator, pid, as: :entry" => fn ->
-          QueryCoordinator.query(store, pid: pid, limit: 1000, as: :entry)
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :entry)
         end,
         "Analysis.select, time window" => fn ->
           Analysis.select(store: store, from: mid, to: mid + w, limit: 1000)
         end
       }
 
-      # Queries whose path is the same before and after (only the struct
-      # building differs): ours is the same function with shared keys on.
       ours =
-        Map.merge(
-          ours,
-          Map.take(before, [
-            "QueryCoordinator, pid, as: :event",
-            "QueryCoordinator, pid, as: :correlated",
-            "QueryCoordinator, pid, as: :entry",
-            "Analysis.select, time window"
-          ])
-        )
+        Map.merge(ours, %{
+          "QueryCoordinator, pid, as: :event" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000, as: :event)
+          end,
+          "QueryCoordinator, pid, as: :correlated" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000)
+          end,
+          "QueryCoordinator, pid, as: :entry" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000, as: :entry)
+          end,
+          # The same path before and after: only the struct building differs.
+          "Analysis.select, time window" => before["Analysis.select, time window"]
+        })
 
       hits = for {k, f} <- ours, into: %{}, do: {k, count_results(f.())}
 
@@ -524,6 +526,7 @@ defmodule ElixirScope.Bench.Pipeline do
   end
 
   def count_results({:ok, %{events: evs}}), do: length(evs)
+  def count_results({evs, _next, _plan, _estimate}), do: length(evs)
   def count_results({:ok, evs}) when is_list(evs), do: length(evs)
   def count_results(evs) when is_list(evs), do: length(evs)
 

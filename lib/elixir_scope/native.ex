@@ -162,6 +162,7 @@ defmodule ElixirScope.Native do
 
   # Queries (QueryCoordinator)
   def qry_query(_store, _filter, _desc, _limit, _cursor, _as), do: nif_error()
+  def qry_query_quick(_store, _filter, _desc, _limit, _cursor, _as), do: nif_error()
   def qry_related(_store, _id, _depth, _limit), do: nif_error()
 
   # Correlator (EventCorrelator)

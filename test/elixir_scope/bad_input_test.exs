@@ -960,6 +960,8 @@ defmodule ElixirScope.BadInputTest do
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
+        {:qry_query_quick,
+         [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
         {:qry_related, [store_ref, 1, 3, 100]},
         {:pipe_latency_buckets, [pipe_ref]},
         {:sub_new, [pipe_ref, me, %{types: 4, pid: me}, 10]},

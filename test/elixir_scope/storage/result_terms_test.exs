@@ -192,4 +192,51 @@ defmodule ElixirScope.Storage.ResultTermsTest do
     {:ok, big} = DataAccess.query_by_time_range(store, elem(t, 0), elem(t, 1), limit: 5000)
     assert big == Native.store_by_time_range(ref, elem(t, 0), elem(t, 1), 5000, false)
   end
+
+  test "QueryCoordinator's caller's-scheduler path answers as the dirty NIF" do
+    {pm, store} = pipeline()
+    ref = store.ref
+    buf = PipelineManager.ring_buffer(pm)
+    # Other processes' events, so that no index below covers a quarter of
+    # the store (the planner scans then, which the quick path leaves).
+    for i <- 1..6 do
+      Task.async(fn ->
+        for k <- 1..200, do: :ok = Ingestor.ingest_function_call(buf, N, :h, [k], self(), {i, k})
+      end)
+    end
+    |> Task.await_many()
+
+    :ok = PipelineManager.flush(pm)
+    {:ok, all} = DataAccess.query_by_time_range(store, -(1 <<< 62), 1 <<< 62, limit: 10_000)
+    window = all |> Enum.drop(100) |> Enum.take(60)
+    {t0, t1} = {hd(window).timestamp, List.last(window).timestamp}
+
+    for {f, as} <- [
+          {%{pid: self()}, :event},
+          {%{pid: self()}, :correlated},
+          {%{pid: self()}, :entry},
+          {%{module: M, function: :g}, :event},
+          {%{from: t0, to: t1}, :event},
+          {%{pid: self(), types: 4}, :event}
+        ],
+        desc <- [false, true] do
+      quick = Native.qry_query_quick(ref, f, desc, 50, nil, as)
+      assert quick != :busy
+      assert quick == Native.qry_query(ref, f, desc, 50, nil, as)
+      {_, next, _, _} = quick
+
+      if next,
+        do:
+          assert(
+            Native.qry_query_quick(ref, f, desc, 50, next, as) ==
+              Native.qry_query(ref, f, desc, 50, next, as)
+          )
+    end
+
+    # A scan, a page too big, malformed arguments: left to the dirty NIF.
+    assert Native.qry_query_quick(ref, %{}, false, 10, nil, :event) == :busy
+    assert Native.qry_query_quick(ref, %{pid: self()}, false, 2001, nil, :event) == :busy
+    assert Native.qry_query_quick(ref, %{pid: self()}, false, 10, nil, :nope) == :busy
+    assert Native.qry_query_quick(ref, %{pid: self()}, false, 10, "bad", :event) == :busy
+  end
 end
