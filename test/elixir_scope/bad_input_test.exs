@@ -856,6 +856,9 @@ defmodule ElixirScope.BadInputTest do
 
       calls = [
         {:next_event_id, []},
+        {:debug_shared_struct_keys, [true]},
+        {:debug_thread_cpu_ns, []},
+        {:debug_ing_function_call_wrapped, [ring_ref, M, :f, [1], me, 1]},
         {:utils_monotonic_ns, []},
         {:utils_wall_ns, []},
         {:utils_generate_id, []},
@@ -892,6 +895,7 @@ defmodule ElixirScope.BadInputTest do
         {:store_by_ast_node, [store_ref, 5, 10, true]},
         {:store_index_sizes, [store_ref]},
         {:store_by_time_range, [store_ref, 0, 10, 10, false]},
+        {:store_quick, [store_ref, :time, 0, 10, 10, false]},
         {:store_evict, [store_ref, 0, 0]},
         {:store_stats, [store_ref]},
         {:store_get_correlated, [store_ref, 1]},
@@ -964,6 +968,8 @@ defmodule ElixirScope.BadInputTest do
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
+        {:qry_query_quick,
+         [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
         {:qry_related, [store_ref, 1, 3, 100]},
         {:pipe_latency_buckets, [pipe_ref]},
         {:sub_new, [pipe_ref, me, %{types: 4, pid: me}, 10]},

@@ -273,7 +273,7 @@ defmodule ElixirScope.Storage.DataAccess do
 
   def get_event(%__MODULE__{} = s, id) do
     key = key(id)
-    nif(s, fn ref -> Native.store_get(ref, key) end)
+    nif(s, fn ref -> quick(ref, :get, key, nil, 1, false, &Native.store_get(&1, key)) end)
   end
 
   def get_event(other, _id), do: bad_store!(other)
@@ -292,7 +292,19 @@ defmodule ElixirScope.Storage.DataAccess do
     {limit, desc} = query_opts!(opts)
     t0 = clamp(t0)
     t1 = clamp(t1)
-    {:ok, nif(s, fn ref -> Native.store_by_time_range(ref, t0, t1, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :time,
+         t0,
+         t1,
+         limit,
+         desc,
+         &Native.store_by_time_range(&1, t0, t1, limit, desc)
+       )
+     end)}
   end
 
   def query_by_time_range(%__MODULE__{}, t0, t1, _opts) do
@@ -311,7 +323,11 @@ defmodule ElixirScope.Storage.DataAccess do
 
   def query_by_process(%__MODULE__{} = s, pid, opts) when is_pid(pid) do
     {limit, desc} = query_opts!(opts)
-    {:ok, nif(s, fn ref -> Native.store_by_pid(ref, pid, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(ref, :pid, pid, nil, limit, desc, &Native.store_by_pid(&1, pid, limit, desc))
+     end)}
   end
 
   def query_by_process(%__MODULE__{}, pid, _opts),
@@ -329,7 +345,19 @@ defmodule ElixirScope.Storage.DataAccess do
   def query_by_function(%__MODULE__{} = s, module, function, opts)
       when is_atom(module) and is_atom(function) do
     {limit, desc} = query_opts!(opts)
-    {:ok, nif(s, fn ref -> Native.store_by_function(ref, module, function, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :function,
+         module,
+         function,
+         limit,
+         desc,
+         &Native.store_by_function(&1, module, function, limit, desc)
+       )
+     end)}
   end
 
   def query_by_function(%__MODULE__{}, module, function, _opts) do
@@ -349,7 +377,19 @@ defmodule ElixirScope.Storage.DataAccess do
   def query_by_correlation(%__MODULE__{} = s, correlation_id, opts) do
     {limit, desc} = query_opts!(opts)
     key = key(correlation_id)
-    {:ok, nif(s, fn ref -> Native.store_by_correlation(ref, key, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :correlation,
+         key,
+         nil,
+         limit,
+         desc,
+         &Native.store_by_correlation(&1, key, limit, desc)
+       )
+     end)}
   end
 
   def query_by_correlation(other, _correlation_id, _opts), do: bad_store!(other)
@@ -384,7 +424,11 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec causal_chain(t(), term()) :: {:ok, [map()]}
   def causal_chain(%__MODULE__{} = s, id) do
     key = key(id)
-    {:ok, nif(s, fn ref -> Native.store_causal_chain(ref, key) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(ref, :chain, key, nil, 0, false, &Native.store_causal_chain(&1, key))
+     end)}
   end
 
   def causal_chain(other, _id), do: bad_store!(other)
@@ -705,6 +749,15 @@ defmodule ElixirScope.Storage.DataAccess do
   # Calls a NIF with the store's ref. Every other argument is checked (or
   # built) here, so the NIF's bare `ArgumentError` means the ref is not a
   # store resource (a forged struct); destroyed stores raise their own.
+  # A query on the caller's scheduler first (`Native.store_quick/6`: small
+  # answers, store lock free), else the dirty NIF `dirty`.
+  defp quick(ref, op, a, b, limit, desc, dirty) do
+    case Native.store_quick(ref, op, a, b, limit, desc) do
+      :busy -> dirty.(ref)
+      result -> result
+    end
+  end
+
   defp nif(%__MODULE__{ref: ref} = s, fun) do
     fun.(ref)
   rescue

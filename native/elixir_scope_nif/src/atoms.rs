@@ -319,6 +319,9 @@ rustler::atoms! {
     with_pid,
     with_function,
     total,
+    // Quick store queries (issue-15c): store_quick ops
+    get,
+    chain,
 }
 
 /// Atoms of the issue-17a branch (the original's Events fields).

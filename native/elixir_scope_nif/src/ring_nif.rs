@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, 
 use std::sync::Arc;
 
 use crate::atoms;
-use crate::codec::{encode_into, TapeEncoder};
+use crate::codec::{encode_into, Scratch, TapeEncoder};
 use crate::error::badarg;
 use crate::event_term::event_to_term;
 use crate::handle::{self, Handle, Ref};
@@ -426,13 +426,14 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
 }
 
-#[rustler::nif]
-fn rb_write<'a>(env: Env<'a>, rb: Ref<RingRes>, event: Term<'a>) -> Term<'a> {
+fn rb_write<'a>(env: Env<'a>, [rb, event]: [Term<'a>; 2]) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
     if let Some(special) = classify(env, event) {
-        return rb.push(env, special.kind(), |ev, enc| special.fill(ev, enc));
+        return Ok(rb.push(env, special.kind(), |ev, enc| special.fill(ev, enc)));
     }
-    rb.push(env, EventKind::Term, |_, enc| enc.field(event))
+    Ok(rb.push(env, EventKind::Term, |_, enc| enc.field(event)))
 }
+crate::ingest::lean_nif!("rb_write", 2, rb_write);
 
 /// A snapshot's header and payload (`[server_pid, state, reason, seq]`).
 pub fn fill_snapshot(ev: &mut Event, enc: &mut TapeEncoder, parts: [Term; 4]) {
@@ -501,7 +502,7 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
     let max = (count as usize).min(chunk_for(rb.max_event_bytes));
     let avail = ring.write_position().saturating_sub(pos) as usize;
     let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(avail));
-    let mut scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let outcome = ring.read_batch(pos, max, |_, ev| {
         out.push(event_to_term(env, ev, &mut scratch).as_c_arg());
     });
@@ -515,7 +516,7 @@ fn rb_read_batch<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64, count: u64) -> Ni
 fn rb_read<'a>(env: Env<'a>, rb: Ref<RingRes>, pos: u64) -> NifResult<Term<'a>> {
     rb.check_live(env)?;
     let ring = rb.single(env)?;
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::new();
     let mut got: Option<Term<'a>> = None;
     let outcome = ring.read_batch(pos, 1, |_, ev| {
         got = Some(event_to_term(env, ev, &mut scratch))
@@ -586,6 +587,19 @@ fn rb_destroy(rb: Ref<RingRes>) -> Atom {
 #[rustler::nif]
 fn rb_live_count() -> u64 {
     LIVE_RINGS.load(Ordering::Relaxed)
+}
+
+/// CPU time of the calling scheduler thread, ns (for benches on a loaded
+/// machine: time the thread ran, not the time it waited for a core).
+#[rustler::nif]
+fn debug_thread_cpu_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; the thread CPU clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 #[rustler::nif(name = "next_event_id")]
