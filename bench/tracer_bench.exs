@@ -119,28 +119,67 @@ defmodule TracerBench do
 
   # ---- the traced process ------------------------------------------------------
 
-  # Spawns the process that will run the workload; it waits for `:go`, runs
-  # it, and reports `{:work_done, pid, t0, t1}` (monotonic ns).
+  # Spawns the process that will run the workload, bound to the last
+  # scheduler; it waits for `:go`, runs it, and reports `{:work_done, pid,
+  # t0, t1, cpu}`: monotonic ns, and the CPU time (ns) that scheduler's
+  # thread spent meanwhile (/proc/self/task/<tid>/schedstat; nil where it
+  # cannot be read). The CPU time does not count the time the OS gave the
+  # core to other programs, so it holds up on a loaded machine where the
+  # wall time does not.
   defp spawn_worker(fun, n) do
     parent = self()
+    sched = System.schedulers_online()
+    stat = schedstat_path(sched)
 
     pid =
-      spawn(fn ->
-        receive do
-          :go -> :ok
-        after
-          # Not started (the variant failed before): just go away.
-          60_000 -> exit(:normal)
-        end
+      :erlang.spawn_opt(
+        fn ->
+          receive do
+            :go -> :ok
+          after
+            # Not started (the variant failed before): just go away.
+            60_000 -> exit(:normal)
+          end
 
-        t0 = System.monotonic_time(:nanosecond)
-        fun.(n)
-        t1 = System.monotonic_time(:nanosecond)
-        send(parent, {:work_done, self(), t0, t1})
-      end)
+          c0 = thread_cpu(stat)
+          t0 = System.monotonic_time(:nanosecond)
+          fun.(n)
+          t1 = System.monotonic_time(:nanosecond)
+          c1 = thread_cpu(stat)
+          send(parent, {:work_done, self(), t0, t1, c0 && c1 && c1 - c0})
+        end,
+        [{:scheduler, sched}]
+      )
 
     ref = Process.monitor(pid)
     {pid, ref}
+  end
+
+  # The schedstat file of the thread running scheduler `id` ("<id>_scheduler").
+  defp schedstat_path(id) do
+    name = "#{id}_scheduler"
+
+    case File.ls("/proc/self/task") do
+      {:ok, tids} ->
+        Enum.find_value(tids, fn tid ->
+          case File.read("/proc/self/task/#{tid}/comm") do
+            {:ok, comm} -> if String.trim(comm) == name, do: "/proc/self/task/#{tid}/schedstat"
+            _ -> nil
+          end
+        end)
+
+      _ ->
+        nil
+    end
+  end
+
+  defp thread_cpu(nil), do: nil
+
+  defp thread_cpu(path) do
+    case File.read(path) do
+      {:ok, s} -> s |> String.split() |> hd() |> String.to_integer()
+      _ -> nil
+    end
   end
 
   defp run_worker({pid, ref}) do
@@ -148,11 +187,12 @@ defmodule TracerBench do
     send(pid, :go)
 
     receive do
-      {:work_done, ^pid, t0, t1} ->
+      {:work_done, ^pid, t0, t1, cpu} ->
         receive do
           {:DOWN, ^ref, :process, ^pid, _} -> :ok
         end
 
+        Process.put(:last_cpu, cpu)
         {t0, t1}
     end
   end
@@ -221,8 +261,15 @@ defmodule TracerBench do
 
   # Per event: times / the 2n events a sample would make.
   defp sample(work_ns, total_ns, n, extra) do
+    cpu = Process.get(:last_cpu)
+
     Map.merge(
-      %{work: work_ns / (2 * n), total: total_ns / (2 * n), drain: total_ns - work_ns},
+      %{
+        work: work_ns / (2 * n),
+        cpu: cpu && cpu / (2 * n),
+        total: total_ns / (2 * n),
+        drain: total_ns - work_ns
+      },
       extra
     )
   end
@@ -558,9 +605,9 @@ defmodule TracerBench do
     do: Enum.reject(results[{w, v}] || [], &(&1[:error] || &1[:timeout]))
 
   defp med(results, w, v, key) do
-    case ok_samples(results, w, v) do
+    case for(r <- ok_samples(results, w, v), is_number(r[key]), do: r[key]) do
       [] -> nil
-      rs -> Harness.stats(Enum.map(rs, & &1[key])).median
+      xs -> Harness.stats(xs).median
     end
   end
 
@@ -575,11 +622,13 @@ defmodule TracerBench do
 
     IO.puts(
       "| variant | workload ns/event | − dry_run ns | ×dry_run | ×ours | ×untraced | " <>
+        "workload CPU ns/event | CPU − dry_run ns | " <>
         "processed ns/event | drain ms | captured / expected | peak tracer mailbox | " <>
         "peak ETS | failed samples |"
     )
 
-    IO.puts("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    IO.puts("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    null_c = med(results, w, "null", :cpu)
 
     for v <- @variants,
         v in variants or v in skipped,
@@ -587,11 +636,12 @@ defmodule TracerBench do
       if v in skipped do
         IO.puts(
           "| #{label(v)} | skipped: ElixirScope.trace/2 not available" <>
-            String.duplicate(" |", 11)
+            String.duplicate(" |", 13)
         )
       else
         rs = results[{w, v}] || []
         wk = med(results, w, v, :work)
+        cpu = med(results, w, v, :cpu)
         drain = med(results, w, v, :drain)
 
         cols = [
@@ -601,6 +651,8 @@ defmodule TracerBench do
           ratio(wk, null_w),
           ratio(wk, ours_w),
           ratio(wk, base_w),
+          f1(cpu),
+          if(cpu && null_c, do: signed(cpu - null_c), else: "–"),
           f1(med(results, w, v, :total)),
           if(drain, do: f1(drain / 1.0e6), else: "–"),
           captured(rs, expected(w, n), v),
@@ -631,11 +683,12 @@ defmodule TracerBench do
       {"messages", "ours_full", 150}
     ]
 
-    for {w, v, limit} <- checks, w in workloads do
-      case {med(results, w, v, :work), med(results, w, "null", :work)} do
+    for {w, v, limit} <- checks, w in workloads, key <- [:work, :cpu] do
+      case {med(results, w, v, key), med(results, w, "null", key)} do
         {x, d} when is_number(x) and is_number(d) ->
           IO.puts(
-            "* #{w}, #{label(v)}: #{signed(x - d)} ns/event over dry_run " <>
+            "* #{w}, #{label(v)}, #{if key == :work, do: "wall", else: "CPU"}: " <>
+              "#{signed(x - d)} ns/event over dry_run " <>
               "(#{f1(x)} vs #{f1(d)}; target ≤ +#{limit}): #{verdict(x - d <= limit)}"
           )
 
@@ -644,12 +697,16 @@ defmodule TracerBench do
       end
     end
 
-    for w <- ["calls", "calls3"], w in workloads, v <- ["stats", "counts"] do
-      case {med(results, w, v, :work), med(results, w, "null", :work)} do
+    for w <- ["calls", "calls3"],
+        w in workloads,
+        v <- ["stats", "counts"],
+        key <- [:work, :cpu] do
+      case {med(results, w, v, key), med(results, w, "null", key)} do
         {x, d} when is_number(x) and is_number(d) ->
           # x is per event-equivalent (per call / 2); per call it is 2x.
           IO.puts(
-            "* #{w}, #{label(v)}: #{f1(2 * x)} ns per traced call = " <>
+            "* #{w}, #{label(v)}, #{if key == :work, do: "wall", else: "CPU"}: " <>
+              "#{f1(2 * x)} ns per traced call = " <>
               "#{ratio(2 * x, d)} dry_run's cost per event (#{f1(d)} ns; target ≤ 0.3×: " <>
               "#{verdict(2 * x <= 0.3 * d)}), #{ratio(x, d)} its cost per call " <>
               "(call + return events, #{f1(2 * d)} ns)"
@@ -661,7 +718,9 @@ defmodule TracerBench do
     end
 
     IO.puts(
-      "\nworkload: the traced process's wall time / 2n. processed: workload start → " <>
+      "\nworkload: the traced process's wall time / 2n; workload CPU: the CPU time of the " <>
+        "scheduler thread it is bound to, over the same interval, / 2n (not counting the " <>
+        "time the OS gave that core to other programs). processed: workload start → " <>
         "every event handled / 2n (ours: stop_trace + flush_trace returned; dbg: handler " <>
         "counted them all; doctor: 2n rows in ETS; stats: stop_trace returned). drain: " <>
         "processed − workload, in ms. Mailbox and ETS peaks are sampled every 10 ms (ETS " <>
@@ -797,7 +856,8 @@ defmodule TracerBench do
       cleanup()
       offered = if kind == :null, do: native.tracer_stats(tracer).offered, else: nil
       if tracer, do: native.tracer_stop(tracer, :stopped)
-      %{per_call: (t1 - t0) / n, events: offered && offered / n}
+      cpu = Process.get(:last_cpu)
+      %{per_call: (t1 - t0) / n, cpu: cpu && cpu / n, events: offered && offered / n}
     end
 
     for r <- rows, do: run.(r, min(n, 10_000))
@@ -824,24 +884,26 @@ defmodule TracerBench do
     )
 
     IO.puts(
-      "| configuration | ns per call | events per call | ns per event | " <>
-        "ns per call − ElixirScope's default (payload: :arity) |"
+      "| configuration | ns per call | CPU ns per call | events per call | CPU ns per event | " <>
+        "CPU ns per call − ElixirScope's default (payload: :arity) |"
     )
 
-    IO.puts("|---|---:|---:|---:|---:|")
-    d = m.(default, :per_call)
+    IO.puts("|---|---:|---:|---:|---:|---:|")
+    d = m.(default, :cpu)
 
     for {label, _, _, _, _} <- rows do
-      pc = m.(label, :per_call)
+      pc = m.(label, :cpu)
       ev = m.(label, :events)
 
       IO.puts(
-        "| #{label} | #{f1(pc)} | #{if ev, do: f1(ev), else: "–"} | " <>
-          "#{if ev && ev > 0, do: f1(pc / ev), else: "–"} | #{if pc && d, do: signed(pc - d), else: "–"} |"
+        "| #{label} | #{f1(m.(label, :per_call))} | #{f1(pc)} | #{if ev, do: f1(ev), else: "–"} | " <>
+          "#{if pc && ev && ev > 0, do: f1(pc / ev), else: "–"} | " <>
+          "#{if pc && d, do: signed(pc - d), else: "–"} |"
       )
     end
 
-    pc = &m.(&1, :per_call)
+    # The comparisons below are on CPU time (wall time where it is missing).
+    pc = &(m.(&1, :cpu) || m.(&1, :per_call))
     call_only = pc.("call events only (match spec true)")
     rt = pc.("call + return_trace")
     et = pc.("call + exception_trace (ElixirScope's default)")
