@@ -117,9 +117,9 @@ pub struct TracerRes {
     reason: AtomicU8,
     stopped_at: AtomicI64,
     /// trace/5 calls while active (written + dropped_full + over_limit +
-    /// shed).
+    /// shed). Written events are not counted apart: one atomic add less
+    /// per event (see [`TracerRes::written`]).
     offered: AtomicU64,
-    written: AtomicU64,
     dropped_full: AtomicU64,
     /// Offered past a limit (not written).
     over_limit: AtomicU64,
@@ -196,7 +196,6 @@ impl TracerRes {
             reason: AtomicU8::new(Reason::Active as u8),
             stopped_at: AtomicI64::new(0),
             offered: AtomicU64::new(0),
-            written: AtomicU64::new(0),
             dropped_full: AtomicU64::new(0),
             over_limit: AtomicU64::new(0),
             shed_events: AtomicU64::new(0),
@@ -205,6 +204,22 @@ impl TracerRes {
             window_start: AtomicI64::new(now),
             window_base: AtomicU64::new(0),
         }
+    }
+
+    /// Events written: every offered event (counted before its outcome)
+    /// that was not dropped by a full ring, over a limit or shed; none in a
+    /// dry run. While tracing, an event being written at this moment may
+    /// count already; exact once the VM has switched tracing off.
+    fn written(&self) -> u64 {
+        if !self.record {
+            return 0;
+        }
+        // The outcomes first: each is counted after its offer, so the
+        // difference never underflows.
+        let lost = self.dropped_full.load(Ordering::Acquire)
+            + self.over_limit.load(Ordering::Acquire)
+            + self.shed_events.load(Ordering::Acquire);
+        self.offered.load(Ordering::Acquire).saturating_sub(lost)
     }
 
     /// A state record of `pid` stamped `ts` was dropped (a full ring).
@@ -608,7 +623,6 @@ fn trace<'a>(
             if recorded_state {
                 t.states.fetch_add(1, Ordering::Relaxed);
             }
-            t.written.fetch_add(1, Ordering::Relaxed)
         }
         Err(_) => {
             // A callback's return that may have set a state (its shape is
@@ -617,9 +631,9 @@ fn trace<'a>(
             if state_record {
                 t.state_dropped(pid_w, now.0);
             }
-            t.dropped_full.fetch_add(1, Ordering::Relaxed)
+            t.dropped_full.fetch_add(1, Ordering::Relaxed);
         }
-    };
+    }
     ok
 }
 
@@ -800,7 +814,7 @@ fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
         .map_put(atoms::reason(), reason.atom())?
         .map_put(atoms::reason_at(), t.stopped_at.load(Ordering::Relaxed))?
         .map_put(atoms::offered(), t.offered.load(Ordering::Relaxed))?
-        .map_put(atoms::written(), t.written.load(Ordering::Relaxed))?
+        .map_put(atoms::written(), t.written())?
         .map_put(
             atoms::dropped_full(),
             t.dropped_full.load(Ordering::Relaxed),
@@ -873,7 +887,6 @@ fn tracer_snapshot<'a>(
     Ok(match res {
         Ok(_) => {
             t.states.fetch_add(1, Ordering::Relaxed);
-            t.written.fetch_add(1, Ordering::Relaxed);
             atoms::ok().encode(env)
         }
         Err(_) => {
