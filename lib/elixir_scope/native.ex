@@ -191,6 +191,7 @@ defmodule ElixirScope.Native do
       ),
       do: nif_error()
 
+  def tracer_discard(_owner), do: nif_error()
   def tracer_stop(_tracer, _why), do: nif_error()
   def tracer_stats(_tracer), do: nif_error()
   def tracer_snapshotting(_tracer, _on), do: nif_error()

@@ -938,6 +938,7 @@ defmodule ElixirScope.BadInputTest do
         {:tracer_new, [ring_ref, me, true, true, 64, 64, 10, 10, 1000, [], nil]},
         {:tracer_new,
          [ring_ref, me, false, true, 64, 128, 10, 10, 1000, callbacks, [{M, :_, :_}]]},
+        {:tracer_discard, [me]},
         {:enabled, [:call, tracer_ref, me]},
         {:enabled, [:trace_status, tracer_ref, me]},
         {:trace, [:call, tracer_ref, me, {M, :f, [1]}, %{}]},
