@@ -115,7 +115,9 @@ defmodule ElixirScope.Analysis do
   Events matching every given filter, in store order (each process's
   events in the order they happened); with `:from` or `:to`, in timestamp
   order, walking only that window of the time index (without them the
-  whole store is scanned, in chunks).
+  whole store is scanned, in chunks, over a consistent cut taken when the
+  call starts: events stored meanwhile are not seen, events evicted
+  meanwhile still are, and ingest into the store goes on during the scan).
 
   Filters: `:pid`, `:module`, `:function`, `:types` (a list of
   `#{inspect(Map.keys(@types))}`), `:from` / `:to` (monotonic ns,
@@ -178,9 +180,19 @@ defmodule ElixirScope.Analysis do
 
     pred = fn e -> keep.(e) and pred.(e) end
 
-    if f[:from] == nil and f[:to] == nil,
-      do: scan(s.ref, 0, f, kinds, t0, t1, pred, limit, []),
-      else: scan_time(s.ref, {t0, -1}, f, kinds, t1, pred, limit, [])
+    if f[:from] == nil and f[:to] == nil do
+      # A consistent cut, scanned in chunks without the store lock (ingest
+      # into the store goes on); released at once when done.
+      snap = Native.ana_snapshot(s.ref)
+
+      try do
+        scan(snap, 0, f, kinds, t0, t1, pred, limit, [])
+      after
+        Native.ana_snapshot_release(snap)
+      end
+    else
+      scan_time(s.ref, {t0, -1}, f, kinds, t1, pred, limit, [])
+    end
   end
 
   # Through the time index: only the window is visited.
@@ -340,7 +352,8 @@ defmodule ElixirScope.Analysis do
   values as captured, so under the payload cap; with `payload: :arity`
   only the shapes are compared). Each result: `%{count:, size:
   (calls per occurrence), total_ns:, tree:}` (the first occurrence's
-  `call_tree/2`), by `total_ns`, largest first.
+  `call_tree/2`), by `total_ns`, largest first. Like `call_stat/1`, the
+  pass runs over a consistent cut without holding the store's lock.
 
   Options: `:max` (10), `:min_count` (2), `:min_size` (2 calls), `:store`.
   """
@@ -381,7 +394,10 @@ defmodule ElixirScope.Analysis do
   inside the calls (a recursive call inside another call of the same key
   in the same process counts once, with its outermost call); `own_ns`
   excludes the time in traced callees. Calls whose return was not traced
-  count, without time.
+  count, without time. The pass runs over a consistent cut of the store
+  taken when it starts, without holding the store's lock, so ingest into
+  the store goes on meanwhile (events stored after the cut are not
+  counted).
 
   Options: `:by` — `:function` (key `{m, f, arity}`, default), `:module`,
   `:process` (key: pid), `:process_function` (key `{pid, {m, f, a}}`);

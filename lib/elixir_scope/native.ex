@@ -221,7 +221,10 @@ defmodule ElixirScope.Native do
   def ana_call_stats(_store, _by, _modules), do: nif_error()
   def ana_top_trees(_store, _max, _min_count, _min_size), do: nif_error()
   def ana_messages(_store, _pid, _cursor, _limit), do: nif_error()
+  # `store` a store or a snapshot (`ana_snapshot/1`, read without the store lock).
   def ana_select(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1), do: nif_error()
+  def ana_snapshot(_store), do: nif_error()
+  def ana_snapshot_release(_snapshot), do: nif_error()
 
   def ana_select_time(_store, _after_ts, _after_seq, _pid, _module, _function, _kinds, _t1),
     do: nif_error()

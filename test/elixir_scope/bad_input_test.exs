@@ -810,6 +810,7 @@ defmodule ElixirScope.BadInputTest do
     test "raw NIFs with garbage arguments never crash the VM" do
       ring_ref = new_ring!(size: 16).ref
       store_ref = new_store!().ref
+      snap_ref = Native.ana_snapshot(store_ref)
       callbacks = [{M, :handle_call, 3, 4}, {M, :init, 1, 2}]
 
       tracer_ref =
@@ -967,6 +968,9 @@ defmodule ElixirScope.BadInputTest do
         {:ana_top_trees, [store_ref, 10, 2, 2]},
         {:ana_messages, [store_ref, nil, 0, 10]},
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
+        {:ana_snapshot, [store_ref]},
+        {:ana_select, [snap_ref, 0, me, M, :f, 4, 0, 10]},
+        {:ana_snapshot_release, [snap_ref]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
         {:qry_query_quick,

@@ -3,7 +3,9 @@
 //! `top_call_trees` and message queries answer).
 //!
 //! Each is one pass over the store in `seq` order, which is each process's
-//! event order: per process, a stack of open calls is pushed by call events
+//! event order (over an [`EventStore`] under its lock, or over a
+//! [`crate::store::Snapshot`] without it, so ingest goes on during the
+//! pass): per process, a stack of open calls is pushed by call events
 //! and popped by the return or exception that completes the call (its
 //! correlation id is the call's id; frames above it, left by a crash, are
 //! unwound). Calls whose return is not stored count as calls, without time.
@@ -12,7 +14,7 @@
 
 use crate::event::EventKind;
 use crate::hash::{hash_bytes, mix, FastMap};
-use crate::store::{EventStore, StoredEvent};
+use crate::store::{EventStore, Scan, StoredEvent};
 
 /// Most distinct keys (functions, call trees) one pass tracks; further new
 /// keys are counted in the result's `untracked`.
@@ -110,7 +112,7 @@ fn duration(ret: &StoredEvent<'_>, f: &Frame) -> i64 {
 
 /// Call counts and times per key, over every stored event (optionally only
 /// calls of the modules in `modules`, empty = all).
-pub fn call_stats(store: &EventStore, by: StatKey, modules: &[u64]) -> CallStats {
+pub fn call_stats<S: Scan>(store: &S, by: StatKey, modules: &[u64]) -> CallStats {
     let mut out = CallStats::default();
     let mut keys: FastMap<(u64, u64, u64, i64), u32> = FastMap::default();
     let mut stats: Vec<CallStat> = Vec::new();
@@ -118,7 +120,7 @@ pub fn call_stats(store: &EventStore, by: StatKey, modules: &[u64]) -> CallStats
     let mut active: FastMap<(u64, u32), u32> = FastMap::default();
     let mut stacks = Stacks::default();
     const NONE: u32 = u32::MAX;
-    store.scan(0, usize::MAX, |e| {
+    store.scan_events(0, usize::MAX, |e| {
         out.scanned += 1;
         if e.kind == EventKind::FunctionCall as u8 {
             let wanted = modules.is_empty() || modules.contains(&e.module);
@@ -228,11 +230,11 @@ pub struct TopTrees {
 /// child trees in the same order. Keeps trees seen at least `min_count`
 /// times with at least `min_size` calls; returns the `max` with the most
 /// total time.
-pub fn top_call_trees(store: &EventStore, max: usize, min_count: u64, min_size: u64) -> TopTrees {
+pub fn top_call_trees<S: Scan>(store: &S, max: usize, min_count: u64, min_size: u64) -> TopTrees {
     let mut out = TopTrees::default();
     let mut trees: FastMap<u64, RepeatedTree> = FastMap::default();
     let mut stacks = Stacks::default();
-    store.scan(0, usize::MAX, |e| {
+    store.scan_events(0, usize::MAX, |e| {
         if e.kind == EventKind::FunctionCall as u8 {
             let h = mix(e.module ^ mix(e.function ^ mix(e.aux as u64)))
                 ^ hash_bytes(e.payload).rotate_left(17);

@@ -133,6 +133,8 @@ use crate::event::{is_state_record, state_sets, Event, EventKind, FLAG_STATEM};
 use crate::hash::{mix, FastMap};
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::mem::size_of;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
 
 /// Records per segment for large stores (smaller stores use smaller
 /// segments, down to 64 records).
@@ -430,10 +432,37 @@ impl Rec {
     }
 }
 
-struct Segment {
-    base: u64,
+/// A segment's records and payloads: owned while the segment is open,
+/// shared (by [`Snapshot`]s) once it is sealed.
+#[derive(Clone, Default)]
+struct SegData {
     recs: Vec<Rec>,
     arena: Vec<u8>,
+}
+
+impl SegData {
+    #[inline]
+    fn payload(&self, i: usize) -> &[u8] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.recs[i - 1].payload_end as usize
+        };
+        &self.arena[start..self.recs[i].payload_end as usize]
+    }
+}
+
+/// The open segment owns its data (appends cost no atomic operation); a
+/// sealed one keeps it behind an `Arc`, so a [`Snapshot`] shares it, and a
+/// later change (arena compaction) copies it first if a snapshot holds it.
+enum Body {
+    Open(SegData),
+    Sealed(Arc<SegData>),
+}
+
+struct Segment {
+    base: u64,
+    body: Body,
     dead: Vec<u64>,
     live: u32,
     /// Live records per index (see [`Rec::index_bits`]).
@@ -456,8 +485,10 @@ impl Segment {
     fn new(base: u64, cap: usize, arena_hint: usize) -> Segment {
         Segment {
             base,
-            recs: Vec::with_capacity(cap),
-            arena: Vec::with_capacity(arena_hint),
+            body: Body::Open(SegData {
+                recs: Vec::with_capacity(cap),
+                arena: Vec::with_capacity(arena_hint),
+            }),
             dead: Vec::with_capacity(cap.div_ceil(64)),
             live: 0,
             counts: [0; 4],
@@ -484,7 +515,8 @@ impl Segment {
         }
         *w |= bit;
         self.live -= 1;
-        for (c, b) in self.counts.iter_mut().zip(self.recs[i].index_bits()) {
+        let bits = self.recs[i].index_bits();
+        for (c, b) in self.counts.iter_mut().zip(bits) {
             *c -= b as u32;
         }
         true
@@ -492,12 +524,26 @@ impl Segment {
 
     #[inline]
     fn payload(&self, i: usize) -> &[u8] {
-        let start = if i == 0 {
-            0
-        } else {
-            self.recs[i - 1].payload_end as usize
-        };
-        &self.arena[start..self.recs[i].payload_end as usize]
+        self.data().payload(i)
+    }
+
+    /// The records and payloads.
+    #[inline]
+    fn data(&self) -> &SegData {
+        match &self.body {
+            Body::Open(d) => d,
+            Body::Sealed(d) => d,
+        }
+    }
+
+    /// The records and payloads, for a change: a sealed segment's are
+    /// copied first if a snapshot shares them.
+    #[inline]
+    fn data_mut(&mut self) -> &mut SegData {
+        match &mut self.body {
+            Body::Open(d) => d,
+            Body::Sealed(d) => Arc::make_mut(d),
+        }
     }
 
     fn seal(&mut self) {
@@ -522,6 +568,9 @@ impl Segment {
         // Keep a little slack rather than copying for a small gain.
         if self.arena.capacity() > self.arena.len() + self.arena.len() / 8 + 4096 {
             self.arena.shrink_to_fit();
+        }
+        if let Body::Open(d) = &mut self.body {
+            self.body = Body::Sealed(Arc::new(std::mem::take(d)));
         }
     }
 
@@ -581,6 +630,21 @@ impl Segment {
             + self.arena.capacity()
             + self.dead.capacity() * 8
             + self.ts_marks.capacity() * 8
+    }
+}
+
+impl Deref for Segment {
+    type Target = SegData;
+    #[inline]
+    fn deref(&self) -> &SegData {
+        self.data()
+    }
+}
+
+impl DerefMut for Segment {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut SegData {
+        self.data_mut()
     }
 }
 
@@ -725,7 +789,7 @@ impl FreshIds {
 /// Late links: correlation ids replacing the stored ones, by seq, and the
 /// reverse index (correlation id → seqs, ascending). A key is either in
 /// `one` (a single seq, the usual case) or in `many` (two or more).
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Relinks {
     by_seq: FastMap<u64, u64>,
     one: FastMap<u64, u64>,
@@ -954,12 +1018,16 @@ pub struct EventStore {
     table_bits: u32,
     pids: FastMap<u64, u64>,
     mf_ids: FastMap<(u64, u64), u32>,
-    /// (module, function, head seq or `u64::MAX`).
-    mfs: Vec<(u64, u64, u64)>,
+    /// Interned (module, function) names, shared with [`Snapshot`]s
+    /// (appended to rarely: a copy is made only while a snapshot holds
+    /// them).
+    mf_names: Arc<Vec<(u64, u64)>>,
+    /// Head seq of each interned function's chain (`u64::MAX`: none).
+    mf_heads: Vec<u64>,
     newest_seen: Option<i64>,
     fresh: FreshIds,
     /// Late links (see [`EventStore::relink`]).
-    relinks: Relinks,
+    relinks: Arc<Relinks>,
     /// pid → its state records' `(timestamp, seq)`, in that order.
     states: FastMap<u64, StateIndex>,
     /// Entries in `states`.
@@ -1009,10 +1077,11 @@ impl EventStore {
             table_bits: bits,
             pids: FastMap::default(),
             mf_ids: FastMap::default(),
-            mfs: Vec::new(),
+            mf_names: Arc::new(Vec::new()),
+            mf_heads: Vec::new(),
             newest_seen: None,
             fresh: FreshIds::new((max_events / 64).next_power_of_two().clamp(16, 1024)),
-            relinks: Relinks::default(),
+            relinks: Arc::new(Relinks::default()),
             states: FastMap::default(),
             state_entries: 0,
             popped_since_sweep: 0,
@@ -1143,32 +1212,37 @@ impl EventStore {
         }
     }
 
+    #[inline]
     fn view<'a>(&'a self, seg: &'a Segment, i: usize) -> StoredEvent<'a> {
-        let r = &seg.recs[i];
-        let (module, function, _) = self.mfs[r.mf as usize];
-        let seq = seg.base + i as u64;
-        let correlation_id = if self.relinks.is_empty() {
-            r.correlation_id
-        } else {
-            self.relinks.get(seq).unwrap_or(r.correlation_id)
-        };
-        StoredEvent {
-            seq,
-            id: r.id,
-            timestamp: r.timestamp,
-            wall_time: r.wall_time,
-            pid: r.pid,
-            peer: if r.keyed() { 0 } else { r.peer },
-            module,
-            function,
-            aux: r.aux,
-            kind: r.kind,
-            flags: if r.keyed() { r.flags & !KEYED } else { r.flags },
-            correlation_id,
-            parent_id: r.parent_id,
-            root_id: if r.keyed() { 0 } else { r.root_id },
-            ast_node: r.ast(),
-            payload: seg.payload(i),
+        view_rec(&self.mf_names, &self.relinks, seg.base, seg.data(), i)
+    }
+
+    /// A consistent cut of the store as it is now, for a whole-trace pass
+    /// that runs without the store's lock (see [`Snapshot`]). Cost under
+    /// the lock: one reference count per sealed segment, a copy of the
+    /// dead-record bits of the segments that have dead records (one bit per
+    /// record), and a copy of the open segment (at most
+    /// [`EventStore::segment_capacity`] records and their payloads).
+    pub fn snapshot(&self) -> Snapshot {
+        let segs = self
+            .segments
+            .iter()
+            .filter(|s| s.live > 0)
+            .map(|s| SnapSeg {
+                base: s.base,
+                data: match &s.body {
+                    Body::Sealed(d) => Arc::clone(d),
+                    Body::Open(d) => Arc::new(d.clone()),
+                },
+                dead: (s.live as usize != s.recs.len()).then(|| s.dead.clone().into_boxed_slice()),
+            })
+            .collect();
+        Snapshot {
+            segs,
+            names: Arc::clone(&self.mf_names),
+            relinks: Arc::clone(&self.relinks),
+            end: self.next_seq,
+            live: self.live,
         }
     }
 
@@ -1332,13 +1406,14 @@ impl EventStore {
         let mf = match self.mf_ids.get(&(event.module, event.function)) {
             Some(&m) => m,
             None => {
-                let m = self.mfs.len() as u32;
-                self.mfs.push((event.module, event.function, u64::MAX));
+                let m = self.mf_heads.len() as u32;
+                Arc::make_mut(&mut self.mf_names).push((event.module, event.function));
+                self.mf_heads.push(u64::MAX);
                 self.mf_ids.insert((event.module, event.function), m);
                 m
             }
         };
-        let mf_head = &mut self.mfs[mf as usize].2;
+        let mf_head = &mut self.mf_heads[mf as usize];
         let link_mf = delta(seq, (*mf_head != u64::MAX).then_some(*mf_head));
         *mf_head = seq;
         let link_pid = delta(seq, self.pids.insert(event.pid, seq));
@@ -1390,9 +1465,13 @@ impl EventStore {
         };
 
         let seg = self.segments.back_mut().expect("active segment");
-        let i = seg.recs.len();
-        seg.arena.extend_from_slice(&event.payload);
-        seg.recs.push(Rec {
+        let Body::Open(d) = &mut seg.body else {
+            unreachable!("the last segment is open")
+        };
+        let i = d.recs.len();
+        d.arena.extend_from_slice(&event.payload);
+        let payload_end = d.arena.len() as u32;
+        d.recs.push(Rec {
             id: event.id,
             timestamp: event.timestamp,
             wall_time: event.wall_time,
@@ -1403,7 +1482,7 @@ impl EventStore {
             parent_id: corr.parent_id,
             root_id,
             mf,
-            payload_end: seg.arena.len() as u32,
+            payload_end,
             link_id,
             link_pid,
             link_mf,
@@ -1416,8 +1495,8 @@ impl EventStore {
         if i % 64 == 0 {
             seg.dead.push(0);
         }
+        let bits = d.recs[i].index_bits();
         seg.live += 1;
-        let bits = seg.recs[i].index_bits();
         for (c, b) in seg.counts.iter_mut().zip(bits) {
             *c += b as u32;
         }
@@ -1705,7 +1784,9 @@ impl EventStore {
             if self.pids.capacity() > 4 * (self.pids.len() + 16) {
                 self.pids.shrink_to_fit();
             }
-            self.relinks.prune(base);
+            if !self.relinks.is_empty() {
+                Arc::make_mut(&mut self.relinks).prune(base);
+            }
             let mut left = 0;
             self.states.retain(|_, v| {
                 v.drop_freed(base);
@@ -1827,7 +1908,7 @@ impl EventStore {
         let head = self
             .mf_ids
             .get(&(module, function))
-            .map(|&m| self.mfs[m as usize].2)
+            .map(|&m| self.mf_heads[m as usize])
             .filter(|&h| h != u64::MAX);
         self.chain_query(head, |r| r.link_mf, |_, _| true, limit, order)
     }
@@ -1906,7 +1987,7 @@ impl EventStore {
         let seg = &self.segments[si];
         let seq = seg.base + i as u64;
         let own = seg.recs[i].correlation_id;
-        self.relinks
+        Arc::make_mut(&mut self.relinks)
             .set(seq, (correlation_id != own).then_some(correlation_id));
         true
     }
@@ -2308,7 +2389,7 @@ impl EventStore {
         let head = self
             .mf_ids
             .get(&(module, function))
-            .map(|&m| self.mfs[m as usize].2)
+            .map(|&m| self.mf_heads[m as usize])
             .filter(|&h| h != u64::MAX);
         self.walk(
             head,
@@ -2425,7 +2506,8 @@ impl EventStore {
                 * 4
             + map_bytes(&self.pids)
             + map_bytes(&self.mf_ids)
-            + self.mfs.capacity() * size_of::<(u64, u64, u64)>()
+            + self.mf_names.capacity() * size_of::<(u64, u64)>()
+            + self.mf_heads.capacity() * size_of::<u64>()
             + self.fresh.words.capacity() * 16
             + self.relinks.bytes()
             + map_bytes(&self.states)
@@ -2475,6 +2557,164 @@ impl EventStore {
             reclaimed_bytes: self.reclaimed_bytes,
             compactions: self.compactions,
         }
+    }
+}
+
+/// The [`StoredEvent`] of record `i` of a segment at `base`.
+#[inline]
+fn view_rec<'a>(
+    names: &'a [(u64, u64)],
+    relinks: &Relinks,
+    base: u64,
+    d: &'a SegData,
+    i: usize,
+) -> StoredEvent<'a> {
+    let r = &d.recs[i];
+    let (module, function) = names[r.mf as usize];
+    let seq = base + i as u64;
+    let correlation_id = if relinks.is_empty() {
+        r.correlation_id
+    } else {
+        relinks.get(seq).unwrap_or(r.correlation_id)
+    };
+    StoredEvent {
+        seq,
+        id: r.id,
+        timestamp: r.timestamp,
+        wall_time: r.wall_time,
+        pid: r.pid,
+        peer: if r.keyed() { 0 } else { r.peer },
+        module,
+        function,
+        aux: r.aux,
+        kind: r.kind,
+        flags: if r.keyed() { r.flags & !KEYED } else { r.flags },
+        correlation_id,
+        parent_id: r.parent_id,
+        root_id: if r.keyed() { 0 } else { r.root_id },
+        ast_node: r.ast(),
+        payload: d.payload(i),
+    }
+}
+
+/// One segment of a [`Snapshot`].
+struct SnapSeg {
+    base: u64,
+    data: Arc<SegData>,
+    /// Dead-record bits at the cut (`None`: every record was live).
+    dead: Option<Box<[u64]>>,
+}
+
+impl SnapSeg {
+    #[inline]
+    fn is_dead(&self, i: usize) -> bool {
+        self.dead
+            .as_ref()
+            .is_some_and(|d| d[i / 64] & (1 << (i % 64)) != 0)
+    }
+}
+
+/// A consistent cut of an [`EventStore`] ([`EventStore::snapshot`]): the
+/// live events at the moment it was taken, with their correlation ids as
+/// they were then, readable without the store (and its lock) while the
+/// store goes on taking inserts, evictions, expiry and late links.
+///
+/// Sealed segments are immutable and shared (reference counted); a store
+/// change that would alter one while a snapshot holds it (arena compaction
+/// after expiry) copies it first. The open segment, the dead-record bits
+/// and the late links are copied at the cut (the links lazily: the store
+/// copies its table on its next late link). Memory: a snapshot keeps the
+/// segments it holds alive after the store frees them, until it is
+/// dropped; it is not counted in [`EventStore::memory_bytes`].
+pub struct Snapshot {
+    segs: Vec<SnapSeg>,
+    names: Arc<Vec<(u64, u64)>>,
+    relinks: Arc<Relinks>,
+    end: u64,
+    live: usize,
+}
+
+impl Snapshot {
+    /// Live events at the cut.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// No live events at the cut?
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// The cut: every event of the snapshot has a smaller sequence number,
+    /// every event stored later a larger or equal one.
+    pub fn end_seq(&self) -> u64 {
+        self.end
+    }
+
+    /// [`EventStore::scan`] over the snapshot: calls `f` on up to `max`
+    /// live events (as of the cut) in store order from sequence number
+    /// `from` on; returns where to continue, or `None` at the end.
+    pub fn scan<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        mut f: impl FnMut(&StoredEvent<'a>),
+    ) -> Option<u64> {
+        let start = self
+            .segs
+            .partition_point(|s| s.base + s.data.recs.len() as u64 <= from);
+        let mut seen = 0usize;
+        for seg in &self.segs[start..] {
+            let d: &SegData = &seg.data;
+            for i in from.saturating_sub(seg.base) as usize..d.recs.len() {
+                if seg.is_dead(i) {
+                    continue;
+                }
+                if seen >= max {
+                    return Some(seg.base + i as u64);
+                }
+                f(&view_rec(&self.names, &self.relinks, seg.base, d, i));
+                seen += 1;
+            }
+        }
+        None
+    }
+}
+
+/// A source of events in store order: an [`EventStore`] (under its lock)
+/// or a [`Snapshot`] (without it). Whole-trace passes
+/// ([`crate::analysis`]) take either.
+pub trait Scan {
+    /// Calls `f` on up to `max` live events in store order from sequence
+    /// number `from` on; returns the sequence number to continue from, or
+    /// `None` when the scan reached the newest event.
+    fn scan_events<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        f: impl FnMut(&StoredEvent<'a>),
+    ) -> Option<u64>;
+}
+
+impl Scan for EventStore {
+    fn scan_events<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        f: impl FnMut(&StoredEvent<'a>),
+    ) -> Option<u64> {
+        self.scan(from, max, f)
+    }
+}
+
+impl Scan for Snapshot {
+    fn scan_events<'a>(
+        &'a self,
+        from: u64,
+        max: usize,
+        f: impl FnMut(&StoredEvent<'a>),
+    ) -> Option<u64> {
+        self.scan(from, max, f)
     }
 }
 

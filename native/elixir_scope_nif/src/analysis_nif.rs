@@ -1,13 +1,14 @@
 //! `ana_*` NIFs: `ElixirScope.Analysis` over a store (usually a trace's
 //! pipeline store). Results are `%ElixirScope.Analysis.Entry{}` records.
-//! Every NIF takes the store lock and runs on a dirty CPU scheduler; the
-//! whole-store passes (`ana_call_stats`, `ana_top_trees`) hold the lock for
-//! the pass, the others for index walks only, and `ana_select` /
-//! `ana_messages` work in resumable chunks.
+//! Every NIF runs on a dirty CPU scheduler. The whole-store passes
+//! (`ana_call_stats`, `ana_top_trees`) take the store lock only to cut a
+//! [`elixir_scope_core::Snapshot`] and run over it without the lock;
+//! `ana_select` scans a snapshot handle (`ana_snapshot`) or the store in
+//! resumable chunks; the others hold the lock for index walks only.
 
 use elixir_scope_core::analysis::{self, StatKey};
 use elixir_scope_core::{
-    call_contents, Callback, EventKind, EventStore, Order, StateAt, StateView, StoredEvent,
+    call_contents, Callback, EventKind, EventStore, Order, Scan, StateAt, StateView, StoredEvent,
     FLAG_STATEM, FLAG_TRUNCATED,
 };
 use rustler::sys::ErlNifTerm as ERL_NIF_TERM;
@@ -19,6 +20,7 @@ use crate::error::badarg;
 use crate::event_term::entry_term;
 use crate::handle::Ref;
 use crate::otp;
+use crate::snap_nif::SnapRes;
 use crate::store_nif::{term_key, StoreRes};
 
 /// Records one `ana_select` call visits at most (Elixir loops on the cursor).
@@ -143,9 +145,10 @@ fn ana_call_stats<'a>(
     if !rest.is_empty_list() {
         return badarg(env, "modules must be a proper list");
     }
-    let store = s.lock(env)?;
-    let r = analysis::call_stats(&store, key, &mods);
-    drop(store);
+    // A consistent cut, then the pass without the store lock.
+    let snap = s.lock(env)?.snapshot();
+    let r = analysis::call_stats(&snap, key, &mods);
+    drop(snap);
     let mfa = |st: &analysis::CallStat| {
         (
             word_term(env, st.module),
@@ -180,9 +183,9 @@ fn ana_top_trees<'a>(
     min_count: u64,
     min_size: u64,
 ) -> NifResult<Term<'a>> {
-    let store = s.lock(env)?;
-    let r = analysis::top_call_trees(&store, max as usize, min_count, min_size);
-    drop(store);
+    let snap = s.lock(env)?.snapshot();
+    let r = analysis::top_call_trees(&snap, max as usize, min_count, min_size);
+    drop(snap);
     let out: Vec<Term> = r
         .trees
         .iter()
@@ -266,7 +269,7 @@ impl Filter {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_select<'a>(
     env: Env<'a>,
-    s: Ref<StoreRes>,
+    s: Term<'a>,
     cursor: u64,
     pid: Term<'a>,
     module: Term<'a>,
@@ -276,14 +279,31 @@ fn ana_select<'a>(
     t1: i64,
 ) -> NifResult<Term<'a>> {
     let filter = Filter::new(env, pid, module, function, kinds);
+    // A snapshot (`ana_snapshot`): read without the store lock.
+    if let Ok(snap) = s.decode::<Ref<SnapRes>>() {
+        let snap = snap.get(env)?;
+        return Ok(select_chunk(env, &*snap, cursor, &filter, t0, t1));
+    }
+    let s: Ref<StoreRes> = s.decode()?;
     let store = s.lock(env)?;
+    Ok(select_chunk(env, &*store, cursor, &filter, t0, t1))
+}
+
+fn select_chunk<'a, S: Scan>(
+    env: Env<'a>,
+    src: &S,
+    cursor: u64,
+    filter: &Filter,
+    t0: i64,
+    t1: i64,
+) -> Term<'a> {
     let mut hits: Vec<StoredEvent> = Vec::new();
-    let next = store.scan(cursor, SELECT_CHUNK, |e| {
+    let next = src.scan_events(cursor, SELECT_CHUNK, |e| {
         if filter.matches(e) && (t0..=t1).contains(&e.timestamp) {
             hits.push(*e);
         }
     });
-    Ok((entries(env, &hits), next).encode(env))
+    (entries(env, &hits), next).encode(env)
 }
 
 /// One chunk of a filtered walk of the time window `after_ts..=t1`

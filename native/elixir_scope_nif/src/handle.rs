@@ -34,13 +34,28 @@ unsafe extern "C" fn destructor<T: Handle>(_env: *mut ErlNifEnv, obj: *mut c_voi
         // Never block a scheduler freeing a big structure.
         if std::thread::Builder::new()
             .name("elixir_scope_drop".into())
-            .spawn(move || drop(boxed))
+            .spawn(move || {
+                drop(boxed);
+                return_freed_memory();
+            })
             .is_err()
         {
             // Could not spawn: nothing else to do but drop here.
         }
     } else {
         drop(boxed);
+    }
+}
+
+/// Gives the memory freed by dropping a big structure back to the OS:
+/// glibc keeps freed heap memory (the store's segments are freed in
+/// blocks of a few hundred KiB, under its mmap threshold once that has
+/// adapted) until `malloc_trim` releases it. A no-op on other libcs.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: glibc's malloc_trim may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -20,6 +20,7 @@ mod portable;
 mod query_nif;
 mod ring_nif;
 mod runtime_structs;
+mod snap_nif;
 mod store_nif;
 mod sub_nif;
 mod tracefile_nif;
@@ -66,6 +67,7 @@ fn load(env: Env, _info: Term) -> bool {
         || !handle::open::<corr_nif::CorrRes>(env)
         || !handle::open::<tracer_nif::TracerRes>(env)
         || !handle::open::<sub_nif::SubRes>(env)
+        || !handle::open::<snap_nif::SnapRes>(env)
     {
         return false;
     }

@@ -797,6 +797,7 @@ fn store_destroy(s: Ref<StoreRes>) -> Atom {
             std::mem::replace(&mut *store, empty)
         };
         drop(old);
+        crate::handle::return_freed_memory();
     }
     atoms::ok()
 }
