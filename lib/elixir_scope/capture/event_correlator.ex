@@ -205,8 +205,10 @@ defmodule ElixirScope.Capture.EventCorrelator do
   Metadata of one correlation: `correlation_id`, `type`, `created_at`
   (monotonic ns), `pid` (acting process, `nil` if unknown), `peer`
   (receiver of a send, child of a spawn), `parent_id`, `root_id`, `links`,
-  `confidence`, `completed_by` (calls: the return's id) and `received_by`
-  (sends: the receive's id).
+  `confidence`, `completed_by` (calls: the return's id), `received_by`
+  (sends: the receive's id), and, as in the original, `module` and
+  `function` (calls: the called function's, as given by the event's
+  `module`/`function` fields; `nil` for other correlations).
   """
   @type metadata :: %{
           correlation_id: term(),
@@ -219,7 +221,9 @@ defmodule ElixirScope.Capture.EventCorrelator do
           links: [CorrelatedEvent.link()],
           confidence: float(),
           completed_by: term(),
-          received_by: term()
+          received_by: term(),
+          module: module() | term() | nil,
+          function: atom() | term() | nil
         }
 
   @max_correlations_limit 1 <<< 28

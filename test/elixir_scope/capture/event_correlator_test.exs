@@ -650,6 +650,64 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       assert EventCorrelator.get_correlation_metadata(c, "nope") == nil
     end
 
+    test "a call's metadata has the called :module and :function, as the original's" do
+      c = start!()
+      me = self()
+      [other] = pids(1)
+
+      EventCorrelator.correlate_batch(c, [
+        %FunctionExecution{
+          id: 1,
+          event_type: :call,
+          caller_pid: me,
+          module: MyApp.Worker,
+          function: :handle
+        },
+        %FunctionExecution{id: 2, event_type: :call, caller_pid: me},
+        %FunctionExecution{id: 3, event_type: :return, caller_pid: me, module: Ignored},
+        %Events{
+          event_id: "entry",
+          pid: other,
+          data: %FunctionEntry{module: :lists, function: :map, call_id: 7}
+        },
+        # Odd terms (not atoms) are kept and come back as given, in a later call too.
+        %FunctionExecution{
+          id: 4,
+          event_type: :call,
+          caller_pid: me,
+          module: {:mod, "x"},
+          function: "fun"
+        },
+        snd(5, me, other, :m)
+      ])
+
+      EventCorrelator.correlate_batch(c, [snd(6, me, other, :n)])
+
+      assert %{module: MyApp.Worker, function: :handle, type: :function_call, pid: ^me} =
+               EventCorrelator.get_correlation_metadata(c, 1)
+
+      assert %{module: nil, function: nil, type: :function_call} =
+               EventCorrelator.get_correlation_metadata(c, 2)
+
+      assert %{module: :lists, function: :map, pid: ^other} =
+               EventCorrelator.get_correlation_metadata(c, "entry")
+
+      assert %{module: {:mod, "x"}, function: "fun"} =
+               EventCorrelator.get_correlation_metadata(c, 4)
+
+      # Other correlations have the keys too, nil.
+      assert %{module: nil, function: nil, type: :message_send} =
+               EventCorrelator.get_correlation_metadata(c, 5)
+
+      assert [%{module: MyApp.Worker}, %{module: nil, function: nil}, %{module: {:mod, "x"}}] =
+               Enum.map([1, 2, 4], &EventCorrelator.get_correlation_metadata(c, &1))
+
+      assert Enum.map(EventCorrelator.get_correlation_chain(c, 2), & &1.module) == [
+               MyApp.Worker,
+               nil
+             ]
+    end
+
     test "the chain of a send inside nested calls, root first" do
       c = start!()
       [a, b] = pids(2)
