@@ -595,6 +595,30 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       assert Enum.map(batched, &summary/1) == expected
     end
 
+    test "a 1,000-event batch with costly ids (likely past one call's time budget) gives the one-at-a-time results" do
+      # Ids that take the slow path (phash2 and a copy through the external
+      # format): the batch is then usually correlated in several NIF calls
+      # on the normal scheduler, the rest of the chunk continuing each time.
+      ps = pids(4)
+      big = fn i -> %{id: i, pad: Enum.to_list(1..150)} end
+
+      events =
+        for i <- 1..250, p = Enum.at(ps, rem(i, 4)), k <- [:call, :call, :return, :return] do
+          id = big.({i, k, :erlang.unique_integer()})
+          %FunctionExecution{id: id, event_type: k, caller_pid: p}
+        end
+
+      assert length(events) == 1000
+      a = start!()
+      b = start!()
+      batched = EventCorrelator.correlate_batch(a, events)
+      single = Enum.map(events, &EventCorrelator.correlate_event(b, &1))
+      strip = fn r -> %{r | correlated_at: nil} end
+      assert Enum.map(batched, strip) == Enum.map(single, strip)
+      assert Enum.map(batched, & &1.event) == events
+      assert EventCorrelator.get_metrics(a).unmatched_returns == 0
+    end
+
     test "an improper list raises ArgumentError before anything is correlated" do
       c = start!()
       me = self()
