@@ -338,6 +338,15 @@ defmodule ElixirScope.Bench.Correlator do
   defp to_kind(i, :string), do: "id-#{i}-c"
   defp to_kind(i, :tuple), do: {:id, i, :c}
 
+  # The 1, 5 and 15 minute load averages (other work on the machine skews
+  # every figure; report them beside the figures).
+  defp load do
+    case File.read("/proc/loadavg") do
+      {:ok, s} -> s |> String.split() |> Enum.take(3) |> Enum.join(" ")
+      _ -> "unknown"
+    end
+  end
+
   # The minimal Elixir correlator over the worker's events, its state
   # carried from chunk to chunk.
   defp minimal_chunks(evs, size) do
@@ -360,6 +369,7 @@ defmodule ElixirScope.Bench.Correlator do
     n = length(events)
     IO.puts("\n# id shapes: the same #{n}-event trace with integer, string and tuple ids")
     IO.puts("each sample runs in a fresh process holding the events (natural heap, GC included)")
+    IO.puts("load average at the start: #{load()}")
 
     per_kind =
       for {kind, _} <- @kinds do
@@ -415,7 +425,8 @@ defmodule ElixirScope.Bench.Correlator do
     med = fn name -> results[name].median end
     ratio = &:erlang.float_to_binary(&1, decimals: 2)
 
-    IO.puts("\n## id shapes: M events/s (medians); ours / minimal Elixir time\n")
+    IO.puts("\n## id shapes: M events/s (medians); ours / minimal Elixir time")
+    IO.puts("(load average at the end: #{load()})\n")
 
     IO.puts(
       "| ids | ours, 1,000/call | minimal, 1,000/call | ratio | ours, 100k list | minimal, 100k list | ratio |"

@@ -105,9 +105,10 @@ defmodule ElixirScope.Capture.EventCorrelator do
 
   ## Scheduling
 
-  A batch of up to 1,000 events is correlated in one NIF call on a normal
-  scheduler, which stops after ~0.6 ms and hands the rest to a dirty
-  scheduler. Longer batches, and batches that find the lock taken (by
+  A batch of up to 1,000 events is correlated in NIF calls on a normal
+  scheduler: one stops after ~0.6 ms (charging the time to the caller's
+  timeslice, so it yields as it should) and the next one goes on with the
+  rest. Longer batches, and batches that find the lock taken (by
   another caller or by the sweep), are correlated in one call on a dirty
   CPU scheduler that takes the lock per 10,000 events, so concurrent
   callers interleave at those boundaries. (On 100,000-event batches one
@@ -205,8 +206,10 @@ defmodule ElixirScope.Capture.EventCorrelator do
   Metadata of one correlation: `correlation_id`, `type`, `created_at`
   (monotonic ns), `pid` (acting process, `nil` if unknown), `peer`
   (receiver of a send, child of a spawn), `parent_id`, `root_id`, `links`,
-  `confidence`, `completed_by` (calls: the return's id) and `received_by`
-  (sends: the receive's id).
+  `confidence`, `completed_by` (calls: the return's id), `received_by`
+  (sends: the receive's id), and, as in the original, `module` and
+  `function` (calls: the called function's, as given by the event's
+  `module`/`function` fields; `nil` for other correlations).
   """
   @type metadata :: %{
           correlation_id: term(),
@@ -219,7 +222,9 @@ defmodule ElixirScope.Capture.EventCorrelator do
           links: [CorrelatedEvent.link()],
           confidence: float(),
           completed_by: term(),
-          received_by: term()
+          received_by: term(),
+          module: module() | term() | nil,
+          function: atom() | term() | nil
         }
 
   @max_correlations_limit 1 <<< 28
@@ -489,13 +494,16 @@ defmodule ElixirScope.Capture.EventCorrelator do
     }
   end
 
-  # Up to 1,000 events in one call on a normal scheduler; a longer list, a
-  # contended lock or the rest of a chunk that ran out of time go to one
-  # dirty-scheduler call, which builds the whole result list in order.
+  # Up to 1,000 events in one call on a normal scheduler. When that call
+  # runs out of time (it charges what it used to the process's timeslice),
+  # the rest of the chunk is correlated the same way in the next call, after
+  # the process has yielded if it had to: each call does at least 64
+  # events. A longer list or a contended lock go to one dirty-scheduler
+  # call, which builds the whole result list in order.
   defp batch(ref, events) do
     case Native.corr_batch(ref, events) do
       results when is_list(results) -> results
-      {results, rest} -> results ++ Native.corr_batch_dirty(ref, rest)
+      {results, rest} -> results ++ batch(ref, rest)
       _large_or_busy -> Native.corr_batch_dirty(ref, events)
     end
   end

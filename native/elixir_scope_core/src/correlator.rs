@@ -113,6 +113,11 @@ pub struct CorrInput {
     /// [`crate::event::Callback`]; 0: not a callback). A callback call's
     /// `msg_hash` is the content hash of its triggering message (0: none).
     pub callback: u8,
+    /// Calls: the called module and function, as opaque words kept in the
+    /// call's [`CorrRecord`] (0: unknown); ignored by the correlation.
+    pub module: u64,
+    /// See `module`.
+    pub function: u64,
 }
 
 impl CorrInput {
@@ -128,6 +133,8 @@ impl CorrInput {
             msg_hash: 0,
             key: 0,
             callback: 0,
+            module: 0,
+            function: 0,
         }
     }
 }
@@ -1329,6 +1336,11 @@ pub struct CorrRecord {
     pub completed_by: Option<u64>,
     /// Sends: the receive that took the message.
     pub received_by: Option<u64>,
+    /// Calls: the input's `module` and `function` (0: unknown; 0 for
+    /// other records).
+    pub module: u64,
+    /// See `module`.
+    pub function: u64,
 }
 
 /// [`Tracker`] counters (cumulative except `records`).
@@ -1379,6 +1391,8 @@ struct Rec {
     /// `completed_by` (calls) or `received_by` (sends).
     by: u64,
     confidence: f32,
+    module: u64,
+    function: u64,
     ctype: CorrType,
     link_kind: LinkKind,
     flags: u8,
@@ -1400,6 +1414,8 @@ impl Rec {
             confidence: self.confidence,
             completed_by: if is_call { by } else { None },
             received_by: if is_call { None } else { by },
+            module: self.module,
+            function: self.function,
         }
     }
 
@@ -1414,6 +1430,8 @@ impl Rec {
             link_target: 0,
             by: 0,
             confidence: 0.0,
+            module: 0,
+            function: 0,
             ctype: CorrType::Unknown,
             link_kind: LinkKind::Receives,
             flags: R_UPDATE,
@@ -1720,6 +1738,16 @@ impl Tracker {
             link_target,
             by: 0,
             confidence,
+            module: if ev.kind == CorrKind::Call {
+                ev.module
+            } else {
+                0
+            },
+            function: if ev.kind == CorrKind::Call {
+                ev.function
+            } else {
+                0
+            },
             ctype: c.ctype,
             link_kind,
             flags,

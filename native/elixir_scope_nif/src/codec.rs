@@ -665,6 +665,19 @@ fn layout() -> Layout {
     LAYOUT.get().copied().unwrap_or_default()
 }
 
+/// The probed flatmap header word (0: the probe failed; build maps through
+/// the NIF API).
+#[inline(always)]
+pub fn flatmap_header() -> u64 {
+    layout().flatmap_header
+}
+
+/// Did the probe find `[head, tail]` cons cells (raw list walks allowed)?
+#[inline(always)]
+pub fn raw_cons() -> bool {
+    layout().cons
+}
+
 /// `(size, keys, values)` of a flatmap term, read straight from the heap,
 /// when the probed layout allows it.
 #[inline(always)]

@@ -33,8 +33,10 @@
 //!
 //! `corr_batch` runs on a normal scheduler for lists of at most [`CHUNK`]
 //! events: it takes the lock with `try_lock` (answering `:busy` if it is
-//! held) and stops after [`BUDGET_NORMAL`]. Longer lists, and retries, go
-//! to `corr_batch_dirty`, which builds the whole result list in one call
+//! held), stops after [`BUDGET_NORMAL`] (the caller then correlates the
+//! rest with `corr_batch` again) and charges the time it used with
+//! `enif_consume_timeslice`. Longer lists, and lists that found the lock
+//! taken, go to `corr_batch_dirty`, which builds the whole result list in one call
 //! and takes the lock per [`CHUNK_DIRTY`] events. On 100k-event batches
 //! one dirty call measured as fast as or faster than 1,000-event chunks
 //! joined in Elixir (the join allocates while the whole result is live and
@@ -161,6 +163,8 @@ mod names {
         spawned_by,
         state_in,
         // Metadata keys
+        module,
+        function,
         type_ = "type",
         created_at,
         peer,
@@ -198,12 +202,11 @@ impl Hasher for KeyHasher {
 /// The caller's terms of the hashed keys met in one run of events (valid
 /// only during the NIF call whose env they belong to): results show an id
 /// as the very term the caller gave, without copying or re-encoding it.
-/// Terms met for the first time are kept in the [`TermStore`] at the end
-/// of the run, together ([`State::keep_fresh`]).
+/// A term is kept in the [`TermStore`] when it is first met in the run,
+/// while it is still in the cache.
 #[derive(Default)]
 struct Seen {
     map: KeyMap<ERL_NIF_TERM>,
-    fresh: Vec<(u64, ERL_NIF_TERM)>,
 }
 
 /// One generation of kept terms: copies in a process-independent
@@ -537,39 +540,35 @@ fn hash59(t: Term) -> u64 {
 /// `None` for anything else.
 #[inline]
 fn fast_hash(env: *mut ErlNifEnv, t: ERL_NIF_TERM, depth: u32) -> Option<u64> {
-    use rustler::sys::ErlNifTermType as T;
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     if is_immediate(t) {
         // An immediate's word is its value (atoms: their table index).
         return Some((word(t) ^ 0x1111).wrapping_mul(K));
     }
     // SAFETY (whole function): valid env and term; out-pointers are live
-    // locals; the slices returned live as long as the term.
-    match unsafe { enif_term_type(env, t) } {
-        T::ERL_NIF_TERM_TYPE_BITSTRING => {
-            let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
-            if unsafe { enif_inspect_binary(env, t, bin.as_mut_ptr()) } == 0 {
-                return None;
-            }
-            let bin = unsafe { bin.assume_init() };
-            let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
-            Some(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000)
+    // locals; the slices returned live as long as the term. (The two
+    // checks below answer for any term, without `enif_term_type`.)
+    let mut arity: i32 = 0;
+    let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+    if unsafe { enif_get_tuple(env, t, &mut arity, &mut arr) } != 0 {
+        if depth >= COPY_DEPTH {
+            return None;
         }
-        T::ERL_NIF_TERM_TYPE_TUPLE if depth < COPY_DEPTH => {
-            let mut arity: i32 = 0;
-            let mut arr: *const ERL_NIF_TERM = std::ptr::null();
-            if unsafe { enif_get_tuple(env, t, &mut arity, &mut arr) } == 0 {
-                return None;
-            }
-            let elems = unsafe { std::slice::from_raw_parts(arr, arity as usize) };
-            let mut h = (0x3333 + arity as u64).wrapping_mul(K);
-            for &e in elems {
-                h = (h.rotate_left(23) ^ fast_hash(env, e, depth + 1)?).wrapping_mul(K);
-            }
-            Some(h)
+        let elems = unsafe { std::slice::from_raw_parts(arr, arity as usize) };
+        let mut h = (0x3333 + arity as u64).wrapping_mul(K);
+        for &e in elems {
+            h = (h.rotate_left(23) ^ fast_hash(env, e, depth + 1)?).wrapping_mul(K);
         }
-        _ => None,
+        return Some(h);
     }
+    // Byte-aligned binaries only (a bitstring, or anything else, fails).
+    let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    if unsafe { enif_inspect_binary(env, t, bin.as_mut_ptr()) } == 0 {
+        return None;
+    }
+    let bin = unsafe { bin.assume_init() };
+    let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
+    Some(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000)
 }
 
 impl State {
@@ -578,16 +577,10 @@ impl State {
     fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64) -> u64 {
         if let std::collections::hash_map::Entry::Vacant(e) = seen.map.entry(key) {
             e.insert(t.as_c_arg());
-            seen.fresh.push((key, t.as_c_arg()));
+            self.terms
+                .remember(t.get_env().as_c_arg(), key, t.as_c_arg());
         }
         key
-    }
-
-    /// Keeps the terms met for the first time in this run (terms of `env`).
-    fn keep_fresh(&mut self, env: Env, seen: &mut Seen) {
-        for (key, t) in seen.fresh.drain(..) {
-            self.terms.remember(env.as_c_arg(), key, t);
-        }
     }
 
     /// The key of an id term (see the module docs); `None` for `nil`.
@@ -746,6 +739,9 @@ struct Fields<'a> {
     peer: Option<Term<'a>>,
     corr: Option<Term<'a>>,
     msg: Option<Term<'a>>,
+    /// Calls: `module` and `function` (kept in the call's metadata).
+    module: Option<Term<'a>>,
+    function: Option<Term<'a>>,
 }
 
 /// Fields of one of the `ElixirScope.Events` data structs (`module` is its
@@ -759,6 +755,7 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
         f.id = field(m, n::id());
         f.pid = field(m, n::caller_pid());
         f.corr = field(m, n::correlation_id());
+        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
         f.kind = match et() {
             Some(w) if w == atom_word(n::call()) => Some(CorrKind::Call),
             Some(w) if w == atom_word(n::return_()) => Some(CorrKind::Return),
@@ -769,6 +766,7 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
         f.kind = Some(CorrKind::Call);
         f.pid = field(m, n::pid());
         f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
+        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
     } else if is(n::function_exit_mod()) {
         f.pid = field(m, n::pid());
         f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
@@ -940,7 +938,13 @@ fn decode<'a>(st: &mut State, seen: &mut Seen, ev: Term<'a>, now: i64) -> Decode
     let pid = st.pid_key(seen, f.pid);
     let mut input = CorrInput::new(id, kind, pid, now);
     match kind {
-        CorrKind::Call => input.key = st.corr_key(seen, f.corr).0,
+        CorrKind::Call => {
+            input.key = st.corr_key(seen, f.corr).0;
+            // Immediates (atoms) as their words, anything else kept like a
+            // remote pid; 0 (`nil`) when absent.
+            input.module = st.pid_key(seen, f.module);
+            input.function = st.pid_key(seen, f.function);
+        }
         CorrKind::Return | CorrKind::Exception => {
             // The hint is used by the tracker only if it names an open call.
             (input.key, input.call_id) = st.corr_key(seen, f.corr);
@@ -994,6 +998,10 @@ fn result_keys() -> [ERL_NIF_TERM; 9] {
 /// every `%CorrelatedEvent{}` (terms are immutable).
 struct Shared {
     keys: [ERL_NIF_TERM; 9],
+    /// The keys tuple of a `%CorrelatedEvent{}` built in this run, shared
+    /// by every result (see [`Shared::result`]); `None` if the heap layout
+    /// probe did not confirm flatmaps.
+    keys_tuple: Option<ERL_NIF_TERM>,
     now: i64,
     now_term: ERL_NIF_TERM,
     zero: ERL_NIF_TERM,
@@ -1003,15 +1011,48 @@ struct Shared {
 impl Shared {
     fn new(env: Env) -> Shared {
         let now = monotonic_ns();
+        let keys = result_keys();
         // SAFETY (all three): valid env.
         unsafe {
             Shared {
-                keys: result_keys(),
+                keys,
+                keys_tuple: shared_keys_tuple(env, &keys),
                 now,
                 now_term: rustler::sys::enif_make_int64(env.as_c_arg(), now),
                 zero: enif_make_double(env.as_c_arg(), 0.0),
                 one: enif_make_double(env.as_c_arg(), 1.0),
             }
+        }
+    }
+
+    /// A `%CorrelatedEvent{}` of `values` (in key order; terms of `env`).
+    ///
+    /// A map built by `enif_make_map_from_arrays` gets a keys tuple of its
+    /// own and has its keys sorted every time: 22 heap words per result.
+    /// Here all results share one keys tuple, as maps built by Elixir code
+    /// share their literal's: the result is a flatmap of 12 words (header,
+    /// size, keys, 9 values) written over a fresh 11-tuple, which has the
+    /// same size. The layout is the one probed at load
+    /// (`codec::flatmap_header`) and checked on this run's own template
+    /// map ([`shared_keys_tuple`]).
+    #[inline]
+    fn result(&self, env: Env, values: &[ERL_NIF_TERM; 9]) -> ERL_NIF_TERM {
+        let Some(keys) = self.keys_tuple else {
+            return make_map(env, &self.keys, values);
+        };
+        let mut elems = [names::nil().as_c_arg(); 11];
+        elems[1] = keys;
+        elems[2..].copy_from_slice(values);
+        // SAFETY: 11 valid terms of `env`; the tuple is fresh (nothing
+        // else refers to it yet) and 12 words long, header first, which
+        // is what a 9-key flatmap takes: its header and size words are
+        // rewritten in place and every other word is a valid term.
+        unsafe {
+            let t = enif_make_tuple_from_array(env.as_c_arg(), elems.as_ptr(), 11);
+            let p = (word(t) & !0x3) as *mut u64;
+            *p = crate::codec::flatmap_header();
+            *p.add(1) = 9;
+            t
         }
     }
 
@@ -1025,6 +1066,76 @@ impl Shared {
             unsafe { enif_make_double(env.as_c_arg(), c) }
         }
     }
+}
+
+/// Whether [`Shared::result`]'s flatmaps read back right: 0 not tried yet,
+/// 1 yes, 2 no (then results are built through the NIF API).
+static RAW_RESULTS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The keys tuple of a `%CorrelatedEvent{}` template built in `env`, if
+/// the heap layout is the probed flatmap one (header, size, keys tuple,
+/// values) with `keys` in this order, and (checked once) a result built
+/// by [`Shared::result`] reads back through the NIF API as the map of its
+/// keys and values.
+fn shared_keys_tuple(env: Env, keys: &[ERL_NIF_TERM; 9]) -> Option<ERL_NIF_TERM> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let hdr = crate::codec::flatmap_header();
+    if hdr == 0 || RAW_RESULTS.load(Relaxed) == 2 {
+        return None;
+    }
+    let nils = [names::nil().as_c_arg(); 9];
+    let m = word(make_map(env, keys, &nils));
+    if m & 0x3 != 0x2 {
+        return None;
+    }
+    let p = (m & !0x3) as *const u64;
+    // SAFETY: `m` is a boxed term of `env` (a map just built): its header
+    // word is read first; the next words are read only once the header
+    // says it is a flatmap, and the keys tuple only once its word is boxed.
+    let kt = unsafe {
+        if *p != hdr || *p.add(1) != 9 {
+            return None;
+        }
+        let kt = *p.add(2);
+        if kt & 0x3 != 0x2 {
+            return None;
+        }
+        let kp = (kt & !0x3) as *const u64;
+        if (0..9).any(|i| *kp.add(1 + i) != word(keys[i])) {
+            return None;
+        }
+        from_word(kt)
+    };
+    if RAW_RESULTS.load(Relaxed) == 0 {
+        let probe = Shared {
+            keys: *keys,
+            keys_tuple: Some(kt),
+            now: 0,
+            now_term: nils[0],
+            zero: nils[0],
+            one: nils[0],
+        };
+        let vals: [ERL_NIF_TERM; 9] =
+            std::array::from_fn(|i| (i as i64 + 100).encode(env).as_c_arg());
+        let t = probe.result(env, &vals);
+        let mut size = 0usize;
+        // SAFETY: valid env and terms, live out-pointers.
+        let ok = unsafe {
+            rustler::sys::enif_is_map(env.as_c_arg(), t) != 0
+                && rustler::sys::enif_get_map_size(env.as_c_arg(), t, &mut size) != 0
+                && size == 9
+                && (0..9).all(|i| {
+                    let mut v = ERL_NIF_TERM::default();
+                    rustler::sys::enif_get_map_value(env.as_c_arg(), t, keys[i], &mut v) != 0
+                        && word(v) == word(vals[i])
+                })
+        };
+        RAW_RESULTS.store(if ok { 1 } else { 2 }, Relaxed);
+        if !ok {
+            return None;
+        }
+    }
+    Some(kt)
 }
 
 /// Correlate `ev` and build its `%CorrelatedEvent{}`.
@@ -1096,13 +1207,29 @@ fn correlate_one<'a>(
         parent,
         root,
     ];
-    make_map(env, &sh.keys, &values)
+    sh.result(env, &values)
 }
 
 /// The heads of `list`, at most `max + 1` of them; `Err` if the list is
 /// improper within them.
 fn heads<'a>(env: Env<'a>, list: Term<'a>, max: usize) -> NifResult<Vec<ERL_NIF_TERM>> {
     let mut out: Vec<ERL_NIF_TERM> = Vec::with_capacity(max.min(1024));
+    if crate::codec::raw_cons() {
+        let mut w = word(list.as_c_arg());
+        while out.len() <= max && w & 0x3 == 0x1 {
+            let cell = (w & !0x3) as *const u64;
+            // SAFETY: a list-tagged word of a live term of `env` points at
+            // a `[head, tail]` cons cell (layout probed at load).
+            unsafe {
+                out.push(from_word(*cell));
+                w = *cell.add(1);
+            }
+        }
+        if out.len() <= max && w != word(crate::nil_word()) {
+            return badarg(env, "events must be a proper list");
+        }
+        return Ok(out);
+    }
     let mut rest = list;
     while out.len() <= max {
         match rest.list_get_cell() {
@@ -1121,6 +1248,24 @@ fn heads<'a>(env: Env<'a>, list: Term<'a>, max: usize) -> NifResult<Vec<ERL_NIF_
     Ok(out)
 }
 
+/// A cache hint for the heap words of boxed term `t` (its header and the
+/// next ones: a struct's size and keys, its first values).
+#[inline(always)]
+fn prefetch(t: ERL_NIF_TERM) {
+    let w = word(t);
+    #[cfg(target_arch = "x86_64")]
+    if w & 0x3 == 0x2 {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>((w & !0x3) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(((w & !0x3) + 64) as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = w;
+}
+
 /// Correlate `events` (terms of `env`) in order, appending their results
 /// to `out`; stops after `budget` (checked every 64 events). Returns how
 /// many were done.
@@ -1133,9 +1278,17 @@ fn correlate_run<'a>(
 ) -> usize {
     let start = Instant::now();
     let sh = Shared::new(env);
-    let mut seen = Seen::default();
+    // Sized for one new id per event (integer ids never enter it).
+    let mut seen = Seen {
+        map: KeyMap::with_capacity_and_hasher(events.len().min(4096), Default::default()),
+    };
     let mut done = 0usize;
-    for &ev in events {
+    for (i, &ev) in events.iter().enumerate() {
+        // The event maps are read one after the other from a list that is
+        // usually far bigger than the cache: ask for one a few ahead.
+        if let Some(&next) = events.get(i + 4) {
+            prefetch(next);
+        }
         // SAFETY: a term of `env` (taken from the argument list).
         let ev = unsafe { Term::new(env, ev) };
         out.push(correlate_one(env, st, &mut seen, &sh, ev));
@@ -1144,7 +1297,6 @@ fn correlate_run<'a>(
             break;
         }
     }
-    st.keep_fresh(env, &mut seen);
     st.busy_ns += start.elapsed().as_nanos() as u64;
     st.timed += done as u64;
     done
@@ -1170,7 +1322,9 @@ fn record_map(
         n::confidence().as_c_arg(),
         n::correlation_id().as_c_arg(),
         n::created_at().as_c_arg(),
+        n::function().as_c_arg(),
         n::links().as_c_arg(),
+        n::module().as_c_arg(),
         n::parent_id().as_c_arg(),
         n::peer().as_c_arg(),
         n::pid().as_c_arg(),
@@ -1184,7 +1338,9 @@ fn record_map(
         unsafe { enif_make_double(env.as_c_arg(), (r.confidence as f64 * 1e6).round() / 1e6) },
         id,
         r.created_at.encode(env).as_c_arg(),
+        st.pid_term(env, seen, r.function),
         links,
+        st.pid_term(env, seen, r.module),
         st.opt_id_term(env, seen, r.parent_id),
         if r.peer == 0 {
             names::nil().as_c_arg()
@@ -1245,7 +1401,8 @@ fn corr_new(env: Env, ttl_ns: i64, max_correlations: i64) -> NifResult<Term> {
 
 /// Correlate a list of at most [`CHUNK`] events on a normal scheduler:
 /// their results in order, or `{results, rest}` if [`BUDGET_NORMAL`] ran
-/// out first (`rest` is proper: correlate it with `corr_batch_dirty`).
+/// out first (at least 64 are done; `rest` is proper: correlate it with
+/// another call).
 /// `:large` for a longer list and `:busy` if another call holds the lock:
 /// nothing is done, use `corr_batch_dirty`. An improper list raises before
 /// anything is correlated.
@@ -1259,9 +1416,14 @@ fn corr_batch<'a>(env: Env<'a>, r: Ref<CorrRes>, list: Term<'a>) -> NifResult<Te
         return Ok(names::busy().encode(env));
     };
     let mut out = Vec::with_capacity(events.len());
+    let start = Instant::now();
     let done = correlate_run(env, &mut st, &events, &mut out, BUDGET_NORMAL);
     drop(st);
     let results = crate::codec::make_list(env, &out);
+    // Charge the time used (a timeslice is about 1 ms), so the process
+    // yields as it should before it correlates the rest.
+    let pct = (start.elapsed().as_micros() / 10).clamp(1, 100) as i32;
+    rustler::schedule::consume_timeslice(env, pct);
     if done == events.len() {
         return Ok(results);
     }

@@ -595,6 +595,30 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       assert Enum.map(batched, &summary/1) == expected
     end
 
+    test "a 1,000-event batch with costly ids (likely past one call's time budget) gives the one-at-a-time results" do
+      # Ids that take the slow path (phash2 and a copy through the external
+      # format): the batch is then usually correlated in several NIF calls
+      # on the normal scheduler, the rest of the chunk continuing each time.
+      ps = pids(4)
+      big = fn i -> %{id: i, pad: Enum.to_list(1..150)} end
+
+      events =
+        for i <- 1..250, p = Enum.at(ps, rem(i, 4)), k <- [:call, :call, :return, :return] do
+          id = big.({i, k, :erlang.unique_integer()})
+          %FunctionExecution{id: id, event_type: k, caller_pid: p}
+        end
+
+      assert length(events) == 1000
+      a = start!()
+      b = start!()
+      batched = EventCorrelator.correlate_batch(a, events)
+      single = Enum.map(events, &EventCorrelator.correlate_event(b, &1))
+      strip = fn r -> %{r | correlated_at: nil} end
+      assert Enum.map(batched, strip) == Enum.map(single, strip)
+      assert Enum.map(batched, & &1.event) == events
+      assert EventCorrelator.get_metrics(a).unmatched_returns == 0
+    end
+
     test "an improper list raises ArgumentError before anything is correlated" do
       c = start!()
       me = self()
@@ -648,6 +672,64 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       assert EventCorrelator.get_correlation_metadata(c, 999) == nil
       assert EventCorrelator.get_correlation_metadata(c, nil) == nil
       assert EventCorrelator.get_correlation_metadata(c, "nope") == nil
+    end
+
+    test "a call's metadata has the called :module and :function, as the original's" do
+      c = start!()
+      me = self()
+      [other] = pids(1)
+
+      EventCorrelator.correlate_batch(c, [
+        %FunctionExecution{
+          id: 1,
+          event_type: :call,
+          caller_pid: me,
+          module: MyApp.Worker,
+          function: :handle
+        },
+        %FunctionExecution{id: 2, event_type: :call, caller_pid: me},
+        %FunctionExecution{id: 3, event_type: :return, caller_pid: me, module: Ignored},
+        %Events{
+          event_id: "entry",
+          pid: other,
+          data: %FunctionEntry{module: :lists, function: :map, call_id: 7}
+        },
+        # Odd terms (not atoms) are kept and come back as given, in a later call too.
+        %FunctionExecution{
+          id: 4,
+          event_type: :call,
+          caller_pid: me,
+          module: {:mod, "x"},
+          function: "fun"
+        },
+        snd(5, me, other, :m)
+      ])
+
+      EventCorrelator.correlate_batch(c, [snd(6, me, other, :n)])
+
+      assert %{module: MyApp.Worker, function: :handle, type: :function_call, pid: ^me} =
+               EventCorrelator.get_correlation_metadata(c, 1)
+
+      assert %{module: nil, function: nil, type: :function_call} =
+               EventCorrelator.get_correlation_metadata(c, 2)
+
+      assert %{module: :lists, function: :map, pid: ^other} =
+               EventCorrelator.get_correlation_metadata(c, "entry")
+
+      assert %{module: {:mod, "x"}, function: "fun"} =
+               EventCorrelator.get_correlation_metadata(c, 4)
+
+      # Other correlations have the keys too, nil.
+      assert %{module: nil, function: nil, type: :message_send} =
+               EventCorrelator.get_correlation_metadata(c, 5)
+
+      assert [%{module: MyApp.Worker}, %{module: nil, function: nil}, %{module: {:mod, "x"}}] =
+               Enum.map([1, 2, 4], &EventCorrelator.get_correlation_metadata(c, &1))
+
+      assert Enum.map(EventCorrelator.get_correlation_chain(c, 2), & &1.module) == [
+               MyApp.Worker,
+               nil
+             ]
     end
 
     test "the chain of a send inside nested calls, root first" do
