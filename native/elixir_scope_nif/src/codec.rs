@@ -654,12 +654,6 @@ pub struct Layout {
 
 static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
 
-/// The probed flatmap header word, or 0 when raw flatmap access is off.
-#[inline(always)]
-pub(crate) fn flatmap_header() -> u64 {
-    layout().flatmap_header
-}
-
 #[inline(always)]
 fn layout() -> Layout {
     LAYOUT.get().copied().unwrap_or_default()
