@@ -763,9 +763,9 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
             _ => None,
         };
     } else if is(n::function_entry_mod()) {
+        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
         f.kind = Some(CorrKind::Call);
         f.corr = field(m, n::call_id());
-        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
     } else if is(n::function_exit_mod()) {
         f.corr = field(m, n::call_id());
         f.kind = match field(m, n::exit_reason()) {
