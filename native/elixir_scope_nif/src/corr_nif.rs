@@ -763,10 +763,10 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
             _ => None,
         };
     } else if is(n::function_entry_mod()) {
+        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
         f.kind = Some(CorrKind::Call);
         f.pid = field(m, n::pid());
         f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
-        (f.module, f.function) = (field(m, n::module()), field(m, n::function()));
     } else if is(n::function_exit_mod()) {
         f.pid = field(m, n::pid());
         f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
