@@ -468,8 +468,10 @@ defmodule ElixirScope.Analysis do
   Message flow: every traced send (by or to `pid:`, or all), with its
   receive when traced and matched, and the call it was sent from:
   `[%{from:, to:, message:, sent_at:, received_at:, in_call: {m, f, a} |
-  nil, send: entry, receive: entry | nil}]` in send order. Options:
-  `:pid`, `:limit` (10_000), `:store`.
+  nil, send: entry, receive: entry | nil}]` in send order, over a
+  consistent cut taken when the call starts (scanned without holding the
+  store's lock, as `select/1`). Options: `:pid`, `:limit` (10_000),
+  `:store`.
   """
   @spec messages(keyword()) :: [map()]
   def messages(opts \\ []) do
@@ -489,7 +491,15 @@ defmodule ElixirScope.Analysis do
 
     check_term!(o[:pid], &is_pid/1, :pid)
     s = store!(o)
-    collect_messages(s.ref, o[:pid], 0, pos_int!(o[:limit], :limit), [])
+    limit = pos_int!(o[:limit], :limit)
+    # A consistent cut, scanned in chunks without the store lock.
+    snap = Native.ana_snapshot(s.ref)
+
+    try do
+      collect_messages(snap, o[:pid], 0, limit, [])
+    after
+      Native.ana_snapshot_release(snap)
+    end
   end
 
   defp collect_messages(_ref, _pid, nil, _left, acc), do: acc |> Enum.reverse() |> List.flatten()

@@ -957,6 +957,7 @@ defmodule ElixirScope.BadInputTest do
         {:ana_select, [store_ref, 0, me, M, :f, 4, 0, 10]},
         {:ana_snapshot, [store_ref]},
         {:ana_select, [snap_ref, 0, me, M, :f, 4, 0, 10]},
+        {:ana_messages, [snap_ref, nil, 0, 10]},
         {:ana_snapshot_release, [snap_ref]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},

@@ -1,7 +1,8 @@
 //! The store at 100k, 1M and 10M stored events (issue #15, item 6): for
 //! each size, a store with `max_events` = that size is filled with a trace
-//! of the same shape (64 busy processes running call trees of depth 8, a
-//! send and a receive every 16 events, a state record every 32; plus one
+//! of the same shape (64 busy processes each going down a chain of calls
+//! of depth 8 and back up, a send and a receive every 16 events, one of
+//! them a GenServer whose every 4th event is a state record; plus one
 //! sparse process whose 1,000 events, calls of one function, are spread
 //! evenly over the whole store), then it prints:
 //!
@@ -16,9 +17,14 @@
 //!   contents of a depth-5 call: 15 calls, 30 events); state_at at a random
 //!   time; pid_prev / pid_next; the global time neighbour.
 //!
-//! Every figure is printed beside the 100k figure of the same run (ratio).
-//! Sizes are measured one after the other (a 10M store is ~1.1 GB), the
-//! queries of one size interleaved round by round.
+//! Times are this thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), so time
+//! spent descheduled on a shared machine is not counted (cache and memory
+//! bandwidth taken by other jobs still are). Every figure is printed beside
+//! the first size's figure of the same run (ratio).
+//! Every store is built first (a 10M store is ~1.4 GB), then each figure's
+//! rounds are interleaved across the sizes; then the stores are dropped,
+//! largest first, and the RSS printed before, after, and after
+//! `malloc_trim`.
 //!
 //!   cargo bench -p elixir_scope_core --bench scale
 //!
@@ -56,6 +62,17 @@ fn rss_kb() -> u64 {
 
 extern "C" {
     fn malloc_trim(pad: usize) -> i32;
+    fn clock_gettime(clock: i32, ts: *mut [i64; 2]) -> i32;
+}
+
+/// This thread's CPU time, ns (`CLOCK_THREAD_CPUTIME_ID`): on a machine
+/// shared with other jobs, time spent descheduled is not counted.
+fn cpu_ns() -> f64 {
+    let mut ts = [0i64; 2];
+    // SAFETY: a valid out-pointer to a struct timespec (two 64-bit fields
+    // on 64-bit Linux); clock 3 is CLOCK_THREAD_CPUTIME_ID.
+    unsafe { clock_gettime(3, &mut ts) };
+    ts[0] as f64 * 1e9 + ts[1] as f64
 }
 
 /// The trace generator: per busy process a stack of open calls.
@@ -63,6 +80,8 @@ struct Gen {
     next_id: u64,
     ts: i64,
     stacks: Vec<Vec<(u64, i64)>>,
+    /// Going down (calling) or up (returning)?
+    down: Vec<bool>,
     k: u64,
     sparse_every: u64,
 }
@@ -73,6 +92,7 @@ impl Gen {
             next_id: 1,
             ts: 1_000_000,
             stacks: vec![Vec::new(); BUSY as usize],
+            down: vec![true; BUSY as usize],
             k: 0,
             sparse_every: (n as u64 / 1000).max(1),
         }
@@ -106,6 +126,7 @@ impl Gen {
         };
         if k % self.sparse_every == self.sparse_every / 2 {
             e.pid = SPARSE_PID;
+            e.module = 0x4B;
             e.function = SPARSE_FN;
             return (e, c);
         }
@@ -120,17 +141,21 @@ impl Gen {
         } else if k % 16 == 13 {
             e.kind = EventKind::MessageReceive as u8;
             c.correlation_id = id - 8;
-        } else if k % 32 == 21 && p == 0 {
+        } else if p == 1 && (k / BUSY) % 4 == 0 {
             // A GenServer's state record: a callback return setting data.
             e.kind = EventKind::FunctionReturn as u8;
             e.flags = HANDLE_CALL | FLAG_SETS_DATA;
             c.parent_id = parent;
-        } else if stack.len() < DEPTH && (x % 3 != 0 || stack.is_empty()) {
+        } else if self.down[p] && stack.len() < DEPTH || stack.is_empty() {
+            // Down a chain of depth 8, then back up: aux is the depth.
+            self.down[p] = stack.len() + 1 < DEPTH;
             c.parent_id = parent;
             c.root_id = stack.first().map_or(id, |f| f.0);
             stack.push((id, ts));
+            e.aux = stack.len() as i64;
         } else {
             let (call, t0) = stack.pop().expect("open call");
+            self.down[p] = stack.is_empty();
             e.kind = EventKind::FunctionReturn as u8;
             e.aux = ts - t0;
             c.correlation_id = call;
@@ -141,12 +166,9 @@ impl Gen {
 }
 
 struct Built {
+    n: usize,
     store: EventStore,
     gen: Gen,
-    /// Ids of depth-8 calls, depth-5 calls, state-process event ids.
-    deep: Vec<u64>,
-    mid: Vec<u64>,
-    sparse_ids: Vec<u64>,
 }
 
 fn build(n: usize) -> Built {
@@ -155,29 +177,42 @@ fn build(n: usize) -> Built {
         max_age_ns: None,
     });
     let mut gen = Gen::new(n);
-    let (mut deep, mut mid, mut sparse_ids) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let (e, c) = gen.next();
-        if e.kind == EventKind::FunctionCall as u8 && e.pid != SPARSE_PID {
-            let p = ((e.pid - 0x103) / 16) as usize;
-            match gen.stacks[p].len() {
-                8 if deep.len() < 100_000 => deep.push(e.id),
-                4 if mid.len() < 100_000 => mid.push(e.id),
+        store.insert(&e, c);
+    }
+    Built { n, store, gen }
+}
+
+/// Query targets among the live events: depth-8 calls, depth-5 calls,
+/// the sparse process's events (up to 100k of each, spread evenly).
+struct Targets {
+    deep: Vec<u64>,
+    mid: Vec<u64>,
+    sparse: Vec<u64>,
+}
+
+fn targets(s: &EventStore) -> Targets {
+    let every = (s.len() / 100_000).max(1);
+    let mut t = Targets {
+        deep: Vec::new(),
+        mid: Vec::new(),
+        sparse: Vec::new(),
+    };
+    let mut k = 0usize;
+    s.scan(0, usize::MAX, |e| {
+        k += 1;
+        if e.pid == SPARSE_PID {
+            t.sparse.push(e.id);
+        } else if e.kind == EventKind::FunctionCall as u8 && k % every < 8 {
+            match e.aux {
+                8 => t.deep.push(e.id),
+                5 => t.mid.push(e.id),
                 _ => {}
             }
         }
-        if e.pid == SPARSE_PID {
-            sparse_ids.push(e.id);
-        }
-        store.insert(&e, c);
-    }
-    Built {
-        store,
-        gen,
-        deep,
-        mid,
-        sparse_ids,
-    }
+    });
+    t
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -201,15 +236,16 @@ type Query<'a> = (
     Box<dyn FnMut(&EventStore, &mut Rng) -> usize + 'a>,
 );
 
-fn measure(b: &mut Built, rounds: usize, ops: usize) -> Vec<(&'static str, f64)> {
+fn queries(b: &Built) -> Vec<Query<'static>> {
     let n = b.store.len() as u64;
     let first_id = b.gen.next_id - n;
     let (t_lo, t_hi) = b.store.time_span().expect("filled");
-    let deep = b.deep.clone();
-    let mid = b.mid.clone();
-    let sparse = b.sparse_ids.clone();
-    let gs_pid = 0x103u64;
-    let mut queries: Vec<Query> = vec![
+    let Targets { deep, mid, sparse } = targets(&b.store);
+    assert!(sparse.len() >= 999 && !deep.is_empty() && !mid.is_empty());
+    // Process 1 is a GenServer: every 4th of its events is a state record.
+    let gs_pid = 0x103u64 + 16;
+    assert!(matches!(b.store.state_at(gs_pid, t_hi), StateAt::Found(_)));
+    vec![
         (
             "get by id",
             Box::new(move |s: &EventStore, r: &mut Rng| {
@@ -281,40 +317,33 @@ fn measure(b: &mut Built, rounds: usize, ops: usize) -> Vec<(&'static str, f64)>
                 s.pid_next(id).is_some() as usize
             }),
         ),
-    ];
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); queries.len()];
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-    for _ in 0..rounds {
-        for (qi, (_, q)) in queries.iter_mut().enumerate() {
-            let t = Instant::now();
+    ]
+}
+
+/// One sample of every query: ns per query (mean over `ops` targets).
+fn sample(b: &Built, qs: &mut [Query<'_>], rng: &mut Rng, ops: usize) -> Vec<f64> {
+    qs.iter_mut()
+        .map(|(_, q)| {
+            let t = cpu_ns();
             let mut acc = 0usize;
             for _ in 0..ops {
-                acc += q(&b.store, &mut rng);
+                acc += q(&b.store, rng);
             }
             black_box(acc);
-            times[qi].push(t.elapsed().as_nanos() as f64 / ops as f64);
-        }
-    }
-    queries
-        .iter()
-        .zip(times)
-        .map(|((name, _), t)| (*name, median(t)))
+            (cpu_ns() - t) / ops as f64
+        })
         .collect()
 }
 
-/// Steady-state inserts into the full store: events/s (median of rounds).
-fn store_rate(b: &mut Built, rounds: usize) -> f64 {
-    let batch = 200_000;
-    let mut rates = Vec::new();
-    for _ in 0..rounds {
-        let evs: Vec<_> = (0..batch).map(|_| b.gen.next()).collect();
-        let t = Instant::now();
-        for (e, c) in &evs {
-            black_box(b.store.insert(e, *c));
-        }
-        rates.push(batch as f64 / t.elapsed().as_secs_f64());
+/// One round of steady-state inserts into the full store: events/s.
+fn store_rate(b: &mut Built) -> f64 {
+    let batch = 100_000;
+    let evs: Vec<_> = (0..batch).map(|_| b.gen.next()).collect();
+    let t = cpu_ns();
+    for (e, c) in &evs {
+        black_box(b.store.insert(e, *c));
     }
-    median(rates)
+    batch as f64 / ((cpu_ns() - t) / 1e9)
 }
 
 fn main() {
@@ -324,36 +353,74 @@ fn main() {
         .collect();
     let rounds: usize = env("ES_SCALE_ROUNDS", "7").parse().expect("rounds");
     let ops: usize = env("ES_SCALE_OPS", "2000").parse().expect("ops");
-    let mut rows: Vec<(usize, Vec<(&'static str, f64)>)> = Vec::new();
+    // Every store is built first, so each figure's rounds interleave
+    // across the sizes.
+    let rss0 = rss_kb();
+    let mut built: Vec<Built> = Vec::new();
     for &n in &sizes {
-        let rss0 = rss_kb();
         let t = Instant::now();
-        let mut b = build(n);
-        let fill_s = t.elapsed().as_secs_f64();
-        let rss1 = rss_kb();
-        let bytes = b.store.memory_bytes() as f64 / b.store.len() as f64;
-        let rate = store_rate(&mut b, rounds);
+        built.push(build(n));
+        println!(
+            "size {n}: filled in {:.1} s, RSS {:.0} MiB",
+            t.elapsed().as_secs_f64(),
+            rss_kb() as f64 / 1024.0
+        );
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    for _ in 0..rounds {
+        for (k, b) in built.iter_mut().enumerate() {
+            rates[k].push(store_rate(b));
+        }
+    }
+    let mut qs: Vec<Vec<Query>> = built.iter().map(queries).collect();
+    let names: Vec<&'static str> = qs[0].iter().map(|q| q.0).collect();
+    let mut times: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); names.len()]; sizes.len()];
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for _ in 0..rounds {
+        for (k, b) in built.iter().enumerate() {
+            for (qi, t) in sample(b, &mut qs[k], &mut rng, ops).into_iter().enumerate() {
+                times[k][qi].push(t);
+            }
+        }
+    }
+    drop(qs);
+    let mut rows: Vec<(usize, Vec<(&'static str, f64)>)> = Vec::new();
+    for (k, b) in built.iter().enumerate() {
+        let st = b.store.stats();
         let mut figs = vec![
-            ("store rate (M events/s)", rate / 1e6),
-            ("bytes per event", bytes),
+            ("store rate (M events/s)", median(rates[k].clone()) / 1e6),
+            ("bytes per event", st.memory_bytes as f64 / st.total as f64),
+            (
+                "bytes per event without payloads",
+                (st.memory_bytes - st.payload_bytes) as f64 / st.total as f64,
+            ),
         ];
-        figs.extend(measure(&mut b, rounds, ops));
-        let rss2 = rss_kb();
+        figs.extend(
+            names
+                .iter()
+                .zip(&times[k])
+                .map(|(n, t)| (*n, median(t.clone()))),
+        );
+        rows.push((b.n, figs));
+    }
+    println!(
+        "RSS with every store: {:.0} MiB (before: {:.0})",
+        rss_kb() as f64 / 1024.0,
+        rss0 as f64 / 1024.0
+    );
+    while let Some(b) = built.pop() {
+        let before = rss_kb();
+        let n = b.n;
         drop(b);
-        let rss3 = rss_kb();
+        let dropped = rss_kb();
         // SAFETY: glibc's malloc_trim, callable at any time.
         unsafe { malloc_trim(0) };
-        let rss4 = rss_kb();
         println!(
-            "size {n}: filled in {fill_s:.1} s; RSS MiB: before {:.0}, filled {:.0}, \
-             after queries {:.0}, dropped {:.0}, after malloc_trim {:.0}",
-            rss0 as f64 / 1024.0,
-            rss1 as f64 / 1024.0,
-            rss2 as f64 / 1024.0,
-            rss3 as f64 / 1024.0,
-            rss4 as f64 / 1024.0
+            "drop the {n} store: RSS {:.0} -> {:.0} MiB, after malloc_trim {:.0} MiB",
+            before as f64 / 1024.0,
+            dropped as f64 / 1024.0,
+            rss_kb() as f64 / 1024.0
         );
-        rows.push((n, figs));
     }
     let base = &rows[0].1;
     print!("\n| figure |");

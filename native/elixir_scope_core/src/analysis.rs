@@ -14,7 +14,7 @@
 
 use crate::event::EventKind;
 use crate::hash::{hash_bytes, mix, FastMap};
-use crate::store::{EventStore, Scan, StoredEvent};
+use crate::store::{CutHeads, EventStore, Scan, Snapshot, StoredEvent};
 
 /// Most distinct keys (functions, call trees) one pass tracks; further new
 /// keys are counted in the result's `untracked`.
@@ -321,22 +321,20 @@ pub struct Flow<'s> {
     pub in_call: Option<StoredEvent<'s>>,
 }
 
-/// Messages sent (by `pid`, or sent to `pid`, or all when `pid` is 0), in
-/// store order from sequence number `from`, at most `limit`; returns them
-/// and where to continue (`None`: done).
-pub fn message_flow(
-    store: &EventStore,
+/// The sends of [`message_flow`], and where to continue.
+fn find_sends<S: Scan>(
+    store: &S,
     pid: u64,
     from: u64,
     limit: usize,
-) -> (Vec<Flow<'_>>, Option<u64>) {
+) -> (Vec<StoredEvent<'_>>, Option<u64>) {
     let mut sends: Vec<StoredEvent<'_>> = Vec::new();
     let mut next = Some(from);
     while let Some(at) = next {
         if sends.len() >= limit {
             break;
         }
-        next = store.scan(at, 4096, |e| {
+        next = store.scan_events(at, 4096, |e| {
             if e.kind == EventKind::MessageSend as u8
                 && (pid == 0 || e.pid == pid || e.peer == pid)
                 && sends.len() < limit
@@ -349,6 +347,19 @@ pub fn message_flow(
             next = sends.last().map(|s| s.seq + 1);
         }
     }
+    (sends, next)
+}
+
+/// Messages sent (by `pid`, or sent to `pid`, or all when `pid` is 0), in
+/// store order from sequence number `from`, at most `limit`; returns them
+/// and where to continue (`None`: done).
+pub fn message_flow(
+    store: &EventStore,
+    pid: u64,
+    from: u64,
+    limit: usize,
+) -> (Vec<Flow<'_>>, Option<u64>) {
+    let (sends, next) = find_sends(store, pid, from, limit);
     let flows = sends
         .into_iter()
         .map(|s| {
@@ -365,6 +376,82 @@ pub fn message_flow(
         })
         .collect();
     (flows, next)
+}
+
+/// [`message_flow`] over a [`Snapshot`]: the sends are found without the
+/// store's lock; `heads` is called once, with the send ids (their
+/// receives' correlation ids) and the parent ids (their calls), to fetch
+/// the chains' entry points into the cut from the store
+/// ([`EventStore::cut_heads`], under its lock, briefly). Lookups whose
+/// entry is unknown are answered by one scan of the snapshot. The answer
+/// is [`message_flow`]'s over the store frozen at the cut.
+pub fn message_flow_cut<'s>(
+    snap: &'s Snapshot,
+    pid: u64,
+    from: u64,
+    limit: usize,
+    heads: impl FnOnce(&[u64], &[u64]) -> CutHeads,
+) -> (Vec<Flow<'s>>, Option<u64>) {
+    let (sends, next) = find_sends(snap, pid, from, limit);
+    let corrs: Vec<u64> = sends.iter().map(|s| s.id).collect();
+    let parents: Vec<u64> = (sends.iter())
+        .filter(|s| s.parent_id != 0)
+        .map(|s| s.parent_id)
+        .collect();
+    let heads = heads(&parents, &corrs);
+    let mut flows: Vec<Flow<'s>> = Vec::with_capacity(sends.len());
+    let (mut lost_ids, mut lost_corrs): (FastMap<u64, ()>, FastMap<u64, ()>) = Default::default();
+    for &s in &sends {
+        let receive = snap
+            .by_correlation_at_cut(&heads, s.id, 8)
+            .map(first_receive);
+        let in_call = match s.parent_id {
+            0 => Some(None),
+            p => snap.get_at_cut(&heads, p),
+        };
+        if receive.is_none() {
+            lost_corrs.insert(s.id, ());
+        }
+        if in_call.is_none() {
+            lost_ids.insert(s.parent_id, ());
+        }
+        flows.push(Flow {
+            send: s,
+            receive: receive.flatten(),
+            in_call: in_call.flatten(),
+        });
+    }
+    if !lost_ids.is_empty() || !lost_corrs.is_empty() {
+        // Entry points lost to records freed since the cut: one scan.
+        let mut by_id: FastMap<u64, StoredEvent<'s>> = FastMap::default();
+        let mut by_corr: FastMap<u64, Vec<StoredEvent<'s>>> = FastMap::default();
+        snap.scan(0, usize::MAX, |e| {
+            if lost_ids.contains_key(&e.id) {
+                by_id.insert(e.id, *e);
+            }
+            if lost_corrs.contains_key(&e.correlation_id) {
+                let v = by_corr.entry(e.correlation_id).or_default();
+                if v.len() < 8 {
+                    v.push(*e);
+                }
+            }
+        });
+        for f in &mut flows {
+            if lost_corrs.contains_key(&f.send.id) {
+                f.receive = first_receive(by_corr.remove(&f.send.id).unwrap_or_default());
+            }
+            if f.send.parent_id != 0 && lost_ids.contains_key(&f.send.parent_id) {
+                f.in_call = by_id.get(&f.send.parent_id).copied();
+            }
+        }
+    }
+    (flows, next)
+}
+
+/// The receive of send `id` among the first events correlated with it.
+fn first_receive(evs: Vec<StoredEvent<'_>>) -> Option<StoredEvent<'_>> {
+    evs.into_iter()
+        .find(|r| r.kind == EventKind::MessageReceive as u8)
 }
 
 #[cfg(test)]

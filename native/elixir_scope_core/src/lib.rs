@@ -58,6 +58,6 @@ pub use pool::{
 };
 pub use ring::{Full, Overflow, ReadOutcome, Ring, RingError, RingStats, MAX_CAPACITY};
 pub use store::{
-    CorrelationFields, EventStore, IndexSizes, InsertOutcome, Order, Scan, Snapshot, StateAt,
-    StateView, StoreConfig, StoreStats, StoredEvent, TermKeys, TERM_FLAG_FUNCTION,
+    CorrelationFields, CutHeads, EventStore, IndexSizes, InsertOutcome, Order, Scan, Snapshot,
+    StateAt, StateView, StoreConfig, StoreStats, StoredEvent, TermKeys, TERM_FLAG_FUNCTION,
 };

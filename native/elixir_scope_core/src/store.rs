@@ -40,7 +40,13 @@
 //!   hash, and nearby keys (ids, which are mostly increasing, and the ids
 //!   used as correlation and parent ids) land in the same 4 KiB of the
 //!   table, so inserting stays cache-friendly however large the table.
-//! * time: per-segment min/max timestamp prunes segments; in each sealed
+//! * time: the sealed segments' running bounds along the store (the largest
+//!   `max_ts` up to each, the smallest `min_ts` from each on; both
+//!   non-decreasing) find by two binary searches the segments that may
+//!   overlap a window, so a time query does not visit every segment (the
+//!   second bound is lowered backwards at seal time only when a segment
+//!   arrives with older timestamps than earlier ones); per-segment min/max
+//!   timestamps prune the rest; in each sealed
 //!   segment a binary search over its time marks (every 64th timestamp in
 //!   sorted order, 0.125 bytes per record) and then within one 64-record
 //!   block of its sorted permutation (a linear scan of the single open
@@ -468,6 +474,15 @@ struct Segment {
     sealed: bool,
     min_ts: i64,
     max_ts: i64,
+    /// Sealed segments: the largest `max_ts` of this segment and every
+    /// sealed segment before it (popped ones included: an upper bound,
+    /// non-decreasing along the store).
+    prefix_max: i64,
+    /// Sealed segments: the smallest `min_ts` of this segment and every
+    /// sealed segment after it (exact, non-decreasing along the store).
+    /// With `prefix_max`, a time search finds the segments that may
+    /// overlap its window by two binary searches.
+    suffix_min: i64,
     /// Lower bound of live timestamps (exact after an expiry scan).
     live_min_ts: i64,
     /// Sealed segments: every [`TS_MARK_EVERY`]-th timestamp in sorted
@@ -493,6 +508,8 @@ impl Segment {
             sealed: false,
             min_ts: i64::MAX,
             max_ts: i64::MIN,
+            prefix_max: i64::MAX,
+            suffix_min: i64::MIN,
             live_min_ts: i64::MAX,
             ts_marks: Vec::new(),
         }
@@ -998,6 +1015,8 @@ fn map_bytes<K, V, S>(m: &HashMap<K, V, S>) -> usize {
 /// An indexed, bounded, in-memory store of correlated events (see the
 /// module documentation). Single writer: mutation takes `&mut self`.
 pub struct EventStore {
+    /// Process-unique identity (ties a [`Snapshot`] to its store).
+    uid: u64,
     max_events: usize,
     max_age_ns: Option<i64>,
     seg_cap: usize,
@@ -1059,7 +1078,9 @@ impl EventStore {
             .next_power_of_two()
             .trailing_zeros()
             .min(26);
+        static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         EventStore {
+            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             max_events,
             max_age_ns: config.max_age_ns,
             seg_cap,
@@ -1222,17 +1243,22 @@ impl EventStore {
     /// record), and a copy of the open segment (at most
     /// [`EventStore::segment_capacity`] records and their payloads).
     pub fn snapshot(&self) -> Snapshot {
+        // Every segment in memory, dead ones included: index chains run
+        // through dead records.
         let segs = self
             .segments
             .iter()
-            .filter(|s| s.live > 0)
             .map(|s| SnapSeg {
                 base: s.base,
                 data: match &s.body {
                     Body::Sealed(d) => Arc::clone(d),
                     Body::Open(d) => Arc::new(d.clone()),
                 },
-                dead: (s.live as usize != s.recs.len()).then(|| s.dead.clone().into_boxed_slice()),
+                dead: match s.live as usize {
+                    n if n == s.recs.len() => Dead::None,
+                    0 => Dead::All,
+                    _ => Dead::Bits(s.dead.clone().into_boxed_slice()),
+                },
             })
             .collect();
         Snapshot {
@@ -1241,6 +1267,49 @@ impl EventStore {
             relinks: Arc::clone(&self.relinks),
             end: self.next_seq,
             live: self.live,
+            uid: self.uid,
+        }
+    }
+
+    /// Where the id chains of `ids` and the correlation chains of `corrs`
+    /// enter the cut of `snap` (a snapshot of this store), for
+    /// [`Snapshot::get_at_cut`] and [`Snapshot::by_correlation_at_cut`]:
+    /// the newest record of each key's bucket chain stored before the cut.
+    /// Unknown (the lookup answers `None`, and the caller scans the
+    /// snapshot instead) when records stored after the cut and freed since
+    /// break the chain, or `snap` is not of this store. Cost: the records
+    /// of each bucket stored since the cut.
+    pub fn cut_heads(&self, snap: &Snapshot, ids: &[u64], corrs: &[u64]) -> CutHeads {
+        let mine = snap.uid == self.uid;
+        let entry = |head: Option<u64>, link: fn(&Rec) -> u32| -> Option<Option<u64>> {
+            if !mine {
+                return None;
+            }
+            let mut cur = head;
+            loop {
+                match cur {
+                    None => return Some(None),
+                    Some(seq) if seq < snap.end => return Some(Some(seq)),
+                    Some(seq) => {
+                        let (si, i) = self.locate(seq)?;
+                        let d = link(&self.segments[si].recs[i]) as u64;
+                        cur = (d != 0 && d <= seq).then(|| seq - d);
+                    }
+                }
+            }
+        };
+        CutHeads {
+            ids: (ids.iter())
+                .map(|&k| (k, entry(self.ids.get(self.ids.bucket(k)), |r| r.link_id)))
+                .collect(),
+            corrs: (corrs.iter())
+                .map(|&k| {
+                    (
+                        k,
+                        entry(self.corrs.get(self.corrs.bucket(k)), |r| r.link_corr),
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -1376,11 +1445,11 @@ impl EventStore {
         }
         self.pop_dead_segments();
 
-        let need_new = match self.segments.back_mut() {
+        let need_new = match self.segments.back() {
             None => true,
             Some(s) if s.sealed => true,
             Some(s) if s.arena.len() + plen > u32::MAX as usize => {
-                s.seal();
+                self.seal_back();
                 true
             }
             _ => false,
@@ -1500,7 +1569,7 @@ impl EventStore {
         seg.max_ts = seg.max_ts.max(event.timestamp);
         seg.live_min_ts = seg.live_min_ts.min(event.timestamp);
         if seg.recs.len() == self.seg_cap {
-            seg.seal();
+            self.seal_back();
         }
         self.live += 1;
         self.fresh.add(event.id);
@@ -1519,6 +1588,46 @@ impl EventStore {
             }
         }
         InsertOutcome::Stored { seq }
+    }
+
+    /// Seals the last segment and sets its time bounds along the store
+    /// (`prefix_max`, `suffix_min`; the latter lowered backwards while an
+    /// earlier segment's is larger: nothing moves when arrival is in time
+    /// order).
+    fn seal_back(&mut self) {
+        let n = self.segments.len();
+        let prev_max = (n >= 2).then(|| self.segments[n - 2].prefix_max);
+        let seg = self.segments.back_mut().expect("a segment");
+        seg.seal();
+        seg.prefix_max = prev_max.map_or(seg.max_ts, |p| p.max(seg.max_ts));
+        seg.suffix_min = seg.min_ts;
+        let m = seg.min_ts;
+        for j in (0..n - 1).rev() {
+            let s = &mut self.segments[j];
+            if s.suffix_min <= m {
+                break;
+            }
+            s.suffix_min = m;
+        }
+    }
+
+    /// Indexes of the segments that may hold timestamps in `t0..=t1`: a
+    /// range of sealed ones (two binary searches on `prefix_max` and
+    /// `suffix_min`) and the open one, if any.
+    fn time_candidates(&self, t0: i64, t1: i64) -> impl Iterator<Item = usize> + '_ {
+        let first = self
+            .segments
+            .partition_point(|s| s.sealed && s.prefix_max < t0);
+        let last = self
+            .segments
+            .partition_point(|s| s.sealed && s.suffix_min <= t1)
+            .max(first);
+        let open = self
+            .segments
+            .back()
+            .filter(|s| !s.sealed)
+            .map(|_| self.segments.len() - 1);
+        (first..last).chain(open.filter(|&o| o >= last))
     }
 
     /// Adds state record `seq` of `pid` at `ts` to the state index (in
@@ -2199,13 +2308,22 @@ impl EventStore {
         let (si, i) = self.find(id)?;
         let r = &self.segments[si].recs[i];
         let key = (r.timestamp, self.segments[si].base + i as u64);
-        let (lo, hi) = self
-            .segments
-            .iter()
-            .filter(|s| s.live > 0)
-            .fold((i64::MAX, i64::MIN), |(lo, hi), s| {
-                (lo.min(s.min_ts), hi.max(s.max_ts))
-            });
+        // Bounds of every timestamp in memory, in O(1): the first sealed
+        // segment's suffix minimum, the last sealed one's prefix maximum,
+        // and the open segment's own.
+        let n = self.segments.len();
+        let last_sealed = match self.segments.back() {
+            Some(s) if s.sealed => Some(s),
+            _ => n.checked_sub(2).map(|k| &self.segments[k]),
+        };
+        let (lo, hi) = match (self.segments.front(), last_sealed) {
+            (Some(f), Some(l)) if f.sealed => (f.suffix_min, l.prefix_max),
+            _ => (i64::MAX, i64::MIN),
+        };
+        let (lo, hi) = match self.segments.back().filter(|s| !s.sealed) {
+            Some(s) => (lo.min(s.min_ts), hi.max(s.max_ts)),
+            None => (lo, hi),
+        };
         let mut width: i64 = 0;
         loop {
             let (t0, t1) = match order {
@@ -2266,7 +2384,8 @@ impl EventStore {
             list: Option<Vec<u16>>,
         }
         let mut srcs = Vec::new();
-        for (si, seg) in self.segments.iter().enumerate() {
+        for si in self.time_candidates(t0, t1) {
+            let seg = &self.segments[si];
             if seg.live == 0 || seg.max_ts < t0 || seg.min_ts > t1 {
                 continue;
             }
@@ -2402,7 +2521,8 @@ impl EventStore {
             return 0;
         }
         let mut n = 0;
-        for seg in &self.segments {
+        for si in self.time_candidates(t0, t1) {
+            let seg = &self.segments[si];
             if seg.live == 0 || seg.max_ts < t0 || seg.min_ts > t1 {
                 continue;
             }
@@ -2593,20 +2713,28 @@ fn view_rec<'a>(
     }
 }
 
+/// Dead records of a [`Snapshot`] segment at the cut.
+enum Dead {
+    None,
+    All,
+    Bits(Box<[u64]>),
+}
+
 /// One segment of a [`Snapshot`].
 struct SnapSeg {
     base: u64,
     data: Arc<SegData>,
-    /// Dead-record bits at the cut (`None`: every record was live).
-    dead: Option<Box<[u64]>>,
+    dead: Dead,
 }
 
 impl SnapSeg {
     #[inline]
     fn is_dead(&self, i: usize) -> bool {
-        self.dead
-            .as_ref()
-            .is_some_and(|d| d[i / 64] & (1 << (i % 64)) != 0)
+        match &self.dead {
+            Dead::None => false,
+            Dead::All => true,
+            Dead::Bits(d) => d[i / 64] & (1 << (i % 64)) != 0,
+        }
     }
 }
 
@@ -2628,6 +2756,7 @@ pub struct Snapshot {
     relinks: Arc<Relinks>,
     end: u64,
     live: usize,
+    uid: u64,
 }
 
 impl Snapshot {
@@ -2674,6 +2803,113 @@ impl Snapshot {
             }
         }
         None
+    }
+}
+
+/// Entry points of index chains into a [`Snapshot`]'s cut
+/// ([`EventStore::cut_heads`]): per key, `Some(newest seq below the cut
+/// in its bucket chain, or None)`, or `None` when unknown.
+#[derive(Clone, Debug, Default)]
+pub struct CutHeads {
+    ids: FastMap<u64, Option<Option<u64>>>,
+    corrs: FastMap<u64, Option<Option<u64>>>,
+}
+
+impl Snapshot {
+    fn locate(&self, seq: u64) -> Option<(usize, usize)> {
+        let k = self.segs.partition_point(|s| s.base <= seq);
+        let s = self.segs.get(k.checked_sub(1)?)?;
+        let i = (seq - s.base) as usize;
+        (i < s.data.recs.len()).then_some((k - 1, i))
+    }
+
+    #[inline]
+    fn view(&self, si: usize, i: usize) -> StoredEvent<'_> {
+        let s = &self.segs[si];
+        view_rec(&self.names, &self.relinks, s.base, &s.data, i)
+    }
+
+    /// Walks a chain from `head`, newest first, while `f` returns true.
+    fn walk(
+        &self,
+        head: Option<u64>,
+        link: fn(&Rec) -> u32,
+        mut f: impl FnMut(usize, usize) -> bool,
+    ) {
+        let mut cur = head;
+        while let Some(seq) = cur {
+            let Some((si, i)) = self.locate(seq) else {
+                break;
+            };
+            if !f(si, i) {
+                break;
+            }
+            let d = link(&self.segs[si].data.recs[i]) as u64;
+            cur = (d != 0 && d <= seq).then(|| seq - d);
+        }
+    }
+
+    /// The live event `id` at the cut ([`EventStore::get`] over the
+    /// snapshot), through the entry point `heads` holds for it; `None`
+    /// when the entry is unknown or was not asked for (the caller then
+    /// scans: see [`EventStore::cut_heads`]).
+    pub fn get_at_cut(&self, heads: &CutHeads, id: u64) -> Option<Option<StoredEvent<'_>>> {
+        let head = (*heads.ids.get(&id)?)?;
+        let mut found = None;
+        self.walk(
+            head,
+            |r| r.link_id,
+            |si, i| {
+                let s = &self.segs[si];
+                if s.data.recs[i].id == id && !s.is_dead(i) {
+                    found = Some((si, i));
+                    false
+                } else {
+                    true
+                }
+            },
+        );
+        Some(found.map(|(si, i)| self.view(si, i)))
+    }
+
+    /// The first `limit` live events (store order) whose correlation id at
+    /// the cut is `c` ([`EventStore::by_correlation`] ascending, over the
+    /// snapshot), through `heads`; `None` when unknown (as
+    /// [`Snapshot::get_at_cut`]).
+    pub fn by_correlation_at_cut(
+        &self,
+        heads: &CutHeads,
+        c: u64,
+        limit: usize,
+    ) -> Option<Vec<StoredEvent<'_>>> {
+        let head = (*heads.corrs.get(&c)?)?;
+        let mut seqs: Vec<(usize, usize)> = Vec::new();
+        self.walk(
+            head,
+            |r| r.link_corr,
+            |si, i| {
+                let s = &self.segs[si];
+                let seq = s.base + i as u64;
+                if !s.is_dead(i)
+                    && s.data.recs[i].correlation_id == c
+                    && (self.relinks.is_empty() || self.relinks.get(seq).is_none())
+                {
+                    seqs.push((si, i));
+                }
+                true
+            },
+        );
+        seqs.reverse();
+        seqs.extend(
+            self.relinks
+                .seqs(c)
+                .iter()
+                .filter_map(|&seq| self.locate(seq))
+                .filter(|&(si, i)| !self.segs[si].is_dead(i)),
+        );
+        seqs.sort_unstable();
+        seqs.truncate(limit);
+        Some(seqs.into_iter().map(|(si, i)| self.view(si, i)).collect())
     }
 }
 

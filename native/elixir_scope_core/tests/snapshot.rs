@@ -3,7 +3,9 @@
 //! compaction, late links) gives exactly what the same pass gave over the
 //! store frozen at the cut; and, with a real ingest thread, the pass equals
 //! the pass over a fresh store holding the events up to the cut.
-use elixir_scope_core::analysis::{call_stats, top_call_trees, CallStats, StatKey, TopTrees};
+use elixir_scope_core::analysis::{
+    call_stats, message_flow, message_flow_cut, top_call_trees, CallStats, Flow, StatKey, TopTrees,
+};
 use elixir_scope_core::{
     CorrelationFields, Event, EventKind, EventStore, Scan, StoreConfig, StoredEvent,
 };
@@ -19,6 +21,8 @@ struct Gen {
     ts: i64,
     /// Open call ids per process.
     stacks: Vec<Vec<u64>>,
+    /// Recent send ids (their receives come later).
+    sends: Vec<u64>,
 }
 
 impl Gen {
@@ -27,6 +31,7 @@ impl Gen {
             k: 0,
             ts: 1_000,
             stacks: vec![Vec::new(); 4],
+            sends: Vec::new(),
         }
     }
 
@@ -41,7 +46,14 @@ impl Gen {
         let pid = 0x103 + ((p as u64) << 4);
         let depth = self.stacks[p].len();
         let open = (x >> 3) % 3 != 0 && depth < 6 || depth == 0;
-        let (kind, corr, parent, f) = if (x >> 5) % 11 == 0 {
+        let (kind, corr, parent, f) = if (x >> 5) % 11 == 1 && !self.sends.is_empty() {
+            let s = self.sends.remove((x as usize >> 9) % self.sends.len());
+            (EventKind::MessageReceive, s, 0, 0)
+        } else if (x >> 5) % 11 == 0 {
+            if self.sends.len() >= 8 {
+                self.sends.remove(0);
+            }
+            self.sends.push(id);
             (
                 EventKind::MessageSend,
                 id,
@@ -146,6 +158,36 @@ struct Frozen {
     events: Vec<Owned>,
     stats: Vec<CallStats>,
     trees: TopTrees,
+    /// message_flow of all processes and of one, in pages of 3.
+    flows: Vec<Vec<OwnedFlow>>,
+}
+
+type OwnedFlow = (Owned, Option<Owned>, Option<Owned>);
+
+fn owned_flows(v: &[Flow<'_>]) -> Vec<OwnedFlow> {
+    v.iter()
+        .map(|f| {
+            (
+                owned(&f.send),
+                f.receive.as_ref().map(owned),
+                f.in_call.as_ref().map(owned),
+            )
+        })
+        .collect()
+}
+
+const FLOW_PIDS: [u64; 2] = [0, 0x113];
+
+/// Every flow, in pages of 3 (as the Elixir loop pages).
+fn paged(mut page: impl FnMut(u64) -> (Vec<OwnedFlow>, Option<u64>)) -> Vec<OwnedFlow> {
+    let mut out = Vec::new();
+    let mut at = Some(0);
+    while let Some(from) = at {
+        let (v, next) = page(from);
+        out.extend(v);
+        at = next;
+    }
+    out
 }
 
 const KEYS: [StatKey; 4] = [
@@ -203,6 +245,15 @@ fn run(max: usize, max_age: Option<i64>, ops: &[Op], chunk: usize) {
                     events: all(&store),
                     stats: KEYS.iter().map(|&k| call_stats(&store, k, &[])).collect(),
                     trees: top_call_trees(&store, 20, 1, 1),
+                    flows: FLOW_PIDS
+                        .iter()
+                        .map(|&p| {
+                            paged(|from| {
+                                let (v, n) = message_flow(&store, p, from, 3);
+                                (owned_flows(&v), n)
+                            })
+                        })
+                        .collect(),
                 };
                 assert!(f.snap.end_seq() == store.next_seq());
                 if frozen.len() == 3 {
@@ -218,6 +269,15 @@ fn run(max: usize, max_age: Option<i64>, ops: &[Op], chunk: usize) {
     }
     for f in &frozen {
         check(f, chunk);
+        for (p, want) in FLOW_PIDS.iter().zip(&f.flows) {
+            let got = paged(|from| {
+                let (v, n) = message_flow_cut(&f.snap, *p, from, 3, |ids, corrs| {
+                    store.cut_heads(&f.snap, ids, corrs)
+                });
+                (owned_flows(&v), n)
+            });
+            assert_eq!(&got, want, "message flow of {p:#x}");
+        }
     }
 }
 

@@ -199,14 +199,30 @@ fn ana_top_trees<'a>(
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_messages<'a>(
     env: Env<'a>,
-    s: Ref<StoreRes>,
+    s: Term<'a>,
     pid: Term<'a>,
     cursor: u64,
     limit: u64,
 ) -> NifResult<Term<'a>> {
     let p = opt_key(env, pid).unwrap_or(0);
+    let limit = (limit as usize).max(1);
+    // A snapshot (`ana_snapshot`): scanned without the store lock, which is
+    // taken only for the lookups' entry points.
+    if let Ok(snap) = s.decode::<Ref<SnapRes>>() {
+        let cut = snap.get(env)?;
+        let (flows, next) = analysis::message_flow_cut(&cut, p, cursor, limit, |ids, corrs| {
+            let store = snap.store().lock().unwrap_or_else(|e| e.into_inner());
+            store.cut_heads(&cut, ids, corrs)
+        });
+        return Ok(flows_term(env, &flows, next));
+    }
+    let s: Ref<StoreRes> = s.decode()?;
     let store: std::sync::MutexGuard<'_, EventStore> = s.lock(env)?;
-    let (flows, next) = analysis::message_flow(&store, p, cursor, (limit as usize).max(1));
+    let (flows, next) = analysis::message_flow(&store, p, cursor, limit);
+    Ok(flows_term(env, &flows, next))
+}
+
+fn flows_term<'a>(env: Env<'a>, flows: &[analysis::Flow], next: Option<u64>) -> Term<'a> {
     let mut scratch: Scratch = Vec::with_capacity(32);
     let mut one = |e: Option<StoredEvent>| match e {
         Some(e) => entry_term(env, &e, &mut scratch),
@@ -221,7 +237,7 @@ fn ana_messages<'a>(
             (a, b, c).encode(env)
         })
         .collect();
-    Ok((out, next).encode(env))
+    (out, next).encode(env)
 }
 
 /// The index key of a filter term, `None` for nil (any).
