@@ -23,7 +23,8 @@ defmodule ElixirScope.Bench.Pipeline do
   import Bitwise, only: [<<<: 2]
   alias ElixirScope.Bench.{BaselinePipeline, Harness}
   alias ElixirScope.Capture.{Ingestor, PipelineManager}
-  alias ElixirScope.Storage.DataAccess
+  alias ElixirScope.{Analysis, Native}
+  alias ElixirScope.Storage.{DataAccess, QueryCoordinator}
 
   defdelegate env_int(name, default), to: ElixirScope.Bench.Harness
 
@@ -382,8 +383,14 @@ defmodule ElixirScope.Bench.Pipeline do
       "\n## 4. Query latency (µs, median of 30 in a fresh process; results are decoded events)\n"
     )
 
-    IO.puts("| stored | query | ours | baseline |")
-    IO.puts("|---:|---|---:|---:|")
+    IO.puts(
+      "`before #15`: the same query through the dirty-scheduler NIF alone with the " <>
+        "VM building every struct map (`enif_make_map_from_arrays`), as before #15, " <>
+        "interleaved with ours in the same run (median of 3 rounds of both).\n"
+    )
+
+    IO.puts("| stored | query | ours | result events/s | before #15 | baseline |")
+    IO.puts("|---:|---|---:|---:|---:|---:|")
 
     for size <- sizes do
       pm = fill_ours(size)
@@ -412,7 +419,43 @@ defmodule ElixirScope.Bench.Pipeline do
         "causal chain (depth 5)" => fn -> DataAccess.causal_chain(store, deep_id) end
       }
 
-      hits = for {k, f} <- ours, into: %{}, do: {k, length(elem(f.(), 1))}
+      ref = store.ref
+
+      before = %{
+        "by pid" => fn -> Native.store_by_pid(ref, pid, 1000, false) end,
+        "time window" => fn -> Native.store_by_time_range(ref, mid, mid + w, 1000, false) end,
+        "by function" => fn -> Native.store_by_function(ref, Bench.Q, :f1, 1000, false) end,
+        "causal chain (depth 5)" => fn -> Native.store_causal_chain(ref, deep_id) end,
+        "QueryCoordinator, pid, as: :event" => fn ->
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :event)
+        end,
+        "QueryCoordinator, pid, as: :correlated" => fn ->
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :correlated)
+        end,
+        "QueryCoordinator, pid, as: :entry" => fn ->
+          Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :entry)
+        end,
+        "Analysis.select, time window" => fn ->
+          Analysis.select(store: store, from: mid, to: mid + w, limit: 1000)
+        end
+      }
+
+      ours =
+        Map.merge(ours, %{
+          "QueryCoordinator, pid, as: :event" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000, as: :event)
+          end,
+          "QueryCoordinator, pid, as: :correlated" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000)
+          end,
+          "QueryCoordinator, pid, as: :entry" => fn ->
+            QueryCoordinator.query(store, pid: pid, limit: 1000, as: :entry)
+          end,
+          # The same path before and after: only the struct building differs.
+          "Analysis.select, time window" => before["Analysis.select, time window"]
+        })
+
+      hits = for {k, f} <- ours, into: %{}, do: {k, count_results(f.())}
 
       base =
         if skip_base do
@@ -449,16 +492,43 @@ defmodule ElixirScope.Bench.Pipeline do
           }
         end
 
-      for q <- ["by pid", "time window", "by function", "causal chain (depth 5)"] do
-        o = time_us(ours[q])
+      for q <- [
+            "by pid",
+            "time window",
+            "by function",
+            "causal chain (depth 5)",
+            "QueryCoordinator, pid, as: :event",
+            "QueryCoordinator, pid, as: :correlated",
+            "QueryCoordinator, pid, as: :entry",
+            "Analysis.select, time window"
+          ] do
+        rounds =
+          for _ <- 1..3 do
+            Native.debug_shared_struct_keys(false)
+            pre = time_us(before[q])
+            Native.debug_shared_struct_keys(true)
+            {time_us(ours[q]), pre}
+          end
+
+        o = median(Enum.map(rounds, &elem(&1, 0)))
+        pre = median(Enum.map(rounds, &elem(&1, 1)))
         b = if f = base[q], do: fmt_num(time_us(f)), else: "–"
-        IO.puts("| #{size} | #{q} (#{hits[q]} hits) | #{fmt_num(o)} | #{b} |")
+        rate = fmt_rate(hits[q] / o * 1.0e6)
+
+        IO.puts(
+          "| #{size} | #{q} (#{hits[q]} hits) | #{fmt_num(o)} | #{rate} | #{fmt_num(pre)} | #{b} |"
+        )
       end
 
       if stop = base[:stop], do: stop.()
       PipelineManager.shutdown(pm)
     end
   end
+
+  def count_results({:ok, %{events: evs}}), do: length(evs)
+  def count_results({evs, _next, _plan, _estimate}), do: length(evs)
+  def count_results({:ok, evs}) when is_list(evs), do: length(evs)
+  def count_results(evs) when is_list(evs), do: length(evs)
 
   # Adjusts a window width until it holds about 1,000 events.
   def calibrate(w, count, tries \\ 12) do

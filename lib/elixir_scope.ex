@@ -61,6 +61,31 @@ defmodule ElixirScope do
       instead of a fresh one [nil]
     * `:nodes` — trace a cluster: a list of node names (`[node() |
       Node.list()]`); see below [nil: this node only]
+    * `:mode` — `:events` (record events), or `:stats` / `:counts`
+      (count calls only, see below) [`:events`]
+
+  ## Stats mode: call counts and times without events
+
+  `mode: :stats` records no event: the VM counts, with its `call_time`
+  counters (what `eprof` uses), the calls of every traced function and the
+  time spent in the function itself, per process; nothing is sent or
+  called per call, so it costs the traced code a fraction of event
+  tracing (the README's bench table has the figures).
+  `ElixirScope.Analysis.call_stat/1` then answers from those counters,
+  read live while the session runs (`by: :function`, `:module`,
+  `:process`, `:process_function`; `acc_ns` is nil). `mode: :counts` uses
+  `call_count` instead: counts per function only, in every process, the
+  cheapest (no process flag at all). Start, `stop_trace/0` and
+  `trace_status/0` work as for events, one session at a time (OTP 25 has
+  one tracer per process, and the counters are per node); the status
+  has `:mode`, `:calls` (counted so far), `:rows` and `:rows_dropped`.
+  Options: `:mode`, `:pids` (`:stats` only; `:counts` needs `:all`),
+  `:duration` [60_000], `:max_rows` — per-process-and-function rows kept
+  when the counters are read, the per-function totals always complete
+  [100_000]. Event options (`:payload`, `:events`, `:max_events`, ...)
+  and `:nodes` raise `ArgumentError`. The counters live in the VM: one per
+  function, and under `:stats` one per process and function, freed when
+  the session stops.
 
   ## Cluster traces
 

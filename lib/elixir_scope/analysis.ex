@@ -402,6 +402,14 @@ defmodule ElixirScope.Analysis do
   Options: `:by` — `:function` (key `{m, f, arity}`, default), `:module`,
   `:process` (key: pid), `:process_function` (key `{pid, {m, f, a}}`);
   `:modules` — only calls of these modules; `:store`.
+
+  After a stats session (`ElixirScope.trace(targets, mode: :stats)`, no
+  `store:` given) the figures are the VM's counters, read live while it
+  runs: exact counts, `own_ns` the time in the function itself (the VM
+  stops a function's clock while a counted callee runs, and while the
+  process is scheduled out; microsecond resolution per process and
+  function), `acc_ns` nil; by own time, largest first. After `mode:
+  :counts`, only `by: :function` / `:module`, with counts (`own_ns` nil).
   """
   @spec call_stat(keyword()) :: [map()]
   def call_stat(opts \\ []) do
@@ -429,10 +437,18 @@ defmodule ElixirScope.Analysis do
     unless is_list(mods) and Enum.all?(mods, &is_atom/1),
       do: raise(ArgumentError, "modules must be a list of modules, got: #{inspect(mods)}")
 
-    {stats, _scanned, _untracked} = Native.ana_call_stats(store!(o).ref, o[:by], mods)
+    # The last trace a stats session (mode: :stats / :counts): the VM's counters.
+    stats =
+      o[:store] == nil and ElixirScope.Tracer.Stats.last?() && ElixirScope.Tracer.stats_data()
 
-    for {key, count, acc, own} <- stats do
-      %{key: key, count: count, acc_ns: acc, own_ns: own}
+    if stats do
+      ElixirScope.Tracer.Stats.call_stat(stats, o[:by], mods)
+    else
+      {stats, _scanned, _untracked} = Native.ana_call_stats(store!(o).ref, o[:by], mods)
+
+      for {key, count, acc, own} <- stats do
+        %{key: key, count: count, acc_ns: acc, own_ns: own}
+      end
     end
   end
 

@@ -152,7 +152,15 @@ defmodule ElixirScope.Events do
   end
 
   defmodule StateChange do
-    @moduledoc "A GenServer state change, with the callback and message that caused it."
+    @moduledoc """
+    A GenServer state change, with the callback and message that caused
+    it. `pid` (an alias of `server_pid`) and `correlation_id` are the
+    original's runtime-tracing fields; `id`, `timestamp` and `wall_time`
+    are ours. Written to a ring with a local `server_pid` (else `pid`) it
+    is a state record of that process (see
+    `ElixirScope.Analysis.state_at/3`), as
+    `Ingestor.ingest_state_change/4`'s, and reads back as this struct.
+    """
 
     defstruct [
       :id,
@@ -164,7 +172,9 @@ defmodule ElixirScope.Events do
       :new_state,
       :state_diff,
       :trigger_message,
-      :trigger_call_id
+      :trigger_call_id,
+      :pid,
+      :correlation_id
     ]
 
     @type t :: %__MODULE__{
@@ -177,7 +187,9 @@ defmodule ElixirScope.Events do
             new_state: term(),
             state_diff: :no_change | :changed | term(),
             trigger_message: term(),
-            trigger_call_id: term()
+            trigger_call_id: term(),
+            pid: pid() | nil,
+            correlation_id: term()
           }
   end
 
@@ -238,7 +250,16 @@ defmodule ElixirScope.Events do
   end
 
   defmodule FunctionEntry do
-    @moduledoc "Fired when entering a function; `call_id` matches the later `FunctionExit`."
+    @moduledoc """
+    Fired when entering a function; `call_id` matches the later
+    `FunctionExit`. `pid`, `correlation_id`, `timestamp` and `wall_time`
+    are the original's runtime-tracing fields.
+
+    Written to a ring with a local `pid`, it is a call of that process
+    (keyed by `call_id`, else `correlation_id`): a pipeline pairs it with
+    the `FunctionExit` (or Ingestor return) of the same key, indexes it by
+    process and function, and it reads back as this struct.
+    """
 
     defstruct [
       :module,
@@ -248,7 +269,11 @@ defmodule ElixirScope.Events do
       :call_id,
       :caller_module,
       :caller_function,
-      :caller_line
+      :caller_line,
+      :pid,
+      :correlation_id,
+      :timestamp,
+      :wall_time
     ]
 
     @type t :: %__MODULE__{
@@ -259,14 +284,38 @@ defmodule ElixirScope.Events do
             call_id: term(),
             caller_module: module() | nil,
             caller_function: atom() | nil,
-            caller_line: non_neg_integer() | nil
+            caller_line: non_neg_integer() | nil,
+            pid: pid() | nil,
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
           }
   end
 
   defmodule FunctionExit do
-    @moduledoc "Fired when exiting a function; `call_id` matches the `FunctionEntry`."
+    @moduledoc """
+    Fired when exiting a function; `call_id` matches the `FunctionEntry`.
 
-    defstruct [:module, :function, :arity, :call_id, :result, :duration_ns, :exit_reason]
+    Written to a ring with a local `pid`, it is a return of that process
+    (an exception when `exit_reason` is neither nil nor `:normal`) that
+    completes the open call of the same key (`call_id`, else
+    `correlation_id`; with neither, the innermost open call). It reads
+    back as this struct.
+    """
+
+    defstruct [
+      :module,
+      :function,
+      :arity,
+      :call_id,
+      :result,
+      :duration_ns,
+      :exit_reason,
+      :pid,
+      :correlation_id,
+      :timestamp,
+      :wall_time
+    ]
 
     @type t :: %__MODULE__{
             module: module() | nil,
@@ -275,7 +324,11 @@ defmodule ElixirScope.Events do
             call_id: term(),
             result: term(),
             duration_ns: non_neg_integer() | nil,
-            exit_reason: :normal | :exception | :error | :exit | :throw | term()
+            exit_reason: :normal | :exception | :error | :exit | :throw | term(),
+            pid: pid() | nil,
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
           }
   end
 
@@ -304,16 +357,39 @@ defmodule ElixirScope.Events do
   end
 
   defmodule ProcessExit do
-    @moduledoc "Fired when a process exits."
+    @moduledoc """
+    Fired when a process exits. `pid` and `reason` are the original's
+    runtime-tracing aliases of `exited_pid` and `exit_reason`.
 
-    defstruct [:exited_pid, :exit_reason, :lifetime_ns, :message_count, :final_state]
+    Written to a ring with a local `exited_pid` (else `pid`), it is an exit
+    of that process (its reason: `exit_reason`, else `reason`), and reads
+    back as this struct.
+    """
+
+    defstruct [
+      :exited_pid,
+      :exit_reason,
+      :lifetime_ns,
+      :message_count,
+      :final_state,
+      :pid,
+      :reason,
+      :correlation_id,
+      :timestamp,
+      :wall_time
+    ]
 
     @type t :: %__MODULE__{
             exited_pid: pid() | nil,
             exit_reason: term(),
             lifetime_ns: non_neg_integer() | nil,
             message_count: non_neg_integer() | nil,
-            final_state: term()
+            final_state: term(),
+            pid: pid() | nil,
+            reason: term(),
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil
           }
   end
 
@@ -357,15 +433,49 @@ defmodule ElixirScope.Events do
   end
 
   defmodule StateSnapshot do
-    @moduledoc "A point-in-time snapshot of a GenServer's state."
+    @moduledoc """
+    A point-in-time snapshot of a GenServer's state, with the original's
+    time-travel fields (`snapshot_id`, `checkpoint_type`, `memory_usage`,
+    `message_queue_len`, `session_id`, ...; `pid` is an alias of
+    `server_pid`) and ours, `snapshot_reason`.
 
-    defstruct [:server_pid, :state, :snapshot_reason, :sequence_number]
+    Written to a ring with a local `server_pid` (else `pid`), it is a state
+    record of that process (see `ElixirScope.Analysis.state_at/3`) and
+    reads back as this struct. One recorded by
+    `Ingestor.ingest_state_snapshot/4` or the tracer reads back with `pid`
+    = `server_pid` and the record's `timestamp` and `wall_time`.
+    """
+
+    defstruct [
+      :server_pid,
+      :snapshot_id,
+      :state,
+      :checkpoint_type,
+      :sequence_number,
+      :memory_usage,
+      :message_queue_len,
+      :pid,
+      :session_id,
+      :correlation_id,
+      :timestamp,
+      :wall_time,
+      :snapshot_reason
+    ]
 
     @type t :: %__MODULE__{
             server_pid: pid() | nil,
+            snapshot_id: term(),
             state: term(),
-            snapshot_reason: term(),
-            sequence_number: non_neg_integer() | nil
+            checkpoint_type: :periodic | :manual | :before_call | :after_call | term(),
+            sequence_number: non_neg_integer() | nil,
+            memory_usage: non_neg_integer() | nil,
+            message_queue_len: non_neg_integer() | nil,
+            pid: pid() | nil,
+            session_id: term(),
+            correlation_id: term(),
+            timestamp: integer() | nil,
+            wall_time: integer() | nil,
+            snapshot_reason: term()
           }
   end
 

@@ -37,6 +37,14 @@ defmodule ElixirScope.Native do
   # Ids
   def next_event_id, do: nif_error()
 
+  # Result structs (#15c): bench switch between shared-keys structs and
+  # `enif_make_map_from_arrays`
+  def debug_shared_struct_keys(_on), do: nif_error()
+  # ... and the Ingestor's call NIF behind rustler's own wrapper
+  def debug_ing_function_call_wrapped(_ref, _m, _f, _args, _pid, _corr), do: nif_error()
+  # ... and the calling scheduler thread's CPU clock (benches)
+  def debug_thread_cpu_ns, do: nif_error()
+
   # Utils (ElixirScope.Utils): native clocks and time ids
   def utils_monotonic_ns, do: nif_error()
   def utils_wall_ns, do: nif_error()
@@ -80,6 +88,7 @@ defmodule ElixirScope.Native do
 
   def store_put_batch(_ref, _entries), do: nif_error()
   def store_try_put_batch(_ref, _entries), do: nif_error()
+  def store_quick(_ref, _op, _a, _b, _limit, _desc), do: nif_error()
   def store_get(_ref, _id), do: nif_error()
   def store_by_pid(_ref, _pid, _limit, _desc), do: nif_error()
   def store_by_function(_ref, _module, _function, _limit, _desc), do: nif_error()
@@ -153,6 +162,7 @@ defmodule ElixirScope.Native do
 
   # Queries (QueryCoordinator)
   def qry_query(_store, _filter, _desc, _limit, _cursor, _as), do: nif_error()
+  def qry_query_quick(_store, _filter, _desc, _limit, _cursor, _as), do: nif_error()
   def qry_related(_store, _id, _depth, _limit), do: nif_error()
 
   # Correlator (EventCorrelator)
@@ -181,6 +191,7 @@ defmodule ElixirScope.Native do
       ),
       do: nif_error()
 
+  def tracer_discard(_owner), do: nif_error()
   def tracer_stop(_tracer, _why), do: nif_error()
   def tracer_stats(_tracer), do: nif_error()
   def tracer_snapshotting(_tracer, _on), do: nif_error()

@@ -26,7 +26,7 @@ defmodule ElixirScope.Tracer do
   alias ElixirScope.Args
   alias ElixirScope.Capture.PipelineManager
   alias ElixirScope.Native
-  alias ElixirScope.Tracer.Callbacks
+  alias ElixirScope.Tracer.{Callbacks, Stats}
 
   @events [:calls, :returns, :messages, :send, :receive, :procs]
 
@@ -66,10 +66,36 @@ defmodule ElixirScope.Tracer do
 
   @doc false
   def trace(targets, opts) do
-    if is_list(opts) and Keyword.keyword?(opts) and Keyword.has_key?(opts, :nodes) do
-      ElixirScope.Cluster.trace(targets, opts)
-    else
-      trace_local(targets, opts)
+    kw? = is_list(opts) and Keyword.keyword?(opts)
+
+    case kw? && Keyword.get(opts, :mode, :events) do
+      mode when mode in [false, :events] ->
+        opts = if kw?, do: Keyword.delete(opts, :mode), else: opts
+
+        cond do
+          not kw? -> trace_local(targets, opts)
+          Keyword.get(opts, :nodes) != nil -> ElixirScope.Cluster.trace(targets, opts)
+          true -> trace_local(targets, Keyword.delete(opts, :nodes))
+        end
+
+      mode when mode in [:stats, :counts] ->
+        trace_stats(targets, opts)
+
+      other ->
+        raise ArgumentError, "mode must be :events, :stats or :counts, got: #{inspect(other)}"
+    end
+  end
+
+  # A stats session (see ElixirScope.Tracer.Stats): the VM's call counters,
+  # no events.
+  defp trace_stats(targets, opts) do
+    config = Stats.validate!(opts, Keyword.keys(@defaults) ++ [:nodes])
+
+    with {:ok, patterns} <- resolve_targets(targets, %{calls: true}),
+         {:ok, pids} <- resolve_pids(Keyword.get(opts, :pids, :all)) do
+      result = call({:stats_start, patterns, pids, config})
+      if match?({:ok, _}, result), do: ElixirScope.Cluster.forget()
+      result
     end
   end
 
@@ -178,7 +204,7 @@ defmodule ElixirScope.Tracer do
   def pipeline do
     case call(:session) do
       nil -> nil
-      s -> s.pm
+      s -> s[:pm]
     end
   end
 
@@ -187,6 +213,10 @@ defmodule ElixirScope.Tracer do
     case call(:session) do
       nil ->
         {:error, :no_trace}
+
+      # A stats session records no events: its counters are always current.
+      %{stats: true} ->
+        :ok
 
       s ->
         if Process.alive?(s.pm),
@@ -410,11 +440,43 @@ defmodule ElixirScope.Tracer do
     case start_session(patterns, pids, config) do
       {:ok, session} ->
         :persistent_term.put({__MODULE__, :store}, session.store)
+        :persistent_term.put({__MODULE__, :mode}, :events)
         {:reply, {:ok, info(session)}, %{s | session: session}}
 
       {:error, _} = err ->
         {:reply, err, s}
     end
+  end
+
+  def handle_call({:stats_start, _, _, _}, _from, %{session: %{active: true}} = s),
+    do: {:reply, {:error, :already_tracing}, s}
+
+  def handle_call({:stats_start, _, _, _}, _from, %{scoped: scoped} = s)
+      when map_size(scoped) > 0,
+      do: {:reply, {:error, :already_tracing}, s}
+
+  def handle_call({:stats_start, patterns, pids, config}, _from, s) do
+    s = drop_session(s)
+
+    case start_stats(patterns, pids, config) do
+      {:ok, session} ->
+        :persistent_term.erase({__MODULE__, :store})
+        :persistent_term.put({__MODULE__, :mode}, config.mode)
+        {:reply, {:ok, stats_info(session)}, %{s | session: session}}
+
+      {:error, _} = err ->
+        {:reply, err, s}
+    end
+  end
+
+  def handle_call(:stats_data, _from, %{session: %{stats: true} = session} = s),
+    do: {:reply, %{mode: session.config.mode, data: stats_data(session)}, s}
+
+  def handle_call(:stats_data, _from, s), do: {:reply, nil, s}
+
+  def handle_call(:stop_trace, _from, %{session: %{stats: true, active: true} = session} = s) do
+    session = finish_stats(session, :stopped)
+    {:reply, {:ok, stats_summary(session)}, %{s | session: session}}
   end
 
   def handle_call(:stop_trace, _from, %{session: %{active: true} = session} = s) do
@@ -438,6 +500,9 @@ defmodule ElixirScope.Tracer do
 
   def handle_call(:status, _from, %{session: nil} = s),
     do: {:reply, %{state: :idle}, s}
+
+  def handle_call(:status, _from, %{session: %{stats: true} = session} = s),
+    do: {:reply, stats_summary(session), s}
 
   def handle_call(:status, _from, %{session: session} = s),
     do: {:reply, summary(session), s}
@@ -482,6 +547,9 @@ defmodule ElixirScope.Tracer do
     {:noreply, %{s | session: session |> finish(nil) |> tell_owner()}}
   end
 
+  def handle_info({:stats_duration, id}, %{session: %{stats: true, active: true, id: id}} = s),
+    do: {:noreply, %{s | session: finish_stats(s.session, :duration)}}
+
   def handle_info({:duration, tracer}, %{session: %{active: true, tracer: tracer} = session} = s) do
     {:noreply, %{s | session: session |> finish(:duration) |> tell_owner()}}
   end
@@ -519,6 +587,7 @@ defmodule ElixirScope.Tracer do
   @impl true
   def terminate(_reason, s) do
     case s.session do
+      %{stats: true, active: true} = session -> _ = finish_stats(session, :stopped)
       %{active: true} = session -> _ = finish(session, :stopped, false)
       _ -> :ok
     end
@@ -822,6 +891,103 @@ defmodule ElixirScope.Tracer do
     after
       0 -> :ok
     end
+  end
+
+  # ---- stats sessions (ElixirScope.Tracer.Stats) -------------------------------
+
+  @doc false
+  # The counters of the current or last stats session (read now while it
+  # runs), as ElixirScope.Tracer.Stats.call_stat/3 takes them; nil when
+  # the last trace is not one.
+  def stats_data, do: call(:stats_data)
+
+  defp start_stats(patterns, pids, c) do
+    tracer = if c.mode == :stats, do: Native.tracer_discard(self()), else: nil
+    functions = Stats.functions(patterns)
+    matched = Stats.patterns_on(patterns, c.mode)
+
+    case Stats.procs_on(c.mode, pids, tracer, [self()]) do
+      :ok ->
+        id = make_ref()
+
+        {:ok,
+         %{
+           stats: true,
+           id: id,
+           active: true,
+           tracer: tracer,
+           patterns: patterns,
+           functions: functions,
+           matched: matched,
+           pids: pids,
+           config: c,
+           timer: Process.send_after(self(), {:stats_duration, id}, c.duration),
+           started_at: System.monotonic_time(:millisecond),
+           stopped_at: nil,
+           reason: nil,
+           data: nil
+         }}
+
+      {:error, _} = err ->
+        Stats.patterns_off(patterns, c.mode)
+        Stats.procs_off(c.mode, pids)
+        if tracer, do: Native.tracer_stop(tracer, :stopped)
+        err
+    end
+  end
+
+  # Freeze the counters, keep what they counted, switch everything off.
+  defp finish_stats(session, why) do
+    c = session.config
+    Stats.pause(session.patterns, c.mode)
+    data = Stats.read(session.functions, c.mode, c.max_rows)
+    Stats.patterns_off(session.patterns, c.mode)
+    Stats.procs_off(c.mode, session.pids)
+    if session.tracer, do: Native.tracer_stop(session.tracer, :stopped)
+    Process.cancel_timer(session.timer)
+
+    %{
+      session
+      | active: false,
+        reason: why,
+        data: data,
+        timer: nil,
+        stopped_at: System.monotonic_time(:millisecond)
+    }
+  end
+
+  defp stats_data(%{active: true} = session) do
+    c = session.config
+    Stats.read(session.functions, c.mode, c.max_rows)
+  end
+
+  defp stats_data(session), do: session.data
+
+  defp stats_info(session) do
+    %{
+      mode: session.config.mode,
+      functions: session.matched,
+      pids: session.pids,
+      flags: if(session.config.mode == :stats, do: [:call], else: [])
+    }
+  end
+
+  defp stats_summary(session) do
+    data = stats_data(session)
+
+    %{
+      state: if(session.active, do: :tracing, else: :stopped),
+      mode: session.config.mode,
+      reason: session.reason,
+      functions: session.matched,
+      pids: session.pids,
+      options: session.config,
+      started_at: session.started_at,
+      stopped_at: session.stopped_at,
+      calls: data.calls,
+      rows: length(data.rows),
+      rows_dropped: data.rows_dropped
+    }
   end
 
   # ---- scoped sessions ----------------------------------------------------------

@@ -481,6 +481,14 @@ defmodule ElixirScope.BadInputTest do
        &(query_result?(&1) or &1 == {:error, :no_correlation_id})},
       {TemporalBridge, :get_active_ast_nodes, fn _ -> [bridge!(), 0, 10] end, &query_result?/1},
       {TemporalBridge, :register_as_handler, fn _ -> [bridge!()] end, &(&1 == :ok)},
+      # #17b: the bridge over a trace.
+      {TemporalBridge, :feed_trace, fn _ -> [bridge!()] end,
+       &(match?({:ok, n} when is_integer(n), &1) or &1 == {:error, :no_trace})},
+      {TemporalBridge, :feed_trace,
+       fn _ -> [bridge!(), [store: elem(DataAccess.new(max_events: 16), 1), limit: 5]] end,
+       &(match?({:ok, n} when is_integer(n), &1) or &1 == {:error, :no_trace})},
+      {TemporalBridge, :process_state_at, fn _ -> [bridge!(), me, 10] end,
+       &match?({:error, a} when is_atom(a), &1)},
       {TemporalBridge, :unregister_handler, fn _ -> [] end, &(&1 == :ok)},
       {TemporalBridge, :get_registered_bridge, fn _ -> [] end,
        &(match?({:ok, _}, &1) or &1 == {:error, :not_registered})},
@@ -849,6 +857,9 @@ defmodule ElixirScope.BadInputTest do
 
       calls = [
         {:next_event_id, []},
+        {:debug_shared_struct_keys, [true]},
+        {:debug_thread_cpu_ns, []},
+        {:debug_ing_function_call_wrapped, [ring_ref, M, :f, [1], me, 1]},
         {:utils_monotonic_ns, []},
         {:utils_wall_ns, []},
         {:utils_generate_id, []},
@@ -885,6 +896,7 @@ defmodule ElixirScope.BadInputTest do
         {:store_by_ast_node, [store_ref, 5, 10, true]},
         {:store_index_sizes, [store_ref]},
         {:store_by_time_range, [store_ref, 0, 10, 10, false]},
+        {:store_quick, [store_ref, :time, 0, 10, 10, false]},
         {:store_evict, [store_ref, 0, 0]},
         {:store_stats, [store_ref]},
         {:store_get_correlated, [store_ref, 1]},
@@ -927,6 +939,7 @@ defmodule ElixirScope.BadInputTest do
         {:tracer_new, [ring_ref, me, true, true, 64, 64, 10, 10, 1000, [], nil]},
         {:tracer_new,
          [ring_ref, me, false, true, 64, 128, 10, 10, 1000, callbacks, [{M, :_, :_}]]},
+        {:tracer_discard, [me]},
         {:enabled, [:call, tracer_ref, me]},
         {:enabled, [:trace_status, tracer_ref, me]},
         {:trace, [:call, tracer_ref, me, {M, :f, [1]}, %{}]},
@@ -961,6 +974,8 @@ defmodule ElixirScope.BadInputTest do
         {:ana_snapshot_release, [snap_ref]},
         {:ana_select_time, [store_ref, 0, -1, me, M, :f, 4, 10]},
         {:qry_query, [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
+        {:qry_query_quick,
+         [store_ref, %{pid: me, from: 0, linked_to: 3}, false, 10, nil, :entry]},
         {:qry_related, [store_ref, 1, 3, 100]},
         {:pipe_latency_buckets, [pipe_ref]},
         {:sub_new, [pipe_ref, me, %{types: 4, pid: me}, 10]},
@@ -1247,7 +1262,13 @@ defmodule ElixirScope.BadInputTest do
       structs = [
         %Events.MessageSent{from_pid: me, to_pid: me, message: :m},
         %Events.MessageReceived{pid: me, message: :m},
-        %Events.CallbackReply{server_pid: me, pid: me, call_id: 1, reply: :ok}
+        %Events.CallbackReply{server_pid: me, pid: me, call_id: 1, reply: :ok},
+        # issue-17a: the original's fields of these (pid, correlation, times)
+        %Events.FunctionEntry{module: M, function: :f, arity: 0, pid: me, call_id: 1},
+        %Events.FunctionExit{module: M, function: :f, pid: me, call_id: 1, exit_reason: :normal},
+        %Events.ProcessExit{exited_pid: me, pid: me, exit_reason: :normal, reason: :normal},
+        %Events.StateChange{server_pid: me, pid: me, old_state: 1, new_state: 2},
+        %Events.StateSnapshot{server_pid: me, pid: me, state: 1, session_id: 1}
       ]
 
       buf = new_ring!(size: 64)

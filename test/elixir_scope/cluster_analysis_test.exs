@@ -18,28 +18,7 @@ defmodule ElixirScope.ClusterAnalysisTest do
   end
 
   setup_all do
-    started? = H.start_distribution!()
-    {:ok, _} = Application.ensure_all_started(:elixir_scope)
-    me = self()
-
-    keeper =
-      spawn(fn ->
-        send(me, {:peers, H.start_peer("b"), H.start_peer("c")})
-
-        receive do
-          :stop -> :ok
-        end
-      end)
-
-    {{pb, b}, {pc, c}} =
-      receive do
-        {:peers, b, c} -> {b, c}
-      after
-        60_000 -> raise "peers did not start"
-      end
-
-    # Queries wait for slow nodes here (the machine may be loaded).
-    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
+    [{_, b}, {_, c}] = H.start_cluster!(["b", "c"])
     {:ok, w} = :erpc.call(c, Worker, :start, [])
     {:ok, s} = :erpc.call(b, Server, :start, [w])
     nodes = [node(), b, c]
@@ -58,14 +37,6 @@ defmodule ElixirScope.ClusterAnalysisTest do
     send(task.pid, :go)
     results = Task.await(task, 120_000)
     {:ok, summary} = ElixirScope.stop_trace()
-
-    on_exit(fn ->
-      Application.delete_env(:elixir_scope, :cluster_query_timeout)
-      send(keeper, :stop)
-      H.stop_peer(pb)
-      H.stop_peer(pc)
-      H.stop_distribution!(started?)
-    end)
 
     %{
       b: b,

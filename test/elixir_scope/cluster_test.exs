@@ -16,40 +16,8 @@ defmodule ElixirScope.ClusterTest do
   end
 
   setup_all do
-    started? = H.start_distribution!()
-    # Queries wait for slow nodes here (the machine may be loaded).
-    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
-    {:ok, _} = Application.ensure_all_started(:elixir_scope)
-    # Peers outlive single tests: linked to a process of their own.
-    me = self()
-
-    keeper =
-      spawn(fn ->
-        b = H.start_peer("b")
-        c = H.start_peer("c")
-        send(me, {:peers, b, c})
-
-        receive do
-          :stop -> :ok
-        end
-      end)
-
-    {b, c} =
-      receive do
-        {:peers, b, c} -> {b, c}
-      after
-        60_000 -> raise "peers did not start"
-      end
-
-    on_exit(fn ->
-      Application.delete_env(:elixir_scope, :cluster_query_timeout)
-      send(keeper, :stop)
-      H.stop_peer(elem(b, 0))
-      H.stop_peer(elem(c, 0))
-      H.stop_distribution!(started?)
-    end)
-
-    %{b: elem(b, 1), c: elem(c, 1)}
+    [{_, b}, {_, c}] = H.start_cluster!(["b", "c"])
+    %{b: b, c: c}
   end
 
   setup do
@@ -405,6 +373,11 @@ defmodule ElixirScope.ClusterTest do
       assert_raise ArgumentError, ~r/nodes must be a non-empty list/, fn ->
         ElixirScope.trace(Client, nodes: [])
       end
+
+      # nodes: nil is this node only.
+      assert {:ok, _} = ElixirScope.trace(Client, nodes: nil, events: [:calls])
+      refute ElixirScope.Cluster.active?()
+      assert {:ok, %{state: :stopped}} = ElixirScope.stop_trace()
 
       assert_raise ArgumentError, ~r/on_missing/, fn ->
         ElixirScope.trace(Client, nodes: [node()], on_missing: :maybe)

@@ -63,7 +63,9 @@ defmodule ElixirScope.EventsTest do
        :new_state,
        :state_diff,
        :trigger_message,
-       :trigger_call_id
+       :trigger_call_id,
+       :pid,
+       :correlation_id
      ]},
     {PerformanceMetric,
      [
@@ -98,9 +100,26 @@ defmodule ElixirScope.EventsTest do
        :call_id,
        :caller_module,
        :caller_function,
-       :caller_line
+       :caller_line,
+       :pid,
+       :correlation_id,
+       :timestamp,
+       :wall_time
      ]},
-    {FunctionExit, [:module, :function, :arity, :call_id, :result, :duration_ns, :exit_reason]},
+    {FunctionExit,
+     [
+       :module,
+       :function,
+       :arity,
+       :call_id,
+       :result,
+       :duration_ns,
+       :exit_reason,
+       :pid,
+       :correlation_id,
+       :timestamp,
+       :wall_time
+     ]},
     {ProcessSpawn,
      [
        :spawned_pid,
@@ -111,7 +130,19 @@ defmodule ElixirScope.EventsTest do
        :spawn_opts,
        :registered_name
      ]},
-    {ProcessExit, [:exited_pid, :exit_reason, :lifetime_ns, :message_count, :final_state]},
+    {ProcessExit,
+     [
+       :exited_pid,
+       :exit_reason,
+       :lifetime_ns,
+       :message_count,
+       :final_state,
+       :pid,
+       :reason,
+       :correlation_id,
+       :timestamp,
+       :wall_time
+     ]},
     {MessageSend, [:sender_pid, :receiver_pid, :message, :message_id, :send_type, :call_ref]},
     {MessageReceive,
      [
@@ -123,7 +154,22 @@ defmodule ElixirScope.EventsTest do
        :queue_time_ns,
        :pattern_matched
      ]},
-    {StateSnapshot, [:server_pid, :state, :snapshot_reason, :sequence_number]}
+    {StateSnapshot,
+     [
+       :server_pid,
+       :snapshot_id,
+       :state,
+       :checkpoint_type,
+       :sequence_number,
+       :memory_usage,
+       :message_queue_len,
+       :pid,
+       :session_id,
+       :correlation_id,
+       :timestamp,
+       :wall_time,
+       :snapshot_reason
+     ]}
   ]
 
   # Spelled only as a string: writing it as an atom literal would create it.

@@ -353,19 +353,8 @@ defmodule ElixirScope.ExportTest do
     end
 
     test "a read-only and a full file system (tiny tmpfs)", %{store: s, dir: dir} do
-      ro = Path.join(dir, "ro")
-      full = Path.join(dir, "full")
-      File.mkdir_p!(ro)
-      File.mkdir_p!(full)
-
-      case {mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", ro]),
-            mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", full])} do
-        {:ok, :ok} ->
-          on_exit(fn ->
-            System.cmd("umount", [ro])
-            System.cmd("umount", [full])
-          end)
-
+      case tiny_tmpfs_pair(dir) do
+        {:ok, ro, full} ->
           assert {:error, {:erofs, _}} = Export.chrome_trace(s, Path.join(ro, "x.json"))
 
           # 64 KiB cannot hold the export of 2,000 events with previews.
@@ -398,8 +387,8 @@ defmodule ElixirScope.ExportTest do
           # A small export still fits.
           assert {:ok, _} = Export.chrome_trace(s, Path.join(full, "small.json"))
 
-        other ->
-          IO.puts("skipped: cannot mount a tmpfs here (#{inspect(other)})")
+        {:skip, why} ->
+          IO.puts("skipped: #{why}")
       end
     end
 

@@ -586,19 +586,8 @@ defmodule ElixirScope.TraceFileTest do
 
     @tag :tmpfs
     test "an unwritable place and a full disk (tiny tmpfs mounts)", %{store: store, dir: dir} do
-      ro = Path.join(dir, "ro")
-      full = Path.join(dir, "full")
-      File.mkdir_p!(ro)
-      File.mkdir_p!(full)
-
-      case {mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", ro]),
-            mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", full])} do
-        {:ok, :ok} ->
-          on_exit(fn ->
-            System.cmd("umount", [ro])
-            System.cmd("umount", [full])
-          end)
-
+      case tiny_tmpfs_pair(dir) do
+        {:ok, ro, full} ->
           assert {:error, {:erofs, _}} = TraceFile.save(store, Path.join(ro, "x.estrace"))
 
           # 64 KiB cannot hold a trace of incompressible payloads.
@@ -615,8 +604,8 @@ defmodule ElixirScope.TraceFileTest do
           # And the small store still fits.
           assert {:ok, _} = TraceFile.save(store, target)
 
-        other ->
-          IO.puts("skipped: cannot mount a tmpfs here (#{inspect(other)})")
+        {:skip, why} ->
+          IO.puts("skipped: #{why}")
       end
     end
 

@@ -85,6 +85,47 @@ defmodule ElixirScope.ClusterHelpers do
     {peer, node}
   end
 
+  @doc """
+  The cluster test modules' `setup_all`: makes this VM distributed,
+  starts the app, sets a long `cluster_query_timeout` (the machine may be
+  loaded) and starts one peer per tag, linked to a keeper process of its
+  own so the peers outlive single tests. On exit everything is undone and
+  the cluster forgotten, so later tests' analysis reads this node's
+  store. Returns `[{peer, node}]` in the order of `tags`.
+  """
+  def start_cluster!(tags) do
+    started? = start_distribution!()
+    {:ok, _} = Application.ensure_all_started(:elixir_scope)
+    Application.put_env(:elixir_scope, :cluster_query_timeout, 120_000)
+    me = self()
+
+    keeper =
+      spawn(fn ->
+        send(me, {:peers, self(), Enum.map(tags, &start_peer/1)})
+
+        receive do
+          :stop -> :ok
+        end
+      end)
+
+    peers =
+      receive do
+        {:peers, ^keeper, peers} -> peers
+      after
+        60_000 -> raise "peers did not start"
+      end
+
+    ExUnit.Callbacks.on_exit(fn ->
+      Application.delete_env(:elixir_scope, :cluster_query_timeout)
+      send(keeper, :stop)
+      Enum.each(peers, fn {peer, _} -> stop_peer(peer) end)
+      stop_distribution!(started?)
+      ElixirScope.Cluster.forget()
+    end)
+
+    peers
+  end
+
   def stop_peer(peer) do
     :peer.stop(peer)
   catch

@@ -68,15 +68,8 @@ defmodule ElixirScope.TraceFileHelpers do
           corr = {p, i}
           args = [i, "arg #{i}", {:ok, i * 1.5}, %{k: [1, 2]}, 1 <<< 70]
 
-          :ok =
-            Ingestor.ingest_function_call(
-              buf,
-              Enum.random(mods),
-              Enum.random(funs),
-              args,
-              p,
-              corr
-            )
+          {m, f} = {Enum.random(mods), Enum.random(funs)}
+          ingest!(fn -> Ingestor.ingest_function_call(buf, m, f, args, p, corr) end)
 
           Map.put(stacks, p, [corr | stack])
 
@@ -84,40 +77,64 @@ defmodule ElixirScope.TraceFileHelpers do
           [corr | rest] = stack
 
           if :rand.uniform(6) == 1,
-            do: :ok = Ingestor.ingest_function_exception(buf, :error, :badarg, i, corr),
-            else: :ok = Ingestor.ingest_function_return(buf, {:ok, i}, i * 10, corr)
+            do:
+              ingest!(fn -> Ingestor.ingest_function_exception(buf, :error, :badarg, i, corr) end),
+            else: ingest!(fn -> Ingestor.ingest_function_return(buf, {:ok, i}, i * 10, corr) end)
 
           Map.put(stacks, p, rest)
 
         7 ->
           to = Enum.random(procs)
           msg = {:msg, rem(i, 17)}
-          :ok = Ingestor.ingest_message_send(buf, p, to, msg)
-          :ok = Ingestor.ingest_message_receive(buf, to, msg)
+          ingest!(fn -> Ingestor.ingest_message_send(buf, p, to, msg) end)
+          ingest!(fn -> Ingestor.ingest_message_receive(buf, to, msg) end)
           stacks
 
         8 ->
-          :ok = Ingestor.ingest_state_change(buf, p, %{n: i - 1}, %{n: i})
+          ingest!(fn -> Ingestor.ingest_state_change(buf, p, %{n: i - 1}, %{n: i}) end)
           stacks
 
         9 ->
           case :rand.uniform(4) do
-            1 -> :ok = Ingestor.ingest_process_spawn(buf, p, Enum.random(procs))
-            2 -> :ok = Ingestor.ingest_error(buf, :oops, "message #{i}", [])
-            3 -> :ok = Ingestor.ingest_performance_metric(buf, :latency, i, %{at: i})
-            4 -> :ok = Ingestor.ingest_process_exit(buf, Enum.random(procs), :normal)
+            1 ->
+              q = Enum.random(procs)
+              ingest!(fn -> Ingestor.ingest_process_spawn(buf, p, q) end)
+
+            2 ->
+              ingest!(fn -> Ingestor.ingest_error(buf, :oops, "message #{i}", []) end)
+
+            3 ->
+              ingest!(fn -> Ingestor.ingest_performance_metric(buf, :latency, i, %{at: i}) end)
+
+            4 ->
+              q = Enum.random(procs)
+              ingest!(fn -> Ingestor.ingest_process_exit(buf, q, :normal) end)
           end
 
           stacks
 
         _ ->
-          :ok = Ingestor.ingest_generic_event(buf, :custom, %{i: i}, p, nil, i, i)
+          ingest!(fn -> Ingestor.ingest_generic_event(buf, :custom, %{i: i}, p, nil, i, i) end)
           stacks
       end
     end)
 
     :ok = PipelineManager.flush(pm)
     {pm, PipelineManager.data_access(pm)}
+  end
+
+  # The workload is what these tests need, not the ring's overflow: a write
+  # the full ring refused (its workers starved on a loaded machine, with
+  # backpressure off) is retried once they drained some (for up to ~30 s).
+  defp ingest!(write, tries \\ 30_000) do
+    case write.() do
+      :ok ->
+        :ok
+
+      {:error, :buffer_full} when tries > 0 ->
+        Process.sleep(1)
+        ingest!(write, tries - 1)
+    end
   end
 
   @doc """
@@ -217,6 +234,33 @@ defmodule ElixirScope.TraceFileHelpers do
     File.mkdir_p!(dir)
     ExUnit.Callbacks.on_exit(fn -> File.rm_rf(dir) end)
     dir
+  end
+
+  @doc """
+  Mounts two tiny (64 KiB) tmpfs under `dir`, a read-only one and a
+  writable one to fill, for the file-system error tests: `{:ok, ro, full}`
+  (both unmounted on exit), or `{:skip, why}` when this machine cannot
+  mount them (whatever did mount is unmounted again).
+  """
+  def tiny_tmpfs_pair(dir) do
+    ro = Path.join(dir, "ro")
+    full = Path.join(dir, "full")
+    File.mkdir_p!(ro)
+    File.mkdir_p!(full)
+    r = mount(["-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", ro])
+    f = mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", full])
+    mounted = for {:ok, p} <- [{r, ro}, {f, full}], do: p
+    umount = fn -> Enum.each(mounted, &System.cmd("umount", [&1], stderr_to_stdout: true)) end
+
+    case {r, f} do
+      {:ok, :ok} ->
+        ExUnit.Callbacks.on_exit(umount)
+        {:ok, ro, full}
+
+      other ->
+        umount.()
+        {:skip, "cannot mount a tmpfs here (#{inspect(other)})"}
+    end
   end
 
   @doc "`mount ARGS` (a tiny tmpfs for the file-system error tests): `:ok` or `{:error, ...}`."

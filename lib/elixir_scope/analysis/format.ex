@@ -333,6 +333,8 @@ defmodule ElixirScope.Analysis.Format do
   defp key({pid, {m, f, a}}), do: "#{inspect(pid)} #{key({m, f, a})}"
   defp key(other), do: inspect(other)
 
+  # nil: not measured (a stats session keeps no inclusive time).
+  defp us(nil), do: "–"
   defp us(ns), do: :erlang.float_to_binary(ns / 1000, decimals: 1)
 
   defp short(term), do: inspect(term, limit: 8, printable_limit: 60, width: :infinity)

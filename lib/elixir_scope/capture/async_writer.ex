@@ -56,7 +56,7 @@ defmodule ElixirScope.Capture.AsyncWriter do
   use GenServer
 
   alias ElixirScope.Capture.{Pipeline, PipelineManager, RingBuffer}
-  alias ElixirScope.Native
+  alias ElixirScope.{Native, Utils}
   alias ElixirScope.Storage.DataAccess
 
   # Timer and count bound (Process.send_after/3's longest timeout).
@@ -117,7 +117,10 @@ defmodule ElixirScope.Capture.AsyncWriter do
   `replay_end` (nil outside a replay), `events_read`, `events_processed`,
   `batches_processed`, `processing_rate`, `error_count`, `last_error`,
   `resumed` (an earlier writer left this cursor), `owned_store`,
-  `start_time`.
+  `start_time` (when this process started) and `last_poll_time` (when its
+  last poll or drain ended; `start_time` before the first), both on
+  `ElixirScope.Utils.monotonic_timestamp/0`'s clock (ns), as in the
+  original.
   """
   @spec get_state(GenServer.server()) :: map()
   def get_state(w), do: GenServer.call(w, :get_state)
@@ -223,6 +226,7 @@ defmodule ElixirScope.Capture.AsyncWriter do
           end
 
         schedule(config.poll_interval_ms)
+        now = Utils.monotonic_timestamp()
 
         {:ok,
          %{
@@ -234,7 +238,8 @@ defmodule ElixirScope.Capture.AsyncWriter do
            ring_error: ring_error,
            last_error: ring_error,
            started_at: System.monotonic_time(:millisecond),
-           start_time: System.monotonic_time(:nanosecond),
+           start_time: now,
+           last_poll_time: now,
            # Read errors counted here (no cursor to count them in).
            local_errors: 0,
            processed_at_start: processed_at_start(config, cursor)
@@ -279,7 +284,8 @@ defmodule ElixirScope.Capture.AsyncWriter do
        processing_rate: m.processing_rate,
        error_count: m.error_count,
        last_error: s.last_error,
-       start_time: s.start_time
+       start_time: s.start_time,
+       last_poll_time: s.last_poll_time
      }, s}
   end
 
@@ -376,12 +382,15 @@ defmodule ElixirScope.Capture.AsyncWriter do
     e in ArgumentError -> {:error, {:read_error, Exception.message(e)}, s}
   end
 
+  # One poll (or drain): its end is `last_poll_time`.
+  defp poll(s, budget), do: %{do_poll(s, budget) | last_poll_time: Utils.monotonic_timestamp()}
+
   # No usable ring: a read error per poll.
-  defp poll(%{cursor: nil} = s, _budget),
+  defp do_poll(%{cursor: nil} = s, _budget),
     do: %{s | local_errors: s.local_errors + 1, last_error: s.ring_error}
 
   # Up to `budget` events (`:infinity`: up to the write position seen now).
-  defp poll(s, budget) do
+  defp do_poll(s, budget) do
     budget =
       case budget do
         :infinity ->

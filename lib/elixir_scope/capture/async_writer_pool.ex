@@ -54,7 +54,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
 
   alias ElixirScope.Capture.{Pipeline, RingBuffer}
   alias ElixirScope.Capture.AsyncWriterPool.Worker
-  alias ElixirScope.Native
+  alias ElixirScope.{Native, Utils}
   alias ElixirScope.Storage.DataAccess
 
   @writer_keys [:batch_size, :poll_interval_ms, :max_backlog]
@@ -106,10 +106,18 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
   end
 
   @doc """
-  `%{config, workers, worker_assignments, pool_size, shards, mode,
-  ring_buffer, data_access, uptime_ms}`; `workers` are the worker
-  processes' pids, in worker-index order (index `i` drains
-  `worker_assignments[i]`).
+  `%{config, workers, worker_assignments, shard_assignments,
+  worker_monitors, start_time, pool_size, shards, mode, restarts,
+  ring_buffer, data_access, uptime_ms}`. As in the original: `workers` are
+  the worker processes' pids (in worker-index order),
+  `worker_assignments` is `%{pid => index}` (`get_worker_assignments/1`),
+  `worker_monitors` is `%{pid => monitor reference}` (the pool monitors
+  its workers), `start_time` is when the pool started
+  (`ElixirScope.Utils.monotonic_timestamp/0`, ns) and `config` has
+  `pool_size`, `ring_buffer`, `batch_size`, `poll_interval_ms` (the idle
+  park time) and `max_backlog`. Ours: `shard_assignments` is `%{index =>
+  [shard]}` (`get_shard_assignments/1`: worker `i`, the pid at
+  `Enum.at(workers, i)`, drains those shards).
   """
   @spec get_state(GenServer.server()) :: map()
   def get_state(pool), do: GenServer.call(pool, :get_state)
@@ -131,9 +139,21 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
   @spec get_metrics(GenServer.server()) :: map()
   def get_metrics(pool), do: GenServer.call(pool, :get_metrics)
 
-  @doc "`%{worker_index => [shard_index]}`: which worker drains which shards."
-  @spec get_worker_assignments(GenServer.server()) :: %{non_neg_integer() => [non_neg_integer()]}
+  @doc """
+  `%{worker_pid => worker_index}`, the original's shape: each worker
+  process and its index (see `get_shard_assignments/1` for what an index
+  drains).
+  """
+  @spec get_worker_assignments(GenServer.server()) :: %{pid() => non_neg_integer()}
   def get_worker_assignments(pool), do: GenServer.call(pool, :get_state).worker_assignments
+
+  @doc """
+  `%{worker_index => [shard_index]}`: which worker drains which shards
+  (worker `w` of `n` drains shards `w, w + n, ...`; see "Work
+  partitioning").
+  """
+  @spec get_shard_assignments(GenServer.server()) :: %{non_neg_integer() => [non_neg_integer()]}
+  def get_shard_assignments(pool), do: GenServer.call(pool, :get_state).shard_assignments
 
   @doc """
   `%{status: :healthy | :degraded, worker_count, healthy_workers,
@@ -184,15 +204,19 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
       |> Map.take(@writer_keys)
       |> Map.put_new(:batch_size, pipeline.config.batch_size)
       |> Map.put_new(:max_backlog, 1000)
+      |> Map.put_new(:poll_interval_ms, div(pipeline.config.flush_interval_us + 999, 1000))
+      |> Map.put(:ring_buffer, pipeline.ring_buffer)
 
     s = %{
       mode: mode,
       pipeline: pipeline,
       config: Map.merge(writer, %{pool_size: size}),
       started_at: System.monotonic_time(:millisecond),
-      # index => pid, and pid => index
+      start_time: Utils.monotonic_timestamp(),
+      # index => pid, pid => index, and pid => monitor
       workers: %{},
       indexes: %{},
+      monitors: %{},
       restarts: 0
     }
 
@@ -212,7 +236,10 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
      %{
        config: s.config,
        workers: worker_pids(s),
-       worker_assignments: assignments(n, shards),
+       worker_assignments: s.indexes,
+       shard_assignments: assignments(n, shards),
+       worker_monitors: s.monitors,
+       start_time: s.start_time,
        pool_size: n,
        shards: shards,
        mode: s.mode,
@@ -248,7 +275,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
        per_worker:
          per
          |> Enum.with_index()
-         |> Map.new(fn {{events, batches, errors, _lease}, i} ->
+         |> Map.new(fn {{events, batches, errors, _lease, _last_poll}, i} ->
            {i, %{pid: Map.get(s.workers, i), events: events, batches: batches, errors: errors}}
          end)
      }, s}
@@ -262,7 +289,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
     healthy =
       per
       |> Enum.with_index()
-      |> Enum.count(fn {{_e, _b, _err, lease}, i} ->
+      |> Enum.count(fn {{_e, _b, _err, lease, _last_poll}, i} ->
         lease == :held and alive?(Map.get(s.workers, i))
       end)
 
@@ -296,6 +323,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
 
       {index, indexes} ->
         s = %{s | indexes: indexes, workers: Map.delete(s.workers, index)}
+        s = demonitor(s, pid)
         # Restart it in its place (its thread resumes its shards), unless
         # the pool shrank meanwhile.
         s = if index < native_workers(s), do: start_worker(s, index, true), else: forget(s, index)
@@ -329,6 +357,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
 
     Enum.reduce(s.workers, s, fn
       {i, pid}, s when i >= n ->
+        s = demonitor(s, pid)
         stop_worker(pid)
         %{s | workers: Map.delete(s.workers, i), indexes: Map.delete(s.indexes, pid)}
 
@@ -358,7 +387,8 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
         s = %{
           s
           | workers: Map.put(s.workers, index, pid),
-            indexes: Map.put(s.indexes, pid, index)
+            indexes: Map.put(s.indexes, pid, index),
+            monitors: Map.put(s.monitors, pid, Process.monitor(pid))
         }
 
         if restart?, do: %{s | restarts: s.restarts + 1}, else: s
@@ -367,6 +397,12 @@ defmodule ElixirScope.Capture.AsyncWriterPool do
         # The pipeline is going away; the next reconcile retries if not.
         s
     end
+  end
+
+  defp demonitor(s, pid) do
+    {ref, monitors} = Map.pop(s.monitors, pid)
+    if ref, do: Process.demonitor(ref, [:flush])
+    %{s | monitors: monitors}
   end
 
   defp stop_worker(pid) do
@@ -409,13 +445,16 @@ defmodule ElixirScope.Capture.AsyncWriterPool.Worker do
   like a standalone writer: `current_position` is the sum of its shards'
   consumption cursors (where its segment stands), `events_read`,
   `events_processed`, `batches_processed` and `error_count` are its
-  thread's counters (kept across restarts of the process).
+  thread's counters (kept across restarts of the process), `start_time`
+  is when this process started and `last_poll_time` when its thread last
+  finished a pass over its shards (`start_time` before the first), both on
+  `ElixirScope.Utils.monotonic_timestamp/0`'s clock.
   `AsyncWriter.stop/1` stops it; the pool then starts another in its
   place, as for a crash.
   """
   use GenServer
 
-  alias ElixirScope.Native
+  alias ElixirScope.{Native, Utils}
 
   @doc false
   def start_link(args), do: GenServer.start_link(__MODULE__, args)
@@ -424,8 +463,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool.Worker do
   def init(args) do
     {:ok, lease} = Native.pipe_worker_lease(args.pipeline.pipe, args.index)
 
-    {:ok,
-     Map.merge(args, %{lease: lease, process_started_at: System.monotonic_time(:millisecond)})}
+    {:ok, Map.merge(args, %{lease: lease, start_time: Utils.monotonic_timestamp()})}
   rescue
     e in ArgumentError -> {:stop, {:pipeline_down, Exception.message(e)}}
   end
@@ -434,8 +472,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool.Worker do
   def handle_call(:get_state, _from, s) do
     info = info(s)
 
-    {:reply,
-     Map.merge(info, %{config: s.config, index: s.index, start_time: s.process_started_at}), s}
+    {:reply, Map.merge(info, %{config: s.config, index: s.index, start_time: s.start_time}), s}
   end
 
   def handle_call(:get_metrics, _from, s) do
@@ -458,7 +495,7 @@ defmodule ElixirScope.Capture.AsyncWriterPool.Worker do
   defp info(s) do
     {n, per, positions} = Native.pipe_workers(s.pipeline.pipe)
     shards = if s.index < n, do: Enum.to_list(s.index..(length(positions) - 1)//n), else: []
-    {events, batches, errors, lease} = Enum.at(per, s.index, {0, 0, 0, :free})
+    {events, batches, errors, lease, last_poll} = Enum.at(per, s.index, {0, 0, 0, :free, nil})
     position = shards |> Enum.map(&Enum.at(positions, &1)) |> Enum.sum()
     secs = max(System.monotonic_time(:millisecond) - s.started_at, 1) / 1000
 
@@ -471,7 +508,9 @@ defmodule ElixirScope.Capture.AsyncWriterPool.Worker do
       events_processed: events,
       batches_processed: batches,
       processing_rate: events / secs,
-      error_count: errors
+      error_count: errors,
+      # When its thread last finished a pass over its shards.
+      last_poll_time: last_poll || s.start_time
     }
   end
 end

@@ -55,14 +55,14 @@ defmodule ElixirScope.Capture.EventCorrelator do
   | event | type | process | other fields used |
   |---|---|---|---|
   | `FunctionExecution` `:call` / `:return`, `:exception` | call / return | `caller_pid` | `id`, `correlation_id` |
-  | `FunctionEntry` / `FunctionExit` | call / return | – (envelope `pid`) | `call_id`; `exit_reason` |
+  | `FunctionEntry` / `FunctionExit` | call / return | `pid`, else the envelope's | `call_id`, else `correlation_id`; `exit_reason` |
   | `MessageEvent` `:send` / `:receive` | send / receive | `from_pid` / `to_pid` | `id`, `to_pid`, `message` |
   | `MessageSend` / `MessageReceive` | send / receive | `sender_pid` / `receiver_pid` | `receiver_pid`, `message` |
   | `MessageSent` / `MessageReceived` | send / receive | `from_pid` / `pid` | `to_pid`, `message` |
   | `CallbackReply` | return (completes its call) | `server_pid`, else `pid` | `call_id` |
   | `ProcessEvent` `:spawn` / `:exit` | spawn / exit | `parent_pid` / `pid` | `id`, `pid` |
-  | `ProcessSpawn` / `ProcessExit` | spawn / exit | `parent_pid` / `exited_pid` | `spawned_pid` |
-  | `StateChange` | state change | `server_pid` | `id` |
+  | `ProcessSpawn` / `ProcessExit` | spawn / exit | `parent_pid` / `exited_pid`, else `pid` | `spawned_pid` |
+  | `StateChange` | state change | `server_pid`, else `pid` | `id` |
   | `%Events{}` wrapping any of these | as its `data` | data's, else `pid` | `event_id` (the id), `correlation_id` |
   | `%Events{}` with other data | by `event_type` (`:function_entry`, `:message_send`, `:message_sent`, `:callback_reply`, ...) | `pid` | `data.message`, `data.to_pid`, ... |
   | anything else | `:unknown` | – | `event_id` or `id` if present |

@@ -33,6 +33,7 @@ defmodule ElixirScope.Capture.Ingestor do
   alias ElixirScope.Capture.RingBuffer
   alias ElixirScope.Events
   alias ElixirScope.Native
+  alias ElixirScope.Utils
 
   @type ingest_result :: :ok | {:error, :buffer_full | :destroyed}
 
@@ -171,7 +172,11 @@ defmodule ElixirScope.Capture.Ingestor do
   Records a state change (`%StateChange{}`; `state_diff` is `:no_change`
   or `:changed`). In a pipeline it is a *state record* of `server_pid`:
   `ElixirScope.Analysis.state_at/3` and `state_history/2` show
-  `new_state` from then on.
+  `new_state` from then on. It reads back with `callback: :unknown`, the
+  record's `id`, `timestamp` and `wall_time`, and `pid`,
+  `correlation_id`, `trigger_message`, `trigger_call_id` nil (as the
+  original's). A `%StateChange{}` written with `RingBuffer.write/2` is
+  stored the same way and reads back as written.
   """
   @spec ingest_state_change(RingBuffer.t(), pid(), term(), term()) :: ingest_result()
   def ingest_state_change(%RingBuffer{ref: ref}, server_pid, old_state, new_state)
@@ -241,9 +246,24 @@ defmodule ElixirScope.Capture.Ingestor do
   end
 
   @doc """
-  Records an event from a runtime component as an `%ElixirScope.Events{}`
-  whose `event_type` is `event_type` and whose `data` is `event_data`, with
-  the given pid, correlation id and timestamps.
+  Records an event from a runtime component, with the given pid,
+  correlation id and timestamps, as the original did: `event_type`
+  `:function_entry`, `:function_exit`, `:state_change`, `:state_snapshot`,
+  `:process_exit`, `:message_received` and `:message_sent` write the
+  `Events` struct of that name built from `event_data` (the original's
+  keys and defaults: `:module`, `:function`, `:arity` (0), `:args` ([]),
+  `:return_value`, `:duration_ns` (0), `:call_id` (a fresh
+  `Utils.generate_id/0`), `:exit_reason` (`:normal`), `:callback`
+  (`:unknown`), `:old_state`, `:new_state`, `:state_diff`,
+  `:trigger_message`, `:trigger_call_id`, `:state`, `:session_id`,
+  `:checkpoint_type` (`:manual`), `:sequence_number` (0), `:reason`,
+  `:lifetime_ns` (0), `:message_count`, `:final_state`, `:message`,
+  `:to_pid`), with `pid` as the acting process (`server_pid`,
+  `exited_pid`, `from_pid` too). Written with a local `pid`, these are
+  the structs a ring stores as their kind (see `RingBuffer.write/2`).
+  Any other `event_type` is written as an `%ElixirScope.Events{}` whose
+  `event_type` is `event_type` and whose `data` is `event_data` (the
+  original wrote a `FunctionEntry` of module `:unknown` for those).
   """
   @spec ingest_generic_event(
           RingBuffer.t(),
@@ -265,17 +285,7 @@ defmodule ElixirScope.Capture.Ingestor do
       )
       when is_atom(event_type) and is_map(event_data) and (is_pid(pid) or is_nil(pid)) and
              is_integer(timestamp) and is_integer(wall_time) do
-    event = %Events{
-      event_id: Native.next_event_id(),
-      timestamp: timestamp,
-      wall_time: wall_time,
-      node: node(),
-      pid: pid,
-      correlation_id: correlation_id,
-      event_type: event_type,
-      data: event_data
-    }
-
+    event = generic_event(event_type, event_data, pid, correlation_id, timestamp, wall_time)
     Native.rb_write(ref, event)
   end
 
@@ -294,6 +304,115 @@ defmodule ElixirScope.Capture.Ingestor do
     check!(is_pid(pid) or is_nil(pid), "pid must be a pid or nil", pid)
     check!(is_integer(timestamp), "timestamp must be an integer", timestamp)
     check!(false, "wall_time must be an integer", wall_time)
+  end
+
+  defp generic_event(:function_entry, d, pid, corr, ts, wall) do
+    %Events.FunctionEntry{
+      timestamp: ts,
+      wall_time: wall,
+      module: Map.get(d, :module),
+      function: Map.get(d, :function),
+      arity: Map.get(d, :arity, 0),
+      args: Map.get(d, :args, []),
+      call_id: Utils.generate_id(),
+      pid: pid,
+      correlation_id: corr
+    }
+  end
+
+  defp generic_event(:function_exit, d, pid, corr, ts, wall) do
+    %Events.FunctionExit{
+      timestamp: ts,
+      wall_time: wall,
+      module: Map.get(d, :module),
+      function: Map.get(d, :function),
+      arity: Map.get(d, :arity, 0),
+      result: Map.get(d, :return_value),
+      duration_ns: Map.get(d, :duration_ns, 0),
+      call_id: Map.get_lazy(d, :call_id, &Utils.generate_id/0),
+      exit_reason: Map.get(d, :exit_reason, :normal),
+      pid: pid,
+      correlation_id: corr
+    }
+  end
+
+  defp generic_event(:state_change, d, pid, corr, ts, wall) do
+    %Events.StateChange{
+      server_pid: pid,
+      callback: Map.get(d, :callback, :unknown),
+      old_state: Map.get(d, :old_state),
+      new_state: Map.get(d, :new_state),
+      state_diff: Map.get(d, :state_diff),
+      trigger_message: Map.get(d, :trigger_message),
+      trigger_call_id: Map.get(d, :trigger_call_id),
+      pid: pid,
+      correlation_id: corr,
+      timestamp: ts,
+      wall_time: wall
+    }
+  end
+
+  defp generic_event(:state_snapshot, d, pid, corr, ts, wall) do
+    %Events.StateSnapshot{
+      server_pid: pid,
+      state: Map.get(d, :state),
+      session_id: Map.get(d, :session_id),
+      checkpoint_type: Map.get(d, :checkpoint_type, :manual),
+      sequence_number: Map.get(d, :sequence_number, 0),
+      pid: pid,
+      correlation_id: corr,
+      timestamp: ts,
+      wall_time: wall
+    }
+  end
+
+  defp generic_event(:process_exit, d, pid, corr, ts, wall) do
+    %Events.ProcessExit{
+      exited_pid: pid,
+      exit_reason: Map.get(d, :reason),
+      lifetime_ns: Map.get(d, :lifetime_ns, 0),
+      message_count: Map.get(d, :message_count),
+      final_state: Map.get(d, :final_state),
+      pid: pid,
+      reason: Map.get(d, :reason),
+      correlation_id: corr,
+      timestamp: ts,
+      wall_time: wall
+    }
+  end
+
+  defp generic_event(:message_received, d, pid, corr, ts, wall) do
+    %Events.MessageReceived{
+      pid: pid,
+      message: Map.get(d, :message),
+      correlation_id: corr,
+      timestamp: ts,
+      wall_time: wall
+    }
+  end
+
+  defp generic_event(:message_sent, d, pid, corr, ts, wall) do
+    %Events.MessageSent{
+      from_pid: pid,
+      to_pid: Map.get(d, :to_pid),
+      message: Map.get(d, :message),
+      correlation_id: corr,
+      timestamp: ts,
+      wall_time: wall
+    }
+  end
+
+  defp generic_event(event_type, data, pid, corr, ts, wall) do
+    %Events{
+      event_id: Native.next_event_id(),
+      timestamp: ts,
+      wall_time: wall,
+      node: node(),
+      pid: pid,
+      correlation_id: corr,
+      event_type: event_type,
+      data: data
+    }
   end
 
   @doc """

@@ -197,8 +197,13 @@ defmodule ElixirScope.Capture.PipelineManager do
 
   @doc """
   `%{config, status, children, uptime_ms, uptime_ns, started_at,
-  ring_buffer, data_access}` (`uptime_ms` rounded up, as in
-  `health_check/1`).
+  start_time, events_processed, processing_rate, ring_buffer,
+  data_access}` (`uptime_ms` rounded up, as in `health_check/1`). As in
+  the original, `start_time` is when the manager started on
+  `ElixirScope.Utils.monotonic_timestamp/0`'s clock (ns; `started_at` is
+  the wall clock in ms), and `events_processed` and `processing_rate` are
+  `get_metrics/1`'s (events the workers handled so far, events/s over the
+  last second).
   """
   @spec get_state(server()) :: map()
   def get_state(pm \\ __MODULE__) do
@@ -395,6 +400,7 @@ defmodule ElixirScope.Capture.PipelineManager do
          started_at: now,
          started_ns: started_ns,
          started_at_wall: System.system_time(:millisecond),
+         start_time: ElixirScope.Utils.monotonic_timestamp(),
          last_sample: {now, 0},
          rate: 0.0,
          stopped: false
@@ -405,12 +411,17 @@ defmodule ElixirScope.Capture.PipelineManager do
     def handle_call(:handles, _from, s), do: {:reply, s.pipeline, s}
 
     def handle_call(:get_state, _from, s) do
+      m = Pipeline.summarize(Native.pipe_metrics(s.pipeline.pipe), s.rate)
+
       {:reply,
        %{
          name: s.name,
          config: s.config,
          status: if(s.stopped, do: :stopped, else: :running),
          started_at: s.started_at_wall,
+         start_time: s.start_time,
+         events_processed: m.events_processed,
+         processing_rate: m.processing_rate,
          uptime_ms: uptime(s),
          uptime_ns: uptime_ns(s),
          ring_buffer: s.pipeline.ring_buffer,

@@ -28,7 +28,29 @@ defmodule ElixirScope.Capture.TemporalBridge do
   | `:max_events` | `100_000` | bound of the storage the bridge starts |
   | `:buffer_size` | `1000` | events buffered before a write |
   | `:flush_interval` | `100` | ms between timed writes |
+  | `:store` | none | a trace's `%DataAccess{}` (or `:trace`, the node's current trace at each query) whose processes' states `reconstruct_state_at/2` answers |
+  | `:pipeline` | none | a running `PipelineManager` (name or pid): its store, as `:store` |
   | `:enable_correlation_cache`, `:cache_size_limit`, `:enable_performance_tracking` | | accepted for compatibility (see "Differences") |
+
+  ## Traced processes: time travel
+
+  Given a trace's store (`:store` or `:pipeline`, or fed one with
+  `feed_trace/2`), `reconstruct_state_at/2` also answers the state of every
+  traced process at that time: the map gets one key per process, its pid,
+  with the state `ElixirScope.Analysis.state_at/3` finds in force then
+  (the processes are those with state records in the store and those the
+  bridge's events name under `:pid`; a process with no state at that time,
+  not started yet or exited, gets no key). `process_state_at/3` gives one
+  process's full answer (`{:ok, %ElixirScope.Analysis.State{}}` or
+  `{:error, reason}`).
+
+      {:ok, _} = ElixirScope.trace(MyServer)
+      ... # the traced GenServer runs
+      {:ok, _} = ElixirScope.stop_trace()
+      {:ok, bridge} = TemporalBridge.start_link()
+      {:ok, _count} = TemporalBridge.feed_trace(bridge)
+      {:ok, state} = TemporalBridge.reconstruct_state_at(bridge, t)
+      state[server_pid]  # the server's state at t
 
   ## Differences from the original
 
@@ -49,8 +71,9 @@ defmodule ElixirScope.Capture.TemporalBridge do
   use GenServer
   require Logger
 
-  alias ElixirScope.{Args, Utils}
-  alias ElixirScope.Capture.TemporalStorage
+  alias ElixirScope.{Analysis, Args, Utils}
+  alias ElixirScope.Capture.{PipelineManager, TemporalStorage}
+  alias ElixirScope.Storage.DataAccess
 
   @handler_key :elixir_scope_temporal_bridge
   @i64_min -9_223_372_036_854_775_808
@@ -65,6 +88,10 @@ defmodule ElixirScope.Capture.TemporalBridge do
     :correlation_cache,
     :stats,
     :config,
+    # The trace store consulted for process states (nil, :trace or a
+    # %DataAccess{}); `fed: true` when it came from feed_trace/2.
+    trace_store: nil,
+    fed: false,
     buffered: 0
   ]
 
@@ -76,7 +103,9 @@ defmodule ElixirScope.Capture.TemporalBridge do
     flush_interval: 100,
     enable_correlation_cache: true,
     cache_size_limit: 10_000,
-    enable_performance_tracking: true
+    enable_performance_tracking: true,
+    store: nil,
+    pipeline: nil
   ]
 
   @doc "Starts a bridge (see \"Options\"). Bad options raise `ArgumentError`."
@@ -110,9 +139,45 @@ defmodule ElixirScope.Capture.TemporalBridge do
         s -> tap(s, &TemporalStorage.data_access/1)
       end
 
+    trace_store =
+      case {opts[:store], opts[:pipeline]} do
+        {nil, nil} -> nil
+        {store, nil} -> trace_store!(store)
+        {nil, pm} -> pipeline_store!(pm)
+        _ -> raise ArgumentError, "temporal bridge: give :store or :pipeline, not both"
+      end
+
     gen = if name, do: [name: name], else: []
-    GenServer.start_link(__MODULE__, %{Map.new(opts) | temporal_storage: storage}, gen)
+    config = Map.merge(Map.new(opts), %{temporal_storage: storage, store: trace_store})
+    GenServer.start_link(__MODULE__, Map.delete(config, :pipeline), gen)
   end
+
+  defp trace_store!(%DataAccess{} = s), do: s
+  defp trace_store!(:trace), do: :trace
+
+  defp trace_store!(other),
+    do:
+      raise(
+        ArgumentError,
+        "temporal bridge option :store must be a %DataAccess{} or :trace, got: " <>
+          inspect(other, limit: 5, printable_limit: 40)
+      )
+
+  defp pipeline_store!(pm) do
+    PipelineManager.data_access(pm)
+  rescue
+    _ -> bad_pipeline!(pm)
+  catch
+    :exit, _ -> bad_pipeline!(pm)
+  end
+
+  defp bad_pipeline!(pm),
+    do:
+      raise(
+        ArgumentError,
+        "temporal bridge option :pipeline must be a running PipelineManager (name or pid), got: " <>
+          inspect(pm, limit: 5, printable_limit: 40)
+      )
 
   @doc "Buffers one event (a map) for the storage: `:ok` (a cast)."
   @spec correlate_event(GenServer.server(), map()) :: :ok
@@ -168,16 +233,148 @@ defmodule ElixirScope.Capture.TemporalBridge do
   (module and function from the event or its `data`); a `:function_exit`
   marks the entry with its correlation id `:completed` with its
   `exit_time`; `:local_variable_snapshot` merges its `variables`,
-  `:state_change` its `state` (maps). `{:ok, map}`.
+  `:state_change` its `state` (maps). With a trace's store (see "Traced
+  processes"), also `pid => state` for each traced process with a state
+  in force at `timestamp`, from `ElixirScope.Analysis.state_at/3`.
+  `{:ok, map}`.
   """
   @spec reconstruct_state_at(GenServer.server(), integer()) :: {:ok, map()}
   def reconstruct_state_at(bridge, timestamp) when is_integer(timestamp) do
-    {:ok, events} = get_events_in_range(bridge, @i64_min, timestamp)
-    {:ok, replay(events)}
+    {storage, store} = Args.call_server!(bridge, __MODULE__, :flush_and_store)
+    {:ok, events} = TemporalStorage.get_events_in_range(storage, @i64_min, timestamp)
+    state = replay(events)
+
+    case resolve(store) do
+      nil ->
+        {:ok, state}
+
+      s ->
+        named = for e <- events, pid = event_pid(e), is_pid(pid), do: pid
+        traced = for {pid, _} <- Analysis.state_processes(store: s), do: pid
+
+        {:ok,
+         (named ++ traced)
+         |> Enum.uniq()
+         |> Enum.reduce(state, fn pid, acc ->
+           case Analysis.state_at(pid, timestamp, store: s) do
+             {:ok, %{state: st}} -> Map.put(acc, pid, st)
+             {:error, _} -> acc
+           end
+         end)}
+    end
   end
 
   def reconstruct_state_at(_bridge, other),
     do: raise(ArgumentError, "timestamp must be an integer, got: #{inspect(other)}")
+
+  @doc """
+  The state of traced process `pid` at `timestamp` in the bridge's trace
+  store (see "Traced processes"): `ElixirScope.Analysis.state_at/3`'s
+  answer, `{:ok, %ElixirScope.Analysis.State{}}` or `{:error, reason}`;
+  `{:error, :no_trace_store}` when the bridge has none.
+  """
+  @spec process_state_at(GenServer.server(), pid(), integer()) ::
+          {:ok, ElixirScope.Analysis.State.t()} | {:error, atom()}
+  def process_state_at(bridge, pid, timestamp) when is_pid(pid) and is_integer(timestamp) do
+    {_storage, store} = Args.call_server!(bridge, __MODULE__, :flush_and_store)
+
+    case resolve(store) do
+      nil -> {:error, :no_trace_store}
+      s -> Analysis.state_at(pid, timestamp, store: s)
+    end
+  end
+
+  def process_state_at(_bridge, pid, timestamp) when is_pid(pid),
+    do: raise(ArgumentError, "timestamp must be an integer, got: #{inspect(timestamp)}")
+
+  def process_state_at(_bridge, other, _timestamp),
+    do: raise(ArgumentError, "expected a pid, got: #{inspect(other, limit: 5)}")
+
+  @doc """
+  Feeds a trace into the bridge: its calls become `:function_entry`
+  events and their returns and exceptions `:function_exit` events (with
+  the call's id as `correlation_id`, and `pid`, `module`, `function`,
+  `arity`, `trace_event_id`), written to the storage before this returns;
+  from then on the bridge answers its processes' states from that trace
+  (see "Traced processes") unless it was started with `:store` or
+  `:pipeline`. Options: `:store` (default the node's current trace,
+  `ElixirScope.trace_store/0`), and `ElixirScope.Analysis.select/1`'s
+  `:pid`, `:module`, `:function`, `:from`, `:to`, `:limit` (default
+  100_000). `{:ok, events_fed}` or `{:error, :no_trace}`.
+  """
+  @spec feed_trace(GenServer.server(), keyword()) ::
+          {:ok, non_neg_integer()} | {:error, :no_trace}
+  def feed_trace(bridge, opts \\ []) do
+    pid = Args.server!(bridge, __MODULE__)
+
+    o =
+      Args.keyword_opts!(
+        opts,
+        [store: nil, pid: nil, module: nil, function: nil, from: nil, to: nil, limit: 100_000],
+        "TemporalBridge.feed_trace"
+      )
+
+    case o[:store] || ElixirScope.trace_store() do
+      nil ->
+        {:error, :no_trace}
+
+      %DataAccess{} = s ->
+        filters =
+          o
+          |> Keyword.drop([:store])
+          |> Enum.reject(fn {_k, v} -> v == nil end)
+          |> Keyword.merge(store: s, types: [:call, :return, :exception])
+
+        events = filters |> Analysis.select() |> Enum.map(&from_trace/1)
+        GenServer.call(pid, {:feed_trace, events, s}, :infinity)
+
+      other ->
+        raise ArgumentError,
+              "feed_trace option :store must be a %DataAccess{}, got: " <>
+                inspect(other, limit: 5, printable_limit: 40)
+    end
+  end
+
+  defp from_trace(%{type: :call} = e) do
+    %{
+      timestamp: e.timestamp,
+      event_type: :function_entry,
+      correlation_id: e.id,
+      pid: e.pid,
+      module: e.module,
+      function: e.function,
+      arity: e.arity,
+      trace_event_id: e.id,
+      data: %{args: e.data}
+    }
+  end
+
+  defp from_trace(e) do
+    %{
+      timestamp: e.timestamp,
+      event_type: :function_exit,
+      correlation_id: e.call_id,
+      pid: e.pid,
+      module: e.module,
+      function: e.function,
+      arity: e.arity,
+      trace_event_id: e.id,
+      data: %{result: e.data, exception: e.type == :exception}
+    }
+  end
+
+  defp event_pid(%{data: %{} = d}) do
+    case d do
+      %{pid: pid} -> pid
+      %{data: %{pid: pid}} -> pid
+      _ -> nil
+    end
+  end
+
+  defp event_pid(_), do: nil
+
+  defp resolve(:trace), do: ElixirScope.trace_store()
+  defp resolve(store), do: store
 
   @doc """
   The events sharing `target_event`'s correlation id, oldest first:
@@ -309,7 +506,8 @@ defmodule ElixirScope.Capture.TemporalBridge do
        temporal_storage: storage,
        event_buffer: [],
        correlation_cache: nil,
-       config: Map.drop(config, [:name, :temporal_storage]),
+       trace_store: config.store,
+       config: Map.drop(config, [:name, :temporal_storage, :store]),
        stats: %{
          events_processed: 0,
          events_stored: 0,
@@ -322,7 +520,9 @@ defmodule ElixirScope.Capture.TemporalBridge do
   end
 
   @impl true
-  def handle_cast({:correlate_event, event}, state) do
+  def handle_cast({:correlate_event, event}, state), do: {:noreply, buffer(state, event)}
+
+  defp buffer(state, event) do
     e =
       event
       |> Map.put_new_lazy(:timestamp, &Utils.monotonic_timestamp/0)
@@ -346,14 +546,30 @@ defmodule ElixirScope.Capture.TemporalBridge do
         stats: Map.update!(state.stats, :events_processed, &(&1 + 1))
     }
 
-    state = if state.buffered >= state.config.buffer_size, do: flush(state), else: state
-    {:noreply, state}
+    if state.buffered >= state.config.buffer_size, do: flush(state), else: state
   end
 
   @impl true
   def handle_call(:flush, _from, state) do
     state = flush(state)
     {:reply, state.temporal_storage, state}
+  end
+
+  def handle_call(:flush_and_store, _from, state) do
+    state = flush(state)
+    {:reply, {state.temporal_storage, state.trace_store}, state}
+  end
+
+  def handle_call({:feed_trace, events, store}, _from, state) do
+    state = events |> Enum.reduce(state, &buffer(&2, &1)) |> flush()
+
+    # A store given at start stays; a fed trace replaces an earlier one.
+    state =
+      if state.trace_store == nil or state.fed,
+        do: %{state | trace_store: store, fed: true},
+        else: state
+
+    {:reply, {:ok, length(events)}, state}
   end
 
   def handle_call(:stats, _from, state) do

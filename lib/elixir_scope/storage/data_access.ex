@@ -23,7 +23,10 @@ defmodule ElixirScope.Storage.DataAccess do
   | `Events.FunctionExecution` | `id` | `timestamp` | `caller_pid` | `module`/`function` | `correlation_id` |
   | `Events.ProcessEvent` | `id` | `timestamp` | `pid` | – | – |
   | `Events.MessageEvent` | `id` | `timestamp` | `from_pid` | – | – |
-  | `Events.StateChange` | `id` | `timestamp` | `server_pid` | – | – |
+  | `Events.StateChange` | `id` | `timestamp` | `server_pid`, else `pid` | – | `correlation_id` |
+  | `Events.ProcessExit` | fresh | `timestamp` | `exited_pid`, else `pid` | – | `correlation_id` |
+  | `Events.StateSnapshot` | `snapshot_id` | `timestamp` | `server_pid`, else `pid` | – | `correlation_id` |
+  | `Events.FunctionEntry`, `Events.FunctionExit` | fresh | `timestamp` | `pid` | `module`/`function` | `correlation_id` |
   | `Events.PerformanceMetric`, `Events.ErrorEvent` | `id` | `timestamp` | – | – | – |
   | `%Events{}` | `event_id` | `timestamp` | `pid` | from `data` when it is a `FunctionEntry`/`FunctionExit` | `correlation_id` |
   | any other map | `:id` or `:event_id` | `:timestamp` | `:pid` | `:module`/`:function` | `:correlation_id` |
@@ -52,8 +55,9 @@ defmodule ElixirScope.Storage.DataAccess do
     `query_by_ast_node/3`, and the `:event_type` / `:ast_node_id` keys of
     `QueryCoordinator.query/2`); like the other indexes they hold only
     the events kept, and cost nothing in a store that never sees such a
-    field. Trace files do not save these two indexes: a loaded store
-    answers them with nothing.
+    field. Trace files keep both keys (format 1.2; a file of format 1.1
+    keeps the event-type keys only): a loaded store answers these queries
+    as the saved one did.
 
   ## Bounds
 
@@ -120,7 +124,9 @@ defmodule ElixirScope.Storage.DataAccess do
     MessageEvent,
     PerformanceMetric,
     ProcessEvent,
-    StateChange
+    ProcessExit,
+    StateChange,
+    StateSnapshot
   }
 
   @enforce_keys [:ref, :max_events]
@@ -267,7 +273,7 @@ defmodule ElixirScope.Storage.DataAccess do
 
   def get_event(%__MODULE__{} = s, id) do
     key = key(id)
-    nif(s, fn ref -> Native.store_get(ref, key) end)
+    nif(s, fn ref -> quick(ref, :get, key, nil, 1, false, &Native.store_get(&1, key)) end)
   end
 
   def get_event(other, _id), do: bad_store!(other)
@@ -286,7 +292,19 @@ defmodule ElixirScope.Storage.DataAccess do
     {limit, desc} = query_opts!(opts)
     t0 = clamp(t0)
     t1 = clamp(t1)
-    {:ok, nif(s, fn ref -> Native.store_by_time_range(ref, t0, t1, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :time,
+         t0,
+         t1,
+         limit,
+         desc,
+         &Native.store_by_time_range(&1, t0, t1, limit, desc)
+       )
+     end)}
   end
 
   def query_by_time_range(%__MODULE__{}, t0, t1, _opts) do
@@ -305,7 +323,11 @@ defmodule ElixirScope.Storage.DataAccess do
 
   def query_by_process(%__MODULE__{} = s, pid, opts) when is_pid(pid) do
     {limit, desc} = query_opts!(opts)
-    {:ok, nif(s, fn ref -> Native.store_by_pid(ref, pid, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(ref, :pid, pid, nil, limit, desc, &Native.store_by_pid(&1, pid, limit, desc))
+     end)}
   end
 
   def query_by_process(%__MODULE__{}, pid, _opts),
@@ -323,7 +345,19 @@ defmodule ElixirScope.Storage.DataAccess do
   def query_by_function(%__MODULE__{} = s, module, function, opts)
       when is_atom(module) and is_atom(function) do
     {limit, desc} = query_opts!(opts)
-    {:ok, nif(s, fn ref -> Native.store_by_function(ref, module, function, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :function,
+         module,
+         function,
+         limit,
+         desc,
+         &Native.store_by_function(&1, module, function, limit, desc)
+       )
+     end)}
   end
 
   def query_by_function(%__MODULE__{}, module, function, _opts) do
@@ -343,7 +377,19 @@ defmodule ElixirScope.Storage.DataAccess do
   def query_by_correlation(%__MODULE__{} = s, correlation_id, opts) do
     {limit, desc} = query_opts!(opts)
     key = key(correlation_id)
-    {:ok, nif(s, fn ref -> Native.store_by_correlation(ref, key, limit, desc) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(
+         ref,
+         :correlation,
+         key,
+         nil,
+         limit,
+         desc,
+         &Native.store_by_correlation(&1, key, limit, desc)
+       )
+     end)}
   end
 
   def query_by_correlation(other, _correlation_id, _opts), do: bad_store!(other)
@@ -378,7 +424,11 @@ defmodule ElixirScope.Storage.DataAccess do
   @spec causal_chain(t(), term()) :: {:ok, [map()]}
   def causal_chain(%__MODULE__{} = s, id) do
     key = key(id)
-    {:ok, nif(s, fn ref -> Native.store_causal_chain(ref, key) end)}
+
+    {:ok,
+     nif(s, fn ref ->
+       quick(ref, :chain, key, nil, 0, false, &Native.store_causal_chain(&1, key))
+     end)}
   end
 
   def causal_chain(other, _id), do: bad_store!(other)
@@ -699,6 +749,15 @@ defmodule ElixirScope.Storage.DataAccess do
   # Calls a NIF with the store's ref. Every other argument is checked (or
   # built) here, so the NIF's bare `ArgumentError` means the ref is not a
   # store resource (a forged struct); destroyed stores raise their own.
+  # A query on the caller's scheduler first (`Native.store_quick/6`: small
+  # answers, store lock free), else the dirty NIF `dirty`.
+  defp quick(ref, op, a, b, limit, desc, dirty) do
+    case Native.store_quick(ref, op, a, b, limit, desc) do
+      :busy -> dirty.(ref)
+      result -> result
+    end
+  end
+
   defp nif(%__MODULE__{ref: ref} = s, fun) do
     fun.(ref)
   rescue
@@ -750,7 +809,15 @@ defmodule ElixirScope.Storage.DataAccess do
     do: {id_key(e.id), ts(e.timestamp), e.from_pid, nil, nil, key(nil)}
 
   defp header(%StateChange{} = e),
-    do: {id_key(e.id), ts(e.timestamp), e.server_pid, nil, nil, key(nil)}
+    do: {id_key(e.id), ts(e.timestamp), e.server_pid || e.pid, nil, nil, key(e.correlation_id)}
+
+  defp header(%ProcessExit{} = e),
+    do: {id_key(nil), ts(e.timestamp), e.exited_pid || e.pid, nil, nil, key(e.correlation_id)}
+
+  defp header(%StateSnapshot{} = e),
+    do:
+      {id_key(e.snapshot_id), ts(e.timestamp), e.server_pid || e.pid, nil, nil,
+       key(e.correlation_id)}
 
   defp header(%PerformanceMetric{} = e),
     do: {id_key(e.id), ts(e.timestamp), nil, nil, nil, key(nil)}

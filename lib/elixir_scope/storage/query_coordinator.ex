@@ -368,7 +368,14 @@ defmodule ElixirScope.Storage.QueryCoordinator do
   end
 
   defp run_query(ref, f, desc, limit, cursor, as, acc) do
-    {events, next, plan, estimate} = Native.qry_query(ref, f, desc, limit, cursor, as)
+    # Small indexed queries on the caller's scheduler first (`:busy`:
+    # the dirty NIF).
+    {events, next, plan, estimate} =
+      case Native.qry_query_quick(ref, f, desc, limit, cursor, as) do
+        :busy -> Native.qry_query(ref, f, desc, limit, cursor, as)
+        page -> page
+      end
+
     acc = [events | acc]
     left = limit - length(events)
 

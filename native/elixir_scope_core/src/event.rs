@@ -39,7 +39,9 @@
 //! (`MessageSent`, `MessageReceived`, `CallbackReply`) are stored as a send,
 //! a receive and a return with the header conventions above (a reply's
 //! `peer` is its `call_id`'s correlation key, 0 for none), flagged
-//! [`FLAG_RUNTIME_STRUCT`] (see [`is_runtime_struct`]).
+//! [`FLAG_RUNTIME_STRUCT`] (see [`is_runtime_struct`]). So are the
+//! `FunctionEntry`, `FunctionExit` and `ProcessExit` structs of a local
+//! process (as a call, a return or an exception, an exit).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -120,10 +122,11 @@ pub const FLAG_SETS_DATA: u8 = 1 << 5;
 pub const FLAG_SETS_NAME: u8 = 1 << 6;
 /// Flag (state records): the callback asked the process to stop.
 pub const FLAG_STOP: u8 = 1 << 7;
-/// Flag (a send, a receive, or a return that is not an OTP callback's,
-/// so never a state record): the event was written as one of the
-/// original's runtime-tracing structs (`MessageSent`, `MessageReceived`,
-/// `CallbackReply`). Its header follows its kind's conventions, so it
+/// Flag (a send, a receive, a call, a return or an exception that is not
+/// an OTP callback's, or an exit, so never a state record): the event was
+/// written as one of the original's runtime-tracing structs
+/// (`MessageSent`, `MessageReceived`, `CallbackReply`, `FunctionEntry`,
+/// `FunctionExit`, `ProcessExit`). Its header follows its kind's conventions, so it
 /// correlates as that kind; its payload starts with that kind's fields
 /// and carries the struct's other fields after them, so it reads back as
 /// the struct. The same bit as [`FLAG_STOP`], which only state records use.
@@ -181,14 +184,18 @@ pub fn is_state_record(kind: u8, flags: u8) -> bool {
 
 /// Was a stored record of `kind` with `flags` written as one of the
 /// original's runtime-tracing structs ([`FLAG_RUNTIME_STRUCT`] on a send,
-/// a receive, or a return that is not an OTP callback's)?
+/// a receive, a call, return or exception that is not an OTP callback's,
+/// or an exit)?
 #[inline]
 pub fn is_runtime_struct(kind: u8, flags: u8) -> bool {
     flags & FLAG_RUNTIME_STRUCT != 0
         && flags & CALLBACK_MASK == 0
         && (kind == EventKind::MessageSend as u8
             || kind == EventKind::MessageReceive as u8
-            || kind == EventKind::FunctionReturn as u8)
+            || kind == EventKind::FunctionReturn as u8
+            || kind == EventKind::FunctionCall as u8
+            || kind == EventKind::FunctionException as u8
+            || kind == EventKind::ProcessExit as u8)
 }
 
 /// Does a stored record of `kind` with `flags` hold an *event id* in

@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod analysis;
+pub mod clock;
 pub mod correlator;
 pub mod event;
 pub mod export;

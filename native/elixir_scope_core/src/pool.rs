@@ -397,6 +397,10 @@ pub struct PoolMetrics {
     /// Failed stage attempts (errors and panics, retries included) of each
     /// current worker's batches, by index.
     pub per_worker_errors: Vec<usize>,
+    /// How long ago each current worker finished its last pass over its
+    /// shards (a poll, whether it found events or not), by index; `None`
+    /// before its first.
+    pub per_worker_last_poll: Vec<Option<Duration>>,
     /// Workers parked because their lease is orphaned.
     pub parked_workers: usize,
 }
@@ -419,6 +423,9 @@ struct WorkerStats {
     batches: AtomicUsize,
     /// Failed stage attempts (errors and panics) of this worker's batches.
     errors: AtomicUsize,
+    /// End of its last pass over its shards: ns since the pool's epoch,
+    /// plus one (0: none yet).
+    last_poll_ns: AtomicU64,
 }
 
 /// Per-shard state.
@@ -454,6 +461,8 @@ struct Shared<T> {
     threads: RwLock<Vec<(Thread, Arc<WorkerStats>)>>,
     /// Worker leases (see the module docs).
     leases: Arc<Leases>,
+    /// Origin of the workers' `last_poll_ns`.
+    epoch: Instant,
 }
 
 /// Locks a mutex, ignoring poisoning (no pool code panics while holding
@@ -533,6 +542,10 @@ impl<T: Clone + Send + Sync + 'static> Shared<T> {
                     }
                 }
             }
+            stats.last_poll_ns.store(
+                self.epoch.elapsed().as_nanos().min(u64::MAX as u128 - 1) as u64 + 1,
+                Ordering::Relaxed,
+            );
             if worked {
                 continue;
             }
@@ -718,6 +731,7 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             progressed: Condvar::new(),
             threads: RwLock::new(Vec::new()),
             leases: Arc::new(Leases::new()),
+            epoch: Instant::now(),
         });
         let pool = Self {
             shared,
@@ -925,6 +939,14 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             .iter()
             .map(|(_, s)| s.errors.load(Ordering::Relaxed))
             .collect();
+        let since_epoch = self.shared.epoch.elapsed();
+        let per_worker_last_poll = threads
+            .iter()
+            .map(|(_, s)| match s.last_poll_ns.load(Ordering::Relaxed) {
+                0 => None,
+                at => Some(since_epoch.saturating_sub(Duration::from_nanos(at - 1))),
+            })
+            .collect();
         let parked_workers = (0..threads.len())
             .filter(|&i| self.shared.leases.parked(i))
             .count();
@@ -941,6 +963,7 @@ impl<T: Clone + Send + Sync + 'static> WorkerPool<T> {
             loop_iterations: c.loop_iterations.load(Ordering::Relaxed),
             per_worker,
             per_worker_errors,
+            per_worker_last_poll,
             parked_workers,
         }
     }

@@ -267,7 +267,10 @@ pub fn run<'s>(
             page_of(evs, q, extra, plan, estimate)
         }
         Plan::Pid | Plan::Function | Plan::EventType | Plan::AstNode => {
-            let mut out: VecDeque<StoredEvent<'s>> = VecDeque::new();
+            // Sized once (#15c): growing it re-copied the page and faulted
+            // in fresh pages on every query.
+            let mut out: VecDeque<StoredEvent<'s>> =
+                VecDeque::with_capacity(q.limit.saturating_add(1).min(4097));
             let mut more = false;
             let mut visit = |e: StoredEvent<'s>| -> bool {
                 match (q.order, q.cursor) {

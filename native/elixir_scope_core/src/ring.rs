@@ -130,6 +130,16 @@ impl RingStats {
     }
 }
 
+/// How many positions ahead a write prefetches its slot.
+const PREFETCH_AHEAD: u64 = 8;
+
+/// Slot prefetching is on unless `ELIXIR_SCOPE_RING_PREFETCH=0` (read once;
+/// for A/B benchmarks).
+fn prefetch_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ELIXIR_SCOPE_RING_PREFETCH").map_or(true, |v| v != "0"))
+}
+
 struct Slot<T> {
     stamp: AtomicU64,
     value: Cell<T>,
@@ -400,6 +410,7 @@ impl<T> Ring<T> {
     }
 
     fn fill_slot<F: FnOnce(&mut T)>(&self, pos: u64, fill: F) {
+        self.prefetch_slot(pos + PREFETCH_AHEAD);
         let slot = &self.slots[(pos & self.mask) as usize];
         if let SlotClaim::Superseded = self.claim_slot(slot, pos) {
             return;
@@ -426,6 +437,29 @@ impl<T> Ring<T> {
         // only access until `guard` publishes the slot.
         unsafe { slot.value.with_mut(|v| fill(&mut *v)) };
         guard.ok = true;
+    }
+
+    /// Bring the slot of a later write into this core's cache (#15a): a
+    /// big ring's slots are cold by the time a writer comes back to them,
+    /// and the store miss otherwise stalls the writer's next full memory
+    /// barrier (a traced process: the VM's own, right after the event).
+    /// A hint only: no access is made.
+    #[inline(always)]
+    fn prefetch_slot(&self, pos: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if prefetch_on() {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let i = (pos & self.mask) as usize;
+            // SAFETY: `i` < slots.len() (mask = len - 1); the pointers are
+            // only handed to a prefetch, which never faults nor reads.
+            unsafe {
+                let p = self.slots.as_ptr().add(i) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(std::mem::size_of::<Slot<T>>() - 1));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = pos;
     }
 
     /// Publish `pos` as a tombstone without filling it.

@@ -158,6 +158,8 @@ const MAX_ARENA_HINT: usize = 64 << 20;
 
 /// Maximum number of events returned by [`EventStore::causal_chain`].
 pub const MAX_CHAIN_DEPTH: usize = 4096;
+/// Results a query allocates room for up front (#15c).
+const RESULT_PREALLOC: usize = 4096;
 
 /// Bounds of an [`EventStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1321,7 +1323,9 @@ impl EventStore {
         limit: usize,
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
-        let mut out = Vec::new();
+        // Sized once (#15c): growing by doubling re-copied the results and
+        // made the allocator map and unmap fresh pages on every query.
+        let mut out = Vec::with_capacity(limit.min(RESULT_PREALLOC));
         if limit == 0 {
             return out;
         }
@@ -2371,7 +2375,7 @@ impl EventStore {
         limit: usize,
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(limit.min(RESULT_PREALLOC));
         if limit == 0 || t0 > t1 {
             return out;
         }

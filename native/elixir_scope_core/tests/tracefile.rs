@@ -468,3 +468,138 @@ fn names_and_the_metadata_symbol_table_round_trip() {
     );
     let _ = Local::Imm(0);
 }
+
+/// A store of term records with event-type and AST-node keys (and a few
+/// calls between them), as `DataAccess.store_event/2` makes it.
+fn keyed_terms(vm: &mut Vm, n: u64) -> EventStore {
+    use elixir_scope_core::TermKeys;
+    let mut store = EventStore::new(StoreConfig {
+        max_events: 10_000,
+        max_age_ns: None,
+    });
+    let (m, f) = (vm.atom("Elixir.Mod"), vm.atom("run"));
+    for id in 1..=n {
+        let corr = CorrelationFields {
+            correlation_id: id,
+            parent_id: 0,
+            root_id: 0,
+        };
+        let mut ev = Event {
+            id,
+            timestamp: 1_000 + id as i64 * 10,
+            wall_time: 5_000 + id as i64 * 10,
+            pid: pid_word(100 + id % 3),
+            ..Event::default()
+        };
+        if id % 5 == 0 {
+            ev.kind = EventKind::FunctionCall as u8;
+            ev.module = m;
+            ev.function = f;
+            store.insert(&ev, corr);
+        } else {
+            ev.kind = EventKind::Term as u8;
+            let keys = TermKeys {
+                event_type: if id % 4 == 0 { 0 } else { 1 << 63 | (id % 3) },
+                ast_node: if id % 3 == 0 {
+                    0
+                } else {
+                    1 << 63 | (1 << 40) | (id % 7)
+                },
+            };
+            store.insert_term(&ev, corr, keys);
+        }
+    }
+    store
+}
+
+fn key_answers(a: &EventStore, b: &EventStore) {
+    assert_eq!(a.index_sizes(), b.index_sizes());
+    for o in [Order::Asc, Order::Desc] {
+        for t in 0..3u64 {
+            let k = 1 << 63 | t;
+            assert_eq!(
+                many(a.by_event_type(k, 1000, o)),
+                many(b.by_event_type(k, 1000, o))
+            );
+        }
+        for n in 0..7u64 {
+            let k = 1 << 63 | (1 << 40) | n;
+            let (x, y) = (a.by_ast_node(k, 1000, o), b.by_ast_node(k, 1000, o));
+            assert_eq!(many(x.clone()), many(y.clone()));
+            let keys = |v: &[StoredEvent]| v.iter().map(|e| e.ast_node).collect::<Vec<_>>();
+            assert_eq!(keys(&x), keys(&y));
+        }
+    }
+}
+
+#[test]
+fn term_records_keep_their_event_type_and_ast_node_indexes() {
+    let mut vm = Vm::new("a@host", 7, &[]);
+    let original = keyed_terms(&mut vm, 300);
+    let sizes = original.index_sizes();
+    assert!(sizes.event_type > 100 && sizes.ast_node > 100, "{sizes:?}");
+    let path = temp("term_keys");
+    let original = save(&mut vm, original, &path, Codec::Zstd);
+    let (loaded, _) = load(&[&path], &mut vm, &LoadOptions::default()).unwrap();
+    let original = original.lock().unwrap();
+    same_answers(&original, &loaded);
+    key_answers(&original, &loaded);
+
+    // Merged with itself (ids move up): the keys are hashes, never moved.
+    let (merged, _) = load(&[&path, &path], &mut vm, &LoadOptions::default()).unwrap();
+    let s = merged.index_sizes();
+    assert_eq!(
+        (s.event_type, s.ast_node),
+        (2 * sizes.event_type, 2 * sizes.ast_node)
+    );
+    for n in 1..7u64 {
+        let k = 1 << 63 | (1 << 40) | n;
+        let want = original.by_ast_node(k, 1000, Order::Asc).len();
+        assert_eq!(merged.by_ast_node(k, 1000, Order::Asc).len(), 2 * want);
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_format_1_1_file_loads_with_its_event_type_index() {
+    // Format 1.1 writers wrote a term record's event-type key (its aux)
+    // but no AST-node key: byte for byte a 1.2 file of a store without
+    // AST keys, with minor version 1 in the preamble.
+    use elixir_scope_core::TermKeys;
+    let mut vm = Vm::new("a@host", 7, &[]);
+    let mut store = EventStore::new(StoreConfig {
+        max_events: 100,
+        max_age_ns: None,
+    });
+    for id in 1..=40u64 {
+        let ev = Event {
+            id,
+            timestamp: id as i64,
+            pid: pid_word(100),
+            kind: EventKind::Term as u8,
+            ..Event::default()
+        };
+        let corr = CorrelationFields {
+            correlation_id: id,
+            parent_id: 0,
+            root_id: 0,
+        };
+        let keys = TermKeys {
+            event_type: 1 << 63 | (id % 2),
+            ast_node: 0,
+        };
+        store.insert_term(&ev, corr, keys);
+    }
+    let path = temp("v1_1");
+    let _ = save(&mut vm, store, &path, Codec::Lz4);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[8..12], &[1, 0, 2, 0], "major 1, minor 2 written");
+    bytes[10] = 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (loaded, _) = load(&[&path], &mut vm, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.by_event_type(1 << 63, 100, Order::Asc).len(), 20);
+    assert_eq!(loaded.by_event_type(1 << 63 | 1, 100, Order::Asc).len(), 20);
+    let s = loaded.index_sizes();
+    assert_eq!((s.total, s.event_type, s.ast_node), (40, 40, 0));
+    std::fs::remove_file(&path).unwrap();
+}

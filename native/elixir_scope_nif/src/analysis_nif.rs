@@ -27,7 +27,7 @@ use crate::store_nif::{term_key, StoreRes};
 const SELECT_CHUNK: usize = 50_000;
 
 fn entries<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let out: Vec<_> = evs
         .iter()
         .map(|e| entry_term(env, e, &mut scratch).as_c_arg())
@@ -37,7 +37,7 @@ fn entries<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
 
 fn entry_or_nil<'a>(env: Env<'a>, e: Option<StoredEvent>) -> Term<'a> {
     match e {
-        Some(e) => entry_term(env, &e, &mut Vec::new()),
+        Some(e) => entry_term(env, &e, &mut Scratch::new()),
         None => atoms::nil().encode(env),
     }
 }
@@ -223,7 +223,7 @@ fn ana_messages<'a>(
 }
 
 fn flows_term<'a>(env: Env<'a>, flows: &[analysis::Flow], next: Option<u64>) -> Term<'a> {
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let mut one = |e: Option<StoredEvent>| match e {
         Some(e) => entry_term(env, &e, &mut scratch),
         None => atoms::nil().encode(env),
@@ -705,7 +705,7 @@ fn state_at_answer<'a>(
             if bytes > max_bytes {
                 return None;
             }
-            let mut scratch: Scratch = Vec::with_capacity(32);
+            let mut scratch = Scratch::new();
             let t = state_term(env, store, &v, &mut scratch, &mut Vec::new());
             Some((atoms::ok(), t).encode(env))
         }
@@ -729,7 +729,7 @@ fn ana_state_history<'a>(
     if views.is_empty() && store.state_processes().iter().all(|&(q, _)| q != p) {
         return Ok((atoms::error(), no_state_reason(&store, p)).encode(env));
     }
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let mut cache = StateCache::new();
     let out: Vec<ERL_NIF_TERM> = views
         .iter()
@@ -790,7 +790,7 @@ fn ana_why<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
     use elixir_scope_core::analysis::WhyRole;
     let store = s.lock(env)?;
     let chain = analysis::why(&store, id);
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let out: Vec<ERL_NIF_TERM> = chain
         .iter()
         .map(|(role, e)| {

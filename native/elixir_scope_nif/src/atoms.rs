@@ -319,4 +319,29 @@ rustler::atoms! {
     with_pid,
     with_function,
     total,
+    // Quick store queries (issue-15c): store_quick ops
+    get,
+    chain,
+}
+
+/// Atoms of the issue-17a branch (the original's Events fields).
+pub mod issue_17a {
+    rustler::atoms! {
+        function_entry_struct = "Elixir.ElixirScope.Events.FunctionEntry",
+        function_exit_struct = "Elixir.ElixirScope.Events.FunctionExit",
+        process_exit_struct = "Elixir.ElixirScope.Events.ProcessExit",
+        exit_reason,
+        result,
+        caller_module,
+        caller_function,
+        caller_line,
+        exited_pid,
+        lifetime_ns,
+        message_count,
+        final_state,
+        snapshot_id,
+        checkpoint_type,
+        message_queue_len,
+        session_id,
+    }
 }

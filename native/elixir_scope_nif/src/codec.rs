@@ -654,6 +654,12 @@ pub struct Layout {
 
 static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
 
+/// The probed flatmap header word, or 0 when raw flatmap access is off.
+#[inline(always)]
+pub(crate) fn flatmap_header() -> u64 {
+    layout().flatmap_header
+}
+
 #[inline(always)]
 fn layout() -> Layout {
     LAYOUT.get().copied().unwrap_or_default()
@@ -662,7 +668,7 @@ fn layout() -> Layout {
 /// `(size, keys, values)` of a flatmap term, read straight from the heap,
 /// when the probed layout allows it.
 #[inline(always)]
-fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
+pub(crate) fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *const u64)> {
     let hdr = layout().flatmap_header;
     let w = word(t);
     if hdr == 0 || w & 0x3 != 0x2 {
@@ -866,8 +872,9 @@ pub struct TapeDecoder<'t> {
     pos: usize,
 }
 
-/// Scratch stack of terms reused across containers while decoding.
-pub type Scratch = Vec<ERL_NIF_TERM>;
+/// Scratch stack of terms reused across containers while decoding (and
+/// the per-call struct keys, see `event_term::Scratch`).
+pub use crate::event_term::Scratch;
 
 impl<'t> TapeDecoder<'t> {
     /// Decode from the start of `tape`.

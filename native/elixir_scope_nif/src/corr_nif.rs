@@ -767,9 +767,11 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
         };
     } else if is(n::function_entry_mod()) {
         f.kind = Some(CorrKind::Call);
-        f.corr = field(m, n::call_id());
+        f.pid = field(m, n::pid());
+        f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
     } else if is(n::function_exit_mod()) {
-        f.corr = field(m, n::call_id());
+        f.pid = field(m, n::pid());
+        f.corr = first_field(m, &[n::call_id(), n::correlation_id()]);
         f.kind = match field(m, n::exit_reason()) {
             Some(r) if word(r.as_c_arg()) != atom_word(n::normal()) => Some(CorrKind::Exception),
             _ => Some(CorrKind::Return),
@@ -832,11 +834,11 @@ fn data_fields<'a>(module: u64, m: Term<'a>) -> Option<Fields<'a>> {
         f.peer = field(m, n::spawned_pid());
     } else if is(n::process_exit_mod()) {
         f.kind = Some(CorrKind::Exit);
-        f.pid = field(m, n::exited_pid());
+        f.pid = first_field(m, &[n::exited_pid(), n::pid()]);
     } else if is(n::state_change_mod()) {
         f.kind = Some(CorrKind::StateChange);
         f.id = field(m, n::id());
-        f.pid = field(m, n::server_pid());
+        f.pid = first_field(m, &[n::server_pid(), n::pid()]);
     } else {
         return None;
     }

@@ -9,12 +9,68 @@
 //! metric's metadata map (small maps) are cut value by value.
 
 use elixir_scope_core::EventKind;
-use rustler::sys::enif_compare;
-use rustler::{Encoder, Env, Term};
+use rustler::sys::{enif_compare, ErlNifEnv, ErlNifTerm as ERL_NIF_TERM};
+use rustler::{Encoder, Env, NifResult, Term};
 
 use crate::codec::{imm_word, is_immediate, list_cells, word};
 use crate::handle::Ref;
 use crate::ring_nif::RingRes;
+
+/// Registers `$name/$arity` as a NIF running `$body(env, args)`: what
+/// `#[rustler::nif]` generates, minus the vector it builds of the
+/// arguments on every call (a `malloc` and a `free`, ~6% of an
+/// `ingest_function_call` in a perf profile). For the per-event write
+/// paths. Errors and panics are returned and raised as rustler does.
+macro_rules! lean_nif {
+    ($name:literal, $arity:literal, $body:path) => {
+        rustler::codegen_runtime::inventory::submit!(rustler::Nif {
+            name: concat!($name, "\0").as_ptr() as *const rustler::codegen_runtime::c_char,
+            arity: $arity,
+            flags: rustler::SchedulerFlags::Normal as rustler::codegen_runtime::c_uint,
+            raw_func: {
+                unsafe extern "C" fn nif_func(
+                    env: *mut rustler::sys::ErlNifEnv,
+                    argc: rustler::codegen_runtime::c_int,
+                    argv: *const rustler::sys::ErlNifTerm,
+                ) -> rustler::sys::ErlNifTerm {
+                    // SAFETY: called by the VM with `argc` terms at `argv`.
+                    unsafe { $crate::ingest::run_lean::<$arity>(env, argc, argv, $body) }
+                }
+                nif_func
+            },
+        });
+    };
+}
+pub(crate) use lean_nif;
+
+/// The body of a [`lean_nif!`] NIF.
+pub(crate) type LeanBody<const N: usize> =
+    for<'a> fn(Env<'a>, [Term<'a>; N]) -> NifResult<Term<'a>>;
+
+/// Run a [`lean_nif!`] body on the VM's arguments.
+///
+/// # Safety
+/// `env` and `argv` (`argc` terms) as the VM passes them to a NIF.
+#[inline(always)]
+pub(crate) unsafe fn run_lean<const N: usize>(
+    env: *mut ErlNifEnv,
+    argc: rustler::codegen_runtime::c_int,
+    argv: *const ERL_NIF_TERM,
+    body: LeanBody<N>,
+) -> ERL_NIF_TERM {
+    let lifetime = ();
+    // SAFETY: a NIF call's env, valid for this call.
+    let env = unsafe { Env::new(&lifetime, env) };
+    if argc as usize != N {
+        // SAFETY: the call's env.
+        return unsafe { rustler::sys::enif_make_badarg(env.as_c_arg()) };
+    }
+    // SAFETY: the VM passes `argc == N` terms of `env`.
+    let args = unsafe { *(argv as *const [ERL_NIF_TERM; N]) }.map(|t| unsafe { Term::new(env, t) });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || body(env, args)));
+    // SAFETY: as rustler's generated NIFs do with their result.
+    unsafe { rustler::codegen_runtime::handle_nif_result(result, env).apply(env) }
+}
 
 /// A correlation key for a caller-supplied correlation id term: the raw
 /// word of an immediate (atom, small integer, local pid), else its phash2
@@ -39,17 +95,12 @@ fn self_word(env: Env) -> u64 {
 /// (no real call has more than 255 arguments) record this value.
 const MAX_COUNTED_ARITY: i64 = 65_535;
 
-#[rustler::nif]
 fn ing_function_call<'a>(
     env: Env<'a>,
-    rb: Ref<RingRes>,
-    module: Term<'a>,
-    function: Term<'a>,
-    call_args: Term<'a>,
-    caller_pid: Term<'a>,
-    correlation_id: Term<'a>,
-) -> Term<'a> {
-    rb.push(env, EventKind::FunctionCall, |ev, enc| {
+    [rb, module, function, call_args, caller_pid, correlation_id]: [Term<'a>; 6],
+) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
+    Ok(rb.push(env, EventKind::FunctionCall, |ev, enc| {
         ev.module = imm_word(module.as_c_arg());
         ev.function = imm_word(function.as_c_arg());
         ev.pid = imm_word(caller_pid.as_c_arg());
@@ -58,26 +109,45 @@ fn ing_function_call<'a>(
         enc.field(call_args);
         enc.field(caller_pid);
         enc.field(correlation_id);
-    })
+    }))
+}
+lean_nif!("ing_function_call", 6, ing_function_call);
+
+/// `ing_function_call` behind rustler's generated wrapper (how every
+/// `ing_*` NIF was called before #15), for the ring bench's same-run
+/// comparison only.
+#[rustler::nif]
+fn debug_ing_function_call_wrapped<'a>(
+    env: Env<'a>,
+    rb: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    call_args: Term<'a>,
+    caller_pid: Term<'a>,
+    correlation_id: Term<'a>,
+) -> NifResult<Term<'a>> {
+    ing_function_call(
+        env,
+        [rb, module, function, call_args, caller_pid, correlation_id],
+    )
 }
 
-#[rustler::nif]
 fn ing_function_return<'a>(
     env: Env<'a>,
-    rb: Ref<RingRes>,
-    return_value: Term<'a>,
-    duration_ns: i64,
-    correlation_id: Term<'a>,
-) -> Term<'a> {
+    [rb, return_value, duration_ns, correlation_id]: [Term<'a>; 4],
+) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
+    let duration_ns: i64 = duration_ns.decode()?;
     let me = self_word(env);
-    rb.push(env, EventKind::FunctionReturn, |ev, enc| {
+    Ok(rb.push(env, EventKind::FunctionReturn, |ev, enc| {
         ev.pid = me;
         ev.peer = corr_key(correlation_id);
         ev.aux = duration_ns;
         enc.field_whole(return_value);
         enc.field(correlation_id);
-    })
+    }))
 }
+lean_nif!("ing_function_return", 4, ing_function_return);
 
 #[rustler::nif]
 fn ing_process_spawn<'a>(
@@ -94,38 +164,35 @@ fn ing_process_spawn<'a>(
     })
 }
 
-#[rustler::nif]
 fn ing_message_send<'a>(
     env: Env<'a>,
-    rb: Ref<RingRes>,
-    from_pid: Term<'a>,
-    to_pid: Term<'a>,
-    message: Term<'a>,
-) -> Term<'a> {
-    rb.push(env, EventKind::MessageSend, |ev, enc| {
+    [rb, from_pid, to_pid, message]: [Term<'a>; 4],
+) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
+    Ok(rb.push(env, EventKind::MessageSend, |ev, enc| {
         ev.pid = imm_word(from_pid.as_c_arg());
         ev.peer = imm_word(to_pid.as_c_arg());
         enc.field(from_pid);
         enc.field(to_pid);
         ev.aux = enc.field_hashed(message) as i64;
-    })
+    }))
 }
+lean_nif!("ing_message_send", 4, ing_message_send);
 
 /// A message taken from `receiver_pid`'s mailbox; matched to its send by
 /// the message's content hash.
-#[rustler::nif]
 fn ing_message_receive<'a>(
     env: Env<'a>,
-    rb: Ref<RingRes>,
-    receiver_pid: Term<'a>,
-    message: Term<'a>,
-) -> Term<'a> {
-    rb.push(env, EventKind::MessageReceive, |ev, enc| {
+    [rb, receiver_pid, message]: [Term<'a>; 3],
+) -> NifResult<Term<'a>> {
+    let rb: Ref<RingRes> = rb.decode()?;
+    Ok(rb.push(env, EventKind::MessageReceive, |ev, enc| {
         ev.pid = imm_word(receiver_pid.as_c_arg());
         enc.field(receiver_pid);
         ev.aux = enc.field_hashed(message) as i64;
-    })
+    }))
 }
+lean_nif!("ing_message_receive", 3, ing_message_receive);
 
 #[rustler::nif]
 fn ing_process_exit<'a>(

@@ -72,6 +72,7 @@ fn load(env: Env, _info: Term) -> bool {
         return false;
     }
     codec::probe_layout(env);
+    event_term::probe_shared_keys(env);
     utils_nif::init();
     NIL_WORD.store(codec::word(nil) as usize, Ordering::Relaxed);
     true

@@ -386,7 +386,7 @@ impl MatchSpec {
 }
 
 thread_local! {
-    static DECODE: RefCell<(OwnedEnv, Scratch)> = RefCell::new((OwnedEnv::new(), Vec::new()));
+    static DECODE: RefCell<(OwnedEnv, Scratch)> = RefCell::new((OwnedEnv::new(), Scratch::new()));
 }
 
 struct Eval<'v> {

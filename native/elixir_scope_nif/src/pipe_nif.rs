@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::atoms;
 use crate::error::badarg;
-use crate::event_term::event_to_term;
+use crate::event_term::{event_to_term, Scratch};
 use crate::handle::{self, Handle, Ref};
 use crate::ring_nif::{monotonic_ns_passive, now_ns, RingRes, Shedder};
 use crate::store_nif::StoreRes;
@@ -522,7 +522,7 @@ fn pipe_metrics<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
 fn pipe_dead_letters<'a>(env: Env<'a>, p: Ref<PipeRes>, limit: u64) -> NifResult<Term<'a>> {
     let pipe = p.get(env)?;
     let letters = pipe.pool().dead_letters();
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::for_call(env);
     let skip = letters.len().saturating_sub(limit as usize);
     let out: Vec<ERL_NIF_TERM> = letters
         .iter()

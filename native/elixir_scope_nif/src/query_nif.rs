@@ -82,6 +82,22 @@ fn qry_query<'a>(
     how: Atom,
 ) -> NifResult<Term<'a>> {
     let how = as_of(env, how)?;
+    let (q, matcher) = decode_query(env, filter, desc, limit, cursor)?;
+    let store = s.lock(env)?;
+    let m: Option<&dyn Matcher> = matcher.as_deref();
+    let page = query::query(&store, &q, m);
+    page_term(env, &page, how)
+}
+
+/// The query of `qry_query`'s arguments, with its payload matcher.
+#[allow(clippy::type_complexity)]
+fn decode_query<'a>(
+    env: Env<'a>,
+    filter: Term<'a>,
+    desc: bool,
+    limit: u64,
+    cursor: Term<'a>,
+) -> NifResult<(Query, Option<std::sync::Arc<dyn Matcher>>)> {
     let (mut f, matcher) = decode_filter(env, filter)?;
     let int = |k: &str| -> NifResult<Option<i64>> { crate::sub_nif::int_field(env, filter, k) };
     f.linked_to = int("linked_to")?.map(|v| v as u64);
@@ -103,10 +119,12 @@ fn qry_query<'a>(
         cursor,
         budget: SCAN_BUDGET,
     };
-    let store = s.lock(env)?;
-    let m: Option<&dyn Matcher> = matcher.as_deref();
-    let page = query::query(&store, &q, m);
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    Ok((q, matcher))
+}
+
+/// `{results, next_cursor | nil, plan, estimate}` of a page.
+fn page_term<'a>(env: Env<'a>, page: &query::Page, how: As) -> NifResult<Term<'a>> {
+    let mut scratch = Scratch::for_call(env);
     let mut out = Vec::with_capacity(page.events.len());
     for e in &page.events {
         out.push(term_of(env, e, how, &mut scratch)?.as_c_arg());
@@ -117,6 +135,57 @@ fn qry_query<'a>(
         None => atoms::nil().encode(env),
     };
     Ok((list, next, plan_atom(page.plan), page.estimate as u64).encode(env))
+}
+
+/// Most records a [`qry_query_quick`] plan may visit, results it may
+/// return and payload bytes it may decode: well under a millisecond.
+const QUICK_MAX_VISITS: usize = 4_000;
+const QUICK_MAX_EVENTS: usize = 2_000;
+const QUICK_MAX_BYTES: usize = 512 << 10;
+
+/// [`qry_query`] on the caller's scheduler: the same page, or `:busy`
+/// when the store lock is held, the plan is a scan or would visit more
+/// than [`QUICK_MAX_VISITS`] records, or the page is too big (the caller
+/// then runs [`qry_query`]). Saves the dirty-scheduler round trip of
+/// small indexed queries.
+#[rustler::nif]
+#[allow(clippy::too_many_arguments)]
+fn qry_query_quick<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    filter: Term<'a>,
+    desc: bool,
+    limit: u64,
+    cursor: Term<'a>,
+    how: Atom,
+) -> NifResult<Term<'a>> {
+    let busy = || Ok(atoms::busy().encode(env));
+    if limit as usize > QUICK_MAX_EVENTS {
+        return busy();
+    }
+    // Malformed arguments: the dirty NIF gives the error.
+    let Ok(how) = as_of(env, how) else {
+        return busy();
+    };
+    let Ok(q) = decode_query(env, filter, desc, limit, cursor) else {
+        return busy();
+    };
+    let (q, matcher) = q;
+    let Some(store) = s.try_lock(env)? else {
+        return busy();
+    };
+    let (plan, estimate) = query::plan(&store, &q);
+    if plan == Plan::Scan || estimate > QUICK_MAX_VISITS {
+        return busy();
+    }
+    let m: Option<&dyn Matcher> = matcher.as_deref();
+    let page = query::run(&store, &q, m, plan, estimate);
+    let bytes: usize = page.events.iter().map(|e| e.payload.len()).sum();
+    if page.events.len() > QUICK_MAX_EVENTS || bytes > QUICK_MAX_BYTES {
+        return busy();
+    }
+    rustler::schedule::consume_timeslice(env, (page.events.len() / 40).clamp(1, 100) as i32);
+    page_term(env, &page, how)
 }
 
 /// `correlation_search`: a map of correlated maps (see `Related`).
@@ -138,7 +207,7 @@ fn qry_related<'a>(
     let Some(ev) = r.event else {
         return Ok((atoms::error(), atoms::not_found()).encode(env));
     };
-    let mut scratch: Scratch = Vec::with_capacity(32);
+    let mut scratch = Scratch::for_call(env);
     let nil = atoms::nil().encode(env);
     let one = |e: Option<StoredEvent>, scratch: &mut Scratch| -> NifResult<Term<'a>> {
         match e {

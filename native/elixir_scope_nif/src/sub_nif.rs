@@ -316,7 +316,7 @@ fn sub_new<'a>(
         pid: local,
         me,
         env: OwnedEnv::new(),
-        scratch: Vec::with_capacity(32),
+        scratch: Scratch::new(),
         watcher,
     }));
     match hub.add(Arc::clone(&sub)) {

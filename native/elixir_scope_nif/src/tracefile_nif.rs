@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::atoms;
-use crate::codec::{encode_into, TapeDecoder};
+use crate::codec::{encode_into, Scratch, TapeDecoder};
 use crate::error::badarg;
 use crate::handle::{self, Ref};
 use crate::portable::{self, BeamResolver, BeamSymbolizer};
@@ -214,7 +214,7 @@ fn metadata_term<'a>(
     }
     let mut tape = Vec::new();
     to_local(&h.metadata, &mut tape, &locals, r).map_err(bad)?;
-    let mut scratch = Vec::new();
+    let mut scratch = Scratch::new();
     Ok(TapeDecoder::new(&tape).next(env, &mut scratch))
 }
 

@@ -82,6 +82,10 @@ pub struct TracerRes {
     arity_only: bool,
     /// False for a dry run: count trace calls, write nothing.
     record: bool,
+    /// A stats-mode tracer (`tracer_discard/1`): the traced processes only
+    /// carry the `call` flag for the VM's `call_time` counters, and
+    /// `enabled/3` discards every event before it is built.
+    discard_all: bool,
     /// Payload cap per event, bytes.
     limit: usize,
     /// Cap for what matters most: states (OTP callback returns,
@@ -113,9 +117,9 @@ pub struct TracerRes {
     reason: AtomicU8,
     stopped_at: AtomicI64,
     /// trace/5 calls while active (written + dropped_full + over_limit +
-    /// shed).
+    /// shed). Written events are not counted apart: one atomic add less
+    /// per event (see [`TracerRes::written`]).
     offered: AtomicU64,
-    written: AtomicU64,
     dropped_full: AtomicU64,
     /// Offered past a limit (not written).
     over_limit: AtomicU64,
@@ -164,6 +168,60 @@ impl Handle for TracerRes {
 }
 
 impl TracerRes {
+    /// A tracer that records nothing, with no limits, owned by `owner`
+    /// (the base of [`tracer_new`] and [`tracer_discard`]).
+    fn blank(env: Env, owner: LocalPid, now: i64) -> TracerRes {
+        TracerRes {
+            shards: Box::new([]),
+            ring_destroyed: Arc::new(AtomicBool::new(false)),
+            shed: Arc::new(Shedder::default()),
+            owner_word: word(owner.encode(env).as_c_arg()),
+            owner,
+            arity_only: true,
+            record: false,
+            discard_all: false,
+            limit: 0,
+            state_limit: 0,
+            callbacks: CallbackTable::default(),
+            only: None,
+            snapshotting: AtomicBool::new(false),
+            states: AtomicU64::new(0),
+            states_dropped: AtomicU64::new(0),
+            state_drops: Mutex::new(StateDrops::default()),
+            max_events: u64::MAX,
+            max_rate: u64::MAX,
+            check_mask: 1023,
+            deadline: i64::MAX,
+            active: AtomicBool::new(true),
+            reason: AtomicU8::new(Reason::Active as u8),
+            stopped_at: AtomicI64::new(0),
+            offered: AtomicU64::new(0),
+            dropped_full: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
+            shed_events: AtomicU64::new(0),
+            after_stop: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
+            window_start: AtomicI64::new(now),
+            window_base: AtomicU64::new(0),
+        }
+    }
+
+    /// Events written: every offered event (counted before its outcome)
+    /// that was not dropped by a full ring, over a limit or shed; none in a
+    /// dry run. While tracing, an event being written at this moment may
+    /// count already; exact once the VM has switched tracing off.
+    fn written(&self) -> u64 {
+        if !self.record {
+            return 0;
+        }
+        // The outcomes first: each is counted after its offer, so the
+        // difference never underflows.
+        let lost = self.dropped_full.load(Ordering::Acquire)
+            + self.over_limit.load(Ordering::Acquire)
+            + self.shed_events.load(Ordering::Acquire);
+        self.offered.load(Ordering::Acquire).saturating_sub(lost)
+    }
+
     /// A state record of `pid` stamped `ts` was dropped (a full ring).
     fn state_dropped(&self, pid: u64, ts: i64) {
         self.states_dropped.fetch_add(1, Ordering::Relaxed);
@@ -291,41 +349,38 @@ fn tracer_new<'a>(
     // Check the rate every 2^k events, 2^k <= min(1024, max_rate / 16).
     let every = (max_rate as u64 / 16).clamp(1, 1024);
     let check_every = 1u64 << (63 - every.leading_zeros());
-    let owner_word = word(owner.encode(env).as_c_arg());
     let t = TracerRes {
         shards: rb.shards.clone(),
         ring_destroyed: rb.destroyed.clone(),
         shed: rb.shed.clone(),
-        owner,
         arity_only,
         record,
         limit: max_payload_bytes as usize,
         state_limit: max_state_bytes as usize,
         callbacks,
         only,
-        owner_word,
-        snapshotting: AtomicBool::new(false),
-        states: AtomicU64::new(0),
-        states_dropped: AtomicU64::new(0),
-        state_drops: Mutex::new(StateDrops::default()),
         max_events: max_events as u64,
         max_rate: max_rate as u64,
         check_mask: check_every - 1,
         deadline: now.saturating_add(duration_ms.saturating_mul(1_000_000)),
-        active: AtomicBool::new(true),
-        reason: AtomicU8::new(Reason::Active as u8),
-        stopped_at: AtomicI64::new(0),
-        offered: AtomicU64::new(0),
-        written: AtomicU64::new(0),
-        dropped_full: AtomicU64::new(0),
-        over_limit: AtomicU64::new(0),
-        shed_events: AtomicU64::new(0),
-        after_stop: AtomicU64::new(0),
-        truncated: AtomicU64::new(0),
-        window_start: AtomicI64::new(now),
-        window_base: AtomicU64::new(0),
+        ..TracerRes::blank(env, owner, now)
     };
     Ok(handle::make(env, t))
+}
+
+/// `tracer_discard(owner)`: the tracer of a stats session
+/// (`ElixirScope.trace(targets, mode: :stats)`). The VM's `call_time`
+/// counters only count in processes that have the `call` trace flag, and a
+/// flag needs a tracer: this one records nothing and has `enabled/3`
+/// discard every event (a stray trace pattern set by someone else costs
+/// the traced code no event). Stopped with `tracer_stop/2` like any tracer.
+#[rustler::nif]
+fn tracer_discard(env: Env, owner: LocalPid) -> Term {
+    let t = TracerRes {
+        discard_all: true,
+        ..TracerRes::blank(env, owner, now_ns().0)
+    };
+    handle::make(env, t)
 }
 
 /// `[{module, function | :_, arity | :_}]` as `(module, function or 0,
@@ -362,6 +417,15 @@ fn enabled<'a>(env: Env<'a>, tag: Term<'a>, state: Term<'a>, _tracee: Term<'a>) 
     if !t.active.load(Ordering::Relaxed) {
         return if same(tag, atoms::trace_status()) {
             atoms::remove()
+        } else {
+            atoms::discard()
+        }
+        .encode(env);
+    }
+    if t.discard_all {
+        // Stats mode: keep the tracer (trace_status), build no event.
+        return if same(tag, atoms::trace_status()) {
+            atoms::trace()
         } else {
             atoms::discard()
         }
@@ -559,7 +623,6 @@ fn trace<'a>(
             if recorded_state {
                 t.states.fetch_add(1, Ordering::Relaxed);
             }
-            t.written.fetch_add(1, Ordering::Relaxed)
         }
         Err(_) => {
             // A callback's return that may have set a state (its shape is
@@ -568,9 +631,9 @@ fn trace<'a>(
             if state_record {
                 t.state_dropped(pid_w, now.0);
             }
-            t.dropped_full.fetch_add(1, Ordering::Relaxed)
+            t.dropped_full.fetch_add(1, Ordering::Relaxed);
         }
-    };
+    }
     ok
 }
 
@@ -751,7 +814,7 @@ fn tracer_stats<'a>(env: Env<'a>, t: Ref<TracerRes>) -> NifResult<Term<'a>> {
         .map_put(atoms::reason(), reason.atom())?
         .map_put(atoms::reason_at(), t.stopped_at.load(Ordering::Relaxed))?
         .map_put(atoms::offered(), t.offered.load(Ordering::Relaxed))?
-        .map_put(atoms::written(), t.written.load(Ordering::Relaxed))?
+        .map_put(atoms::written(), t.written())?
         .map_put(
             atoms::dropped_full(),
             t.dropped_full.load(Ordering::Relaxed),
@@ -824,7 +887,6 @@ fn tracer_snapshot<'a>(
     Ok(match res {
         Ok(_) => {
             t.states.fetch_add(1, Ordering::Relaxed);
-            t.written.fetch_add(1, Ordering::Relaxed);
             atoms::ok().encode(env)
         }
         Err(_) => {

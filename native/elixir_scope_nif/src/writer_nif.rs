@@ -29,7 +29,7 @@ use crate::atoms;
 use crate::error::badarg;
 use crate::handle::Ref;
 use crate::pipe_nif::PipeRes;
-use crate::ring_nif::RingRes;
+use crate::ring_nif::{monotonic_now_ns, RingRes};
 
 rustler::atoms! {
     free,
@@ -121,14 +121,19 @@ fn pipe_workers<'a>(env: Env<'a>, p: Ref<PipeRes>) -> NifResult<Term<'a>> {
         .per_worker
         .iter()
         .zip(m.per_worker_errors.iter())
+        .zip(m.per_worker_last_poll.iter())
         .enumerate()
-        .map(|(i, (&(e, b), &err))| {
+        .map(|(i, ((&(e, b), &err), &last))| {
             let st = match leases.state(i) {
                 LeaseState::Free => free(),
                 LeaseState::Held(_) => held(),
                 LeaseState::Orphaned => orphaned(),
             };
-            (e as u64, b as u64, err as u64, st).encode(env)
+            // When it last polled, on the VM's monotonic clock (ns).
+            let last_poll = last.map(|ago| {
+                monotonic_now_ns().saturating_sub(ago.as_nanos().min(i64::MAX as u128) as i64)
+            });
+            (e as u64, b as u64, err as u64, st, last_poll).encode(env)
         })
         .collect();
     let positions: Vec<u64> = pipe.shards().iter().map(|r| r.read_position()).collect();

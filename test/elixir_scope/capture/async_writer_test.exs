@@ -58,7 +58,9 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
       state = AsyncWriterPool.get_state(pool)
       assert [_, _, _] = state.workers
       assert Enum.all?(state.workers, &Process.alive?/1)
-      assert state.worker_assignments == %{0 => [0, 3], 1 => [1, 4], 2 => [2, 5]}
+      assert state.shard_assignments == %{0 => [0, 3], 1 => [1, 4], 2 => [2, 5]}
+      # The original's shape: each worker's pid and its index.
+      assert state.worker_assignments == state.workers |> Enum.with_index() |> Map.new()
 
       assert Enum.map(state.workers, &AsyncWriter.get_state(&1).shards) ==
                [[0, 3], [1, 4], [2, 5]]
@@ -67,12 +69,14 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
     test "scale_pool/2 reassigns shards; assignments partition them" do
       pool = sup!(AsyncWriterPool, %{pool_size: 2, shards: 8, ring_size: 64})
       assert :ok = AsyncWriterPool.scale_pool(pool, 3)
-      a = AsyncWriterPool.get_worker_assignments(pool)
+      a = AsyncWriterPool.get_shard_assignments(pool)
       assert map_size(a) == 3
       assert a |> Map.values() |> List.flatten() |> Enum.sort() == Enum.to_list(0..7)
       assert AsyncWriterPool.get_metrics(pool).worker_count == 3
       assert :ok = AsyncWriterPool.scale_pool(pool, 1)
-      assert AsyncWriterPool.get_worker_assignments(pool) == %{0 => Enum.to_list(0..7)}
+      assert AsyncWriterPool.get_shard_assignments(pool) == %{0 => Enum.to_list(0..7)}
+      [only] = AsyncWriterPool.get_state(pool).workers
+      assert AsyncWriterPool.get_worker_assignments(pool) == %{only => 0}
       assert_raise ArgumentError, fn -> AsyncWriterPool.scale_pool(pool, 0) end
       assert_raise ArgumentError, fn -> AsyncWriterPool.scale_pool(pool, :many) end
     end
@@ -235,6 +239,19 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
       assert is_float(state.processing_rate) and state.processing_rate > 0
       assert is_integer(state.start_time)
       assert state.resumed == false
+      # Both on Utils.monotonic_timestamp/0's clock, as in the original:
+      # a poll ended after the start, and before now.
+      assert state.last_poll_time >= state.start_time
+      assert state.last_poll_time <= ElixirScope.Utils.monotonic_timestamp()
+      :ok = AsyncWriter.drain(w)
+      assert AsyncWriter.get_state(w).last_poll_time >= state.last_poll_time
+    end
+
+    test "a writer that has not polled yet reports its start as its last poll" do
+      w = sup!(AsyncWriter, %{ring_buffer: ring!(), poll_interval_ms: 3_600_000})
+      state = AsyncWriter.get_state(w)
+      assert state.last_poll_time == state.start_time
+      assert state.start_time <= ElixirScope.Utils.monotonic_timestamp()
     end
   end
 
@@ -415,8 +432,27 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
       assert [_, _, _] = workers = state.workers
       assert Enum.all?(workers, &Process.alive?/1)
 
-      segments = Map.values(AsyncWriterPool.get_worker_assignments(pool))
+      # As in the original: pid => index, one index per worker.
+      assignments = AsyncWriterPool.get_worker_assignments(pool)
+      assert Map.keys(assignments) |> Enum.sort() == Enum.sort(workers)
+      assert assignments |> Map.values() |> Enum.sort() == [0, 1, 2]
+      segments = Map.values(AsyncWriterPool.get_shard_assignments(pool))
       assert length(Enum.uniq(segments)) == 3
+
+      # The original's state keys: start_time, a monitor per worker, the
+      # ring and poll interval in config.
+      assert is_integer(state.start_time)
+      assert state.start_time <= ElixirScope.Utils.monotonic_timestamp()
+      assert Map.keys(state.worker_monitors) |> Enum.sort() == Enum.sort(workers)
+      assert Enum.all?(Map.values(state.worker_monitors), &is_reference/1)
+      assert %RingBuffer{} = state.config.ring_buffer
+      assert state.config.ring_buffer == AsyncWriterPool.ring_buffer(pool)
+
+      for wpid <- workers do
+        ws = AsyncWriter.get_state(wpid)
+        assert is_integer(ws.start_time) and is_integer(ws.last_poll_time)
+        assert ws.last_poll_time <= ElixirScope.Utils.monotonic_timestamp()
+      end
 
       :ok = AsyncWriterPool.scale_pool(pool, 4)
       assert length(AsyncWriterPool.get_state(pool).workers) == 4
@@ -477,6 +513,10 @@ defmodule ElixirScope.Capture.AsyncWriterTest do
       assert after_.events_read >= before.events_read
       assert after_.current_position >= before.current_position
       assert AsyncWriterPool.get_state(pool).restarts == 4
+      # The monitors and the pid => index map follow the restarts.
+      st = AsyncWriterPool.get_state(pool)
+      assert Map.keys(st.worker_monitors) |> Enum.sort() == Enum.sort([w0_now, w1_now])
+      assert st.worker_assignments == %{w0_now => 0, w1_now => 1}
       assert AsyncWriterPool.health_check(pool).status == :healthy
 
       acc = PipelineTestHelpers.assert_exact_accounting!(pm)

@@ -192,6 +192,13 @@ defmodule ElixirScope.Capture.PipelineManagerTest do
 
       assert m.events_processed == 100
       assert m.correlation_success_rate == 1.0
+
+      # The original's get_state keys, with the same meaning.
+      st = PipelineManager.get_state(pm)
+      assert st.events_processed == 100
+      assert is_float(st.processing_rate) and st.processing_rate >= 0
+      assert is_integer(st.start_time) and st.start_time == state.start_time
+      assert st.start_time <= ElixirScope.Utils.monotonic_timestamp()
       assert m.latency.samples == 100 and m.latency.p99_ns >= m.latency.p50_ns
       assert m.active_workers == 4
       assert m.native.pool.batch_size == 7

@@ -14,10 +14,10 @@
 //! | pid | word code ([`WordCode`]); only when [`S_PID`]: else the previous record's pid |
 //! | peer | word code, when [`S_PEER`] (else 0) |
 //! | function | varint: 0 for no module/function, else pair symbol + 1 |
-//! | aux | zigzag varint, when [`S_AUX`] (else 0) |
+//! | aux | zigzag varint, when [`S_AUX`] (else 0); of a term record: its event-type key |
 //! | correlation | zigzag varint: correlation id − id, when [`S_CORR`] (else = id) |
 //! | parent | zigzag varint: id − parent id, when [`S_PARENT`] (else 0) |
-//! | root | zigzag varint: id − root id, when [`S_ROOT`] (else 0) |
+//! | root | zigzag varint: id − root id, when [`S_ROOT`] (else 0); of a term record (kind 0): id − its AST-node key (since 1.2) |
 //! | wall | zigzag varint: change of (wall time − timestamp), when [`S_WALL`] |
 //! | payload length | varint, when [`S_PAYLOAD`] (else 0) |
 //! | payload | the portable tapes ([`super::ptape`]), back to back |
@@ -187,12 +187,16 @@ impl BlockEncoder {
                 zigzag(e.id.wrapping_sub(e.parent_id) as i64),
             );
         }
-        if e.root_id != 0 {
+        // A term record has no root: its column holds the AST-node key
+        // (format 1.2; its event-type key is its aux).
+        let root = if e.kind == crate::event::EventKind::Term as u8 {
+            e.ast_node
+        } else {
+            e.root_id
+        };
+        if root != 0 {
             shape |= S_ROOT;
-            put_varint(
-                &mut cols[C_ROOT],
-                zigzag(e.id.wrapping_sub(e.root_id) as i64),
-            );
+            put_varint(&mut cols[C_ROOT], zigzag(e.id.wrapping_sub(root) as i64));
         }
         let off = e.wall_time.wrapping_sub(e.timestamp);
         if off != self.prev_off {

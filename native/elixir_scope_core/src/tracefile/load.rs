@@ -14,14 +14,19 @@
 //! * **Clocks.** Files written by another VM instance than the first file
 //!   have their monotonic timestamps moved onto the first file's clock
 //!   through the wall-clock offsets recorded in the headers.
+//! * **Term indexes.** A term record (kind 0) is stored with its
+//!   event-type key (its aux) and AST-node key (its root column, files of
+//!   format 1.2 on), so the loaded store answers event-type and AST-node
+//!   queries as the saved one did; a file of an older format has no
+//!   AST-node keys (and, before event types were indexed, a zero aux).
 
 use super::events::{DecodedBlock, PEvent};
 use super::ptape::{to_local, Local, MapError};
 use super::reader::{survey, Item, Reader, Status};
 use super::symbols::{Symbol, WordCode};
 use super::{ErrorKind, FileError, FileHeader, TapeResolver};
-use crate::event::Event;
-use crate::store::{CorrelationFields, EventStore, StoreConfig, MAX_EVENTS_LIMIT};
+use crate::event::{Event, EventKind};
+use crate::store::{CorrelationFields, EventStore, StoreConfig, TermKeys, MAX_EVENTS_LIMIT};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::File;
@@ -86,6 +91,8 @@ pub struct LoadReport {
 struct Loaded {
     ev: Event,
     corr: CorrelationFields,
+    /// A term record's AST-node key (0: none).
+    ast: u64,
     at: u32,
     len: u32,
 }
@@ -175,6 +182,7 @@ impl FileState {
         }
         let at = self.arena.len() as u32;
         self.arena.extend_from_slice(scratch);
+        let term = e.kind == EventKind::Term as u8;
         self.buf.push(Loaded {
             ev: Event {
                 id: self.shift(e.id),
@@ -189,11 +197,14 @@ impl FileState {
                 flags: e.flags,
                 payload: Vec::new(),
             },
+            // A term record's root is its AST-node key (a hash, never
+            // shifted), its aux its event-type key.
             corr: CorrelationFields {
                 correlation_id: self.shift(e.correlation_id),
                 parent_id: self.shift(e.parent_id),
-                root_id: self.shift(e.root_id),
+                root_id: if term { 0 } else { self.shift(e.root_id) },
             },
+            ast: if term { e.root_id } else { 0 },
             at,
             len: scratch.len() as u32,
         });
@@ -323,7 +334,16 @@ fn insert(
     scratch
         .payload
         .extend_from_slice(&st.arena[l.at as usize..(l.at + l.len) as usize]);
-    store.insert(scratch, l.corr);
+    if l.ev.kind == EventKind::Term as u8 {
+        // Rebuilds the event-type and AST-node indexes.
+        let keys = TermKeys {
+            event_type: l.ev.aux as u64,
+            ast_node: l.ast,
+        };
+        store.insert_term(scratch, l.corr, keys);
+    } else {
+        store.insert(scratch, l.corr);
+    }
     report.inserted += 1;
 }
 

@@ -62,8 +62,9 @@ use std::fmt;
 pub const MAGIC: [u8; 8] = *b"\x89EST\r\n\x1a\n";
 /// Format major version written and read.
 pub const VERSION_MAJOR: u16 = 1;
-/// Format minor version written (1: `G` blocks).
-pub const VERSION_MINOR: u16 = 1;
+/// Format minor version written (1: `G` blocks; 2: the AST-node keys of
+/// term records in the root column).
+pub const VERSION_MINOR: u16 = 2;
 /// Bytes before the first block.
 pub const PREAMBLE: usize = 16;
 /// Bytes of a trailer payload.
