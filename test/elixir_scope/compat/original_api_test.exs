@@ -332,7 +332,23 @@ defmodule ElixirScope.Compat.OriginalApiTest do
       Events.TableEvent =>
         [:table_name, :table_type, :operation, :key, :value, :operation_count] ++
           [:execution_time_ns],
-      Events.TraceControl => [:operation, :trace_type, :target, :trace_flags, :reason]
+      Events.TraceControl => [:operation, :trace_type, :target, :trace_flags, :reason],
+      Events.FunctionEntry =>
+        [:module, :function, :arity, :args, :call_id, :caller_module, :caller_function] ++
+          [:caller_line, :pid, :correlation_id, :timestamp, :wall_time],
+      Events.FunctionExit =>
+        [:module, :function, :arity, :call_id, :result, :duration_ns, :exit_reason, :pid] ++
+          [:correlation_id, :timestamp, :wall_time],
+      Events.ProcessExit =>
+        [:exited_pid, :exit_reason, :lifetime_ns, :message_count, :final_state, :pid] ++
+          [:reason, :correlation_id, :timestamp, :wall_time],
+      Events.StateChange =>
+        [:server_pid, :callback, :old_state, :new_state, :state_diff, :trigger_message] ++
+          [:trigger_call_id, :pid, :correlation_id, :timestamp, :wall_time],
+      Events.StateSnapshot =>
+        [:server_pid, :snapshot_id, :state, :checkpoint_type, :sequence_number] ++
+          [:memory_usage, :message_queue_len, :pid, :session_id, :correlation_id, :timestamp] ++
+          [:wall_time]
     }
 
     test "every struct has the original's fields (ours may add more)" do
