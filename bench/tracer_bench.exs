@@ -39,15 +39,18 @@
 #     with the :arity flag; enabled/3 discarding every event; the
 #     monotonic_timestamp flag; and call_time / call_count counters.
 #   stats accuracy — call_stat/1 of a full trace (payload: :arity) beside
-#     mode: :stats and mode: :counts on a workload whose calls take ~15-20 µs
-#     (TracerBench.Work.busy/1, ~15-20 µs each): counts must be equal, own times within 10%.
+#     mode: :stats (exact and sample: 0.1) and mode: :counts on a workload
+#     of calls that compute ~50 and ~250 µs each (TracerBench.Work.busy/1,
+#     busy_long/1; TRACER_BENCH_ACCURACY_CALLS of each, default 500):
+#     counts must be equal, own times per function within 10%.
 #
 # Environment: TRACER_BENCH_N (calls per sample, default 500_000),
 # BENCH_SAMPLES (default 5), TRACER_BENCH_TIMEOUT_MS (the longest wait for
 # a tracer to catch up, default 30_000), TRACER_BENCH_WORKLOADS (default
 # "calls,calls3,messages"), TRACER_BENCH_VARIANTS (default all:
-# "untraced,null,ours,ours_full,stats,counts,dbg,doctor"; stats, counts and
-# doctor run on the call workloads only), TRACER_BENCH_SECTIONS (default
+# "untraced,null,ours,ours_full,stats,stats_sampled,counts,dbg,doctor";
+# the stats variants and doctor run on the call workloads only;
+# stats_sampled runs TRACER_BENCH_SAMPLED_X × n calls, default 10), TRACER_BENCH_SECTIONS (default
 # "main,floor,accuracy").
 #
 # ElixirScope.trace/2 is called only when it is exported (the variant is
@@ -58,7 +61,8 @@ defmodule TracerBench.Work do
   @moduledoc false
   # loop/1 calls step/1 n times, loop3/1 step3/3, as local calls (the only
   # traced functions); msgs/1 sends n messages to itself and receives
-  # them; busy/1 is a call taking ~15-20 µs (the stats accuracy workload).
+  # them; busy/1 and busy_long/1 compute ~50 and ~250 µs per call (the stats
+  # accuracy workload).
 
   def loop(n), do: loop(n, 0)
 
@@ -84,9 +88,18 @@ defmodule TracerBench.Work do
     end
   end
 
-  def heavy(k), do: for(_ <- 1..k, do: busy(2_000))
+  # The stats accuracy workload: k calls each of busy/1 and busy_long/1,
+  # alternating. Both only compute (a counting loop in spin/2, which is not
+  # traced: its time is theirs; no allocation, so no garbage collection
+  # inside the timed calls), ~50 and ~250 µs per call, so that a full
+  # trace's own cost per call (two events, ~1 µs) is ≤ 2% of what it times.
+  def heavy(k), do: for(_ <- 1..k, do: {busy(20_000), busy_long(100_000)})
 
-  def busy(m), do: :lists.sum(:lists.seq(1, m))
+  def busy(m), do: spin(m, 0)
+  def busy_long(m), do: spin(m, 0)
+
+  defp spin(0, acc), do: acc
+  defp spin(n, acc), do: spin(n - 1, acc + 1)
 end
 
 defmodule TracerBench do
@@ -94,10 +107,10 @@ defmodule TracerBench do
   alias ElixirScope.Bench.Harness
   alias TracerBench.Work
 
-  @variants ~w(untraced null null_full ours ours_full stats counts dbg doctor)
+  @variants ~w(untraced null null_full ours ours_full stats stats_sampled counts dbg doctor)
   @workloads ~w(calls calls3 messages)
   # Variants that only make sense for call workloads.
-  @calls_only ~w(stats counts doctor)
+  @calls_only ~w(stats stats_sampled counts doctor)
 
   defdelegate env_int(name, default), to: ElixirScope.Bench.Harness
 
@@ -337,6 +350,28 @@ defmodule TracerBench do
     sample(t1 - t0, t2 - t0, n, %{captured: 2 * summary.calls})
   end
 
+  # mode: :stats, sample: 0.1 (call_count always, call_time 1 ms in 10;
+  # pids: :all). Its workload is 10n calls (TRACER_BENCH_SAMPLED_X) so that
+  # it spans many 10 ms windows (n calls take ~15 ms): a workload shorter
+  # than a window would only measure the first, timed, window. Figures are
+  # per event of that workload (its time / 20n); captured is 2 × the calls
+  # counted against 20n.
+  def stats_sampled(w, n) do
+    m = n * env_int("TRACER_BENCH_SAMPLED_X", 10)
+    worker = spawn_worker(run_fun(w), m)
+    opts = [mode: :stats, sample: 0.1, pids: :all, duration: 3_600_000]
+    {:ok, _} = apply(scope(), :trace, [mfa(w), opts])
+    {t0, t1} = run_worker(worker)
+    {:ok, summary} = apply(scope(), :stop_trace, [])
+    t2 = System.monotonic_time(:nanosecond)
+
+    sample(t1 - t0, t2 - t0, m, %{
+      captured: 2 * summary.calls,
+      expected: 2 * m,
+      sampled_calls: summary[:sampled_calls]
+    })
+  end
+
   # TRACER_BENCH_RING: ring slots per shard (default: the tracer's default).
   defp ring_opts do
     case System.get_env("TRACER_BENCH_RING") do
@@ -485,6 +520,7 @@ defmodule TracerBench do
   defp run_variant("null", w, n), do: ours(w, n, payload: :arity, dry_run: true)
   defp run_variant("null_full", w, n), do: ours(w, n, payload: :full, dry_run: true)
   defp run_variant("stats", w, n), do: stats(w, n, :stats)
+  defp run_variant("stats_sampled", w, n), do: stats_sampled(w, n)
   defp run_variant("counts", w, n), do: stats(w, n, :counts)
   defp run_variant("dbg", w, n), do: dbg_counting(w, n)
   defp run_variant("doctor", w, n), do: doctor(w, n)
@@ -510,7 +546,8 @@ defmodule TracerBench do
   end
 
   # A failed "ours" sample may have left a trace session open.
-  defp abort(v) when v in ["ours", "ours_full", "null", "null_full", "stats", "counts"] do
+  defp abort(v)
+       when v in ["ours", "ours_full", "null", "null_full", "stats", "stats_sampled", "counts"] do
     try do
       apply(scope(), :stop_trace, [])
     catch
@@ -547,7 +584,7 @@ defmodule TracerBench do
 
     {skipped, variants} =
       Enum.split_with(wanted, fn v ->
-        v in ["ours", "ours_full", "null", "null_full", "stats", "counts"] and
+        v in ["ours", "ours_full", "null", "null_full", "stats", "stats_sampled", "counts"] and
           not ours_available?()
       end)
 
@@ -706,7 +743,7 @@ defmodule TracerBench do
 
     for w <- ["calls", "calls3"],
         w in workloads,
-        v <- ["stats", "counts"],
+        v <- ["stats", "stats_sampled", "counts"],
         key <- [:work, :cpu] do
       case {med(results, w, v, key), med(results, w, "null", key)} do
         {x, d} when is_number(x) and is_number(d) ->
@@ -748,12 +785,18 @@ defmodule TracerBench do
   defp label("null"), do: "NIF tracer keeping nothing (dry_run: VM cost)"
   defp label("null_full"), do: "dry_run with payload: :full's flags (no :arity flag)"
   defp label("stats"), do: "ours, mode: :stats (call_time counters)"
+
+  defp label("stats_sampled"),
+    do: "ours, mode: :stats, sample: 0.1 (call_count + call_time 1 ms in 10; 10n calls)"
+
   defp label("counts"), do: "ours, mode: :counts (call_count counters)"
   defp label("dbg"), do: ":dbg (fun handler counting)"
   defp label("doctor"), do: "doctor-style (process → ETS ordered_set)"
 
   defp captured(rs, expected, v) do
     counts = for r <- rs, c = r[:captured], is_integer(c), do: c
+    # A variant running a longer workload says how many it expected.
+    expected = Enum.find_value(rs, expected, & &1[:expected])
 
     case counts do
       [] ->
@@ -932,12 +975,14 @@ defmodule TracerBench do
 
   # ---- stats accuracy ------------------------------------------------------------------
 
-  # call_stat/1 of busy/1 after a full trace (payload: :arity) and after
-  # mode: :stats / :counts, interleaved: counts must match exactly, own
-  # times within 10%.
+  # call_stat/1 of busy/1 and busy_long/1 after a full trace (payload:
+  # :arity) and after mode: :stats (exact and sampled) and :counts,
+  # interleaved: counts must match exactly, own times within 10% of the
+  # full trace's, per function (each sample's own time / its count, the
+  # median over samples).
   defp accuracy_section(samples) do
-    k = env_int("TRACER_BENCH_ACCURACY_CALLS", 2_000)
-    mfa = {Work, :busy, 1}
+    k = env_int("TRACER_BENCH_ACCURACY_CALLS", 500)
+    fns = [{Work, :busy, 1}, {Work, :busy_long, 1}]
 
     run = fn variant ->
       cleanup()
@@ -947,18 +992,34 @@ defmodule TracerBench do
         case variant do
           "full trace" -> [pids: [pid], events: [:calls, :returns], payload: :arity]
           "mode: :stats" -> [mode: :stats, pids: [pid]]
+          "mode: :stats, sample: 0.1" -> [mode: :stats, sample: 0.1, pids: :all]
+          "mode: :stats, pids: :all" -> [mode: :stats, pids: :all]
           "mode: :counts" -> [mode: :counts]
         end
 
-      {:ok, _} = ElixirScope.trace(mfa, opts)
+      {:ok, _} = ElixirScope.trace(fns, opts)
       {t0, t1} = run_worker(worker)
       {:ok, _} = ElixirScope.stop_trace()
-      row = Enum.find(ElixirScope.Analysis.call_stat(), &(&1.key == mfa))
+      stats = ElixirScope.Analysis.call_stat()
       cleanup()
-      %{count: row && row.count, own: row && row.own_ns, work: (t1 - t0) / k}
+
+      work = (t1 - t0) / k
+
+      for mfa <- fns, into: %{work: work} do
+        row = Enum.find(stats, &(&1.key == mfa))
+        own = row && row.own_ns && row.own_ns / row.count
+        {mfa, %{count: row && row.count, own: own, share: own && own / work}}
+      end
     end
 
-    variants = ["full trace", "mode: :stats", "mode: :counts"]
+    variants = [
+      "full trace",
+      "mode: :stats",
+      "mode: :stats, sample: 0.1",
+      "mode: :stats, pids: :all",
+      "mode: :counts"
+    ]
+
     for v <- variants, do: run.(v)
 
     res =
@@ -968,44 +1029,79 @@ defmodule TracerBench do
           Map.update(acc, v, [x], &[x | &1])
       end
 
-    med = fn v, key ->
-      case for(x <- res[v], is_number(x[key]), do: x[key]) do
+    med = fn xs ->
+      case Enum.filter(xs, &is_number/1) do
         [] -> nil
         vs -> Harness.stats(vs).median
       end
     end
 
+    own = fn v, mfa -> med.(for x <- res[v], do: x[mfa].own) end
+    share = fn v, mfa -> med.(for x <- res[v], do: x[mfa].share) end
+
     IO.puts(
-      "\n## call_stat/1 from the counters vs a full trace (#{k} calls of busy/1 per sample, " <>
-        "median of #{samples}, interleaved; load #{load()})\n"
+      "\n## call_stat/1 from the counters vs a full trace (#{k} calls each of busy/1 and " <>
+        "busy_long/1 per sample, median of #{samples}, interleaved; load #{load()})\n"
     )
 
     IO.puts(
-      "| session | calls counted (all samples) | own time µs per call | own ×full trace | workload µs per call |"
+      "| session | function | calls counted (all samples) | own µs per call | own ×full trace | " <>
+        "own / iteration time | that ×full trace |"
     )
 
-    IO.puts("|---|---|---:|---:|---:|")
-    full_own = med.("full trace", :own)
+    IO.puts("|---|---|---|---:|---:|---:|---:|")
 
-    for v <- variants do
-      counts = res[v] |> Enum.map(& &1.count) |> Enum.uniq() |> Enum.map_join(", ", &inspect/1)
-      own = med.(v, :own)
+    for v <- variants, {m, f, a} = mfa <- fns do
+      counts =
+        res[v] |> Enum.map(& &1[mfa].count) |> Enum.uniq() |> Enum.map_join(", ", &inspect/1)
+
+      o = own.(v, mfa)
 
       IO.puts(
-        "| #{v} | #{counts} (expected #{k}) | #{if own, do: f1(own / k / 1000), else: "–"} | " <>
-          "#{ratio(own, full_own)} | #{f1(med.(v, :work) / 1000)} |"
+        "| #{v} | #{inspect(m)}.#{f}/#{a} | #{counts} (expected #{k}) | " <>
+          "#{if o, do: :erlang.float_to_binary(o / 1000, decimals: 2), else: "–"} | " <>
+          "#{ratio(o, own.("full trace", mfa))} | #{ratio(share.(v, mfa), 1)} | " <>
+          "#{ratio(share.(v, mfa), share.("full trace", mfa))} |"
       )
     end
 
-    st = med.("mode: :stats", :own)
+    IO.puts(
+      "\nworkload (busy + busy_long) µs per iteration: " <>
+        Enum.map_join(variants, ", ", fn v ->
+          "#{v} #{f1(med.(for x <- res[v], do: x.work) / 1000)}"
+        end)
+    )
 
-    if st && full_own do
-      IO.puts(
-        "\nstats own time vs the full trace's: #{ratio(st, full_own)} " <>
-          "(target within 10%: #{verdict(abs(st / full_own - 1) <= 0.1)}); counts exact: " <>
-          "#{verdict(Enum.all?(Map.values(res), fn xs -> Enum.all?(xs, &(&1.count == k)) end))}"
-      )
+    exact? =
+      Enum.all?(Map.values(res), fn xs ->
+        Enum.all?(xs, fn x -> Enum.all?(fns, &(x[&1].count == k)) end)
+      end)
+
+    for v <- ["mode: :stats", "mode: :stats, sample: 0.1", "mode: :stats, pids: :all"],
+        mfa <- fns do
+      {st, full} = {own.(v, mfa), own.("full trace", mfa)}
+      {sh, full_sh} = {share.(v, mfa), share.("full trace", mfa)}
+
+      if st && full && sh && full_sh do
+        {_, f, a} = mfa
+
+        IO.puts(
+          "* #{v}, #{f}/#{a}: own time #{ratio(st, full)} the full trace's, " <>
+            "as a share of its own run's iteration time #{ratio(sh, full_sh)} " <>
+            "(target within 10%: #{verdict(abs(st / full - 1) <= 0.1)} / " <>
+            "#{verdict(abs(sh / full_sh - 1) <= 0.1)})"
+        )
+      end
     end
+
+    IO.puts(
+      "\nown times are wall time in the call (the VM's call_time and the trace's " <>
+        "timestamps alike): other programs taking the core inflate them, and the load " <>
+        "moves between samples; the share (own time per call / that sample's time per " <>
+        "iteration of busy + busy_long) takes that drift out."
+    )
+
+    IO.puts("* counts exact in every session and sample: #{verdict(exact?)}")
   end
 
   # After the last variant: nothing is traced any more.

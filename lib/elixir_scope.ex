@@ -87,6 +87,15 @@ defmodule ElixirScope do
   function, and under `:stats` one per process and function, freed when
   the session stops.
 
+  `sample:` (`:stats` with `pids: :all` only) [1.0]: below 1, `call_time`
+  (~190 ns per call in the VM) counts in windows only, 1 ms on and
+  `1/sample - 1` ms off, while `call_count` (~11 ns) counts every call:
+  counts stay exact, own times are estimated as the timed time × the
+  exact count / the timed count (exact for calls that cost alike; a
+  function no window timed has `own_ns` nil), and per-process rows are
+  the timed rows scaled the same way. The status then also has
+  `:sampled_calls` (the calls the windows timed).
+
   ## Cluster traces
 
   With `nodes:`, every named node runs its own tracer with these options

@@ -550,6 +550,12 @@ defmodule ElixirScope.Tracer do
   def handle_info({:stats_duration, id}, %{session: %{stats: true, active: true, id: id}} = s),
     do: {:noreply, %{s | session: finish_stats(s.session, :duration)}}
 
+  def handle_info(
+        {:stats_window, id, next},
+        %{session: %{stats: true, active: true, id: id, window: {_, _}}} = s
+      ),
+      do: {:noreply, %{s | session: stats_window(s.session, next)}}
+
   def handle_info({:duration, tracer}, %{session: %{active: true, tracer: tracer} = session} = s) do
     {:noreply, %{s | session: session |> finish(:duration) |> tell_owner()}}
   end
@@ -904,7 +910,10 @@ defmodule ElixirScope.Tracer do
   defp start_stats(patterns, pids, c) do
     tracer = if c.mode == :stats, do: Native.tracer_discard(self()), else: nil
     functions = Stats.functions(patterns)
-    matched = Stats.patterns_on(patterns, c.mode)
+    sampled = Stats.sampled?(c)
+
+    matched =
+      if sampled, do: Stats.sampled_on(patterns), else: Stats.patterns_on(patterns, c.mode)
 
     case Stats.procs_on(c.mode, pids, tracer, [self()]) do
       :ok ->
@@ -922,6 +931,9 @@ defmodule ElixirScope.Tracer do
            pids: pids,
            config: c,
            timer: Process.send_after(self(), {:stats_duration, id}, c.duration),
+           # Sampled: call_time is on now, for the first window.
+           sums: if(sampled, do: Stats.new_sums()),
+           window: if(sampled, do: {:on, window_timer(id, :off, c)}),
            started_at: System.monotonic_time(:millisecond),
            stopped_at: nil,
            reason: nil,
@@ -929,7 +941,7 @@ defmodule ElixirScope.Tracer do
          }}
 
       {:error, _} = err ->
-        Stats.patterns_off(patterns, c.mode)
+        if sampled, do: Stats.sampled_off(patterns), else: Stats.patterns_off(patterns, c.mode)
         Stats.procs_off(c.mode, pids)
         if tracer, do: Native.tracer_stop(tracer, :stopped)
         err
@@ -937,6 +949,31 @@ defmodule ElixirScope.Tracer do
   end
 
   # Freeze the counters, keep what they counted, switch everything off.
+  defp finish_stats(%{window: {_, timer}} = session, why) do
+    # Sampled: freeze both counters, add the last window, switch off.
+    c = session.config
+    Process.cancel_timer(timer)
+    Stats.time_off(session.patterns)
+    Stats.pause(session.patterns, :counts)
+    sums = Stats.add_window(session.sums, session.functions, c.max_rows)
+    data = Stats.read_sampled(session.functions, sums)
+    Stats.sampled_off(session.patterns)
+    Stats.procs_off(c.mode, session.pids)
+    if session.tracer, do: Native.tracer_stop(session.tracer, :stopped)
+    Process.cancel_timer(session.timer)
+
+    %{
+      session
+      | active: false,
+        reason: why,
+        data: data,
+        sums: sums,
+        window: nil,
+        timer: nil,
+        stopped_at: System.monotonic_time(:millisecond)
+    }
+  end
+
   defp finish_stats(session, why) do
     c = session.config
     Stats.pause(session.patterns, c.mode)
@@ -956,12 +993,42 @@ defmodule ElixirScope.Tracer do
     }
   end
 
+  defp stats_data(%{active: true, window: {_, _}} = session) do
+    # Live: the sums, with what the last window counted so far.
+    c = session.config
+    sums = Stats.add_window(session.sums, session.functions, c.max_rows)
+    Stats.read_sampled(session.functions, sums)
+  end
+
   defp stats_data(%{active: true} = session) do
     c = session.config
     Stats.read(session.functions, c.mode, c.max_rows)
   end
 
   defp stats_data(session), do: session.data
+
+  # A sampled session's next window switch.
+  defp window_timer(id, next, c) do
+    {on, off} = Stats.windows(c.sample)
+    Process.send_after(self(), {:stats_window, id, next}, if(next == :off, do: on, else: off))
+  end
+
+  # A window's end pauses call_time; the calls it started still add their
+  # time when they return (the VM keeps their return hooks), so the
+  # counters are read at the next window's start, just before the restart
+  # zeroes them: each call started in a window counts with its whole own
+  # time (if it returned within the pause, 1/sample - 1 ms).
+  defp stats_window(session, :off) do
+    Stats.time_off(session.patterns)
+    %{session | window: {:off, window_timer(session.id, :on, session.config)}}
+  end
+
+  defp stats_window(session, :on) do
+    c = session.config
+    sums = Stats.add_window(session.sums, session.functions, c.max_rows)
+    Stats.time_on(session.patterns)
+    %{session | sums: sums, window: {:on, window_timer(session.id, :off, c)}}
+  end
 
   defp stats_info(session) do
     %{
@@ -988,6 +1055,7 @@ defmodule ElixirScope.Tracer do
       rows: length(data.rows),
       rows_dropped: data.rows_dropped
     }
+    |> Map.merge(Map.take(data, [:sampled_calls]))
   end
 
   # ---- scoped sessions ----------------------------------------------------------

@@ -247,4 +247,73 @@ defmodule ElixirScope.TracerStatsTest do
 
     assert ElixirScope.trace_status().state in [:idle, :stopped]
   end
+
+  test "sample: below 1 keeps counts exact (call_count) and times call_time's windows" do
+    {pid, go} =
+      worker(fn ->
+        # ~200 ms of calls: many 10 ms windows.
+        deadline = System.monotonic_time(:millisecond) + 200
+
+        Stream.repeatedly(fn -> Target.outer(300) end)
+        |> Enum.take_while(fn _ -> System.monotonic_time(:millisecond) < deadline end)
+        |> length()
+      end)
+
+    assert {:ok, info} = ElixirScope.trace(Target, mode: :stats, sample: 0.1)
+    assert info.mode == :stats
+    loops = go.()
+    assert is_pid(pid) and loops > 0
+
+    live = by_key(Analysis.call_stat())
+    assert live[{Target, :outer, 1}].count >= loops
+
+    assert {:ok, summary} = ElixirScope.stop_trace()
+    assert summary.options.sample == 0.1
+    # take_while calls outer/1 once more than it keeps.
+    stats = by_key(Analysis.call_stat())
+    n = stats[{Target, :outer, 1}].count
+    assert n in [loops, loops + 1]
+
+    for f <- [:middle, :inner] do
+      assert stats[{Target, f, 1}].count == n
+    end
+
+    # The windows timed some of the calls, not all of them.
+    assert summary.sampled_calls > 0 and summary.sampled_calls < summary.calls
+    assert summary.calls == 3 * n
+
+    for f <- [:outer, :middle, :inner] do
+      assert is_integer(stats[{Target, f, 1}].own_ns) and stats[{Target, f, 1}].own_ns > 0
+    end
+
+    # Per-process rows: the worker's, scaled to the exact counts.
+    [row] =
+      for r <- Analysis.call_stat(by: :process_function),
+          r.key == {pid, {Target, :inner, 1}},
+          do: r
+
+    assert row.count > 0 and row.count <= n
+
+    # Nothing is left on.
+    assert {:call_count, false} = :erlang.trace_info({Target, :inner, 1}, :call_count)
+    assert {:call_time, false} = :erlang.trace_info({Target, :inner, 1}, :call_time)
+  end
+
+  test "sample: needs mode: :stats with pids: :all and a fraction in (0, 1]" do
+    assert_raise ArgumentError, ~r/needs mode: :stats and pids: :all/, fn ->
+      ElixirScope.trace(@fib, mode: :stats, sample: 0.5, pids: [self()])
+    end
+
+    assert_raise ArgumentError, ~r/needs mode: :stats and pids: :all/, fn ->
+      ElixirScope.trace(@fib, mode: :counts, sample: 0.5)
+    end
+
+    for v <- [0, -0.1, 1.5, :x] do
+      assert_raise ArgumentError, ~r/sample must be/, fn ->
+        ElixirScope.trace(@fib, mode: :stats, sample: v)
+      end
+    end
+
+    assert ElixirScope.trace_status().state in [:idle, :stopped]
+  end
 end
