@@ -348,16 +348,53 @@ fn ana_select<'a>(
     t1: i64,
 ) -> NifResult<Term<'a>> {
     let filter = Filter::new(env, pid, module, function, kinds);
-    // A snapshot (`ana_snapshot`): read without the store lock.
+    select_in(env, s, cursor, &filter, t0, t1, usize::MAX)
+}
+
+/// [`ana_select`] returning at most `limit` hits (entries are built for
+/// those only); past the limit the cursor continues after the last hit.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_select_limit<'a>(
+    env: Env<'a>,
+    s: Term<'a>,
+    cursor: u64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t0: i64,
+    t1: i64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let filter = Filter::new(env, pid, module, function, kinds);
+    let limit = limit.clamp(1, usize::MAX as u64) as usize;
+    select_in(env, s, cursor, &filter, t0, t1, limit)
+}
+
+/// A chunk of `s`: a snapshot (`ana_snapshot`, read without the store
+/// lock) or a store.
+fn select_in<'a>(
+    env: Env<'a>,
+    s: Term<'a>,
+    cursor: u64,
+    filter: &Filter,
+    t0: i64,
+    t1: i64,
+    limit: usize,
+) -> NifResult<Term<'a>> {
     if let Ok(snap) = s.decode::<Ref<SnapRes>>() {
         let snap = snap.get(env)?;
-        return Ok(select_chunk(env, &*snap, cursor, &filter, t0, t1));
+        return Ok(select_chunk(env, &*snap, cursor, filter, t0, t1, limit));
     }
     let s: Ref<StoreRes> = s.decode()?;
     let store = s.lock(env)?;
-    Ok(select_chunk(env, &*store, cursor, &filter, t0, t1))
+    Ok(select_chunk(env, &*store, cursor, filter, t0, t1, limit))
 }
 
+/// The hits of one chunk, at most `limit` of them (entries are built
+/// only for those): past the limit, the cursor continues after the last
+/// hit kept.
 fn select_chunk<'a, S: Scan>(
     env: Env<'a>,
     src: &S,
@@ -365,13 +402,18 @@ fn select_chunk<'a, S: Scan>(
     filter: &Filter,
     t0: i64,
     t1: i64,
+    limit: usize,
 ) -> Term<'a> {
     let mut hits: Vec<StoredEvent> = Vec::new();
-    let next = src.scan_events(cursor, SELECT_CHUNK, |e| {
+    let mut next = src.scan_events(cursor, SELECT_CHUNK, |e| {
         if filter.matches(e) && (t0..=t1).contains(&e.timestamp) {
             hits.push(*e);
         }
     });
+    if hits.len() > limit {
+        hits.truncate(limit);
+        next = hits.last().map(|e| e.seq + 1);
+    }
     (entries(env, &hits), next).encode(env)
 }
 
@@ -392,11 +434,40 @@ fn ana_select_time<'a>(
     function: Term<'a>,
     kinds: u64,
     t1: i64,
+) -> NifResult<Term<'a>> {
+    let filter = Filter::new(env, pid, module, function, kinds);
+    select_time_in(env, s, (after_ts, after_seq), t1, &filter, SELECT_CHUNK)
+}
+
+/// [`ana_select_time`] returning at most `limit` hits.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_select_time_limit<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    after_ts: i64,
+    after_seq: i64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t1: i64,
     limit: u64,
 ) -> NifResult<Term<'a>> {
     let filter = Filter::new(env, pid, module, function, kinds);
+    let limit = (limit.min(SELECT_CHUNK as u64) as usize).max(1);
+    select_time_in(env, s, (after_ts, after_seq), t1, &filter, limit)
+}
+
+fn select_time_in<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    (after_ts, after_seq): (i64, i64),
+    t1: i64,
+    filter: &Filter,
+    limit: usize,
+) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
-    let limit = (limit as usize).max(1);
     // Unfiltered, the chunk is the hits: visit no more than asked for
     // (and the records tied with the cursor, which are skipped).
     let mut want = if filter.is_any() {
@@ -405,7 +476,7 @@ fn ana_select_time<'a>(
         SELECT_CHUNK
     };
     let (hits, next) = loop {
-        match time_chunk(&store, (after_ts, after_seq), t1, want, &filter, limit) {
+        match time_chunk(&store, (after_ts, after_seq), t1, want, filter, limit) {
             Some(r) => break r,
             // A page of events all tied at or before the cursor: widen it.
             None => want *= 4,

@@ -207,7 +207,7 @@ defmodule ElixirScope.Storage.ResultTermsTest do
         limit <- [1, 7, 2000] do
       quick = Native.ana_select_time_quick(ref, t0, -1, p, m, f, kinds, t1, limit)
       assert quick != :busy
-      assert quick == Native.ana_select_time(ref, t0, -1, p, m, f, kinds, t1, limit)
+      assert quick == Native.ana_select_time_limit(ref, t0, -1, p, m, f, kinds, t1, limit)
       {hits, next} = quick
       assert length(hits) <= limit
 
@@ -215,7 +215,7 @@ defmodule ElixirScope.Storage.ResultTermsTest do
         {ts, seq} = next
 
         assert Native.ana_select_time_quick(ref, ts, seq, p, m, f, kinds, t1, limit) ==
-                 Native.ana_select_time(ref, ts, seq, p, m, f, kinds, t1, limit)
+                 Native.ana_select_time_limit(ref, ts, seq, p, m, f, kinds, t1, limit)
       end
     end
 
@@ -226,6 +226,17 @@ defmodule ElixirScope.Storage.ResultTermsTest do
     assert all == Enum.uniq_by(all, & &1.id)
     assert Enum.take(all, 5) == Analysis.select(store: store, from: t0, to: t1, limit: 5)
     assert Native.ana_select_time_quick(ref, t0, -1, nil, nil, nil, 0, t1, 2001) == :busy
+
+    # The store-order scan builds entries for at most `limit` hits and
+    # continues after the last one kept.
+    scanned = Analysis.select(store: store)
+    assert length(scanned) == length(all)
+
+    for n <- [1, 3, 50] do
+      assert Analysis.select(store: store, limit: n) == Enum.take(scanned, n)
+      odd = Enum.filter(scanned, &(rem(&1.id, 2) == 1))
+      assert Analysis.filter(&(rem(&1.id, 2) == 1), store: store, limit: n) == Enum.take(odd, n)
+    end
 
     ids = for e <- all, do: e.id
 
