@@ -409,6 +409,7 @@ defmodule ElixirScope.Bench.Pipeline do
         end)
 
       deep_id = List.last(deep).id
+      top_id = hd(deep).id
 
       ours = %{
         "by pid" => fn -> DataAccess.query_by_process(store, pid, limit: 1000) end,
@@ -436,8 +437,10 @@ defmodule ElixirScope.Bench.Pipeline do
           Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :entry)
         end,
         "Analysis.select, time window" => fn ->
-          Analysis.select(store: store, from: mid, to: mid + w, limit: 1000)
-        end
+          Native.ana_select_time_limit(ref, mid, -1, nil, nil, nil, 0, mid + w, 1000)
+        end,
+        "Analysis.range, a depth-0 call" => fn -> Native.ana_range(ref, top_id, 100_000) end,
+        "Analysis.traceback, depth 5" => fn -> Native.ana_traceback(ref, deep_id) end
       }
 
       ours =
@@ -451,8 +454,11 @@ defmodule ElixirScope.Bench.Pipeline do
           "QueryCoordinator, pid, as: :entry" => fn ->
             QueryCoordinator.query(store, pid: pid, limit: 1000, as: :entry)
           end,
-          # The same path before and after: only the struct building differs.
-          "Analysis.select, time window" => before["Analysis.select, time window"]
+          "Analysis.select, time window" => fn ->
+            Analysis.select(store: store, from: mid, to: mid + w, limit: 1000)
+          end,
+          "Analysis.range, a depth-0 call" => fn -> Analysis.range(top_id, store: store) end,
+          "Analysis.traceback, depth 5" => fn -> Analysis.traceback(deep_id, store: store) end
         })
 
       hits = for {k, f} <- ours, into: %{}, do: {k, count_results(f.())}
@@ -500,7 +506,9 @@ defmodule ElixirScope.Bench.Pipeline do
             "QueryCoordinator, pid, as: :event",
             "QueryCoordinator, pid, as: :correlated",
             "QueryCoordinator, pid, as: :entry",
-            "Analysis.select, time window"
+            "Analysis.select, time window",
+            "Analysis.range, a depth-0 call",
+            "Analysis.traceback, depth 5"
           ] do
         rounds =
           for _ <- 1..3 do
@@ -528,6 +536,7 @@ defmodule ElixirScope.Bench.Pipeline do
   def count_results({:ok, %{events: evs}}), do: length(evs)
   def count_results({evs, _next, _plan, _estimate}), do: length(evs)
   def count_results({:ok, evs}) when is_list(evs), do: length(evs)
+  def count_results({evs, _next}) when is_list(evs), do: length(evs)
   def count_results(evs) when is_list(evs), do: length(evs)
 
   # Adjusts a window width until it holds about 1,000 events.
@@ -556,17 +565,25 @@ defmodule ElixirScope.Bench.Pipeline do
 
   # Median µs of `fun` over 30 calls, in a fresh process (so the bench
   # process's own big heap and garbage do not tax the result's GC).
+  # `BENCH_CLOCK=process_cpu`: the CPU time of the whole VM process (every
+  # thread: the caller's scheduler and the dirty scheduler a NIF hops to),
+  # not the wall clock, which other load on the machine inflates.
   def time_us(fun) do
     parent = self()
+
+    clock =
+      if System.get_env("BENCH_CLOCK") == "process_cpu",
+        do: &Native.debug_process_cpu_ns/0,
+        else: fn -> System.monotonic_time(:nanosecond) end
 
     spawn_link(fn ->
       for _ <- 1..3, do: fun.()
 
       samples =
         for _ <- 1..30 do
-          t0 = System.monotonic_time(:nanosecond)
+          t0 = clock.()
           fun.()
-          (System.monotonic_time(:nanosecond) - t0) / 1000
+          (clock.() - t0) / 1000
         end
 
       send(parent, {:timed, median(samples)})

@@ -126,7 +126,7 @@ defmodule ElixirScope.Analysis do
   @spec select(keyword()) :: [Entry.t()]
   def select(filters \\ []) do
     case Cluster.split(filters) do
-      {nil, f} -> filter_local(fn _ -> true end, f)
+      {nil, f} -> filter_local(nil, f)
       {ctx, f} -> Cluster.select(ctx, f)
     end
   end
@@ -144,6 +144,7 @@ defmodule ElixirScope.Analysis do
     end
   end
 
+  # `pred` nil: every entry the NIF's filters let through.
   defp filter_local(pred, filters) do
     f =
       ElixirScope.Args.keyword_opts!(
@@ -178,7 +179,14 @@ defmodule ElixirScope.Analysis do
       _ -> true
     end
 
-    pred = fn e -> keep.(e) and pred.(e) end
+    # Links and unlinks share a kind: told apart here only when the
+    # types ask for one of them.
+    pred =
+      cond do
+        pred != nil -> fn e -> keep.(e) and pred.(e) end
+        link? and unlink? -> nil
+        true -> keep
+      end
 
     if f[:from] == nil and f[:to] == nil do
       # A consistent cut, scanned in chunks without the store lock (ingest
@@ -195,34 +203,59 @@ defmodule ElixirScope.Analysis do
     end
   end
 
-  # Through the time index: only the window is visited.
-  defp scan_time(_ref, nil, _f, _k, _t1, _pred, _left, acc), do: Enum.reverse(acc)
-  defp scan_time(_ref, _cursor, _f, _k, _t1, _pred, 0, acc), do: Enum.reverse(acc)
+  # Through the time index: only the window is visited. Chunks of hits
+  # are kept in reverse (`acc`), concatenated at the end.
+  defp scan_time(_ref, nil, _f, _k, _t1, _pred, _left, acc), do: done(acc)
+  defp scan_time(_ref, _cursor, _f, _k, _t1, _pred, 0, acc), do: done(acc)
 
   defp scan_time(ref, {ts, seq}, f, kinds, t1, pred, left, acc) do
+    {p, m, fun} = {f[:pid], f[:module], f[:function]}
+
+    # Small chunks on the caller's scheduler (`:busy`: the dirty NIF).
     {hits, next} =
-      Native.ana_select_time(ref, ts, seq, f[:pid], f[:module], f[:function], kinds, t1)
+      case Native.ana_select_time_quick(ref, ts, seq, p, m, fun, kinds, t1, left) do
+        :busy -> Native.ana_select_time_limit(ref, ts, seq, p, m, fun, kinds, t1, left)
+        chunk -> chunk
+      end
 
     {acc, left} = take_hits(hits, pred, acc, left)
     scan_time(ref, next, f, kinds, t1, pred, left, acc)
   end
 
-  defp take_hits(hits, pred, acc, left) do
-    Enum.reduce_while(hits, {acc, left}, fn e, {acc, left} ->
-      cond do
-        left == 0 -> {:halt, {acc, 0}}
-        pred.(e) -> {:cont, {[e | acc], left - 1}}
-        true -> {:cont, {acc, left}}
-      end
-    end)
+  defp done([]), do: []
+  defp done([one]), do: one
+  defp done(acc), do: acc |> Enum.reverse() |> Enum.concat()
+
+  # The chunk's hits kept (at most `left`): `{[kept | acc], left}`.
+  defp take_hits([], _pred, acc, left), do: {acc, left}
+
+  defp take_hits(hits, nil, acc, left) do
+    n = length(hits)
+
+    if n <= left,
+      do: {[hits | acc], left - n},
+      else: {[Enum.take(hits, left) | acc], 0}
   end
 
-  defp scan(_ref, nil, _f, _k, _t0, _t1, _pred, _left, acc), do: Enum.reverse(acc)
-  defp scan(_ref, _cursor, _f, _k, _t0, _t1, _pred, 0, acc), do: Enum.reverse(acc)
+  defp take_hits(hits, pred, acc, left) do
+    {kept, left} =
+      Enum.reduce_while(hits, {[], left}, fn e, {kept, left} ->
+        cond do
+          left == 0 -> {:halt, {kept, 0}}
+          pred.(e) -> {:cont, {[e | kept], left - 1}}
+          true -> {:cont, {kept, left}}
+        end
+      end)
+
+    {[Enum.reverse(kept) | acc], left}
+  end
+
+  defp scan(_ref, nil, _f, _k, _t0, _t1, _pred, _left, acc), do: done(acc)
+  defp scan(_ref, _cursor, _f, _k, _t0, _t1, _pred, 0, acc), do: done(acc)
 
   defp scan(ref, cursor, f, kinds, t0, t1, pred, left, acc) do
     {hits, next} =
-      Native.ana_select(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1)
+      Native.ana_select_limit(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1, left)
 
     {acc, left} = take_hits(hits, pred, acc, left)
 
@@ -248,8 +281,11 @@ defmodule ElixirScope.Analysis do
   @spec traceback(entry_ref(), keyword()) :: [Entry.t()] | nil
   def traceback(ref, opts \\ []) do
     case Cluster.split(opts) do
-      {nil, o} -> Native.ana_traceback(store!(o).ref, id!(ref))
-      {ctx, o} -> Cluster.traceback(ctx, ref, o)
+      {nil, o} ->
+        quick(store!(o).ref, :traceback, id!(ref), 0, &Native.ana_traceback(&1, id!(ref)))
+
+      {ctx, o} ->
+        Cluster.traceback(ctx, ref, o)
     end
   end
 
@@ -271,7 +307,17 @@ defmodule ElixirScope.Analysis do
   defp range_local(ref, opts) do
     s = store!(opts)
     limit = pos_int!(Keyword.get(opts, :limit, 100_000), :limit)
-    Native.ana_range(s.ref, call_id!(s, ref), limit)
+    id = call_id!(s, ref)
+    quick(s.ref, :range, id, limit, &Native.ana_range(&1, id, limit))
+  end
+
+  # Small answers on the caller's scheduler (`Native.ana_quick/4`), else
+  # (`:busy`) the dirty NIF `dirty`.
+  defp quick(ref, op, id, limit, dirty) do
+    case Native.ana_quick(ref, op, id, limit) do
+      :busy -> dirty.(ref)
+      answer -> answer
+    end
   end
 
   @doc """

@@ -44,6 +44,7 @@ defmodule ElixirScope.Native do
   def debug_ing_function_call_wrapped(_ref, _m, _f, _args, _pid, _corr), do: nif_error()
   # ... and the calling scheduler thread's CPU clock (benches)
   def debug_thread_cpu_ns, do: nif_error()
+  def debug_process_cpu_ns, do: nif_error()
 
   # Utils (ElixirScope.Utils): native clocks and time ids
   def utils_monotonic_ns, do: nif_error()
@@ -217,17 +218,52 @@ defmodule ElixirScope.Native do
   def ana_get(_store, _id), do: nif_error()
   def ana_traceback(_store, _id), do: nif_error()
   def ana_range(_store, _id, _limit), do: nif_error()
+
+  # `ana_range/3` (`:range`) or `ana_traceback/2` (`:traceback`) on the caller's scheduler, or `:busy`.
+  def ana_quick(_store, _op, _id, _limit), do: nif_error()
   def ana_step(_store, _id, _scope, _forward), do: nif_error()
   def ana_call_stats(_store, _by, _modules), do: nif_error()
   def ana_top_trees(_store, _max, _min_count, _min_size), do: nif_error()
   def ana_messages(_store, _pid, _cursor, _limit), do: nif_error()
   # `store` a store or a snapshot (`ana_snapshot/1`, read without the store lock).
   def ana_select(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1), do: nif_error()
+  # `ana_select/8` returning at most `limit` hits.
+  def ana_select_limit(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1, _limit),
+    do: nif_error()
+
   def ana_snapshot(_store), do: nif_error()
   def ana_snapshot_release(_snapshot), do: nif_error()
 
   def ana_select_time(_store, _after_ts, _after_seq, _pid, _module, _function, _kinds, _t1),
     do: nif_error()
+
+  # `ana_select_time/8` returning at most `limit` hits.
+  def ana_select_time_limit(
+        _store,
+        _after_ts,
+        _after_seq,
+        _pid,
+        _module,
+        _function,
+        _kinds,
+        _t1,
+        _limit
+      ),
+      do: nif_error()
+
+  # `ana_select_time_limit/9` on the caller's scheduler for small chunks, or `:busy`.
+  def ana_select_time_quick(
+        _store,
+        _after_ts,
+        _after_seq,
+        _pid,
+        _module,
+        _function,
+        _kinds,
+        _t1,
+        _limit
+      ),
+      do: nif_error()
 
   def ana_state_at(_store, _pid, _ts), do: nif_error()
   def ana_state_at_fast(_store, _pid, _ts), do: nif_error()

@@ -383,8 +383,14 @@ defmodule ElixirScope.Storage.QueryCoordinator do
     if plan == :scan and next != nil and left > 0 do
       run_query(ref, f, desc, left, next, as, acc)
     else
+      events =
+        case acc do
+          [one] -> one
+          _ -> acc |> Enum.reverse() |> Enum.concat()
+        end
+
       %{
-        events: acc |> Enum.reverse() |> Enum.concat(),
+        events: events,
         cursor: next,
         plan: plan,
         estimate: estimate

@@ -50,8 +50,8 @@ pub use event::{
 };
 pub use hash::hash_bytes;
 pub use pipeline::{
-    call_contents, corr_type_of, links_of, shard_of, Accounting, Clock, Engine, EngineMetrics,
-    Histogram, Pipeline, PipelineConfig,
+    call_contents, corr_type_of, link_of, links_of, shard_of, Accounting, Clock, Engine,
+    EngineMetrics, Histogram, Pipeline, PipelineConfig,
 };
 pub use pool::{
     BreakerMetrics, BreakerState, DeadLetter, LeaseState, Leases, PoolConfig, PoolMetrics, Stage,

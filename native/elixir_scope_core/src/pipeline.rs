@@ -825,24 +825,29 @@ pub fn corr_type_of(kind: EventKind) -> CorrType {
 /// receive's send (`Receives`), a spawn's parent pid (`SpawnedBy`), a state
 /// change's enclosing call (`StateIn`).
 pub fn links_of(e: &StoredEvent<'_>) -> Vec<Link> {
-    let mut out = Vec::new();
+    link_of(e).into_iter().collect()
+}
+
+/// The one link a stored event has, if any (what [`links_of`] lists,
+/// without a vector).
+#[inline]
+pub fn link_of(e: &StoredEvent<'_>) -> Option<Link> {
     match EventKind::from_u8(e.kind) {
         EventKind::FunctionCall if e.parent_id != 0 => {
-            out.push(Link::new(LinkKind::CalledFrom, e.parent_id))
+            Some(Link::new(LinkKind::CalledFrom, e.parent_id))
         }
         EventKind::FunctionReturn | EventKind::FunctionException if e.correlation_id != e.id => {
-            out.push(Link::new(LinkKind::Completes, e.correlation_id))
+            Some(Link::new(LinkKind::Completes, e.correlation_id))
         }
         EventKind::MessageReceive if e.correlation_id != e.id => {
-            out.push(Link::new(LinkKind::Receives, e.correlation_id))
+            Some(Link::new(LinkKind::Receives, e.correlation_id))
         }
-        EventKind::ProcessSpawn if e.peer != 0 => out.push(Link::new(LinkKind::SpawnedBy, e.peer)),
+        EventKind::ProcessSpawn if e.peer != 0 => Some(Link::new(LinkKind::SpawnedBy, e.peer)),
         EventKind::StateChange | EventKind::StateSnapshot if e.parent_id != 0 => {
-            out.push(Link::new(LinkKind::StateIn, e.parent_id))
+            Some(Link::new(LinkKind::StateIn, e.parent_id))
         }
-        _ => {}
+        _ => None,
     }
-    out
 }
 
 /// Everything inside call `call_id`, in store order: the call itself, the

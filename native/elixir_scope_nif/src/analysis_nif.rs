@@ -54,9 +54,57 @@ fn ana_get<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_traceback<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
-    let Some(e) = store.get(id) else {
-        return Ok(atoms::nil().encode(env));
+    Ok(match traceback_of(&store, id) {
+        Some(chain) => entries(env, &chain),
+        None => atoms::nil().encode(env),
+    })
+}
+
+/// Most entries an [`ana_quick`] answer holds, and most payload bytes it
+/// decodes: well under a millisecond of a normal scheduler.
+const QUICK_MAX_ANSWER: usize = 2_000;
+
+/// `ana_range` (`op` `:range`, call `id`, `limit`) or `ana_traceback`
+/// (`:traceback`, event `id`) on the caller's scheduler: the same answer,
+/// or `:busy` when the store lock is held or the answer is over
+/// [`QUICK_MAX_ANSWER`] entries or [`QUICK_MAX_BYTES`] payload bytes (the
+/// caller then runs the dirty NIF).
+#[rustler::nif]
+fn ana_quick<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    op: Atom,
+    id: u64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let busy = || Ok(atoms::busy().encode(env));
+    let Some(store) = s.try_lock(env)? else {
+        return busy();
     };
+    let evs = if op == atoms::range() {
+        // One over the bound: an answer that big goes to the dirty NIF.
+        let limit = (limit as usize).min(QUICK_MAX_ANSWER + 1);
+        call_contents(&store, id, limit)
+    } else if op == atoms::traceback() {
+        match traceback_of(&store, id) {
+            Some(chain) => chain,
+            None => return Ok(atoms::nil().encode(env)),
+        }
+    } else {
+        return busy();
+    };
+    let bytes: usize = evs.iter().map(|e| e.payload.len()).sum();
+    if evs.len() > QUICK_MAX_ANSWER || bytes > QUICK_MAX_BYTES {
+        return busy();
+    }
+    rustler::schedule::consume_timeslice(env, (evs.len() / 40).clamp(1, 100) as i32);
+    Ok(entries(env, &evs))
+}
+
+/// The calls on the stack at event `id` (see `ana_traceback`); `None` for
+/// an unknown id.
+fn traceback_of(store: &EventStore, id: u64) -> Option<Vec<StoredEvent<'_>>> {
+    let e = store.get(id)?;
     let start = match EventKind::from_u8(e.kind) {
         EventKind::FunctionCall => e.id,
         EventKind::FunctionReturn | EventKind::FunctionException if e.correlation_id != e.id => {
@@ -71,7 +119,7 @@ fn ana_traceback<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<
     };
     chain.retain(|c| c.kind == EventKind::FunctionCall as u8);
     chain.reverse();
-    Ok(entries(env, &chain))
+    Some(chain)
 }
 
 /// Everything inside call `id` (itself, nested calls and their returns,
@@ -270,6 +318,11 @@ impl Filter {
         }
     }
 
+    /// No filter at all: every record of a window is a hit.
+    fn is_any(&self) -> bool {
+        self.pid.is_none() && self.module.is_none() && self.function.is_none() && self.kinds == 0
+    }
+
     fn matches(&self, e: &StoredEvent) -> bool {
         self.pid.map_or(true, |p| e.pid == p)
             && self.module.map_or(true, |m| e.module == m)
@@ -295,16 +348,53 @@ fn ana_select<'a>(
     t1: i64,
 ) -> NifResult<Term<'a>> {
     let filter = Filter::new(env, pid, module, function, kinds);
-    // A snapshot (`ana_snapshot`): read without the store lock.
+    select_in(env, s, cursor, &filter, t0, t1, usize::MAX)
+}
+
+/// [`ana_select`] returning at most `limit` hits (entries are built for
+/// those only); past the limit the cursor continues after the last hit.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_select_limit<'a>(
+    env: Env<'a>,
+    s: Term<'a>,
+    cursor: u64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t0: i64,
+    t1: i64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let filter = Filter::new(env, pid, module, function, kinds);
+    let limit = limit.clamp(1, usize::MAX as u64) as usize;
+    select_in(env, s, cursor, &filter, t0, t1, limit)
+}
+
+/// A chunk of `s`: a snapshot (`ana_snapshot`, read without the store
+/// lock) or a store.
+fn select_in<'a>(
+    env: Env<'a>,
+    s: Term<'a>,
+    cursor: u64,
+    filter: &Filter,
+    t0: i64,
+    t1: i64,
+    limit: usize,
+) -> NifResult<Term<'a>> {
     if let Ok(snap) = s.decode::<Ref<SnapRes>>() {
         let snap = snap.get(env)?;
-        return Ok(select_chunk(env, &*snap, cursor, &filter, t0, t1));
+        return Ok(select_chunk(env, &*snap, cursor, filter, t0, t1, limit));
     }
     let s: Ref<StoreRes> = s.decode()?;
     let store = s.lock(env)?;
-    Ok(select_chunk(env, &*store, cursor, &filter, t0, t1))
+    Ok(select_chunk(env, &*store, cursor, filter, t0, t1, limit))
 }
 
+/// The hits of one chunk, at most `limit` of them (entries are built
+/// only for those): past the limit, the cursor continues after the last
+/// hit kept.
 fn select_chunk<'a, S: Scan>(
     env: Env<'a>,
     src: &S,
@@ -312,20 +402,26 @@ fn select_chunk<'a, S: Scan>(
     filter: &Filter,
     t0: i64,
     t1: i64,
+    limit: usize,
 ) -> Term<'a> {
     let mut hits: Vec<StoredEvent> = Vec::new();
-    let next = src.scan_events(cursor, SELECT_CHUNK, |e| {
+    let mut next = src.scan_events(cursor, SELECT_CHUNK, |e| {
         if filter.matches(e) && (t0..=t1).contains(&e.timestamp) {
             hits.push(*e);
         }
     });
+    if hits.len() > limit {
+        hits.truncate(limit);
+        next = hits.last().map(|e| e.seq + 1);
+    }
     (entries(env, &hits), next).encode(env)
 }
 
 /// One chunk of a filtered walk of the time window `after_ts..=t1`
 /// through the time index, in `(timestamp, seq)` order, after the event at
-/// `(after_ts, after_seq)` (`after_seq` -1: from `after_ts` on):
-/// `{entries, {last_ts, last_seq} | nil}`. Filters as `ana_select`.
+/// `(after_ts, after_seq)` (`after_seq` -1: from `after_ts` on), at most
+/// `limit` hits: `{entries, {last_ts, last_seq} | nil}` (the cursor: the
+/// last record the chunk looked at). Filters as `ana_select`.
 #[allow(clippy::too_many_arguments)]
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_select_time<'a>(
@@ -340,30 +436,149 @@ fn ana_select_time<'a>(
     t1: i64,
 ) -> NifResult<Term<'a>> {
     let filter = Filter::new(env, pid, module, function, kinds);
+    select_time_in(env, s, (after_ts, after_seq), t1, &filter, SELECT_CHUNK)
+}
+
+/// [`ana_select_time`] returning at most `limit` hits.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif(schedule = "DirtyCpu")]
+fn ana_select_time_limit<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    after_ts: i64,
+    after_seq: i64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t1: i64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let filter = Filter::new(env, pid, module, function, kinds);
+    let limit = (limit.min(SELECT_CHUNK as u64) as usize).max(1);
+    select_time_in(env, s, (after_ts, after_seq), t1, &filter, limit)
+}
+
+fn select_time_in<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    (after_ts, after_seq): (i64, i64),
+    t1: i64,
+    filter: &Filter,
+    limit: usize,
+) -> NifResult<Term<'a>> {
     let store = s.lock(env)?;
-    let after = (after_ts, after_seq);
-    let mut want = SELECT_CHUNK;
-    let (page, full) = loop {
-        let page = store.by_time_range(after_ts, t1, want, Order::Asc);
-        let full = page.len() == want;
-        let fresh: Vec<StoredEvent> = page
-            .into_iter()
-            .filter(|e| (e.timestamp, e.seq as i64) > after)
-            .collect();
-        // A page of events all tied at or before the cursor: widen it.
-        if fresh.is_empty() && full {
-            want *= 4;
+    // Unfiltered, the chunk is the hits: visit no more than asked for
+    // (and the records tied with the cursor, which are skipped).
+    let mut want = if filter.is_any() {
+        limit.min(SELECT_CHUNK) + TIE_SLACK
+    } else {
+        SELECT_CHUNK
+    };
+    let (hits, next) = loop {
+        match time_chunk(&store, (after_ts, after_seq), t1, want, filter, limit) {
+            Some(r) => break r,
+            // A page of events all tied at or before the cursor: widen it.
+            None => want *= 4,
+        }
+    };
+    Ok((entries(env, &hits), next).encode(env))
+}
+
+/// Most records an [`ana_select_time_quick`] chunk visits, entries it
+/// returns and payload bytes it decodes: well under a millisecond.
+const QUICK_MAX_VISITS: usize = 4_000;
+const QUICK_MAX_EVENTS: usize = 2_000;
+const QUICK_MAX_BYTES: usize = 512 << 10;
+/// Records an unfiltered time chunk reads past its limit, for those at or
+/// before the cursor (the last record of the previous chunk, and any tied
+/// with it).
+const TIE_SLACK: usize = 16;
+
+/// [`ana_select_time`] on the caller's scheduler: the same chunk (of at
+/// most [`QUICK_MAX_VISITS`] records), or `:busy` when the store lock is
+/// held, `limit` is over [`QUICK_MAX_EVENTS`], the hits' payloads exceed
+/// [`QUICK_MAX_BYTES`] or the records at the cursor are all tied (the
+/// caller then runs [`ana_select_time`]). Saves the dirty-scheduler round
+/// trip of small windows.
+#[allow(clippy::too_many_arguments)]
+#[rustler::nif]
+fn ana_select_time_quick<'a>(
+    env: Env<'a>,
+    s: Ref<StoreRes>,
+    after_ts: i64,
+    after_seq: i64,
+    pid: Term<'a>,
+    module: Term<'a>,
+    function: Term<'a>,
+    kinds: u64,
+    t1: i64,
+    limit: u64,
+) -> NifResult<Term<'a>> {
+    let busy = || Ok(atoms::busy().encode(env));
+    let limit = (limit as usize).max(1);
+    if limit > QUICK_MAX_EVENTS {
+        return busy();
+    }
+    let filter = Filter::new(env, pid, module, function, kinds);
+    let Some(store) = s.try_lock(env)? else {
+        return busy();
+    };
+    let want = if filter.is_any() {
+        limit + TIE_SLACK
+    } else {
+        QUICK_MAX_VISITS
+    };
+    let Some((hits, next)) = time_chunk(&store, (after_ts, after_seq), t1, want, &filter, limit)
+    else {
+        return busy();
+    };
+    let bytes: usize = hits.iter().map(|e| e.payload.len()).sum();
+    if bytes > QUICK_MAX_BYTES {
+        return busy();
+    }
+    // About 0.25 µs per entry of a 1 ms slice.
+    rustler::schedule::consume_timeslice(env, (hits.len() / 40).clamp(1, 100) as i32);
+    Ok((entries(env, &hits), next).encode(env))
+}
+
+/// The hits (at most `limit`) among the next `want` records of the window
+/// `after..=t1` in `(timestamp, seq)` order, and the cursor after the last
+/// record looked at (nil at the window's end); `None` when every record of
+/// a full page is tied at or before `after` (ask for a wider page).
+#[allow(clippy::type_complexity)]
+fn time_chunk<'s>(
+    store: &'s EventStore,
+    after: (i64, i64),
+    t1: i64,
+    want: usize,
+    filter: &Filter,
+    limit: usize,
+) -> Option<(Vec<StoredEvent<'s>>, Option<(i64, i64)>)> {
+    let page = store.by_time_range(after.0, t1, want, Order::Asc);
+    let full = page.len() == want;
+    let mut hits = Vec::with_capacity(limit.min(page.len()));
+    let mut last = None;
+    let mut fresh = false;
+    for e in page.iter() {
+        let at = (e.timestamp, e.seq as i64);
+        if at <= after {
             continue;
         }
-        break (fresh, full);
-    };
-    let next = if full {
-        page.last().map(|e| (e.timestamp, e.seq as i64))
-    } else {
-        None
-    };
-    let hits: Vec<StoredEvent> = page.into_iter().filter(|e| filter.matches(e)).collect();
-    Ok((entries(env, &hits), next).encode(env))
+        fresh = true;
+        last = Some(at);
+        if filter.matches(e) {
+            hits.push(*e);
+            if hits.len() == limit {
+                // More may follow: continue after this one.
+                return Some((hits, last));
+            }
+        }
+    }
+    if !fresh && full {
+        return None;
+    }
+    Some((hits, if full { last } else { None }))
 }
 
 // ---- states ---------------------------------------------------------------------
@@ -564,30 +779,10 @@ fn state_term<'a>(
         .flatten()
         .any(|x| x.flags & FLAG_TRUNCATED != 0);
     let opt_id = |x: Option<StoredEvent>| x.map_or(nil, |x| e(x.id.encode(env)));
-    crate::event_term::make_struct(
+    crate::event_term::make_struct_in(
         env,
-        &[
-            atoms::struct_(),
-            atoms::actions(),
-            atoms::call_id(),
-            atoms::callback(),
-            atoms::id(),
-            atoms::kept(),
-            atoms::kind(),
-            atoms::module(),
-            atoms::name(),
-            atoms::pid(),
-            atoms::reply(),
-            atoms::returned(),
-            atoms::source_id(),
-            atoms::state(),
-            atoms::stop(),
-            atoms::timestamp(),
-            atoms::trigger(),
-            atoms::trigger_id(),
-            atoms::truncated(),
-            atoms::wall_time(),
-        ],
+        scratch,
+        &STATE,
         &[
             e(atoms::analysis_state().encode(env)),
             actions,
@@ -827,3 +1022,29 @@ fn ana_result<'a>(env: Env<'a>, s: Ref<StoreRes>, call_id: u64) -> NifResult<Ter
         });
     Ok(entry_or_nil(env, done))
 }
+
+/// `%ElixirScope.Analysis.State{}` keys in term order.
+static STATE: crate::event_term::Shape = crate::event_term::Shape::new(17, || {
+    vec![
+        atoms::struct_(),
+        atoms::actions(),
+        atoms::call_id(),
+        atoms::callback(),
+        atoms::id(),
+        atoms::kept(),
+        atoms::kind(),
+        atoms::module(),
+        atoms::name(),
+        atoms::pid(),
+        atoms::reply(),
+        atoms::returned(),
+        atoms::source_id(),
+        atoms::state(),
+        atoms::stop(),
+        atoms::timestamp(),
+        atoms::trigger(),
+        atoms::trigger_id(),
+        atoms::truncated(),
+        atoms::wall_time(),
+    ]
+});

@@ -60,6 +60,8 @@ rustler::atoms! {
     states,
     states_dropped,
     busy,
+    range,
+    traceback,
     all,
     trace_start,
     state_snapshot = "Elixir.ElixirScope.Events.StateSnapshot",

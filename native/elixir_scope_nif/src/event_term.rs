@@ -63,7 +63,9 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    const fn new(id: usize, keys: fn() -> Vec<Atom>) -> Shape {
+    /// A shape of cache slot `id` (unique below [`SHAPES`]) and `keys` in
+    /// term order.
+    pub(crate) const fn new(id: usize, keys: fn() -> Vec<Atom>) -> Shape {
         Shape {
             id,
             keys,
@@ -77,7 +79,7 @@ impl Shape {
 }
 
 /// Slots of the per-call keys cache (one per [`Shape`]).
-const SHAPES: usize = 12;
+const SHAPES: usize = 20;
 /// A cache slot whose keys tuple could not be used (layout mismatch).
 const UNUSABLE: u64 = 1;
 

@@ -602,6 +602,20 @@ fn debug_thread_cpu_ns() -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
+/// CPU time of the whole VM process, ns (all threads: schedulers, dirty
+/// schedulers, workers), for benches comparing paths that run on
+/// different threads.
+#[rustler::nif]
+fn debug_process_cpu_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; the process CPU clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
 #[rustler::nif(name = "next_event_id")]
 fn next_event_id_nif() -> u64 {
     next_event_id()

@@ -44,7 +44,7 @@ use rustler::{Atom, Encoder, Env, Term};
 use crate::atoms;
 use crate::atoms::issue_17a as ex;
 use crate::codec::{self, imm_word, is_immediate, word, Scratch, TapeDecoder, TapeEncoder};
-use crate::event_term::make_struct;
+use crate::event_term::{make_struct_in, Shape};
 
 /// A recognised struct's fields, in payload order.
 pub enum Special<'a> {
@@ -475,17 +475,10 @@ pub fn decode<'a>(
             let to = next(&mut d, scratch);
             let msg = next(&mut d, scratch);
             let [corr, ts, wall] = rest::<3>(env, &mut d, scratch);
-            Some(make_struct(
+            Some(make_struct_in(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::correlation_id(),
-                    atoms::from_pid(),
-                    atoms::message(),
-                    atoms::timestamp(),
-                    atoms::to_pid(),
-                    atoms::wall_time(),
-                ],
+                scratch,
+                &MESSAGE_SENT,
                 &[name(atoms::message_sent()), corr, from, msg, ts, to, wall],
             ))
         }
@@ -493,16 +486,10 @@ pub fn decode<'a>(
             let pid = next(&mut d, scratch);
             let msg = next(&mut d, scratch);
             let [corr, ts, wall] = rest::<3>(env, &mut d, scratch);
-            Some(make_struct(
+            Some(make_struct_in(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::correlation_id(),
-                    atoms::message(),
-                    atoms::pid(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                scratch,
+                &MESSAGE_RECEIVED,
                 &[name(atoms::message_received()), corr, msg, pid, ts, wall],
             ))
         }
@@ -513,6 +500,7 @@ pub fn decode<'a>(
                 rest::<9>(env, &mut d, scratch);
             Some(function_exit_struct(
                 env,
+                scratch,
                 [
                     arity, call_id, corr, duration, reason, function, module, pid, result, ts, wall,
                 ],
@@ -524,23 +512,10 @@ pub fn decode<'a>(
             let new_state = next(&mut d, scratch);
             let [server, pid, callback, timeout, hibernate, cont, corr, ts, wall] =
                 rest::<9>(env, &mut d, scratch);
-            Some(make_struct(
+            Some(make_struct_in(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::call_id(),
-                    atoms::callback(),
-                    atoms::continue_data(),
-                    atoms::correlation_id(),
-                    atoms::hibernate(),
-                    atoms::new_state(),
-                    atoms::pid(),
-                    atoms::reply(),
-                    atoms::server_pid(),
-                    atoms::timeout(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                scratch,
+                &CALLBACK_REPLY,
                 &[
                     name(atoms::callback_reply()),
                     call_id,
@@ -564,23 +539,10 @@ pub fn decode<'a>(
             let call_id = next(&mut d, scratch);
             let [module, function, arity, cmod, cfun, cline, corr, ts, wall] =
                 rest::<9>(env, &mut d, scratch);
-            Some(make_struct(
+            Some(make_struct_in(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::args(),
-                    atoms::arity(),
-                    atoms::call_id(),
-                    ex::caller_function(),
-                    ex::caller_line(),
-                    ex::caller_module(),
-                    atoms::correlation_id(),
-                    atoms::function(),
-                    atoms::module(),
-                    atoms::pid(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                scratch,
+                &FUNCTION_ENTRY,
                 &[
                     name(ex::function_entry_struct()),
                     args,
@@ -606,6 +568,7 @@ pub fn decode<'a>(
                 rest::<8>(env, &mut d, scratch);
             Some(function_exit_struct(
                 env,
+                scratch,
                 [
                     arity, call_id, corr, duration, reason, function, module, pid, result, ts, wall,
                 ],
@@ -621,21 +584,10 @@ pub fn decode<'a>(
             } else {
                 (shown, other)
             };
-            Some(make_struct(
+            Some(make_struct_in(
                 env,
-                &[
-                    atoms::struct_(),
-                    atoms::correlation_id(),
-                    ex::exit_reason(),
-                    ex::exited_pid(),
-                    ex::final_state(),
-                    ex::lifetime_ns(),
-                    ex::message_count(),
-                    atoms::pid(),
-                    atoms::reason(),
-                    atoms::timestamp(),
-                    atoms::wall_time(),
-                ],
+                scratch,
+                &PROCESS_EXIT,
                 &[
                     name(ex::process_exit_struct()),
                     corr,
@@ -656,28 +608,15 @@ pub fn decode<'a>(
 }
 
 /// `%FunctionExit{}` from its values in key order (after `__struct__`).
-fn function_exit_struct<'a>(env: Env<'a>, v: [ERL_NIF_TERM; 11]) -> Term<'a> {
+fn function_exit_struct<'a>(
+    env: Env<'a>,
+    scratch: &mut Scratch,
+    v: [ERL_NIF_TERM; 11],
+) -> Term<'a> {
     let mut values = [ERL_NIF_TERM::default(); 12];
     values[0] = ex::function_exit_struct().encode(env).as_c_arg();
     values[1..].copy_from_slice(&v);
-    make_struct(
-        env,
-        &[
-            atoms::struct_(),
-            atoms::arity(),
-            atoms::call_id(),
-            atoms::correlation_id(),
-            atoms::duration_ns(),
-            ex::exit_reason(),
-            atoms::function(),
-            atoms::module(),
-            atoms::pid(),
-            ex::result(),
-            atoms::timestamp(),
-            atoms::wall_time(),
-        ],
-        &values,
-    )
+    make_struct_in(env, scratch, &FUNCTION_EXIT, &values)
 }
 
 /// The `N` fields of the list after a state record's own fields; `None`
@@ -728,23 +667,10 @@ pub fn state_change<'a>(
         [actor, nil, id, unknown, diff, nil, nil, nil, ts, wall]
     });
     let [server, pid, id, callback, diff, tmsg, tcall, corr, ts, wall] = fields;
-    make_struct(
+    make_struct_in(
         env,
-        &[
-            atoms::struct_(),
-            atoms::callback(),
-            atoms::correlation_id(),
-            atoms::id(),
-            atoms::new_state(),
-            atoms::old_state(),
-            atoms::pid(),
-            atoms::server_pid(),
-            atoms::state_diff(),
-            atoms::timestamp(),
-            atoms::trigger_call_id(),
-            atoms::trigger_message(),
-            atoms::wall_time(),
-        ],
+        scratch,
+        &STATE_CHANGE,
         &[
             atoms::state_change().encode(env).as_c_arg(),
             callback,
@@ -785,24 +711,10 @@ pub fn snapshot<'a>(
     let fields = state_rest::<10>(env, &mut d, scratch)
         .unwrap_or([actor, actor, nil, nil, nil, nil, nil, nil, ts, wall]);
     let [server, pid, snap_id, checkpoint, memory, queue, session, corr, ts, wall] = fields;
-    make_struct(
+    make_struct_in(
         env,
-        &[
-            atoms::struct_(),
-            ex::checkpoint_type(),
-            atoms::correlation_id(),
-            atoms::memory_usage(),
-            ex::message_queue_len(),
-            atoms::pid(),
-            atoms::sequence_number(),
-            atoms::server_pid(),
-            ex::session_id(),
-            ex::snapshot_id(),
-            atoms::snapshot_reason(),
-            atoms::state(),
-            atoms::timestamp(),
-            atoms::wall_time(),
-        ],
+        scratch,
+        &STATE_SNAPSHOT,
         &[
             atoms::state_snapshot().encode(env).as_c_arg(),
             checkpoint,
@@ -821,3 +733,140 @@ pub fn snapshot<'a>(
         ],
     )
 }
+
+/// Keys, in term order, of MESSAGE_SENT (ids 9-16: see `event_term::Shape`).
+static MESSAGE_SENT: Shape = Shape::new(9, || {
+    vec![
+        atoms::struct_(),
+        atoms::correlation_id(),
+        atoms::from_pid(),
+        atoms::message(),
+        atoms::timestamp(),
+        atoms::to_pid(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of MESSAGE_RECEIVED (ids 9-16: see `event_term::Shape`).
+static MESSAGE_RECEIVED: Shape = Shape::new(10, || {
+    vec![
+        atoms::struct_(),
+        atoms::correlation_id(),
+        atoms::message(),
+        atoms::pid(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of CALLBACK_REPLY (ids 9-16: see `event_term::Shape`).
+static CALLBACK_REPLY: Shape = Shape::new(11, || {
+    vec![
+        atoms::struct_(),
+        atoms::call_id(),
+        atoms::callback(),
+        atoms::continue_data(),
+        atoms::correlation_id(),
+        atoms::hibernate(),
+        atoms::new_state(),
+        atoms::pid(),
+        atoms::reply(),
+        atoms::server_pid(),
+        atoms::timeout(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of FUNCTION_ENTRY (ids 9-16: see `event_term::Shape`).
+static FUNCTION_ENTRY: Shape = Shape::new(12, || {
+    vec![
+        atoms::struct_(),
+        atoms::args(),
+        atoms::arity(),
+        atoms::call_id(),
+        ex::caller_function(),
+        ex::caller_line(),
+        ex::caller_module(),
+        atoms::correlation_id(),
+        atoms::function(),
+        atoms::module(),
+        atoms::pid(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of PROCESS_EXIT (ids 9-16: see `event_term::Shape`).
+static PROCESS_EXIT: Shape = Shape::new(13, || {
+    vec![
+        atoms::struct_(),
+        atoms::correlation_id(),
+        ex::exit_reason(),
+        ex::exited_pid(),
+        ex::final_state(),
+        ex::lifetime_ns(),
+        ex::message_count(),
+        atoms::pid(),
+        atoms::reason(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of FUNCTION_EXIT (ids 9-16: see `event_term::Shape`).
+static FUNCTION_EXIT: Shape = Shape::new(14, || {
+    vec![
+        atoms::struct_(),
+        atoms::arity(),
+        atoms::call_id(),
+        atoms::correlation_id(),
+        atoms::duration_ns(),
+        ex::exit_reason(),
+        atoms::function(),
+        atoms::module(),
+        atoms::pid(),
+        ex::result(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of STATE_CHANGE (ids 9-16: see `event_term::Shape`).
+static STATE_CHANGE: Shape = Shape::new(15, || {
+    vec![
+        atoms::struct_(),
+        atoms::callback(),
+        atoms::correlation_id(),
+        atoms::id(),
+        atoms::new_state(),
+        atoms::old_state(),
+        atoms::pid(),
+        atoms::server_pid(),
+        atoms::state_diff(),
+        atoms::timestamp(),
+        atoms::trigger_call_id(),
+        atoms::trigger_message(),
+        atoms::wall_time(),
+    ]
+});
+
+/// Keys, in term order, of STATE_SNAPSHOT (ids 9-16: see `event_term::Shape`).
+static STATE_SNAPSHOT: Shape = Shape::new(16, || {
+    vec![
+        atoms::struct_(),
+        ex::checkpoint_type(),
+        atoms::correlation_id(),
+        atoms::memory_usage(),
+        ex::message_queue_len(),
+        atoms::pid(),
+        atoms::sequence_number(),
+        atoms::server_pid(),
+        ex::session_id(),
+        ex::snapshot_id(),
+        atoms::snapshot_reason(),
+        atoms::state(),
+        atoms::timestamp(),
+        atoms::wall_time(),
+    ]
+});

@@ -17,7 +17,7 @@
 //! caller's scheduler).
 
 use elixir_scope_core::{
-    call_contents, corr_type_of, links_of, CorrType, CorrelationFields, Event, EventKind,
+    call_contents, corr_type_of, link_of, CorrType, CorrelationFields, Event, EventKind,
     EventStore, LinkKind, Order, StoreConfig, StoredEvent, TermKeys, TERM_FLAG_FUNCTION,
 };
 use rustler::sys::{ErlNifResourceType, ErlNifTerm as ERL_NIF_TERM};
@@ -257,28 +257,35 @@ pub(crate) fn to_list<'a>(env: Env<'a>, evs: &[StoredEvent]) -> Term<'a> {
     codec::make_list(env, &out)
 }
 
-/// `{:called_from, id}`-style link terms.
+/// `{:called_from, id}`-style link terms (a list of at most one: an
+/// event has one link at most, see `link_of`).
 fn link_terms<'a>(env: Env<'a>, e: &StoredEvent) -> Term<'a> {
-    let terms: Vec<ERL_NIF_TERM> = links_of(e)
-        .iter()
-        .map(|l| {
-            let tag = match l.kind {
-                LinkKind::CalledFrom => atoms::called_from(),
-                LinkKind::Completes => atoms::completes(),
-                LinkKind::Receives => atoms::receives(),
-                LinkKind::SpawnedBy => atoms::spawned_by(),
-                LinkKind::StateIn => atoms::state_in(),
-            };
-            let target = if l.kind == LinkKind::SpawnedBy {
-                // SAFETY: a term valid in `env` (see `word_term`).
-                unsafe { Term::new(env, crate::portable::word_term(env, l.target)) }
-            } else {
-                l.target.encode(env)
-            };
-            (tag, target).encode(env).as_c_arg()
-        })
-        .collect();
-    codec::make_list(env, &terms)
+    let empty = Vec::<Term>::new().encode(env);
+    let Some(l) = link_of(e) else {
+        return empty;
+    };
+    let tag = match l.kind {
+        LinkKind::CalledFrom => atoms::called_from(),
+        LinkKind::Completes => atoms::completes(),
+        LinkKind::Receives => atoms::receives(),
+        LinkKind::SpawnedBy => atoms::spawned_by(),
+        LinkKind::StateIn => atoms::state_in(),
+    };
+    let target = if l.kind == LinkKind::SpawnedBy {
+        // SAFETY: a term valid in `env` (see `word_term`).
+        unsafe { Term::new(env, crate::portable::word_term(env, l.target)) }
+    } else {
+        l.target.encode(env)
+    };
+    // SAFETY: terms of `env`.
+    unsafe {
+        let items = [tag.encode(env).as_c_arg(), target.as_c_arg()];
+        let pair = rustler::sys::enif_make_tuple_from_array(env.as_c_arg(), items.as_ptr(), 2);
+        Term::new(
+            env,
+            rustler::sys::enif_make_list_cell(env.as_c_arg(), pair, empty.as_c_arg()),
+        )
+    }
 }
 
 fn corr_type_atom(kind: u8) -> Atom {

@@ -80,7 +80,11 @@ defmodule ElixirScope.Storage.ResultTermsTest do
       Native.store_by_time_range(ref, -(1 <<< 62), 1 <<< 62, 10_000, false),
       Native.store_by_pid(ref, self(), 1000, true),
       Analysis.select(store: store, limit: 1000),
-      Analysis.select(store: store, pid: self(), from: -(1 <<< 62), to: 1 <<< 62)
+      Analysis.select(store: store, pid: self(), from: -(1 <<< 62), to: 1 <<< 62),
+      Analysis.select(store: store, from: -(1 <<< 62), to: 1 <<< 62, limit: 37),
+      Analysis.select(store: store, types: [:call, :spawn], from: -(1 <<< 62), limit: 3000),
+      Enum.map(Enum.take(ids, 40), &Analysis.range(&1, store: store)),
+      Enum.map(Enum.take(ids, 40), &Analysis.traceback(&1, store: store))
     ]
   end
 
@@ -191,6 +195,59 @@ defmodule ElixirScope.Storage.ResultTermsTest do
     # DataAccess past the bound still answers in full.
     {:ok, big} = DataAccess.query_by_time_range(store, elem(t, 0), elem(t, 1), limit: 5000)
     assert big == Native.store_by_time_range(ref, elem(t, 0), elem(t, 1), 5000, false)
+  end
+
+  test "Analysis' caller's-scheduler paths answer as the dirty NIFs, busy past their bounds" do
+    {_pm, store} = pipeline()
+    ref = store.ref
+    {t0, t1} = {-(1 <<< 62), 1 <<< 62}
+    me = self()
+
+    for {p, m, f, kinds} <- [{nil, nil, nil, 0}, {me, nil, nil, 0}, {nil, M, :f, 1 <<< 1}],
+        limit <- [1, 7, 2000] do
+      quick = Native.ana_select_time_quick(ref, t0, -1, p, m, f, kinds, t1, limit)
+      assert quick != :busy
+      assert quick == Native.ana_select_time_limit(ref, t0, -1, p, m, f, kinds, t1, limit)
+      {hits, next} = quick
+      assert length(hits) <= limit
+
+      if next do
+        {ts, seq} = next
+
+        assert Native.ana_select_time_quick(ref, ts, seq, p, m, f, kinds, t1, limit) ==
+                 Native.ana_select_time_limit(ref, ts, seq, p, m, f, kinds, t1, limit)
+      end
+    end
+
+    # Chunk after chunk, the whole window in order, without repeats.
+    all = Analysis.select(store: store, from: t0, to: t1)
+    assert all == Analysis.select(store: store, from: t0, to: t1, limit: 100_000)
+    assert length(all) > 200
+    assert all == Enum.uniq_by(all, & &1.id)
+    assert Enum.take(all, 5) == Analysis.select(store: store, from: t0, to: t1, limit: 5)
+    assert Native.ana_select_time_quick(ref, t0, -1, nil, nil, nil, 0, t1, 2001) == :busy
+
+    # The store-order scan builds entries for at most `limit` hits and
+    # continues after the last one kept.
+    scanned = Analysis.select(store: store)
+    assert length(scanned) == length(all)
+
+    for n <- [1, 3, 50] do
+      assert Analysis.select(store: store, limit: n) == Enum.take(scanned, n)
+      odd = Enum.filter(scanned, &(rem(&1.id, 2) == 1))
+      assert Analysis.filter(&(rem(&1.id, 2) == 1), store: store, limit: n) == Enum.take(odd, n)
+    end
+
+    ids = for e <- all, do: e.id
+
+    for id <- Enum.take(ids, 60) do
+      assert Native.ana_quick(ref, :range, id, 100_000) == Native.ana_range(ref, id, 100_000)
+      assert Native.ana_quick(ref, :range, id, 2) == Native.ana_range(ref, id, 2)
+      assert Native.ana_quick(ref, :traceback, id, 0) == Native.ana_traceback(ref, id)
+    end
+
+    assert Native.ana_quick(ref, :traceback, 1 <<< 61, 0) == nil
+    assert Native.ana_quick(ref, :nope, hd(ids), 0) == :busy
   end
 
   test "QueryCoordinator's caller's-scheduler path answers as the dirty NIF" do
