@@ -497,14 +497,24 @@ impl Segment {
     /// A segment for `cap` records whose payload arena starts with
     /// `arena_hint` bytes of capacity (the previous segment's payload size:
     /// filling it then rarely reallocates and copies).
-    fn new(base: u64, cap: usize, arena_hint: usize) -> Segment {
+    /// `spare`: the emptied memory of a freed segment, reused (its pages
+    /// are already mapped, so filling it takes no page fault).
+    fn new(base: u64, cap: usize, arena_hint: usize, spare: Option<Spare>) -> Segment {
+        let (recs, arena, dead) = match spare {
+            Some(mut s) => {
+                s.arena.reserve(arena_hint);
+                (s.recs, s.arena, s.dead)
+            }
+            None => (
+                Vec::with_capacity(cap),
+                Vec::with_capacity(arena_hint),
+                Vec::with_capacity(cap.div_ceil(64)),
+            ),
+        };
         Segment {
             base,
-            body: Body::Open(SegData {
-                recs: Vec::with_capacity(cap),
-                arena: Vec::with_capacity(arena_hint),
-            }),
-            dead: Vec::with_capacity(cap.div_ceil(64)),
+            body: Body::Open(SegData { recs, arena }),
+            dead,
             live: 0,
             counts: [0; 4],
             sealed: false,
@@ -647,6 +657,37 @@ impl Segment {
             + self.arena.capacity()
             + self.dead.capacity() * 8
             + self.ts_marks.capacity() * 8
+    }
+}
+
+/// The memory of a freed segment kept for the next one (see
+/// [`EventStore::pop_dead_segments`]): empty vectors with their capacity.
+struct Spare {
+    recs: Vec<Rec>,
+    arena: Vec<u8>,
+    dead: Vec<u64>,
+}
+
+impl Spare {
+    /// `seg`'s memory, emptied, if it holds a full segment's headers and no
+    /// snapshot shares it.
+    fn take(seg: Segment, cap: usize) -> Option<Spare> {
+        let data = match seg.body {
+            Body::Open(d) => d,
+            Body::Sealed(d) => Arc::try_unwrap(d).ok()?,
+        };
+        let (mut recs, mut arena, mut dead) = (data.recs, data.arena, seg.dead);
+        if recs.capacity() != cap {
+            return None;
+        }
+        recs.clear();
+        arena.clear();
+        dead.clear();
+        Some(Spare { recs, arena, dead })
+    }
+
+    fn bytes(&self) -> usize {
+        self.recs.capacity() * size_of::<Rec>() + self.arena.capacity() + self.dead.capacity() * 8
     }
 }
 
@@ -953,12 +994,30 @@ struct StateIndex {
     /// "before the first state".
     dropped_from: i64,
     dropped_until: i64,
+    /// Some entry was inserted before the back (out of time order): the
+    /// entries may not be in `seq` order any more.
+    unordered: bool,
 }
 
 impl StateIndex {
     fn drop_freed(&mut self, base: u64) -> usize {
         let before = self.recs.len();
         let (mut from, mut until) = (self.dropped_from, self.dropped_until);
+        if !self.unordered {
+            // Every entry was appended: `seq` order, so the freed ones are
+            // a prefix (the same entries as the scan below, without
+            // visiting every entry of a large index on each segment freed).
+            while let Some(&(ts, seq)) = self.recs.front() {
+                if seq >= base {
+                    break;
+                }
+                from = from.min(ts);
+                until = until.max(ts);
+                self.recs.pop_front();
+            }
+            (self.dropped_from, self.dropped_until) = (from, until);
+            return before - self.recs.len();
+        }
         self.recs.retain(|&(ts, seq)| {
             let keep = seq >= base;
             if !keep {
@@ -1083,6 +1142,9 @@ pub struct EventStore {
     max_age_ns: Option<i64>,
     seg_cap: usize,
     segments: VecDeque<Segment>,
+    /// The memory of the last segment freed by an insert, for the next
+    /// segment (at most one; counted in [`EventStore::memory_bytes`]).
+    spare: Option<Spare>,
     next_seq: u64,
     /// Every record with a smaller seq is dead.
     oldest: u64,
@@ -1147,6 +1209,7 @@ impl EventStore {
             max_age_ns: config.max_age_ns,
             seg_cap,
             segments: VecDeque::new(),
+            spare: None,
             next_seq: 0,
             oldest: 0,
             live: 0,
@@ -1203,7 +1266,7 @@ impl EventStore {
             }
             n += 1;
         }
-        self.pop_dead_segments();
+        self.pop_dead_segments(false);
         n + self.expire()
     }
 
@@ -1507,7 +1570,7 @@ impl EventStore {
                 break;
             }
         }
-        self.pop_dead_segments();
+        self.pop_dead_segments(true);
 
         let need_new = match self.segments.back() {
             None => true,
@@ -1525,8 +1588,9 @@ impl EventStore {
                 let n = s.arena.len();
                 (n + n / 16).min(MAX_ARENA_HINT)
             });
+            let spare = self.spare.take();
             self.segments
-                .push_back(Segment::new(self.next_seq, self.seg_cap, arena_hint));
+                .push_back(Segment::new(self.next_seq, self.seg_cap, arena_hint, spare));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -1709,6 +1773,11 @@ impl EventStore {
         let v = &mut idx.recs;
         let key = (ts, seq);
         let at = v.len() - v.iter().rev().take_while(|&&e| e > key).count();
+        if v.is_empty() {
+            idx.unordered = false;
+        } else if at < v.len() {
+            idx.unordered = true;
+        }
         v.insert(at, key);
         self.state_entries += 1;
     }
@@ -1940,13 +2009,24 @@ impl EventStore {
     }
 
     /// Frees whole dead segments at the front and sweeps stale pid heads.
-    fn pop_dead_segments(&mut self) {
+    /// With `keep_spare` (inserts and automatic expiry), the memory of one
+    /// freed segment is kept for the next segment instead of being given
+    /// back to the allocator (which returns it to the OS, so the next
+    /// segment would fault in fresh zeroed pages: one fault per 39 records
+    /// in a 10M store); otherwise any spare is freed too.
+    fn pop_dead_segments(&mut self, keep_spare: bool) {
         while let Some(front) = self.segments.front() {
             if !(front.sealed && front.live == 0) {
                 break;
             }
             self.popped_since_sweep += front.recs.len();
-            self.segments.pop_front();
+            let seg = self.segments.pop_front().expect("a front segment");
+            if keep_spare && self.spare.is_none() {
+                self.spare = Spare::take(seg, self.seg_cap);
+            }
+        }
+        if !keep_spare {
+            self.spare = None;
         }
         if self.popped_since_sweep >= self.sweep_every {
             self.popped_since_sweep = 0;
@@ -2025,7 +2105,8 @@ impl EventStore {
         self.compactions += compactions;
         self.advance_oldest();
         let before = self.memory_bytes();
-        self.pop_dead_segments();
+        // An explicit cleanup, or an emptied store, gives the spare back.
+        self.pop_dead_segments(!compact_all && self.live > 0);
         // The open segment, emptied and alone: free it too (a new one is
         // made by the next insert). Only when alone: a chain walk through
         // a missing segment would stop there.
@@ -2680,6 +2761,7 @@ impl EventStore {
         size_of::<Self>()
             + self.segments.capacity() * size_of::<Segment>()
             + self.segments.iter().map(Segment::bytes).sum::<usize>()
+            + self.spare.as_ref().map_or(0, Spare::bytes)
             + (self.ids.slots.capacity()
                 + self.corrs.slots.capacity()
                 + self.parents.slots.capacity()
