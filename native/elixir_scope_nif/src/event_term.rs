@@ -63,7 +63,8 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    const fn new(id: usize, keys: fn() -> Vec<Atom>) -> Shape {
+    /// A shape using cache slot `id` (distinct per shape: see [`SHAPES`]).
+    pub(crate) const fn new(id: usize, keys: fn() -> Vec<Atom>) -> Shape {
         Shape {
             id,
             keys,
@@ -76,7 +77,8 @@ impl Shape {
     }
 }
 
-/// Slots of the per-call keys cache (one per [`Shape`]).
+/// Slots of the per-call keys cache (one per [`Shape`]; slot 11 is
+/// `corr_nif::CORRELATED_EVENT`).
 const SHAPES: usize = 12;
 /// A cache slot whose keys tuple could not be used (layout mismatch).
 const UNUSABLE: u64 = 1;
