@@ -4,8 +4,8 @@
 //!
 //! Event fields are read here with `codec::map_get_immediate` (a scan of a
 //! struct's keys on the heap, or `enif_get_map_value`) and results are
-//! built as `%CorrelatedEvent{}` maps with `enif_make_map_from_arrays`; no
-//! intermediate Elixir terms are made.
+//! built as `%CorrelatedEvent{}` maps by `event_term::make_struct_in` (one
+//! shared keys tuple per call); no intermediate Elixir terms are made.
 //!
 //! # Keys
 //!
@@ -67,6 +67,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::{from_word, is_immediate, word};
 use crate::error::badarg;
+use crate::event_term::{make_struct_in, Scratch, Shape};
 use crate::handle::{self, Handle, Ref};
 
 /// Longest list `corr_batch` (normal scheduler) handles.
@@ -978,30 +979,27 @@ fn confidence(kind: CorrKind, c: &Correlation) -> f64 {
     }
 }
 
-/// `%CorrelatedEvent{}` keys, in term order.
-fn result_keys() -> [ERL_NIF_TERM; 9] {
+/// `%CorrelatedEvent{}` keys in term order (cache slot 18, see
+/// `event_term::SHAPES`): results are built by `event_term::make_struct_in`,
+/// sharing one keys tuple per call when the load probe allowed it.
+static CORRELATED_EVENT: Shape = Shape::new(18, || {
     use names as n;
-    [
-        n::struct_().as_c_arg(),
-        n::correlated_at().as_c_arg(),
-        n::correlation_confidence().as_c_arg(),
-        n::correlation_id().as_c_arg(),
-        n::correlation_type().as_c_arg(),
-        n::event().as_c_arg(),
-        n::links().as_c_arg(),
-        n::parent_id().as_c_arg(),
-        n::root_id().as_c_arg(),
+    vec![
+        n::struct_(),
+        n::correlated_at(),
+        n::correlation_confidence(),
+        n::correlation_id(),
+        n::correlation_type(),
+        n::event(),
+        n::links(),
+        n::parent_id(),
+        n::root_id(),
     ]
-}
+});
 
 /// Terms shared by all the results of one run: built once, used by
 /// every `%CorrelatedEvent{}` (terms are immutable).
 struct Shared {
-    keys: [ERL_NIF_TERM; 9],
-    /// The keys tuple of a `%CorrelatedEvent{}` built in this run, shared
-    /// by every result (see [`Shared::result`]); `None` if the heap layout
-    /// probe did not confirm flatmaps.
-    keys_tuple: Option<ERL_NIF_TERM>,
     now: i64,
     now_term: ERL_NIF_TERM,
     zero: ERL_NIF_TERM,
@@ -1011,48 +1009,14 @@ struct Shared {
 impl Shared {
     fn new(env: Env) -> Shared {
         let now = monotonic_ns();
-        let keys = result_keys();
         // SAFETY (all three): valid env.
         unsafe {
             Shared {
-                keys,
-                keys_tuple: shared_keys_tuple(env, &keys),
                 now,
                 now_term: rustler::sys::enif_make_int64(env.as_c_arg(), now),
                 zero: enif_make_double(env.as_c_arg(), 0.0),
                 one: enif_make_double(env.as_c_arg(), 1.0),
             }
-        }
-    }
-
-    /// A `%CorrelatedEvent{}` of `values` (in key order; terms of `env`).
-    ///
-    /// A map built by `enif_make_map_from_arrays` gets a keys tuple of its
-    /// own and has its keys sorted every time: 22 heap words per result.
-    /// Here all results share one keys tuple, as maps built by Elixir code
-    /// share their literal's: the result is a flatmap of 12 words (header,
-    /// size, keys, 9 values) written over a fresh 11-tuple, which has the
-    /// same size. The layout is the one probed at load
-    /// (`codec::flatmap_header`) and checked on this run's own template
-    /// map ([`shared_keys_tuple`]).
-    #[inline]
-    fn result(&self, env: Env, values: &[ERL_NIF_TERM; 9]) -> ERL_NIF_TERM {
-        let Some(keys) = self.keys_tuple else {
-            return make_map(env, &self.keys, values);
-        };
-        let mut elems = [names::nil().as_c_arg(); 11];
-        elems[1] = keys;
-        elems[2..].copy_from_slice(values);
-        // SAFETY: 11 valid terms of `env`; the tuple is fresh (nothing
-        // else refers to it yet) and 12 words long, header first, which
-        // is what a 9-key flatmap takes: its header and size words are
-        // rewritten in place and every other word is a valid term.
-        unsafe {
-            let t = enif_make_tuple_from_array(env.as_c_arg(), elems.as_ptr(), 11);
-            let p = (word(t) & !0x3) as *mut u64;
-            *p = crate::codec::flatmap_header();
-            *p.add(1) = 9;
-            t
         }
     }
 
@@ -1068,82 +1032,13 @@ impl Shared {
     }
 }
 
-/// Whether [`Shared::result`]'s flatmaps read back right: 0 not tried yet,
-/// 1 yes, 2 no (then results are built through the NIF API).
-static RAW_RESULTS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// The keys tuple of a `%CorrelatedEvent{}` template built in `env`, if
-/// the heap layout is the probed flatmap one (header, size, keys tuple,
-/// values) with `keys` in this order, and (checked once) a result built
-/// by [`Shared::result`] reads back through the NIF API as the map of its
-/// keys and values.
-fn shared_keys_tuple(env: Env, keys: &[ERL_NIF_TERM; 9]) -> Option<ERL_NIF_TERM> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let hdr = crate::codec::flatmap_header();
-    if hdr == 0 || RAW_RESULTS.load(Relaxed) == 2 {
-        return None;
-    }
-    let nils = [names::nil().as_c_arg(); 9];
-    let m = word(make_map(env, keys, &nils));
-    if m & 0x3 != 0x2 {
-        return None;
-    }
-    let p = (m & !0x3) as *const u64;
-    // SAFETY: `m` is a boxed term of `env` (a map just built): its header
-    // word is read first; the next words are read only once the header
-    // says it is a flatmap, and the keys tuple only once its word is boxed.
-    let kt = unsafe {
-        if *p != hdr || *p.add(1) != 9 {
-            return None;
-        }
-        let kt = *p.add(2);
-        if kt & 0x3 != 0x2 {
-            return None;
-        }
-        let kp = (kt & !0x3) as *const u64;
-        if (0..9).any(|i| *kp.add(1 + i) != word(keys[i])) {
-            return None;
-        }
-        from_word(kt)
-    };
-    if RAW_RESULTS.load(Relaxed) == 0 {
-        let probe = Shared {
-            keys: *keys,
-            keys_tuple: Some(kt),
-            now: 0,
-            now_term: nils[0],
-            zero: nils[0],
-            one: nils[0],
-        };
-        let vals: [ERL_NIF_TERM; 9] =
-            std::array::from_fn(|i| (i as i64 + 100).encode(env).as_c_arg());
-        let t = probe.result(env, &vals);
-        let mut size = 0usize;
-        // SAFETY: valid env and terms, live out-pointers.
-        let ok = unsafe {
-            rustler::sys::enif_is_map(env.as_c_arg(), t) != 0
-                && rustler::sys::enif_get_map_size(env.as_c_arg(), t, &mut size) != 0
-                && size == 9
-                && (0..9).all(|i| {
-                    let mut v = ERL_NIF_TERM::default();
-                    rustler::sys::enif_get_map_value(env.as_c_arg(), t, keys[i], &mut v) != 0
-                        && word(v) == word(vals[i])
-                })
-        };
-        RAW_RESULTS.store(if ok { 1 } else { 2 }, Relaxed);
-        if !ok {
-            return None;
-        }
-    }
-    Some(kt)
-}
-
 /// Correlate `ev` and build its `%CorrelatedEvent{}`.
 fn correlate_one<'a>(
     env: Env<'a>,
     st: &mut State,
     seen: &mut Seen,
     sh: &Shared,
+    scratch: &mut Scratch,
     ev: Term<'a>,
 ) -> ERL_NIF_TERM {
     let d = decode(st, seen, ev, sh.now);
@@ -1207,7 +1102,7 @@ fn correlate_one<'a>(
         parent,
         root,
     ];
-    sh.result(env, &values)
+    make_struct_in(env, scratch, &CORRELATED_EVENT, &values).as_c_arg()
 }
 
 /// The heads of `list`, at most `max + 1` of them; `Err` if the list is
@@ -1278,6 +1173,7 @@ fn correlate_run<'a>(
 ) -> usize {
     let start = Instant::now();
     let sh = Shared::new(env);
+    let mut scratch = Scratch::for_call(env);
     // Sized for one new id per event (integer ids never enter it).
     let mut seen = Seen {
         map: KeyMap::with_capacity_and_hasher(events.len().min(4096), Default::default()),
@@ -1291,7 +1187,7 @@ fn correlate_run<'a>(
         }
         // SAFETY: a term of `env` (taken from the argument list).
         let ev = unsafe { Term::new(env, ev) };
-        out.push(correlate_one(env, st, &mut seen, &sh, ev));
+        out.push(correlate_one(env, st, &mut seen, &sh, &mut scratch, ev));
         done += 1;
         if done % 64 == 0 && start.elapsed() > budget {
             break;

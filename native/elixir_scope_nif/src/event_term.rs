@@ -78,7 +78,8 @@ impl Shape {
     }
 }
 
-/// Slots of the per-call keys cache (one per [`Shape`]).
+/// Slots of the per-call keys cache (one per [`Shape`]; slot 18 is
+/// `corr_nif::CORRELATED_EVENT`).
 const SHAPES: usize = 20;
 /// A cache slot whose keys tuple could not be used (layout mismatch).
 const UNUSABLE: u64 = 1;
