@@ -437,7 +437,7 @@ defmodule ElixirScope.Bench.Pipeline do
           Native.qry_query(ref, %{pid: pid}, false, 1000, nil, :entry)
         end,
         "Analysis.select, time window" => fn ->
-          Native.ana_select_time_limit(ref, mid, -1, nil, nil, nil, 0, mid + w, 1000)
+          Native.ana_select_time(ref, mid, -1, nil, nil, nil, 0, mid + w, 1000)
         end,
         "Analysis.range, a depth-0 call" => fn -> Native.ana_range(ref, top_id, 100_000) end,
         "Analysis.traceback, depth 5" => fn -> Native.ana_traceback(ref, deep_id) end

@@ -214,7 +214,7 @@ defmodule ElixirScope.Analysis do
     # Small chunks on the caller's scheduler (`:busy`: the dirty NIF).
     {hits, next} =
       case Native.ana_select_time_quick(ref, ts, seq, p, m, fun, kinds, t1, left) do
-        :busy -> Native.ana_select_time_limit(ref, ts, seq, p, m, fun, kinds, t1, left)
+        :busy -> Native.ana_select_time(ref, ts, seq, p, m, fun, kinds, t1, left)
         chunk -> chunk
       end
 
@@ -255,7 +255,7 @@ defmodule ElixirScope.Analysis do
 
   defp scan(ref, cursor, f, kinds, t0, t1, pred, left, acc) do
     {hits, next} =
-      Native.ana_select_limit(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1, left)
+      Native.ana_select(ref, cursor, f[:pid], f[:module], f[:function], kinds, t0, t1, left)
 
     {acc, left} = take_hits(hits, pred, acc, left)
 

@@ -226,19 +226,15 @@ defmodule ElixirScope.Native do
   def ana_top_trees(_store, _max, _min_count, _min_size), do: nif_error()
   def ana_messages(_store, _pid, _cursor, _limit), do: nif_error()
   # `store` a store or a snapshot (`ana_snapshot/1`, read without the store lock).
-  def ana_select(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1), do: nif_error()
-  # `ana_select/8` returning at most `limit` hits.
-  def ana_select_limit(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1, _limit),
+  # At most `limit` hits; past the limit the cursor continues after the last hit.
+  def ana_select(_store, _cursor, _pid, _module, _function, _kinds, _t0, _t1, _limit),
     do: nif_error()
 
   def ana_snapshot(_store), do: nif_error()
   def ana_snapshot_release(_snapshot), do: nif_error()
 
-  def ana_select_time(_store, _after_ts, _after_seq, _pid, _module, _function, _kinds, _t1),
-    do: nif_error()
-
-  # `ana_select_time/8` returning at most `limit` hits.
-  def ana_select_time_limit(
+  # At most `limit` hits (and at most one chunk's).
+  def ana_select_time(
         _store,
         _after_ts,
         _after_seq,
@@ -251,7 +247,7 @@ defmodule ElixirScope.Native do
       ),
       do: nif_error()
 
-  # `ana_select_time_limit/9` on the caller's scheduler for small chunks, or `:busy`.
+  # `ana_select_time/9` on the caller's scheduler for small chunks, or `:busy`.
   def ana_select_time_quick(
         _store,
         _after_ts,

@@ -99,11 +99,11 @@ defmodule ElixirScope.AnalysisCutTest do
     more = for i <- 101..2_000, do: %{id: i, timestamp: i, pid: self()}
     {:ok, 1_900} = DataAccess.store_events(store, more)
 
-    {hits, nil} = Native.ana_select(snap, 0, nil, nil, nil, 0, 0, 10_000)
+    {hits, nil} = Native.ana_select(snap, 0, nil, nil, nil, 0, 0, 10_000, 10_000)
     assert length(hits) == 100
-    {now, nil} = Native.ana_select(store.ref, 0, nil, nil, nil, 0, 0, 10_000)
+    {now, nil} = Native.ana_select(store.ref, 0, nil, nil, nil, 0, 0, 10_000, 10_000)
     assert length(now) == 1_000
     assert Native.ana_snapshot_release(snap) == :ok
-    assert_raise ArgumentError, fn -> Native.ana_select(snap, 0, nil, nil, nil, 0, 0, 10) end
+    assert_raise ArgumentError, fn -> Native.ana_select(snap, 0, nil, nil, nil, 0, 0, 10, 10) end
   end
 end

@@ -334,28 +334,11 @@ impl Filter {
 /// One chunk of a filtered scan: `{entries, next_cursor | nil}`. Filters
 /// (nil: any): `pid`, `module`, `function`; `kinds` a bit mask of event
 /// kind numbers (0: any); `t0..=t1` timestamps.
+/// At most `limit` hits (entries are built for those only); past the
+/// limit the cursor continues after the last hit.
 #[allow(clippy::too_many_arguments)]
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_select<'a>(
-    env: Env<'a>,
-    s: Term<'a>,
-    cursor: u64,
-    pid: Term<'a>,
-    module: Term<'a>,
-    function: Term<'a>,
-    kinds: u64,
-    t0: i64,
-    t1: i64,
-) -> NifResult<Term<'a>> {
-    let filter = Filter::new(env, pid, module, function, kinds);
-    select_in(env, s, cursor, &filter, t0, t1, usize::MAX)
-}
-
-/// [`ana_select`] returning at most `limit` hits (entries are built for
-/// those only); past the limit the cursor continues after the last hit.
-#[allow(clippy::too_many_arguments)]
-#[rustler::nif(schedule = "DirtyCpu")]
-fn ana_select_limit<'a>(
     env: Env<'a>,
     s: Term<'a>,
     cursor: u64,
@@ -425,24 +408,6 @@ fn select_chunk<'a, S: Scan>(
 #[allow(clippy::too_many_arguments)]
 #[rustler::nif(schedule = "DirtyCpu")]
 fn ana_select_time<'a>(
-    env: Env<'a>,
-    s: Ref<StoreRes>,
-    after_ts: i64,
-    after_seq: i64,
-    pid: Term<'a>,
-    module: Term<'a>,
-    function: Term<'a>,
-    kinds: u64,
-    t1: i64,
-) -> NifResult<Term<'a>> {
-    let filter = Filter::new(env, pid, module, function, kinds);
-    select_time_in(env, s, (after_ts, after_seq), t1, &filter, SELECT_CHUNK)
-}
-
-/// [`ana_select_time`] returning at most `limit` hits.
-#[allow(clippy::too_many_arguments)]
-#[rustler::nif(schedule = "DirtyCpu")]
-fn ana_select_time_limit<'a>(
     env: Env<'a>,
     s: Ref<StoreRes>,
     after_ts: i64,

@@ -207,7 +207,7 @@ defmodule ElixirScope.Storage.ResultTermsTest do
         limit <- [1, 7, 2000] do
       quick = Native.ana_select_time_quick(ref, t0, -1, p, m, f, kinds, t1, limit)
       assert quick != :busy
-      assert quick == Native.ana_select_time_limit(ref, t0, -1, p, m, f, kinds, t1, limit)
+      assert quick == Native.ana_select_time(ref, t0, -1, p, m, f, kinds, t1, limit)
       {hits, next} = quick
       assert length(hits) <= limit
 
@@ -215,7 +215,7 @@ defmodule ElixirScope.Storage.ResultTermsTest do
         {ts, seq} = next
 
         assert Native.ana_select_time_quick(ref, ts, seq, p, m, f, kinds, t1, limit) ==
-                 Native.ana_select_time_limit(ref, ts, seq, p, m, f, kinds, t1, limit)
+                 Native.ana_select_time(ref, ts, seq, p, m, f, kinds, t1, limit)
       end
     end
 
