@@ -958,20 +958,7 @@ defmodule ElixirScope.Tracer do
     sums = Stats.add_window(session.sums, session.functions, c.max_rows)
     data = Stats.read_sampled(session.functions, sums)
     Stats.sampled_off(session.patterns)
-    Stats.procs_off(c.mode, session.pids)
-    if session.tracer, do: Native.tracer_stop(session.tracer, :stopped)
-    Process.cancel_timer(session.timer)
-
-    %{
-      session
-      | active: false,
-        reason: why,
-        data: data,
-        sums: sums,
-        window: nil,
-        timer: nil,
-        stopped_at: System.monotonic_time(:millisecond)
-    }
+    stats_stopped(%{session | sums: sums, window: nil}, why, data)
   end
 
   defp finish_stats(session, why) do
@@ -979,7 +966,12 @@ defmodule ElixirScope.Tracer do
     Stats.pause(session.patterns, c.mode)
     data = Stats.read(session.functions, c.mode, c.max_rows)
     Stats.patterns_off(session.patterns, c.mode)
-    Stats.procs_off(c.mode, session.pids)
+    stats_stopped(session, why, data)
+  end
+
+  # The end both stats sessions share, once their patterns are off.
+  defp stats_stopped(session, why, data) do
+    Stats.procs_off(session.config.mode, session.pids)
     if session.tracer, do: Native.tracer_stop(session.tracer, :stopped)
     Process.cancel_timer(session.timer)
 
