@@ -593,13 +593,7 @@ fn rb_live_count() -> u64 {
 /// machine: time the thread ran, not the time it waited for a core).
 #[rustler::nif]
 fn debug_thread_cpu_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; the thread CPU clock always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// CPU time of the whole VM process, ns (all threads: schedulers, dirty
@@ -607,12 +601,17 @@ fn debug_thread_cpu_ns() -> i64 {
 /// different threads.
 #[rustler::nif]
 fn debug_process_cpu_ns() -> i64 {
+    cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// A CPU-time clock's reading, ns.
+fn cpu_clock_ns(clock: libc::clockid_t) -> i64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid out-pointer; the process CPU clock always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    // SAFETY: valid out-pointer; both CPU-time clocks always exist.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
