@@ -3149,7 +3149,7 @@ mod state_partition_tests {
             let mut probes: Vec<i64> = vec![i64::MIN, i64::MAX, 0, -1, 1];
             for _ in 0..50 {
                 probes.push(if n > 0 && rnd() % 2 == 0 {
-                    ts[(rnd() % n as u64) as usize] + (rnd() % 3) as i64 - 1
+                    ts[(rnd() % n as u64) as usize].saturating_add((rnd() % 3) as i64 - 1)
                 } else {
                     rnd() as i64
                 });
