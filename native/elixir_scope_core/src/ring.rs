@@ -371,7 +371,7 @@ impl<T> Ring<T> {
                 Ok(_) => {
                     self.counters
                         .dropped_oldest
-                        .fetch_add(target - c, Ordering::Relaxed);
+                        .fetch_add(target - c, Ordering::Release);
                     return;
                 }
                 Err(actual) => c = actual,
@@ -638,9 +638,9 @@ impl<T> Ring<T> {
             held.from = pos + 1;
         }
         let cs = &self.counters;
-        cs.reads.fetch_add(got, Ordering::Relaxed);
+        cs.reads.fetch_add(got, Ordering::Release);
         if failed > 0 {
-            cs.dropped_failed.fetch_add(failed, Ordering::Relaxed);
+            cs.dropped_failed.fetch_add(failed, Ordering::Release);
         }
         Some((q, got, failed))
     }
@@ -736,7 +736,7 @@ impl<T> Ring<T> {
                 .compare_exchange_weak(c, h, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    self.counters.cleared.fetch_add(h - c, Ordering::Relaxed);
+                    self.counters.cleared.fetch_add(h - c, Ordering::Release);
                     n = h - c;
                     break;
                 }
@@ -786,17 +786,30 @@ impl<T> Ring<T> {
     /// A snapshot of the counters. Counters are read one by one, so under
     /// concurrent traffic the identities hold exactly only once writers and
     /// readers are quiescent.
+    ///
+    /// Downstream counters are read first (the consumed ones, then the
+    /// cursor, then the head), so an event counted as consumed is always
+    /// also counted as written: `write_position - (reads + dropped_oldest +
+    /// dropped_failed + cleared)` never misses an event, even one a reader
+    /// has claimed (cursor moved) but not yet counted in `reads`.
     pub fn stats(&self) -> RingStats {
         let cs = &self.counters;
+        let reads = cs.reads.load(Ordering::Acquire);
+        let dropped_oldest = cs.dropped_oldest.load(Ordering::Acquire);
+        let dropped_failed = cs.dropped_failed.load(Ordering::Acquire);
+        let cleared = cs.cleared.load(Ordering::Acquire);
+        let dropped_full = cs.dropped_full.load(Ordering::Relaxed);
+        let read_position = self.cursor.load(Ordering::Acquire);
+        let write_position = self.head.load(Ordering::Acquire);
         RingStats {
             capacity: self.cap,
-            write_position: self.head.load(Ordering::Acquire),
-            read_position: self.cursor.load(Ordering::Acquire),
-            reads: cs.reads.load(Ordering::Relaxed),
-            dropped_full: cs.dropped_full.load(Ordering::Relaxed),
-            dropped_oldest: cs.dropped_oldest.load(Ordering::Relaxed),
-            dropped_failed: cs.dropped_failed.load(Ordering::Relaxed),
-            cleared: cs.cleared.load(Ordering::Relaxed),
+            write_position,
+            read_position,
+            reads,
+            dropped_full,
+            dropped_oldest,
+            dropped_failed,
+            cleared,
         }
     }
 }

@@ -1446,19 +1446,23 @@ impl EventStore {
         limit: usize,
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
-        // Sized once (#15c): growing by doubling re-copied the results and
-        // made the allocator map and unmap fresh pages on every query.
-        let mut out = Vec::with_capacity(limit.min(RESULT_PREALLOC));
         if limit == 0 {
-            return out;
+            return Vec::new();
         }
         match order {
-            Order::Desc => self.walk(head, link, |seq, seg, i| {
-                if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
-                    out.push(self.view(seg, i));
-                }
-                out.len() < limit
-            }),
+            Order::Desc => {
+                // Sized once (#15c): growing by doubling re-copied the
+                // results and made the allocator map and unmap fresh pages
+                // on every query.
+                let mut out = Vec::with_capacity(limit.min(RESULT_PREALLOC));
+                self.walk(head, link, |seq, seg, i| {
+                    if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
+                        out.push(self.view(seg, i));
+                    }
+                    out.len() < limit
+                });
+                out
+            }
             Order::Asc => {
                 let mut hits: Vec<(&Segment, usize)> = Vec::new();
                 self.walk(head, link, |seq, seg, i| {
@@ -1467,10 +1471,15 @@ impl EventStore {
                     }
                     true
                 });
+                // Sized exactly: a `RESULT_PREALLOC` buffer (~0.5 MB, over
+                // malloc's mmap threshold) for a chain of a few hits cost
+                // an mmap/munmap pair per call; `Analysis.range` makes two
+                // such calls per nested call.
+                let mut out = Vec::with_capacity(hits.len().min(limit));
                 out.extend(hits.iter().rev().take(limit).map(|&(s, i)| self.view(s, i)));
+                out
             }
         }
-        out
     }
 
     fn find(&self, id: u64) -> Option<(usize, usize)> {
@@ -3149,7 +3158,7 @@ mod state_partition_tests {
             let mut probes: Vec<i64> = vec![i64::MIN, i64::MAX, 0, -1, 1];
             for _ in 0..50 {
                 probes.push(if n > 0 && rnd() % 2 == 0 {
-                    ts[(rnd() % n as u64) as usize] + (rnd() % 3) as i64 - 1
+                    ts[(rnd() % n as u64) as usize].saturating_add((rnd() % 3) as i64 - 1)
                 } else {
                     rnd() as i64
                 });

@@ -591,6 +591,28 @@ fn drop_newest_full_then_consume_frees_space() {
 }
 
 #[test]
+fn events_being_consumed_are_counted_as_not_yet_consumed() {
+    // A consumer moves the cursor, copies the events out, then counts its
+    // `reads`: a snapshot taken in between (here, from inside the read
+    // callback) must still see the claimed events as unconsumed through
+    // `write_position - (reads + dropped_oldest + dropped_failed + cleared)`
+    // (the pipeline's accounting counts them in flight that way).
+    let ring: Ring<u64> = Ring::new(8, Overflow::DropNewest).unwrap();
+    assert_eq!(ring.push_batch_with(3, |i, v| *v = i as u64), 3);
+    let mut mid = vec![];
+    ring.consume_batch(8, |_, _| mid.push(ring.stats()));
+    assert_eq!(mid.len(), 3);
+    for s in &mid {
+        assert_eq!(s.read_position, 3, "cursor moved before the copy");
+        let unconsumed =
+            s.write_position - (s.reads + s.dropped_oldest + s.dropped_failed + s.cleared);
+        assert_eq!(unconsumed, 3, "{s:?}");
+    }
+    let s = ring.stats();
+    assert_eq!((s.reads, s.write_position - s.reads), (3, 0));
+}
+
+#[test]
 fn drop_oldest_overwrites_and_reports_missed() {
     let ring: Ring<u64> = Ring::new(4, Overflow::DropOldest).unwrap();
     for i in 0..10u64 {
