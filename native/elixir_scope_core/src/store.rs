@@ -837,6 +837,29 @@ fn insertion_sort_bounded<T: Ord + Copy>(v: &mut [T], mut budget: usize) -> bool
 
 const GROUP_BITS: u32 = 10;
 
+/// A zeroed vector of `n` slots whose 2 MiB-aligned interior is advised
+/// for transparent huge pages (`MADV_HUGEPAGE`; THP set to `madvise` or
+/// `always`): the head tables of a large store are read and written at
+/// random, one TLB miss per access with 4 KiB pages. The zeroed
+/// allocation of a large table is a fresh mapping whose pages are not
+/// touched yet, so they fault in as huge pages; freeing it unmaps them.
+/// A failed or unsupported advice changes nothing.
+fn huge_zeroed(n: usize) -> Vec<u32> {
+    let v = vec![0u32; n];
+    const HUGE: usize = 2 << 20;
+    let (start, len) = (v.as_ptr() as usize, n * size_of::<u32>());
+    let lo = start.next_multiple_of(HUGE);
+    let hi = (start + len) / HUGE * HUGE;
+    if hi > lo {
+        // SAFETY: the range lies inside `v`'s live allocation; the advice
+        // does not change its contents or validity.
+        unsafe {
+            libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+        }
+    }
+    v
+}
+
 /// Bucket heads, stored as 32-bit offsets from `base` (`0` = empty).
 struct HeadTable {
     base: u64,
@@ -853,7 +876,7 @@ impl HeadTable {
             base: 0,
             shift: 64 - bits,
             group_bits: bits.min(GROUP_BITS),
-            slots: vec![0; 1 << bits],
+            slots: huge_zeroed(1 << bits),
         }
     }
 
