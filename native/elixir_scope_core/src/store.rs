@@ -5,7 +5,7 @@
 //!
 //! Every stored record gets a global, strictly increasing sequence number
 //! (`seq`). Records live in append-only *segments* of up to
-//! [`MAX_SEGMENT_RECORDS`] compact fixed-size headers (104 bytes each) plus
+//! [`MAX_SEGMENT_RECORDS`] compact fixed-size headers (88 bytes each) plus
 //! one byte arena per segment holding the payloads back to back; a segment
 //! also keeps a dead-record bitset and its min/max timestamps. A segment is
 //! *sealed* when full: its records are then given a timestamp-sorted
@@ -59,9 +59,9 @@
 //!   the record's event-type key and AST-node key (`0`: none, not
 //!   indexed). Such records have no wall time, peer, parent or root, so
 //!   their header keeps the keys and links in those slots (`aux`: the
-//!   event-type key, `root_id`: the AST-node key, `peer`: the event-type
+//!   event-type key, `peer`: the AST-node key, `root`: the event-type
 //!   link, `link_parent`: the AST-node link; marked by an internal flag
-//!   bit): the header stays 104 bytes. The head tables are allocated on
+//!   bit): the header stays 88 bytes. The head tables are allocated on
 //!   the first record that has such a key, so stores that never see one
 //!   (pipeline stores) do not pay for them. Each segment counts its live
 //!   records in each index ([`EventStore::index_sizes`]).
@@ -348,20 +348,28 @@ impl StoredEvent<'_> {
     }
 }
 
-/// The compact stored header (104 bytes). Records stored by
+/// The compact stored header (88 bytes: the wall time as a 32-bit offset
+/// from the segment's base, the correlation, parent and root ids as 32-bit
+/// deltas from the record's id, and whatever does not fit kept aside in
+/// [`SegData::over`]). Records stored by
 /// [`EventStore::insert_term`] carry [`KEYED`] and keep their index keys
 /// and links in slots such records do not use (see [`Rec::ast`]).
 #[derive(Clone, Copy)]
 struct Rec {
     id: u64,
     timestamp: i64,
-    wall_time: i64,
     pid: u64,
+    /// Keyed records: the AST-node key.
     peer: u64,
     aux: i64,
-    correlation_id: u64,
-    parent_id: u64,
-    root_id: u64,
+    /// `wall_time − timestamp − SegData::wall_base` ([`WALL_ESC`]: the wall
+    /// time is in [`SegData::over`]).
+    wall: i32,
+    /// `correlation_id`, `root_id`, `parent_id` as [`id_code`]s relative to
+    /// `id` (keyed records: `root` is the event-type link, `parent` 0).
+    corr: u32,
+    root: u32,
+    parent: u32,
     /// Interned (module, function).
     mf: u32,
     /// End of the payload in the segment arena (start: previous record's end).
@@ -377,7 +385,42 @@ struct Rec {
     flags: u8,
 }
 
-const _: () = assert!(size_of::<Rec>() == 104);
+const _: () = assert!(size_of::<Rec>() == 88);
+
+/// [`Rec::wall`] of a wall time kept in [`SegData::over`].
+const WALL_ESC: i32 = i32::MIN;
+/// [`id_code`] of an id kept in [`SegData::over`].
+const ID_ESC: u32 = u32::MAX;
+/// Fields of [`SegData::over`] (low two bits of its keys).
+const OVER_WALL: u32 = 0;
+const OVER_CORR: u32 = 1;
+const OVER_ROOT: u32 = 2;
+const OVER_PARENT: u32 = 3;
+
+/// An id-valued field (`v`) of the record of id `id` as 32 bits: `0` for
+/// 0, else 1 + the zigzag of `id − v` (wrapping) when it is below
+/// `u32::MAX − 1` (ids of causes and correlations are near the record's
+/// own: a call's, its parent's, its root's), else `None` (kept aside).
+#[inline]
+fn id_code(id: u64, v: u64) -> Option<u32> {
+    if v == 0 {
+        return Some(0);
+    }
+    let d = id.wrapping_sub(v) as i64;
+    let z = ((d << 1) ^ (d >> 63)) as u64;
+    (z < ID_ESC as u64 - 1).then_some(z as u32 + 1)
+}
+
+/// The value of a non-escaped [`id_code`] `c` of the record of id `id`.
+#[inline]
+fn id_decode(id: u64, c: u32) -> u64 {
+    if c == 0 {
+        return 0;
+    }
+    let z = (c - 1) as u64;
+    let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    id.wrapping_sub(d as u64)
+}
 
 /// Internal flag of a record stored by [`EventStore::insert_term`] (never
 /// shown: [`StoredEvent::flags`] leaves it out).
@@ -399,7 +442,7 @@ impl Rec {
     #[inline]
     fn ast(&self) -> u64 {
         if self.keyed() {
-            self.root_id
+            self.peer
         } else {
             0
         }
@@ -417,7 +460,7 @@ impl Rec {
     #[inline]
     fn link_type(&self) -> u32 {
         if self.keyed() {
-            self.peer as u32
+            self.root
         } else {
             0
         }
@@ -444,9 +487,69 @@ impl Rec {
 struct SegData {
     recs: Vec<Rec>,
     arena: Vec<u8>,
+    /// `wall_time − timestamp` of the segment's first record: the base of
+    /// the records' 32-bit wall times.
+    wall_base: i64,
+    /// Field values that do not fit the compact header, keyed by
+    /// `record index << 2 | OVER_*` (appended in key order: sorted).
+    over: Vec<(u32, u64)>,
 }
 
 impl SegData {
+    /// A kept-aside field value of record `i`.
+    #[cold]
+    #[inline(never)]
+    fn escaped(&self, i: usize, field: u32) -> u64 {
+        let k = (i as u32) << 2 | field;
+        self.over
+            .binary_search_by_key(&k, |e| e.0)
+            .map_or(0, |j| self.over[j].1)
+    }
+
+    #[inline]
+    fn id_field(&self, i: usize, c: u32, field: u32) -> u64 {
+        if c == ID_ESC {
+            self.escaped(i, field)
+        } else {
+            id_decode(self.recs[i].id, c)
+        }
+    }
+
+    /// Record `i`'s wall time.
+    #[inline]
+    fn wall_time(&self, i: usize) -> i64 {
+        let r = &self.recs[i];
+        if r.wall == WALL_ESC {
+            self.escaped(i, OVER_WALL) as i64
+        } else {
+            (r.timestamp)
+                .wrapping_add(self.wall_base)
+                .wrapping_add(r.wall as i64)
+        }
+    }
+
+    /// Record `i`'s stored correlation id.
+    #[inline]
+    fn corr(&self, i: usize) -> u64 {
+        self.id_field(i, self.recs[i].corr, OVER_CORR)
+    }
+
+    /// Record `i`'s parent id (keyed records: 0).
+    #[inline]
+    fn parent(&self, i: usize) -> u64 {
+        self.id_field(i, self.recs[i].parent, OVER_PARENT)
+    }
+
+    /// Record `i`'s root id (keyed records: 0).
+    #[inline]
+    fn root(&self, i: usize) -> u64 {
+        if self.recs[i].keyed() {
+            0
+        } else {
+            self.id_field(i, self.recs[i].root, OVER_ROOT)
+        }
+    }
+
     #[inline]
     fn payload(&self, i: usize) -> &[u8] {
         let start = if i == 0 {
@@ -513,7 +616,12 @@ impl Segment {
         };
         Segment {
             base,
-            body: Body::Open(SegData { recs, arena }),
+            body: Body::Open(SegData {
+                recs,
+                arena,
+                wall_base: 0,
+                over: Vec::new(),
+            }),
             dead,
             live: 0,
             counts: [0; 4],
@@ -657,6 +765,7 @@ impl Segment {
             + self.arena.capacity()
             + self.dead.capacity() * 8
             + self.ts_marks.capacity() * 8
+            + self.over.capacity() * size_of::<(u32, u64)>()
     }
 }
 
@@ -728,6 +837,29 @@ fn insertion_sort_bounded<T: Ord + Copy>(v: &mut [T], mut budget: usize) -> bool
 
 const GROUP_BITS: u32 = 10;
 
+/// A zeroed vector of `n` slots whose 2 MiB-aligned interior is advised
+/// for transparent huge pages (`MADV_HUGEPAGE`; THP set to `madvise` or
+/// `always`): the head tables of a large store are read and written at
+/// random, one TLB miss per access with 4 KiB pages. The zeroed
+/// allocation of a large table is a fresh mapping whose pages are not
+/// touched yet, so they fault in as huge pages; freeing it unmaps them.
+/// A failed or unsupported advice changes nothing.
+fn huge_zeroed(n: usize) -> Vec<u32> {
+    let v = vec![0u32; n];
+    const HUGE: usize = 2 << 20;
+    let (start, len) = (v.as_ptr() as usize, n * size_of::<u32>());
+    let lo = start.next_multiple_of(HUGE);
+    let hi = (start + len) / HUGE * HUGE;
+    if hi > lo {
+        // SAFETY: the range lies inside `v`'s live allocation; the advice
+        // does not change its contents or validity.
+        unsafe {
+            libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+        }
+    }
+    v
+}
+
 /// Bucket heads, stored as 32-bit offsets from `base` (`0` = empty).
 struct HeadTable {
     base: u64,
@@ -744,7 +876,7 @@ impl HeadTable {
             base: 0,
             shift: 64 - bits,
             group_bits: bits.min(GROUP_BITS),
-            slots: vec![0; 1 << bits],
+            slots: huge_zeroed(1 << bits),
         }
     }
 
@@ -1125,6 +1257,20 @@ pub enum StateAt<'a> {
     Evicted,
 }
 
+/// Rebuilds a swept map whose room left before growing is under a third
+/// of its keys. Removed keys leave tombstones that use up that room, and
+/// hashbrown doubles a table more than half full when it runs out, so a
+/// map of churning keys (pids, the state index) swept to a steady size
+/// would otherwise double every few sweeps' worth of removals though its
+/// live keys do not grow. Cost O(keys), like the sweep that calls it.
+fn rehash_if_worn<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher + Default>(
+    m: &mut HashMap<K, V, S>,
+) {
+    if m.capacity() - m.len() < m.len() / 3 {
+        *m = std::mem::take(m).into_iter().collect();
+    }
+}
+
 fn map_bytes<K, V, S>(m: &HashMap<K, V, S>) -> usize {
     if m.capacity() == 0 {
         return 0;
@@ -1442,7 +1588,7 @@ impl EventStore {
         &self,
         head: Option<u64>,
         link: impl Fn(&Rec) -> u32,
-        pred: impl Fn(u64, &Rec) -> bool,
+        pred: impl Fn(u64, &SegData, usize) -> bool,
         limit: usize,
         order: Order,
     ) -> Vec<StoredEvent<'_>> {
@@ -1456,7 +1602,7 @@ impl EventStore {
                 // on every query.
                 let mut out = Vec::with_capacity(limit.min(RESULT_PREALLOC));
                 self.walk(head, link, |seq, seg, i| {
-                    if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
+                    if !seg.is_dead(i) && pred(seq, seg, i) {
                         out.push(self.view(seg, i));
                     }
                     out.len() < limit
@@ -1466,7 +1612,7 @@ impl EventStore {
             Order::Asc => {
                 let mut hits: Vec<(&Segment, usize)> = Vec::new();
                 self.walk(head, link, |seq, seg, i| {
-                    if !seg.is_dead(i) && pred(seq, &seg.recs[i]) {
+                    if !seg.is_dead(i) && pred(seq, seg, i) {
                         hits.push((seg, i));
                     }
                     true
@@ -1654,16 +1800,26 @@ impl EventStore {
             t.set(b, seq, min_valid);
             d
         };
-        let (flags, peer, root_id, link_parent) = match ast {
+        // Keyed records: the AST-node key in `peer`, the event-type link
+        // in `root` (kept as is: `Some`).
+        let (flags, peer, root, link_parent) = match ast {
             Some(ast) => {
                 let link_type = chain(&mut self.types, aux as u64);
                 let link_ast = chain(&mut self.asts, ast);
-                (event.flags | KEYED, link_type as u64, ast, link_ast)
+                (event.flags | KEYED, ast, Some(link_type), link_ast)
             }
-            None if event.kind == EventKind::Term as u8 => {
-                (event.flags & !KEYED, peer, corr.root_id, link_parent)
-            }
-            None => (event.flags, peer, corr.root_id, link_parent),
+            None if event.kind == EventKind::Term as u8 => (
+                event.flags & !KEYED,
+                peer,
+                id_code(event.id, corr.root_id),
+                link_parent,
+            ),
+            None => (
+                event.flags,
+                peer,
+                id_code(event.id, corr.root_id),
+                link_parent,
+            ),
         };
 
         let seg = self.segments.back_mut().expect("active segment");
@@ -1673,16 +1829,46 @@ impl EventStore {
         let i = d.recs.len();
         d.arena.extend_from_slice(&event.payload);
         let payload_end = d.arena.len() as u32;
+        let wall_off = event.wall_time.wrapping_sub(event.timestamp);
+        if i == 0 {
+            d.wall_base = wall_off;
+            d.over.clear();
+        }
+        let wall = match i32::try_from(wall_off.wrapping_sub(d.wall_base)) {
+            Ok(w) if w != WALL_ESC => w,
+            _ => {
+                d.over
+                    .push(((i as u32) << 2 | OVER_WALL, event.wall_time as u64));
+                WALL_ESC
+            }
+        };
+        let mut code = |v: u64, c: Option<u32>, field: u32| -> u32 {
+            c.unwrap_or_else(|| {
+                d.over.push(((i as u32) << 2 | field, v));
+                ID_ESC
+            })
+        };
+        let corr_c = code(
+            corr.correlation_id,
+            id_code(event.id, corr.correlation_id),
+            OVER_CORR,
+        );
+        let root = code(corr.root_id, root, OVER_ROOT);
+        let parent = code(
+            corr.parent_id,
+            id_code(event.id, corr.parent_id),
+            OVER_PARENT,
+        );
         d.recs.push(Rec {
             id: event.id,
             timestamp: event.timestamp,
-            wall_time: event.wall_time,
+            wall,
             pid: event.pid,
             peer,
             aux,
-            correlation_id: corr.correlation_id,
-            parent_id: corr.parent_id,
-            root_id,
+            corr: corr_c,
+            root,
+            parent,
             mf,
             payload_end,
             link_id,
@@ -2044,6 +2230,7 @@ impl EventStore {
             if self.pids.capacity() > 4 * (self.pids.len() + 16) {
                 self.pids.shrink_to_fit();
             }
+            rehash_if_worn(&mut self.pids);
             if !self.relinks.is_empty() {
                 Arc::make_mut(&mut self.relinks).prune(base);
             }
@@ -2057,6 +2244,7 @@ impl EventStore {
             if self.states.capacity() > 4 * (self.states.len() + 16) {
                 self.states.shrink_to_fit();
             }
+            rehash_if_worn(&mut self.states);
             self.sweep_every =
                 (self.pids.len() + self.relinks.len() + self.state_entries).max(self.seg_cap);
         }
@@ -2155,7 +2343,7 @@ impl EventStore {
     /// Live events of process `pid`, in store order.
     pub fn by_pid(&self, pid: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {
         let head = self.pids.get(&pid).copied();
-        self.chain_query(head, |r| r.link_pid, |_, _| true, limit, order)
+        self.chain_query(head, |r| r.link_pid, |_, _, _| true, limit, order)
     }
 
     /// Live events of `module.function`, in store order.
@@ -2171,7 +2359,7 @@ impl EventStore {
             .get(&(module, function))
             .map(|&m| self.mf_heads[m as usize])
             .filter(|&h| h != u64::MAX);
-        self.chain_query(head, |r| r.link_mf, |_, _| true, limit, order)
+        self.chain_query(head, |r| r.link_mf, |_, _, _| true, limit, order)
     }
 
     /// Live events with this correlation id, in store order.
@@ -2186,7 +2374,7 @@ impl EventStore {
             return self.chain_query(
                 head,
                 |r| r.link_corr,
-                |_, r| r.correlation_id == correlation_id,
+                |_, d, i| d.corr(i) == correlation_id,
                 limit,
                 order,
             );
@@ -2197,7 +2385,7 @@ impl EventStore {
         let chained = self.chain_query(
             head,
             |r| r.link_corr,
-            |seq, r| r.correlation_id == correlation_id && self.relinks.get(seq).is_none(),
+            |seq, d, i| d.corr(i) == correlation_id && self.relinks.get(seq).is_none(),
             limit,
             order,
         );
@@ -2247,7 +2435,7 @@ impl EventStore {
         };
         let seg = &self.segments[si];
         let seq = seg.base + i as u64;
-        let own = seg.recs[i].correlation_id;
+        let own = seg.corr(i);
         Arc::make_mut(&mut self.relinks)
             .set(seq, (correlation_id != own).then_some(correlation_id));
         true
@@ -2262,7 +2450,7 @@ impl EventStore {
         self.chain_query(
             head,
             |r| r.link_parent,
-            |_, r| r.parent_id == parent_id,
+            |_, d, i| d.parent(i) == parent_id,
             limit,
             Order::Asc,
         )
@@ -2278,7 +2466,7 @@ impl EventStore {
         self.chain_query(
             head,
             |r| r.link_type(),
-            |_, r| r.typed() && r.aux as u64 == key,
+            |_, d, i| d.recs[i].typed() && d.recs[i].aux as u64 == key,
             limit,
             order,
         )
@@ -2291,7 +2479,13 @@ impl EventStore {
             (Some(t), k) if k != 0 => t.get(t.bucket(k)),
             _ => return Vec::new(),
         };
-        self.chain_query(head, |r| r.link_ast(), |_, r| r.ast() == key, limit, order)
+        self.chain_query(
+            head,
+            |r| r.link_ast(),
+            |_, d, i| d.recs[i].ast() == key,
+            limit,
+            order,
+        )
     }
 
     /// Calls `f` on the live records with this event-type key, newest
@@ -2845,16 +3039,15 @@ fn view_rec<'a>(
     let r = &d.recs[i];
     let (module, function) = names[r.mf as usize];
     let seq = base + i as u64;
-    let correlation_id = if relinks.is_empty() {
-        r.correlation_id
-    } else {
-        relinks.get(seq).unwrap_or(r.correlation_id)
+    let correlation_id = match relinks.is_empty() {
+        true => d.corr(i),
+        false => relinks.get(seq).unwrap_or_else(|| d.corr(i)),
     };
     StoredEvent {
         seq,
         id: r.id,
         timestamp: r.timestamp,
-        wall_time: r.wall_time,
+        wall_time: d.wall_time(i),
         pid: r.pid,
         peer: if r.keyed() { 0 } else { r.peer },
         module,
@@ -2863,8 +3056,8 @@ fn view_rec<'a>(
         kind: r.kind,
         flags: if r.keyed() { r.flags & !KEYED } else { r.flags },
         correlation_id,
-        parent_id: r.parent_id,
-        root_id: if r.keyed() { 0 } else { r.root_id },
+        parent_id: d.parent(i),
+        root_id: d.root(i),
         ast_node: r.ast(),
         payload: d.payload(i),
     }
@@ -3048,7 +3241,7 @@ impl Snapshot {
                 let s = &self.segs[si];
                 let seq = s.base + i as u64;
                 if !s.is_dead(i)
-                    && s.data.recs[i].correlation_id == c
+                    && s.data.corr(i) == c
                     && (self.relinks.is_empty() || self.relinks.get(seq).is_none())
                 {
                     seqs.push((si, i));

@@ -1090,3 +1090,73 @@ fn automatic_expiry_compacts_only_when_a_quarter_is_dead() {
     }
     identity_holds(&s);
 }
+
+/// The header keeps the wall time as a 32-bit offset and the correlation,
+/// parent and root ids as 32-bit deltas from the record's id; values that
+/// do not fit (far-off wall times, ids far from the record's or above it,
+/// extremes) are kept aside per segment and read back exactly, in every
+/// query, in snapshots, and after the segment is sealed and evicted.
+#[test]
+fn header_fields_that_do_not_fit_the_compact_form_read_back_exactly() {
+    let mut s = EventStore::new(StoreConfig {
+        max_events: 300,
+        max_age_ns: None,
+    });
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut all = Vec::new();
+    for id in 1..=1_000u64 {
+        let pick = |r: u64, near: u64| match r % 6 {
+            0 => 0,
+            1 => near,
+            2 => r,
+            3 => u64::MAX - (r % 3),
+            4 => id + (r % 5),
+            _ => id.wrapping_sub(1 << 31).wrapping_add(r % 4),
+        };
+        let (r1, r2, r3, r4) = (rnd(), rnd(), rnd(), rnd());
+        let ts = id as i64 * 1_000;
+        let mut e = ev(id, ts, 1 + id % 3, 1, 2);
+        e.wall_time = match r4 % 5 {
+            0 => ts + 1_000_000,
+            1 => i64::MIN + (r4 % 7) as i64,
+            2 => i64::MAX - (r4 % 7) as i64,
+            3 => r4 as i64,
+            _ => ts + (1 << 31) + (r4 % 3) as i64 - 1,
+        };
+        let c = corr(pick(r1, id), pick(r2, id - 1), pick(r3, 1));
+        assert!(matches!(s.insert(&e, c), InsertOutcome::Stored { .. }));
+        all.push((e, c));
+    }
+    let snap = s.snapshot();
+    let mut seen = 0;
+    for (e, c) in &all[700..] {
+        let got = s.get(e.id).expect("stored");
+        assert_eq!(got.to_event(), *e);
+        assert_eq!(got.correlation(), *c);
+        if c.correlation_id != 0 {
+            assert!(s
+                .by_correlation(c.correlation_id, usize::MAX, Order::Asc)
+                .iter()
+                .any(|g| g.id == e.id));
+        }
+        if c.parent_id != 0 {
+            assert!(s
+                .children(c.parent_id, usize::MAX)
+                .iter()
+                .any(|g| g.id == e.id));
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 300);
+    snap.scan(0, usize::MAX, |g| {
+        let (e, c) = &all[g.id as usize - 1];
+        assert_eq!(g.to_event(), *e);
+        assert_eq!(g.correlation(), *c);
+    });
+}
