@@ -1350,7 +1350,7 @@ fn correlate_run<'a>(
     let mut scratch = Scratch::for_call(env);
     // Sized for one new id per event (integer ids never enter it).
     let mut seen = Seen {
-        map: KeyMap::with_capacity_and_hasher(events.len().min(4096), Default::default()),
+        map: KeyMap::with_capacity_and_hasher(events.len().min(CHUNK_DIRTY), Default::default()),
     };
     let mut done = 0usize;
     for (i, &ev) in events.iter().enumerate() {
