@@ -210,11 +210,26 @@ struct Seen {
     map: KeyMap<ERL_NIF_TERM>,
 }
 
-/// One generation of kept terms: copies in a process-independent
-/// environment of its own, freed all at once.
+/// How one generation keeps a term: a byte-aligned binary as its bytes,
+/// a small tuple of immediates as its words (both in the generation's
+/// `buf`, rebuilt in the caller's env when shown), anything else as a copy
+/// in the generation's environment.
+#[derive(Clone, Copy)]
+enum Kept {
+    Bin { at: usize, len: u32 },
+    Tuple { at: usize, arity: u32 },
+    Term(ERL_NIF_TERM),
+}
+
+/// Tuples of at most this many immediates are kept as their words.
+const KEPT_TUPLE_MAX: usize = 8;
+
+/// One generation of kept terms: bytes and words in `buf`, other copies in
+/// a process-independent environment of its own, freed all at once.
 struct Gen {
     env: *mut ErlNifEnv,
-    map: KeyMap<ERL_NIF_TERM>,
+    map: KeyMap<Kept>,
+    buf: Vec<u8>,
     bytes: usize,
 }
 
@@ -229,9 +244,120 @@ impl Gen {
             // SAFETY: allocating a process-independent environment.
             env: unsafe { enif_alloc_env() },
             map: KeyMap::with_capacity_and_hasher(capacity, Default::default()),
+            buf: Vec::new(),
             bytes: 0,
         }
     }
+
+    /// Keeps `t` (a term of `src`, a byte-aligned binary's bytes if `bin`
+    /// is given) as `key`'s term; `None` if it is too large (the budget of
+    /// [`copy_in`]).
+    fn keep(
+        &mut self,
+        src: *mut ErlNifEnv,
+        key: u64,
+        t: ERL_NIF_TERM,
+        bin: Option<&[u8]>,
+    ) -> Option<Kept> {
+        let kept = if let Some(b) = bin {
+            // As `copy_in` charges a binary.
+            if b.len() + 16 > MAX_KEPT_TERM_BYTES {
+                return None;
+            }
+            let at = self.buf.len();
+            self.buf.extend_from_slice(b);
+            self.bytes += b.len() + 16;
+            Kept::Bin {
+                at,
+                len: b.len() as u32,
+            }
+        } else if is_immediate(t) {
+            Kept::Term(t)
+        } else if let Some(elems) = immediate_tuple(src, t) {
+            let at = self.buf.len();
+            for &e in elems {
+                self.buf.extend_from_slice(&word(e).to_ne_bytes());
+            }
+            self.bytes += 8 * (elems.len() + 1);
+            Kept::Tuple {
+                at,
+                arity: elems.len() as u32,
+            }
+        } else {
+            let mut budget = MAX_KEPT_TERM_BYTES as isize;
+            // `None`: too large, shown as its integer key.
+            let copy = copy_in(self.env, src, t, &mut budget, 0)?;
+            self.bytes += (MAX_KEPT_TERM_BYTES as isize - budget) as usize;
+            Kept::Term(copy)
+        };
+        self.map.insert(key, kept);
+        Some(kept)
+    }
+
+    /// Keeps `k`, kept by generation `old`, here too.
+    fn keep_from(&mut self, old: &Gen, key: u64, k: Kept) -> Option<Kept> {
+        let kept = match k {
+            Kept::Term(t) => return self.keep(old.env, key, t, None),
+            Kept::Bin { at, len } => {
+                let new_at = self.buf.len();
+                self.buf.extend_from_slice(&old.buf[at..at + len as usize]);
+                self.bytes += len as usize + 16;
+                Kept::Bin { at: new_at, len }
+            }
+            Kept::Tuple { at, arity } => {
+                let new_at = self.buf.len();
+                self.buf
+                    .extend_from_slice(&old.buf[at..at + 8 * arity as usize]);
+                self.bytes += 8 * (arity as usize + 1);
+                Kept::Tuple { at: new_at, arity }
+            }
+        };
+        self.map.insert(key, kept);
+        Some(kept)
+    }
+
+    /// `k` (kept by this generation) as a term of `env`.
+    fn show(&self, env: *mut ErlNifEnv, k: Kept) -> Option<ERL_NIF_TERM> {
+        match k {
+            Kept::Term(t) if is_immediate(t) => Some(t),
+            // SAFETY: a live term of this generation's env.
+            Kept::Term(t) => Some(unsafe { enif_make_copy(env, t) }),
+            Kept::Bin { at, len } => {
+                let bytes = &self.buf[at..at + len as usize];
+                let mut out = ERL_NIF_TERM::default();
+                // SAFETY: valid env; `p` has room for `len` bytes.
+                let p = unsafe { enif_make_new_binary(env, bytes.len(), &mut out) };
+                if p.is_null() {
+                    return None;
+                }
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+                Some(out)
+            }
+            Kept::Tuple { at, arity } => {
+                let mut elems = [ERL_NIF_TERM::default(); KEPT_TUPLE_MAX];
+                for (i, e) in elems[..arity as usize].iter_mut().enumerate() {
+                    let w = &self.buf[at + 8 * i..at + 8 * i + 8];
+                    *e = from_word(u64::from_ne_bytes(w.try_into().expect("8 bytes")));
+                }
+                // SAFETY: valid env; `arity` immediates (valid in any env).
+                Some(unsafe { enif_make_tuple_from_array(env, elems.as_ptr(), arity) })
+            }
+        }
+    }
+}
+
+/// The elements of `t` if it is a tuple of at most [`KEPT_TUPLE_MAX`]
+/// immediates (atoms, small integers, local pids: valid in any env).
+fn immediate_tuple<'a>(env: *mut ErlNifEnv, t: ERL_NIF_TERM) -> Option<&'a [ERL_NIF_TERM]> {
+    let mut arity: i32 = 0;
+    let mut arr: *const ERL_NIF_TERM = std::ptr::null();
+    // SAFETY: valid env and term; on success `arr` points at `arity` terms
+    // that live as long as the term (used only while it is).
+    if unsafe { enif_get_tuple(env, t, &mut arity, &mut arr) } == 0 {
+        return None;
+    }
+    let elems = unsafe { std::slice::from_raw_parts(arr, arity as usize) };
+    (elems.len() <= KEPT_TUPLE_MAX && elems.iter().all(|&e| is_immediate(e))).then_some(elems)
 }
 
 impl Drop for Gen {
@@ -269,60 +395,59 @@ impl TermStore {
         }
     }
 
-    fn young(&mut self) -> &mut Gen {
-        self.gens.back_mut().expect("a young generation")
-    }
-
     fn bytes(&self) -> usize {
         self.gens
             .iter()
-            .map(|g| g.bytes + g.map.capacity() * 17)
+            .map(|g| g.bytes + (g.buf.capacity() - g.buf.len()) + g.map.capacity() * 25)
             .sum()
     }
 
-    /// Keeps `t` (a term of `env`) as the term of `key`, unless it is kept
-    /// already or too large; returns the kept copy.
-    fn remember(&mut self, env: *mut ErlNifEnv, key: u64, t: ERL_NIF_TERM) -> Option<ERL_NIF_TERM> {
-        let young = self.young();
-        let young_env = young.env;
-        let e = match young.map.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => return Some(*e.get()),
-            std::collections::hash_map::Entry::Vacant(e) => e,
-        };
-        let mut budget = MAX_KEPT_TERM_BYTES as isize;
-        // `None`: too large, shown as its integer key.
-        let copy = copy_in(young_env, env, t, &mut budget, 0)?;
-        e.insert(copy);
-        young.bytes += (MAX_KEPT_TERM_BYTES as isize - budget) as usize;
-        if young.map.len() >= self.gen_max {
+    /// Keeps `t` (a term of `env`; `bin`: its bytes if it is a byte-aligned
+    /// binary) as the term of `key`, unless the young generation keeps it
+    /// already or it is too large.
+    fn remember(&mut self, env: *mut ErlNifEnv, key: u64, t: ERL_NIF_TERM, bin: Option<&[u8]>) {
+        let young = self.gens.back_mut().expect("a young generation");
+        if young.map.contains_key(&key) || young.keep(env, key, t, bin).is_none() {
+            return;
+        }
+        self.after_keep();
+    }
+
+    /// Starts a new young generation if this one is full.
+    fn after_keep(&mut self) {
+        if self
+            .gens
+            .back()
+            .is_some_and(|y| y.map.len() >= self.gen_max)
+        {
             // The next generation will likely fill up as this one did.
             self.gens.push_back(Gen::new(self.gen_max.min(1 << 16)));
             if self.gens.len() > OLD_GENS + 1 {
                 self.gens.pop_front(); // freed here
             }
         }
-        Some(copy)
     }
 
     /// The kept term of `key`, as a term of `env`.
     fn get(&mut self, env: Env, key: u64) -> Option<ERL_NIF_TERM> {
         let n = self.gens.len();
-        let (i, t) = (0..n)
+        let (i, k) = (0..n)
             .rev()
-            .find_map(|i| self.gens[i].map.get(&key).map(|&t| (i, t)))?;
-        let t = if i + 1 == n {
-            t
-        } else {
-            // Used again: back into the young generation (the copy lives
-            // on if that frees the generation it came from).
-            let src = self.gens[i].env;
-            self.remember(src, key, t)?
-        };
-        if is_immediate(t) {
-            return Some(t);
+            .find_map(|i| self.gens[i].map.get(&key).map(|&k| (i, k)))?;
+        let env = env.as_c_arg();
+        if i + 1 == n {
+            return self.gens[i].show(env, k);
         }
-        // SAFETY: `t` is a live term of one of the generations' envs.
-        Some(unsafe { enif_make_copy(env.as_c_arg(), t) })
+        // Used again: back into the young generation (the copy lives on if
+        // that frees the generation it came from). Shown before the move.
+        let out = self.gens[i].show(env, k);
+        let mut young = self.gens.pop_back().expect("a young generation");
+        let kept = young.keep_from(&self.gens[i], key, k);
+        self.gens.push_back(young);
+        if kept.is_some() {
+            self.after_keep();
+        }
+        out
     }
 }
 
@@ -525,16 +650,39 @@ fn get_u64(t: Term) -> Option<u64> {
 fn hash59(t: Term) -> u64 {
     let env = t.get_env().as_c_arg();
     match fast_hash(env, t.as_c_arg(), 0) {
-        Some(h) => {
-            // fmix64, then 59 bits.
-            let mut x = h ^ (h >> 33);
-            x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-            x ^= x >> 33;
-            x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-            (x ^ (x >> 33)) >> 5
-        }
+        Some(h) => fmix59(h),
         None => ((t.hash_phash2() as u64) << 32) | (t.hash_internal(0x5EED) & 0xFFFF_FFFF),
     }
+}
+
+/// fmix64, then 59 bits.
+#[inline]
+fn fmix59(h: u64) -> u64 {
+    let mut x = h ^ (h >> 33);
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    (x ^ (x >> 33)) >> 5
+}
+
+/// [`hash59`] of `t`, and its bytes if it is a byte-aligned binary (read
+/// once: for the hash and for keeping it).
+#[inline]
+fn hash59_bin<'a>(t: Term<'a>) -> (u64, Option<&'a [u8]>) {
+    let raw = t.as_c_arg();
+    if !is_immediate(raw) {
+        let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+        // SAFETY: valid env and term, live out-pointer; on success the
+        // bytes live as long as the term.
+        if unsafe { enif_inspect_binary(t.get_env().as_c_arg(), raw, bin.as_mut_ptr()) } != 0 {
+            let bin = unsafe { bin.assume_init() };
+            let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
+            // As `fast_hash` hashes a binary.
+            let h = fmix59(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000);
+            return (h, Some(bytes));
+        }
+    }
+    (hash59(t), None)
 }
 
 /// The pre-finalizer hash of an immediate, a binary or a tuple of these;
@@ -575,11 +723,11 @@ fn fast_hash(env: *mut ErlNifEnv, t: ERL_NIF_TERM, depth: u32) -> Option<u64> {
 impl State {
     /// The key of a hashed (non-integer) term `t`, which is remembered.
     #[inline]
-    fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64) -> u64 {
+    fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64, bin: Option<&[u8]>) -> u64 {
         if let std::collections::hash_map::Entry::Vacant(e) = seen.map.entry(key) {
             e.insert(t.as_c_arg());
             self.terms
-                .remember(t.get_env().as_c_arg(), key, t.as_c_arg());
+                .remember(t.get_env().as_c_arg(), key, t.as_c_arg(), bin);
         }
         key
     }
@@ -590,7 +738,10 @@ impl State {
         let t = t?;
         Some(match get_u64(t) {
             Some(v) if v < HASHED => v,
-            _ => self.hashed_key(seen, t, HASHED | hash59(t)),
+            _ => {
+                let (h, bin) = hash59_bin(t);
+                self.hashed_key(seen, t, HASHED | h, bin)
+            }
         })
     }
 
@@ -603,7 +754,8 @@ impl State {
             Some(t) => match get_u64(t) {
                 Some(v) if v < HASHED => (v + 1, Some(v)),
                 _ => {
-                    let k = self.hashed_key(seen, t, HASHED | hash59(t));
+                    let (h, bin) = hash59_bin(t);
+                    let k = self.hashed_key(seen, t, HASHED | h, bin);
                     (k, Some(k))
                 }
             },
@@ -618,7 +770,7 @@ impl State {
         if is_immediate(t.as_c_arg()) {
             return word(t.as_c_arg());
         }
-        self.hashed_key(seen, t, HASHED | (hash59(t) << 2))
+        self.hashed_key(seen, t, HASHED | (hash59(t) << 2), None)
     }
 
     /// The term of a hashed key: the caller's own term if this call met
@@ -1161,6 +1313,28 @@ fn prefetch(t: ERL_NIF_TERM) {
     let _ = w;
 }
 
+/// [`prefetch`] for the boxed values (binaries, tuples, maps) of `t` if it
+/// is a struct-sized map; nothing for anything else.
+#[inline(always)]
+fn prefetch_fields(t: ERL_NIF_TERM) {
+    if let Some((size, _, values)) = crate::codec::flatmap_parts(t) {
+        for i in 0..size.min(32) {
+            // SAFETY: `flatmap_parts` returned `size` values of a live map.
+            let v = unsafe { *values.add(i) };
+            #[cfg(target_arch = "x86_64")]
+            if v & 0x3 == 0x2 {
+                // SAFETY: a prefetch never faults, whatever the address.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                    _mm_prefetch::<_MM_HINT_T0>((v & !0x3) as *const i8);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = v;
+        }
+    }
+}
+
 /// Correlate `events` (terms of `env`) in order, appending their results
 /// to `out`; stops after `budget` (checked every 64 events). Returns how
 /// many were done.
@@ -1176,7 +1350,7 @@ fn correlate_run<'a>(
     let mut scratch = Scratch::for_call(env);
     // Sized for one new id per event (integer ids never enter it).
     let mut seen = Seen {
-        map: KeyMap::with_capacity_and_hasher(events.len().min(4096), Default::default()),
+        map: KeyMap::with_capacity_and_hasher(events.len().min(CHUNK_DIRTY), Default::default()),
     };
     let mut done = 0usize;
     for (i, &ev) in events.iter().enumerate() {
@@ -1184,6 +1358,11 @@ fn correlate_run<'a>(
         // usually far bigger than the cache: ask for one a few ahead.
         if let Some(&next) = events.get(i + 4) {
             prefetch(next);
+        }
+        // And the terms that event's fields point to (ids, messages), once
+        // its map is (likely) in cache.
+        if let Some(&next) = events.get(i + 2) {
+            prefetch_fields(next);
         }
         // SAFETY: a term of `env` (taken from the argument list).
         let ev = unsafe { Term::new(env, ev) };
