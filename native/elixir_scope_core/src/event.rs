@@ -250,6 +250,12 @@ pub struct Event {
 }
 
 impl Event {
+    /// Address and length of the payload buffer (a ring's prefetch hint,
+    /// see [`Ring::with_buffer_hint`](crate::ring::Ring::with_buffer_hint)).
+    pub fn payload_buffer(&self) -> (usize, usize) {
+        (self.payload.as_ptr() as usize, self.payload.len())
+    }
+
     /// The event's kind.
     pub fn kind(&self) -> EventKind {
         EventKind::from_u8(self.kind)

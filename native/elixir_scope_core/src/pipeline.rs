@@ -679,7 +679,10 @@ impl Pipeline {
     /// Builds the rings, the store, the engine and starts the workers.
     pub fn new(config: PipelineConfig, clock: Clock) -> Result<Pipeline, RingError> {
         let shards = (0..config.shards.max(1))
-            .map(|_| Ring::new(config.shard_capacity, config.overflow).map(Arc::new))
+            .map(|_| {
+                Ring::new(config.shard_capacity, config.overflow)
+                    .map(|r| Arc::new(r.with_buffer_hint(Event::payload_buffer)))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::with_shards(shards, config, clock))
     }

@@ -54,6 +54,13 @@ pub const MAX_CAPACITY: usize = 1 << 24;
 fn stamp(seq1: u64, state: u64) -> u64 {
     (seq1 << STATE_BITS) | state
 }
+/// A slot's buffer hint: the address, and the cache lines to prefetch
+/// from it in the top byte (0 for an empty buffer).
+#[inline]
+fn hint_word((addr, bytes): (usize, usize)) -> u64 {
+    let lines = (bytes as u64).div_ceil(64).min(HINT_LINES);
+    (addr as u64 & ((1 << 56) - 1)) | lines << 56
+}
 #[inline]
 fn seq1_of(s: u64) -> u64 {
     s >> STATE_BITS
@@ -142,8 +149,16 @@ fn prefetch_on() -> bool {
 
 struct Slot<T> {
     stamp: AtomicU64,
+    /// Where the value's heap buffer was when it was last written (see
+    /// [`Ring::with_buffer_hint`]): address in the low 56 bits, cache lines
+    /// to prefetch (at most [`HINT_LINES`]) above. A hint only: a reader of
+    /// it never dereferences it, it may be stale.
+    hint: AtomicU64,
     value: Cell<T>,
 }
+
+/// Most cache lines of a value's buffer a hint prefetches.
+const HINT_LINES: u64 = 4;
 
 enum SlotRead {
     Delivered,
@@ -185,7 +200,13 @@ pub struct Ring<T> {
     mask: u64,
     cap: u64,
     overflow: Overflow,
+    /// `(address, bytes)` of a value's heap buffer, if it has one worth
+    /// prefetching (see [`Ring::with_buffer_hint`]).
+    buffer_of: Option<BufferOf<T>>,
 }
+
+/// `(address, bytes)` of a value's heap buffer (see [`Ring::with_buffer_hint`]).
+pub type BufferOf<T> = fn(&T) -> (usize, usize);
 
 struct Counters {
     reads: AtomicU64,
@@ -216,6 +237,7 @@ impl<T: Default> Ring<T> {
         let slots = (0..capacity)
             .map(|_| Slot {
                 stamp: AtomicU64::new(stamp(0, READY)),
+                hint: AtomicU64::new(0),
                 value: Cell::new(T::default()),
             })
             .collect::<Vec<_>>()
@@ -235,11 +257,27 @@ impl<T: Default> Ring<T> {
             mask: capacity as u64 - 1,
             cap: capacity as u64,
             overflow,
+            buffer_of: None,
         })
     }
 }
 
 impl<T> Ring<T> {
+    /// Values keep their heap buffers across laps (an [`Event`]'s payload):
+    /// in a big ring those buffers are cold when a writer comes back to a
+    /// slot, and when a worker copies the event out. With `buffer_of`
+    /// (the address and length of a value's buffer) every write records
+    /// where its slot's buffer is, and writers and consuming readers
+    /// prefetch the buffer of a slot [`PREFETCH_AHEAD`] positions ahead,
+    /// whose slot itself was prefetched earlier (a write prefetches the
+    /// slot `2 * PREFETCH_AHEAD` ahead).
+    ///
+    /// [`Event`]: crate::Event
+    pub fn with_buffer_hint(mut self, buffer_of: BufferOf<T>) -> Self {
+        self.buffer_of = Some(buffer_of);
+        self
+    }
+
     /// Number of slots.
     pub fn capacity(&self) -> u64 {
         self.cap
@@ -410,7 +448,12 @@ impl<T> Ring<T> {
     }
 
     fn fill_slot<F: FnOnce(&mut T)>(&self, pos: u64, fill: F) {
-        self.prefetch_slot(pos + PREFETCH_AHEAD);
+        if self.buffer_of.is_some() {
+            self.prefetch_slot(pos + 2 * PREFETCH_AHEAD);
+            self.prefetch_buffer(pos + PREFETCH_AHEAD);
+        } else {
+            self.prefetch_slot(pos + PREFETCH_AHEAD);
+        }
         let slot = &self.slots[(pos & self.mask) as usize];
         if let SlotClaim::Superseded = self.claim_slot(slot, pos) {
             return;
@@ -435,8 +478,38 @@ impl<T> Ring<T> {
         // SAFETY: the stamp is WRITING for `pos`: readers refuse to enter and
         // other writers wait or find themselves superseded, so this is the
         // only access until `guard` publishes the slot.
-        unsafe { slot.value.with_mut(|v| fill(&mut *v)) };
+        unsafe {
+            slot.value.with_mut(|v| {
+                fill(&mut *v);
+                if let Some(buffer_of) = self.buffer_of {
+                    slot.hint
+                        .store(hint_word(buffer_of(&*v)), Ordering::Relaxed);
+                }
+            })
+        };
         guard.ok = true;
+    }
+
+    /// Prefetch the buffer the slot of `pos` recorded at its last write
+    /// (see [`Ring::with_buffer_hint`]). A hint only: the address is never
+    /// dereferenced, and a prefetch never faults.
+    #[inline(always)]
+    fn prefetch_buffer(&self, pos: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if prefetch_on() {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let h = self.slots[(pos & self.mask) as usize]
+                .hint
+                .load(Ordering::Relaxed);
+            let addr = (h & ((1 << 56) - 1)) as usize;
+            for line in 0..(h >> 56) as usize {
+                // SAFETY: only handed to a prefetch, which never faults nor
+                // reads; `wrapping_add` keeps the arithmetic defined.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>((addr as *const i8).wrapping_add(line * 64)) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = pos;
     }
 
     /// Bring the slot of a later write into this core's cache (#15a): a
@@ -625,6 +698,9 @@ impl<T> Ring<T> {
         }
         let (mut got, mut failed) = (0u64, 0u64);
         for pos in c..q {
+            if self.buffer_of.is_some() && pos + PREFETCH_AHEAD < q {
+                self.prefetch_buffer(pos + PREFETCH_AHEAD);
+            }
             if self.held(pos) {
                 let slot = &self.slots[(pos & self.mask) as usize];
                 // SAFETY: we hold a reader count on this slot (entered above,

@@ -762,3 +762,44 @@ fn release_memory_keeps_live_events() {
     ring.consume_batch(10, |_, v| rest.push(v.clone()));
     assert_eq!(rest, vec![vec![2], vec![3]]);
 }
+
+/// A ring whose values record where their buffers are (the prefetch hint
+/// of `with_buffer_hint`) keeps every value intact across laps, through
+/// overwrites (`DropOldest`), buffer growth and consuming reads.
+#[test]
+fn buffer_hints_leave_values_intact() {
+    #[allow(clippy::ptr_arg)] // the hint function takes `&T`, T = Vec<u8>
+    fn buf(v: &Vec<u8>) -> (usize, usize) {
+        (v.as_ptr() as usize, v.len())
+    }
+    for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+        let ring: Ring<Vec<u8>> = Ring::new(64, overflow).unwrap().with_buffer_hint(buf);
+        let mut next = 0u64;
+        let mut seen = 0u64;
+        for round in 0..50u64 {
+            for _ in 0..(40 + round % 30) {
+                let n = next;
+                let len = (n * 37 % 700) as usize;
+                if ring
+                    .push_with(|v| {
+                        v.clear();
+                        v.extend(std::iter::repeat(n as u8).take(len));
+                        v.extend_from_slice(&n.to_le_bytes());
+                    })
+                    .is_ok()
+                {
+                    next += 1;
+                }
+            }
+            ring.consume_batch(usize::MAX, |_, v| {
+                let n = u64::from_le_bytes(v[v.len() - 8..].try_into().unwrap());
+                assert!(n >= seen, "out of order: {n} after {seen}");
+                let len = (n * 37 % 700) as usize;
+                assert_eq!(v.len(), len + 8);
+                assert!(v[..len].iter().all(|&b| b == n as u8));
+                seen = n + 1;
+            });
+        }
+        assert_eq!(seen, next);
+    }
+}

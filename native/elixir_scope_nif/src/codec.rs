@@ -708,6 +708,19 @@ pub fn is_struct(t: ERL_NIF_TERM, name: ERL_NIF_TERM, struct_key: ERL_NIF_TERM) 
     }
 }
 
+/// The word of `t`'s `__struct__` value when `t` is a flatmap whose first
+/// key is `__struct__` (as [`is_struct`] reads it), else `None`.
+#[inline]
+pub fn struct_name(t: ERL_NIF_TERM, struct_key: ERL_NIF_TERM) -> Option<u64> {
+    match flatmap_parts(t) {
+        // SAFETY: `flatmap_parts` returned `size` keys and values.
+        Some((size, keys, values)) if size > 0 => unsafe {
+            (*keys == word(struct_key)).then(|| *values)
+        },
+        _ => None,
+    }
+}
+
 /// `map[key]` for an atom (or other immediate) `key`: a scan of the
 /// flatmap's keys read straight from the heap when the probed layout allows
 /// it (struct-sized maps), else `enif_get_map_value`. `None` if `m` is not

@@ -413,6 +413,7 @@ fn rb_new(env: Env, size: i64, strategy: Atom, max_event_bytes: i64) -> NifResul
     }
     match Ring::new(size as usize, overflow) {
         Ok(ring) => {
+            let ring = ring.with_buffer_hint(Event::payload_buffer);
             let res = handle::make(
                 env,
                 RingRes::new(vec![Arc::new(ring)], max_event_bytes as usize, strategy),
