@@ -650,6 +650,8 @@ pub struct Layout {
     pub flatmap_header: u64,
     /// A list-tagged word points at a `[head, tail]` cons cell.
     pub cons: bool,
+    /// A small integer is the immediate word `value << 4 | 0xF`.
+    pub small: bool,
 }
 
 static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
@@ -774,6 +776,16 @@ pub fn proper_list(t: Term) -> Option<Vec<Term>> {
     cur.is_empty_list().then_some(out)
 }
 
+/// The value of a small-integer term, read from its word (`None`: not a
+/// small integer, or the layout probe did not confirm the tagging): a
+/// call's arity under the `arity` trace flag without two NIF API calls
+/// (`enif_get_long`, `enif_is_list`) per traced call.
+#[inline(always)]
+pub fn small_int(t: ERL_NIF_TERM) -> Option<i64> {
+    let w = word(t);
+    (w & 0xF == 0xF && layout().small).then_some((w as i64) >> 4)
+}
+
 /// Number of cells of a (possibly improper) list, counting at most `cap`.
 pub fn list_cells(t: Term, cap: i64) -> i64 {
     let mut n = 0;
@@ -820,6 +832,20 @@ pub fn probe_layout(env: Env) {
         }
     }
     l.cons = cons_ok;
+    // Small integers.
+    // Small integers, and no other immediate with their tag bits.
+    let others = [
+        atoms::ok().encode(env),
+        env.pid().encode(env),
+        Vec::<Term>::new().encode(env),
+    ];
+    // `ELIXIR_SCOPE_SMALL_INT=0`: through the NIF API (A/B benchmarks).
+    let small_off = std::env::var("ELIXIR_SCOPE_SMALL_INT").is_ok_and(|v| v == "0");
+    l.small = !small_off
+        && [0i64, 1, 42, -7, 65_535, -(1 << 40), (1 << 59) - 1]
+            .iter()
+            .all(|&v| word(v.encode(env).as_c_arg()) == ((v << 4) | 0xF) as u64)
+        && others.iter().all(|t| word(t.as_c_arg()) & 0xF != 0xF);
     // Flatmaps of a few sizes, compared against the iterator.
     let mut hdr = 0u64;
     let mut ok = true;

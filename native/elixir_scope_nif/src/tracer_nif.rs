@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::atoms;
 use crate::codec::{
-    content_hash, imm_word, is_immediate, list_cells, phash_content, tuple_items, word, TapeEncoder,
+    content_hash, imm_word, is_immediate, list_cells, phash_content, small_int, tuple_items, word,
+    TapeEncoder,
 };
 use crate::error::badarg;
 use crate::handle::{self, Handle, Ref};
@@ -504,10 +505,15 @@ fn trace<'a>(
     if let [m, f, a] = *mfa {
         module = imm_word(m);
         function = imm_word(f);
-        // SAFETY: an element of a term of `env`.
-        let a = unsafe { Term::new(env, a) };
-        arity = call_arity(a);
-        args = a.is_list().then_some(a);
+        if let Some(n) = small_int(a) {
+            // The `arity` flag's integer (payload: :arity): no argument list.
+            arity = n;
+        } else {
+            // SAFETY: an element of a term of `env`.
+            let a = unsafe { Term::new(env, a) };
+            arity = call_arity(a);
+            args = a.is_list().then_some(a);
+        }
     }
     if let Some(only) = &t.only {
         if !mfa.is_empty()
