@@ -832,7 +832,6 @@ pub fn probe_layout(env: Env) {
         }
     }
     l.cons = cons_ok;
-    // Small integers.
     // Small integers, and no other immediate with their tag bits.
     let others = [
         atoms::ok().encode(env),
