@@ -307,6 +307,22 @@ defmodule ElixirScope.Analysis do
   defp range_local(ref, opts) do
     s = store!(opts)
     limit = pos_int!(Keyword.get(opts, :limit, 100_000), :limit)
+
+    case ref do
+      # An id resolved to its call inside the NIF (no `ana_get` round trip);
+      # a big answer or a held lock (`:busy`) takes the path below.
+      id when is_integer(id) and id > 0 ->
+        case Native.ana_quick(s.ref, :range_of, id, limit) do
+          :busy -> range_by_call(s, ref, limit)
+          answer -> answer
+        end
+
+      _ ->
+        range_by_call(s, ref, limit)
+    end
+  end
+
+  defp range_by_call(s, ref, limit) do
     id = call_id!(s, ref)
     quick(s.ref, :range, id, limit, &Native.ana_range(&1, id, limit))
   end

@@ -219,7 +219,8 @@ defmodule ElixirScope.Native do
   def ana_traceback(_store, _id), do: nif_error()
   def ana_range(_store, _id, _limit), do: nif_error()
 
-  # `ana_range/3` (`:range`) or `ana_traceback/2` (`:traceback`) on the caller's scheduler, or `:busy`.
+  # `ana_range/3` (`:range`; `:range_of` resolves a return or exception id to its call first)
+  # or `ana_traceback/2` (`:traceback`) on the caller's scheduler, or `:busy`.
   def ana_quick(_store, _op, _id, _limit), do: nif_error()
   def ana_step(_store, _id, _scope, _forward), do: nif_error()
   def ana_call_stats(_store, _by, _modules), do: nif_error()

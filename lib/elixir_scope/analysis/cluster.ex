@@ -28,9 +28,6 @@ defmodule ElixirScope.Analysis.Cluster do
   def split(opts, keep \\ [])
 
   def split(opts, keep) when is_list(opts) do
-    default = Application.get_env(:elixir_scope, :cluster_query_timeout, @default_timeout)
-    timeout = Keyword.get(opts, :timeout, default)
-
     nodes =
       cond do
         Keyword.has_key?(opts, :nodes) -> nodes!(Keyword.get(opts, :nodes))
@@ -49,6 +46,10 @@ defmodule ElixirScope.Analysis.Cluster do
         if Keyword.get(opts, :store) != nil,
           do: raise(ArgumentError, "give nodes: or store:, not both")
 
+        # Read only here: a local query (the common case) skips the
+        # application-env lookup.
+        default = Application.get_env(:elixir_scope, :cluster_query_timeout, @default_timeout)
+        timeout = Keyword.get(opts, :timeout, default)
         {ctx(nodes, timeout!(timeout)), rest}
     end
   end

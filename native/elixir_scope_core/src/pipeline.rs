@@ -870,6 +870,69 @@ pub fn call_contents<'s>(
     call_id: u64,
     limit: usize,
 ) -> Vec<StoredEvent<'s>> {
+    match call_contents_unlimited(store, call_id, limit) {
+        Some(out) => out,
+        None => call_contents_limited(store, call_id, limit),
+    }
+}
+
+/// [`call_contents`] when no chain query of its walk would be cut by
+/// `limit`: the same walk (each call's correlation chain for its returns,
+/// its parent chain for its children) with the events pushed straight into
+/// the answer, no vector per chain query. `None` as soon as the walk meets
+/// more than `limit` events in all (counting the root and every event of
+/// every chain query, kept or not): then a query of the limited walk may
+/// be cut, and which events it keeps depends on that walk's order, so
+/// [`call_contents_limited`] answers. Otherwise every query of the limited
+/// walk sees at most what is left of `limit`, so it keeps everything and
+/// visits the same calls: the same set, sorted and deduplicated the same
+/// way.
+fn call_contents_unlimited<'s>(
+    store: &'s EventStore,
+    call_id: u64,
+    limit: usize,
+) -> Option<Vec<StoredEvent<'s>>> {
+    let Some(root) = store.get(call_id) else {
+        return Some(Vec::new());
+    };
+    // Events met so far (the root included).
+    let mut met = 1usize;
+    if met > limit {
+        return None;
+    }
+    let mut out: Vec<StoredEvent<'s>> = Vec::with_capacity(16.min(limit));
+    out.push(root);
+    let mut frontier: Vec<u64> = Vec::with_capacity(8);
+    frontier.push(call_id);
+    while let Some(id) = frontier.pop() {
+        store.visit_correlation(id, |e| {
+            met += 1;
+            if e.id != id && e.correlation_id == id {
+                out.push(e);
+            }
+        });
+        store.visit_children(id, |e| {
+            met += 1;
+            if EventKind::from_u8(e.kind) == EventKind::FunctionCall {
+                frontier.push(e.id);
+            }
+            out.push(e);
+        });
+        if met > limit {
+            return None;
+        }
+    }
+    out.sort_unstable_by_key(|e| e.seq);
+    out.dedup_by_key(|e| e.seq);
+    Some(out)
+}
+
+/// [`call_contents`] by chain queries, each cut at what is left of `limit`.
+fn call_contents_limited<'s>(
+    store: &'s EventStore,
+    call_id: u64,
+    limit: usize,
+) -> Vec<StoredEvent<'s>> {
     let mut out: Vec<StoredEvent<'s>> = Vec::new();
     let Some(root) = store.get(call_id) else {
         return out;
@@ -905,6 +968,91 @@ pub fn call_contents<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{CorrelationFields, StoreConfig};
+    use proptest::prelude::*;
+
+    /// One stored event of a random store: kind, and picks (indices into
+    /// the earlier events, 0 for none) for its correlation and parent ids.
+    type Spec = (u8, usize, usize, u64);
+
+    fn random_store(specs: &[Spec], relinks: &[(usize, usize)], cap: usize) -> EventStore {
+        let mut store = EventStore::new(StoreConfig {
+            max_events: cap,
+            ..StoreConfig::default()
+        });
+        let kinds = [
+            EventKind::FunctionCall,
+            EventKind::FunctionCall,
+            EventKind::FunctionReturn,
+            EventKind::FunctionException,
+            EventKind::MessageSend,
+            EventKind::MessageReceive,
+            EventKind::ProcessSpawn,
+            EventKind::StateChange,
+        ];
+        // Ids 1..=n; a pick of k > 0 names id ((k - 1) % n) + 1, so
+        // links may point forwards, backwards, at the event itself or (for
+        // an evicted event) at nothing.
+        let n = specs.len() as u64;
+        let pick = |k: usize| if k == 0 { 0 } else { (k as u64 - 1) % n + 1 };
+        for (i, &(kind, corr, parent, pid)) in specs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let kind = kinds[kind as usize % kinds.len()];
+            let correlation_id = match pick(corr) {
+                0 => id,
+                c => c,
+            };
+            let ev = Event {
+                id,
+                timestamp: id as i64,
+                pid: pid % 3 + 1,
+                kind: kind as u8,
+                ..Event::default()
+            };
+            store.insert(
+                &ev,
+                CorrelationFields {
+                    correlation_id,
+                    parent_id: pick(parent),
+                    root_id: 0,
+                },
+            );
+        }
+        for &(a, b) in relinks {
+            store.relink(pick(a + 1), pick(b));
+        }
+        store
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The walk without chain-query vectors answers exactly what the
+        /// limited chain-query walk does, for every id and limit (limits
+        /// around the answer's size included), with relinks and evictions.
+        #[test]
+        fn call_contents_matches_the_chain_query_walk(
+            specs in proptest::collection::vec((0u8..8, 0usize..40, 0usize..40, 0u64..3), 1..60),
+            relinks in proptest::collection::vec((0usize..60, 0usize..60), 0..4),
+            cap in prop_oneof![Just(10_000usize), 8usize..40],
+        ) {
+            let store = random_store(&specs, &relinks, cap);
+            let key = |v: Vec<StoredEvent<'_>>| -> Vec<(u64, u64, u64)> {
+                v.iter().map(|e| (e.seq, e.id, e.correlation_id)).collect()
+            };
+            for id in 0..=specs.len() as u64 + 1 {
+                // Bounded: a parent cycle makes the walk run to its limit.
+                let full = call_contents_limited(&store, id, 400).len();
+                for limit in [0, 1, 2, 3, full.saturating_sub(1), full, full + 1, full + 2, 100, 400] {
+                    prop_assert_eq!(
+                        key(call_contents(&store, id, limit)),
+                        key(call_contents_limited(&store, id, limit)),
+                        "id {} limit {}", id, limit
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn histogram_buckets_bound_their_values() {

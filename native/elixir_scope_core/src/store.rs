@@ -2456,6 +2456,63 @@ impl EventStore {
         )
     }
 
+    /// Calls `f` on every live event with this correlation id, without
+    /// collecting them: the events [`EventStore::by_correlation`] returns,
+    /// unordered and unlimited (chained ones newest first, then relinked
+    /// ones).
+    pub(crate) fn visit_correlation<'a>(
+        &'a self,
+        correlation_id: u64,
+        mut f: impl FnMut(StoredEvent<'a>),
+    ) {
+        let head = self.corrs.get(self.corrs.bucket(correlation_id));
+        let plain = self.relinks.is_empty();
+        self.walk(
+            head,
+            |r| r.link_corr,
+            |seq, seg, i| {
+                if !seg.is_dead(i)
+                    && seg.data().corr(i) == correlation_id
+                    && (plain || self.relinks.get(seq).is_none())
+                {
+                    f(self.view(seg, i));
+                }
+                true
+            },
+        );
+        if plain {
+            return;
+        }
+        for &seq in self.relinks.seqs(correlation_id) {
+            if let Some((si, i)) = self.locate(seq) {
+                let seg = &self.segments[si];
+                if !seg.is_dead(i) {
+                    f(self.view(seg, i));
+                }
+            }
+        }
+    }
+
+    /// Calls `f` on every live event whose `parent_id` is `parent_id`
+    /// (non-zero), newest first, without collecting them (what
+    /// [`EventStore::children`] returns, unordered and unlimited).
+    pub(crate) fn visit_children<'a>(&'a self, parent_id: u64, mut f: impl FnMut(StoredEvent<'a>)) {
+        if parent_id == 0 {
+            return;
+        }
+        let head = self.parents.get(self.parents.bucket(parent_id));
+        self.walk(
+            head,
+            |r| r.link_parent,
+            |_, seg, i| {
+                if !seg.is_dead(i) && seg.data().parent(i) == parent_id {
+                    f(self.view(seg, i));
+                }
+                true
+            },
+        );
+    }
+
     /// Live records stored with this event-type key (non-zero, see
     /// [`EventStore::insert_term`]), in store order.
     pub fn by_event_type(&self, key: u64, limit: usize, order: Order) -> Vec<StoredEvent<'_>> {

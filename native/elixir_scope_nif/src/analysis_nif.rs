@@ -64,7 +64,8 @@ fn ana_traceback<'a>(env: Env<'a>, s: Ref<StoreRes>, id: u64) -> NifResult<Term<
 /// decodes: well under a millisecond of a normal scheduler.
 const QUICK_MAX_ANSWER: usize = 2_000;
 
-/// `ana_range` (`op` `:range`, call `id`, `limit`) or `ana_traceback`
+/// `ana_range` (`op` `:range`, call `id`, `limit`; `:range_of`, the call
+/// of event `id` if it is a return or exception, else `id`) or `ana_traceback`
 /// (`:traceback`, event `id`) on the caller's scheduler: the same answer,
 /// or `:busy` when the store lock is held or the answer is over
 /// [`QUICK_MAX_ANSWER`] entries or [`QUICK_MAX_BYTES`] payload bytes (the
@@ -81,7 +82,23 @@ fn ana_quick<'a>(
     let Some(store) = s.try_lock(env)? else {
         return busy();
     };
-    let evs = if op == atoms::range() {
+    let evs = if op == atoms::range() || op == atoms::range_of() {
+        // `:range_of`: `id` may be a return or exception, standing for the
+        // call it completes (what `Analysis.range/2` resolves with
+        // `ana_get` before `:range`), resolved here under the same lock.
+        let id = match store.get(id) {
+            Some(e)
+                if op == atoms::range_of()
+                    && matches!(
+                        EventKind::from_u8(e.kind),
+                        EventKind::FunctionReturn | EventKind::FunctionException
+                    )
+                    && e.correlation_id != e.id =>
+            {
+                e.correlation_id
+            }
+            _ => id,
+        };
         // One over the bound: an answer that big goes to the dirty NIF.
         let limit = (limit as usize).min(QUICK_MAX_ANSWER + 1);
         call_contents(&store, id, limit)

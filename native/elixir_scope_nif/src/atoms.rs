@@ -61,6 +61,7 @@ rustler::atoms! {
     states_dropped,
     busy,
     range,
+    range_of,
     traceback,
     all,
     trace_start,
