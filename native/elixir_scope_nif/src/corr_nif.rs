@@ -208,6 +208,10 @@ impl Hasher for KeyHasher {
 #[derive(Default)]
 struct Seen {
     map: KeyMap<ERL_NIF_TERM>,
+    /// New hashed keys of this run, kept in the [`TermStore`] after the
+    /// run's loop (off the decode's critical path): key, term, and a
+    /// byte-aligned binary's bytes (pointer, length) if any.
+    pending: Vec<(u64, ERL_NIF_TERM, *const u8, usize)>,
 }
 
 /// How one generation keeps a term: a byte-aligned binary as its bytes,
@@ -775,8 +779,8 @@ impl State {
     fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64, bin: Option<&[u8]>) -> u64 {
         if let std::collections::hash_map::Entry::Vacant(e) = seen.map.entry(key) {
             e.insert(t.as_c_arg());
-            self.terms
-                .remember(t.get_env().as_c_arg(), key, t.as_c_arg(), bin);
+            let (p, n) = bin.map_or((std::ptr::null(), 0), |b| (b.as_ptr(), b.len()));
+            seen.pending.push((key, t.as_c_arg(), p, n));
         }
         key
     }
@@ -1400,6 +1404,7 @@ fn correlate_run<'a>(
     // Sized for one new id per event (integer ids never enter it).
     let mut seen = Seen {
         map: KeyMap::with_capacity_and_hasher(events.len().min(CHUNK_DIRTY), Default::default()),
+        pending: Vec::with_capacity(events.len().min(CHUNK_DIRTY)),
     };
     let mut done = 0usize;
     for (i, &ev) in events.iter().enumerate() {
@@ -1420,6 +1425,12 @@ fn correlate_run<'a>(
         if done % 64 == 0 && start.elapsed() > budget {
             break;
         }
+    }
+    let src = env.as_c_arg();
+    for &(key, t, p, n) in &seen.pending {
+        // SAFETY: the bytes of a binary term of `env`, live for this call.
+        let bin = (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, n) });
+        st.terms.remember(src, key, t, bin);
     }
     st.busy_ns += start.elapsed().as_nanos() as u64;
     st.timed += done as u64;
