@@ -652,6 +652,9 @@ pub struct Layout {
     pub cons: bool,
     /// A small integer is the immediate word `value << 4 | 0xF`.
     pub small: bool,
+    /// The low 6 bits of a positive bignum's header word (never 0 when
+    /// probed: 0 means "unknown, ask the NIF API").
+    pub pos_big_tag: u64,
 }
 
 static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
@@ -897,7 +900,77 @@ pub fn probe_layout(env: Env) {
     if ok {
         l.flatmap_header = hdr;
     }
+    l.pos_big_tag = probe_pos_big_tag(env);
     let _ = LAYOUT.set(l);
+}
+
+/// The low 6 bits shared by the headers of positive bignums (`u64`-sized
+/// and larger), if they differ from those of the other boxed terms ids are
+/// made of (binaries, sub-binaries, tuples, floats, references, negative
+/// bignums); 0 otherwise.
+fn probe_pos_big_tag(env: Env) -> u64 {
+    let header = |t: Term| -> Option<u64> {
+        let w = word(t.as_c_arg());
+        // SAFETY: a boxed term of `env` points at its header word.
+        (w & 0x3 == 0x2).then(|| unsafe { *((w & !0x3) as *const u64) } & 0x3F)
+    };
+    let bigs = [1u64 << 60, 1 << 63, u64::MAX];
+    let Some(tag) = header(bigs[0].encode(env)) else {
+        return 0;
+    };
+    if tag == 0 || !bigs.iter().all(|&b| header(b.encode(env)) == Some(tag)) {
+        return 0;
+    }
+    let mut others: Vec<Term> = vec![
+        (-(1i64 << 62)).encode(env),
+        i64::MIN.encode(env),
+        1.5f64.encode(env),
+        "id-42-c".encode(env),
+        "a binary longer than sixty-four bytes, so that it is a refc binary ......".encode(env),
+        (atoms::ok(), 42i64).encode(env),
+        rustler::types::tuple::make_tuple(env, &[]),
+        env.make_ref().encode(env),
+    ];
+    // A sub-binary.
+    if let Ok(b) = rustler::Binary::from_term("0123456789abcdefghij".encode(env)) {
+        if let Ok(sub) = b.make_subbinary(3, 5) {
+            others.push(sub.encode(env));
+        }
+    }
+    if others.iter().all(|&t| header(t) != Some(tag)) {
+        tag
+    } else {
+        0
+    }
+}
+
+/// What an integer-id reader needs to know about `t` without a NIF call:
+/// `Some(Some(v))` a non-negative small integer, `Some(None)` a term that
+/// is certainly not an integer in `0..2^64` (another immediate, or a boxed
+/// term whose header is not a positive bignum's), `None` "ask
+/// `enif_get_uint64`" (a positive bignum, or the layout was not probed).
+#[inline(always)]
+pub fn u64_hint(t: ERL_NIF_TERM) -> Option<Option<u64>> {
+    let l = layout();
+    if !l.small {
+        return None;
+    }
+    let w = word(t);
+    if w & 0xF == 0xF {
+        let v = (w as i64) >> 4;
+        return Some((v >= 0).then_some(v as u64));
+    }
+    if w & 0x3 == 0x3 {
+        return Some(None); // another immediate: atom, pid, port, nil
+    }
+    if w & 0x3 == 0x2 && l.pos_big_tag != 0 {
+        // SAFETY: a boxed term points at its header word on a live heap.
+        let hdr = unsafe { *((w & !0x3) as *const u64) };
+        if hdr & 0x3F != l.pos_big_tag {
+            return Some(None);
+        }
+    }
+    None
 }
 
 /// A list term of `terms`, which must all be terms of `env`.

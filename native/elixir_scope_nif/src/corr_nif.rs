@@ -208,6 +208,10 @@ impl Hasher for KeyHasher {
 #[derive(Default)]
 struct Seen {
     map: KeyMap<ERL_NIF_TERM>,
+    /// New hashed keys of this run, kept in the [`TermStore`] after the
+    /// run's loop (off the decode's critical path): key, term, and a
+    /// byte-aligned binary's bytes (pointer, length) if any.
+    pending: Vec<(u64, ERL_NIF_TERM, *const u8, usize)>,
 }
 
 /// How one generation keeps a term: a byte-aligned binary as its bytes,
@@ -259,14 +263,61 @@ impl Gen {
         t: ERL_NIF_TERM,
         bin: Option<&[u8]>,
     ) -> Option<Kept> {
-        let kept = if let Some(b) = bin {
+        let kept = self.stash(src, t, bin)?;
+        self.map.insert(key, kept);
+        Some(kept)
+    }
+
+    /// Keeps `t` as [`Gen::keep`] does unless `key` is kept already (one
+    /// probe of the map for both); `true` if it was kept now.
+    fn keep_new(
+        &mut self,
+        src: *mut ErlNifEnv,
+        key: u64,
+        t: ERL_NIF_TERM,
+        bin: Option<&[u8]>,
+    ) -> bool {
+        let Gen {
+            env,
+            map,
+            buf,
+            bytes,
+        } = self;
+        match map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                match Gen::stash_in(*env, buf, bytes, src, t, bin) {
+                    Some(kept) => {
+                        e.insert(kept);
+                        true
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+
+    /// `t` stored in this generation (not yet in its map).
+    fn stash(&mut self, src: *mut ErlNifEnv, t: ERL_NIF_TERM, bin: Option<&[u8]>) -> Option<Kept> {
+        Gen::stash_in(self.env, &mut self.buf, &mut self.bytes, src, t, bin)
+    }
+
+    fn stash_in(
+        env: *mut ErlNifEnv,
+        buf: &mut Vec<u8>,
+        bytes: &mut usize,
+        src: *mut ErlNifEnv,
+        t: ERL_NIF_TERM,
+        bin: Option<&[u8]>,
+    ) -> Option<Kept> {
+        Some(if let Some(b) = bin {
             // As `copy_in` charges a binary.
             if b.len() + 16 > MAX_KEPT_TERM_BYTES {
                 return None;
             }
-            let at = self.buf.len();
-            self.buf.extend_from_slice(b);
-            self.bytes += b.len() + 16;
+            let at = buf.len();
+            buf.extend_from_slice(b);
+            *bytes += b.len() + 16;
             Kept::Bin {
                 at,
                 len: b.len() as u32,
@@ -274,11 +325,11 @@ impl Gen {
         } else if is_immediate(t) {
             Kept::Term(t)
         } else if let Some(elems) = immediate_tuple(src, t) {
-            let at = self.buf.len();
+            let at = buf.len();
             for &e in elems {
-                self.buf.extend_from_slice(&word(e).to_ne_bytes());
+                buf.extend_from_slice(&word(e).to_ne_bytes());
             }
-            self.bytes += 8 * (elems.len() + 1);
+            *bytes += 8 * (elems.len() + 1);
             Kept::Tuple {
                 at,
                 arity: elems.len() as u32,
@@ -286,12 +337,10 @@ impl Gen {
         } else {
             let mut budget = MAX_KEPT_TERM_BYTES as isize;
             // `None`: too large, shown as its integer key.
-            let copy = copy_in(self.env, src, t, &mut budget, 0)?;
-            self.bytes += (MAX_KEPT_TERM_BYTES as isize - budget) as usize;
+            let copy = copy_in(env, src, t, &mut budget, 0)?;
+            *bytes += (MAX_KEPT_TERM_BYTES as isize - budget) as usize;
             Kept::Term(copy)
-        };
-        self.map.insert(key, kept);
-        Some(kept)
+        })
     }
 
     /// Keeps `k`, kept by generation `old`, here too.
@@ -407,10 +456,9 @@ impl TermStore {
     /// already or it is too large.
     fn remember(&mut self, env: *mut ErlNifEnv, key: u64, t: ERL_NIF_TERM, bin: Option<&[u8]>) {
         let young = self.gens.back_mut().expect("a young generation");
-        if young.map.contains_key(&key) || young.keep(env, key, t, bin).is_none() {
-            return;
+        if young.keep_new(env, key, t, bin) {
+            self.after_keep();
         }
-        self.after_keep();
     }
 
     /// Starts a new young generation if this one is full.
@@ -635,6 +683,11 @@ fn first_field<'a>(m: Term<'a>, keys: &[Atom]) -> Option<Term<'a>> {
 
 #[inline]
 fn get_u64(t: Term) -> Option<u64> {
+    // Small integers, other immediates and boxed non-bignums (binaries,
+    // tuples...) without a NIF call (layout probed at load).
+    if let Some(hint) = crate::codec::u64_hint(t.as_c_arg()) {
+        return hint;
+    }
     let mut v: u64 = 0;
     // SAFETY: valid env and term, live out-pointer.
     (unsafe { enif_get_uint64(t.get_env().as_c_arg(), t.as_c_arg(), &mut v) } != 0).then_some(v)
@@ -726,8 +779,8 @@ impl State {
     fn hashed_key(&mut self, seen: &mut Seen, t: Term, key: u64, bin: Option<&[u8]>) -> u64 {
         if let std::collections::hash_map::Entry::Vacant(e) = seen.map.entry(key) {
             e.insert(t.as_c_arg());
-            self.terms
-                .remember(t.get_env().as_c_arg(), key, t.as_c_arg(), bin);
+            let (p, n) = bin.map_or((std::ptr::null(), 0), |b| (b.as_ptr(), b.len()));
+            seen.pending.push((key, t.as_c_arg(), p, n));
         }
         key
     }
@@ -1351,6 +1404,7 @@ fn correlate_run<'a>(
     // Sized for one new id per event (integer ids never enter it).
     let mut seen = Seen {
         map: KeyMap::with_capacity_and_hasher(events.len().min(CHUNK_DIRTY), Default::default()),
+        pending: Vec::with_capacity(events.len().min(CHUNK_DIRTY)),
     };
     let mut done = 0usize;
     for (i, &ev) in events.iter().enumerate() {
@@ -1371,6 +1425,12 @@ fn correlate_run<'a>(
         if done % 64 == 0 && start.elapsed() > budget {
             break;
         }
+    }
+    let src = env.as_c_arg();
+    for &(key, t, p, n) in &seen.pending {
+        // SAFETY: the bytes of a binary term of `env`, live for this call.
+        let bin = (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, n) });
+        st.terms.remember(src, key, t, bin);
     }
     st.busy_ns += start.elapsed().as_nanos() as u64;
     st.timed += done as u64;

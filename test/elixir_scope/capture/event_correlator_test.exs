@@ -365,6 +365,18 @@ defmodule ElixirScope.Capture.EventCorrelatorTest do
       end
     end
 
+    test "integer ids beyond small integers (bignums) link as integers" do
+      c = start!()
+      me = self()
+
+      for id <- [1 <<< 60, (1 <<< 63) - 1, 1 <<< 59] do
+        [cl, rt] = EventCorrelator.correlate_batch(c, [call(id, me, id), ret(id + 1, me, id)])
+        assert {cl.correlation_id, cl.root_id} === {id, id}
+        assert {rt.correlation_id, rt.links} === {id, [completes: id]}
+        assert EventCorrelator.get_correlation_metadata(c, id).completed_by === id + 1
+      end
+    end
+
     test "an id every newer event refers to stays as given past max_correlations newer ids" do
       c = start!(max_correlations: 8)
       me = self()
