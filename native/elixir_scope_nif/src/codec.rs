@@ -700,21 +700,8 @@ pub(crate) fn flatmap_parts(t: ERL_NIF_TERM) -> Option<(usize, *const u64, *cons
     }
 }
 
-/// Is `t` a struct of module `name` (a flatmap whose first key is
-/// `__struct__`)? Two word compares; false for anything else.
-#[inline]
-pub fn is_struct(t: ERL_NIF_TERM, name: ERL_NIF_TERM, struct_key: ERL_NIF_TERM) -> bool {
-    match flatmap_parts(t) {
-        // SAFETY: `flatmap_parts` returned `size` keys and values.
-        Some((size, keys, values)) if size > 0 => unsafe {
-            *keys == word(struct_key) && *values == word(name)
-        },
-        _ => false,
-    }
-}
-
-/// The word of `t`'s `__struct__` value when `t` is a flatmap whose first
-/// key is `__struct__` (as [`is_struct`] reads it), else `None`.
+/// The word of `t`'s `__struct__` value when `t` is a struct (a flatmap
+/// whose first key is `__struct__`), else `None`: one word compare.
 #[inline]
 pub fn struct_name(t: ERL_NIF_TERM, struct_key: ERL_NIF_TERM) -> Option<u64> {
     match flatmap_parts(t) {

@@ -220,26 +220,11 @@ fn local_pid(t: Term) -> bool {
 pub fn classify<'a>(env: Env<'a>, t: Term<'a>) -> Option<Special<'a>> {
     let raw = t.as_c_arg();
     let struct_key = atoms::struct_().encode(env).as_c_arg();
-    // One read of the struct's name first: anything but the structs below
-    // (a plain term, an `Events` struct such as `%FunctionExecution{}`)
-    // leaves after a few word compares instead of one `is` per struct.
+    // The struct's name, read once: a plain term leaves here, and each
+    // check below is a word compare (its size asked only on a match).
     let name = codec::struct_name(raw, struct_key)?;
-    let names = [
-        atoms::state_snapshot(),
-        ex::function_entry_struct(),
-        ex::function_exit_struct(),
-        ex::process_exit_struct(),
-        atoms::state_change(),
-        atoms::message_sent(),
-        atoms::message_received(),
-        atoms::callback_reply(),
-    ];
-    if !names.iter().any(|a| word(a.encode(env).as_c_arg()) == name) {
-        return None;
-    }
-    let is = |a: Atom, keys: usize| {
-        codec::is_struct(raw, a.encode(env).as_c_arg(), struct_key) && map_size(env, raw) == keys
-    };
+    let is =
+        |a: Atom, keys: usize| word(a.encode(env).as_c_arg()) == name && map_size(env, raw) == keys;
     let get = |k: Atom| {
         codec::map_get_immediate(env, raw, k.encode(env).as_c_arg())
             // SAFETY: a value of a map of `env`.
