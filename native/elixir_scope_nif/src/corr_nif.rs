@@ -523,21 +523,19 @@ fn copy_in(
     let ty = unsafe { enif_term_type(src, t) };
     match ty {
         T::ERL_NIF_TERM_TYPE_BITSTRING => {
-            let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
-            if unsafe { enif_inspect_binary(src, t, bin.as_mut_ptr()) } == 0 {
+            let Some(bytes) = binary_bytes(src, t) else {
                 return via_external(dst, src, t, budget); // not whole bytes
-            }
-            let bin = unsafe { bin.assume_init() };
-            *budget -= bin.size as isize + 16;
+            };
+            *budget -= bytes.len() as isize + 16;
             if *budget < 0 {
                 return None;
             }
             let mut out = ERL_NIF_TERM::default();
-            let p = unsafe { enif_make_new_binary(dst, bin.size, &mut out) };
+            let p = unsafe { enif_make_new_binary(dst, bytes.len(), &mut out) };
             if p.is_null() {
                 return None;
             }
-            unsafe { std::ptr::copy_nonoverlapping(bin.data, p, bin.size) };
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
             Some(out)
         }
         T::ERL_NIF_TERM_TYPE_TUPLE if depth < COPY_DEPTH => {
@@ -724,18 +722,31 @@ fn fmix59(h: u64) -> u64 {
 fn hash59_bin<'a>(t: Term<'a>) -> (u64, Option<&'a [u8]>) {
     let raw = t.as_c_arg();
     if !is_immediate(raw) {
-        let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
-        // SAFETY: valid env and term, live out-pointer; on success the
-        // bytes live as long as the term.
-        if unsafe { enif_inspect_binary(t.get_env().as_c_arg(), raw, bin.as_mut_ptr()) } != 0 {
-            let bin = unsafe { bin.assume_init() };
-            let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
-            // As `fast_hash` hashes a binary.
-            let h = fmix59(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000);
-            return (h, Some(bytes));
+        if let Some(bytes) = binary_bytes(t.get_env().as_c_arg(), raw) {
+            return (fmix59(binary_hash(bytes)), Some(bytes));
         }
     }
     (hash59(t), None)
+}
+
+/// The bytes of `t` (a term of `env`) if it is a byte-aligned binary (a
+/// bitstring, or anything else, gives `None`); they live as long as `t`.
+#[inline]
+fn binary_bytes<'a>(env: *mut ErlNifEnv, t: ERL_NIF_TERM) -> Option<&'a [u8]> {
+    let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    // SAFETY: valid env and term, live out-pointer; on success the bytes
+    // live as long as the term.
+    if unsafe { enif_inspect_binary(env, t, bin.as_mut_ptr()) } == 0 {
+        return None;
+    }
+    let bin = unsafe { bin.assume_init() };
+    Some(unsafe { std::slice::from_raw_parts(bin.data, bin.size) })
+}
+
+/// [`fast_hash`] of a binary's bytes.
+#[inline]
+fn binary_hash(bytes: &[u8]) -> u64 {
+    crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000
 }
 
 /// The pre-finalizer hash of an immediate, a binary or a tuple of these;
@@ -764,13 +775,7 @@ fn fast_hash(env: *mut ErlNifEnv, t: ERL_NIF_TERM, depth: u32) -> Option<u64> {
         return Some(h);
     }
     // Byte-aligned binaries only (a bitstring, or anything else, fails).
-    let mut bin = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
-    if unsafe { enif_inspect_binary(env, t, bin.as_mut_ptr()) } == 0 {
-        return None;
-    }
-    let bin = unsafe { bin.assume_init() };
-    let bytes = unsafe { std::slice::from_raw_parts(bin.data, bin.size) };
-    Some(crate::codec::hash_bytes(bytes) ^ 0x2222_0000_0000_0000)
+    binary_bytes(env, t).map(binary_hash)
 }
 
 impl State {
